@@ -1,0 +1,60 @@
+"""Bytes of weights as they would be stored, bits per weight, and peak memory."""
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+from torch import nn
+
+from ..method import LayerResult, QuantResult
+
+SCALE_BITS = 16  # scales stored in fp16/bf16
+GIDX_BITS = 32  # act-order group index, int32 per input column
+
+
+def layer_bits(res: LayerResult) -> dict[str, int]:
+    """Storage bits of one quantized linear: codes, scales, zeros (asym only, packed at `bits`), extras."""
+    q = res.weight
+    out, inp = q.codes.shape
+    n_qp = q.scale.numel()
+    bits = 8 if q.spec.is_fp8 else q.spec.bits
+    scale_bits = 32 if q.spec.is_fp8 else SCALE_BITS
+    parts = {"codes": out * inp * bits, "scales": n_qp * scale_bits,
+             "zeros": 0 if (q.spec.sym or q.spec.is_fp8) else n_qp * bits,
+             "g_idx": 0 if res.g_idx is None else inp * GIDX_BITS,
+             "outliers": 0 if res.outliers is None else int(res.outliers.sum()) * out * 16}
+    return parts
+
+
+def footprint(model: nn.Module, result: QuantResult, fp_bits: int = 16) -> dict:
+    """Model storage with quantized linears as stored and everything else at `fp_bits` (tied weights once)."""
+    quantized = set(result.layers)
+    seen, other_params = set(), 0
+    for name, p in model.named_parameters(remove_duplicate=True):
+        mod = name.rsplit(".", 1)[0]
+        if mod in quantized or id(p) in seen:
+            continue
+        seen.add(id(p))
+        other_params += p.numel()
+    q_bits = sum(sum(layer_bits(r).values()) for r in result.layers.values())
+    q_weights = sum(r.weight.codes.numel() for r in result.layers.values())
+    total_bits = q_bits + other_params * fp_bits
+    fp_total_bits = (q_weights + other_params) * fp_bits
+    return {"weight_bytes": total_bits / 8, "weight_bytes_fp16": fp_total_bits / 8,
+            "compression": fp_total_bits / total_bits, "quantized_params": q_weights, "other_params": other_params,
+            "bits_per_weight": (q_bits / q_weights) if q_weights else float(fp_bits)}
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak accelerator memory (CUDA allocator) and the process's peak resident set size."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    out = {"peak_rss_bytes": rss}
+    if device.type == "cuda":
+        out["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
+    return out

@@ -1,0 +1,130 @@
+"""Architecture facts as data (DESIGN rule 3): where blocks are, what runs before them, which op feeds which linears.
+
+Adding a model family = adding an entry to ARCHS. Methods never branch on model classes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..quant.spec import ConfigError
+
+
+@dataclass(frozen=True)
+class ScalePair:
+    """`prev` (a norm or linear inside the block) feeds `linears`; a per-input-channel scale s can be folded as
+    prev.out /= s, linear.in *= s (AWQ, SmoothQuant). `kind` says how prev is rescaled: 'norm' or 'linear'."""
+
+    prev: str
+    linears: tuple[str, ...]
+    kind: str = "norm"
+
+
+@dataclass(frozen=True)
+class ArchInfo:
+    model_type: str
+    blocks: str  # dotted path of the ModuleList of decoder blocks
+    pre: tuple[str, ...]  # modules that run before block 0 (embeddings, positions, rotary)
+    post: tuple[str, ...]  # modules after the last block (final norm, head)
+    # linears in execution order, grouped: a group's members see the same input (true-sequential GPTQ order)
+    sequential: tuple[tuple[str, ...], ...]
+    pairs: tuple[ScalePair, ...] = field(default=())
+    rotary: str | None = None  # model-level rotary module whose output blocks take as position_embeddings
+
+
+_LLAMA = dict(
+    blocks="model.layers",
+    pre=("model.embed_tokens", "model.rotary_emb"),
+    post=("model.norm", "lm_head"),
+    sequential=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+                ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
+    pairs=(ScalePair("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+           ScalePair("self_attn.v_proj", ("self_attn.o_proj",), "linear"),  # only when v and o shapes match
+           ScalePair("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+           ScalePair("mlp.up_proj", ("mlp.down_proj",), "linear")),
+    rotary="model.rotary_emb",
+)
+
+ARCHS: dict[str, ArchInfo] = {
+    "llama": ArchInfo("llama", **_LLAMA),
+    "mistral": ArchInfo("mistral", **_LLAMA),
+    "qwen2": ArchInfo("qwen2", **_LLAMA),
+    "opt": ArchInfo(
+        "opt",
+        blocks="model.decoder.layers",
+        pre=("model.decoder.embed_tokens", "model.decoder.embed_positions", "model.decoder.project_in"),
+        post=("model.decoder.final_layer_norm", "model.decoder.project_out", "lm_head"),
+        sequential=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",),
+                    ("fc1",), ("fc2",)),
+        pairs=(ScalePair("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+               ScalePair("self_attn.v_proj", ("self_attn.out_proj",), "linear"),
+               ScalePair("final_layer_norm", ("fc1",)),
+               ScalePair("fc1", ("fc2",), "linear")),  # ReLU between is positively homogeneous
+    ),
+    "gpt_neox": ArchInfo(
+        "gpt_neox",
+        blocks="gpt_neox.layers",
+        pre=("gpt_neox.embed_in", "gpt_neox.rotary_emb"),
+        post=("gpt_neox.final_layer_norm", "embed_out"),
+        sequential=(("attention.query_key_value",), ("attention.dense",), ("mlp.dense_h_to_4h",),
+                    ("mlp.dense_4h_to_h",)),
+        pairs=(ScalePair("input_layernorm", ("attention.query_key_value",)),
+               ScalePair("post_attention_layernorm", ("mlp.dense_h_to_4h",))),  # GELU: no fc1->fc2 pair
+        rotary="gpt_neox.rotary_emb",
+    ),
+}
+
+
+def arch_for(model: nn.Module) -> ArchInfo:
+    """The table entry for a HF model; a clear error names the class and the table to extend."""
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    if mt not in ARCHS:
+        raise ConfigError(f"architecture {type(model).__name__} (model_type={mt!r}) is not in the table; "
+                          f"supported: {', '.join(sorted(ARCHS))} (extend qresearch/models/arch.py ARCHS)")
+    return ARCHS[mt]
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module | None:
+    """Module at a dotted path, or None if any part is missing (e.g. OPT's optional project_in)."""
+    m = root
+    for part in path.split("."):
+        m = getattr(m, part, None)
+        if m is None:
+            return None
+    return m
+
+
+def blocks_of(model: nn.Module, arch: ArchInfo) -> nn.ModuleList:
+    blocks = get_module(model, arch.blocks)
+    assert isinstance(blocks, nn.ModuleList), f"{arch.blocks} is not a ModuleList in {type(model).__name__}"
+    return blocks
+
+
+def block_linears(block: nn.Module, arch: ArchInfo) -> dict[str, nn.Linear]:
+    """Linears of a block in the table's execution order (names relative to the block)."""
+    out = {}
+    for group in arch.sequential:
+        for name in group:
+            mod = get_module(block, name)
+            if isinstance(mod, nn.Linear):
+                out[name] = mod
+    return out
+
+
+def quantizable_linears(model: nn.Module, arch: ArchInfo) -> dict[str, nn.Linear]:
+    """All linears inside decoder blocks, by full module name. lm_head / embeddings are not included."""
+    out = {}
+    for i, block in enumerate(blocks_of(model, arch)):
+        for name, mod in block_linears(block, arch).items():
+            out[f"{arch.blocks}.{i}.{name}"] = mod
+    return out
+
+
+def target_linears(model: nn.Module, arch: ArchInfo, lm_head: bool = False) -> dict[str, nn.Linear]:
+    """Linears a weight method quantizes: every block linear, plus the output head when asked."""
+    out = quantizable_linears(model, arch)
+    head = arch.post[-1]
+    if lm_head and isinstance(get_module(model, head), nn.Linear):
+        out[head] = get_module(model, head)
+    return out

