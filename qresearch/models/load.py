@@ -63,6 +63,29 @@ def resolve_path(spec: ModelSpec) -> str:
     return path
 
 
+def _gguf_converted(spec: ModelSpec, path: str) -> str:
+    """GGUF dequantization is slow (~30 s for 135M): convert once to a safetensors HF folder in the cache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..data.tokens import cache_dir
+
+    f = Path(path) / spec.gguf_file
+    st = f.stat()
+    out = cache_dir() / "models" / f"{f.stem}-{st.st_size}-{int(st.st_mtime)}"
+    if not (out / "config.json").is_file():
+        log.info("converting %s to a cached HF folder %s (once)", f.name, out)
+        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=spec.gguf_file, dtype=torch.float32)
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        # the weights are plain float tensors now; drop the GGUF loader marker so they can be saved
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(path, gguf_file=spec.gguf_file).save_pretrained(tmp)
+        os.replace(tmp, out)
+    return str(out)
+
+
 def load_tokenizer(spec: ModelSpec):
     from transformers import AutoTokenizer
 
@@ -70,7 +93,7 @@ def load_tokenizer(spec: ModelSpec):
     if spec.tokenizer:
         return AutoTokenizer.from_pretrained(spec.tokenizer)
     if spec.source == "gguf":
-        return AutoTokenizer.from_pretrained(path, gguf_file=spec.gguf_file)
+        return AutoTokenizer.from_pretrained(_gguf_converted(spec, path))
     return AutoTokenizer.from_pretrained(path)
 
 
@@ -87,7 +110,7 @@ def load_model(spec: ModelSpec, device: torch.device, seed: int = 0):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config).to(dtype)
     elif spec.source == "gguf":
-        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=spec.gguf_file, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(_gguf_converted(spec, path), dtype=dtype)
     else:
         offline = spec.source == "local" or os.environ.get("HF_HUB_OFFLINE") == "1"
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=offline)
