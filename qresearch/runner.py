@@ -25,7 +25,7 @@ from .models.load import load_model, resolve_dtype
 from .nn.swap import swap_linears
 from .quant.spec import ConfigError
 from .tracking.provenance import provenance
-from .tracking.store import append_index, atomic_write_json, config_hash, write_csv
+from .tracking.store import append_index, atomic_write_json, config_hash, save_artifacts, write_csv
 from .tracking.summary import index_row, print_summary
 from .tracking.wandb_logger import WandbLogger
 
@@ -174,6 +174,8 @@ def _write(out_dir: Path, cfg_dict: dict, metrics: dict, result: QuantResult, pr
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg_dict))
     if result.stats:
         write_csv(out_dir / "layers.csv", result.stats)
+    if result.artifacts:
+        save_artifacts(out_dir / "artifacts.safetensors", result.artifacts)
     atomic_write_json(out_dir / "provenance.json", prov)
     logger.summary(metrics)
     logger.table("layers", result.stats)
