@@ -24,8 +24,13 @@ def wtag(bits: int, group_size: int, sym: bool) -> str:
     return f"w{bits}g{group_size}" + ("-sym" if str(sym).lower() in ("true", "1") else "")
 
 
+def on(flag, text: str, otherwise: str = "") -> str:
+    """`text` when a config flag is true, else `otherwise` (for method tags like gptq-w4g128-ao)."""
+    return text if str(flag).lower() in ("true", "1") else otherwise
+
+
 def register_resolvers() -> None:
-    for name, fn in {"qr_root": lambda: str(ROOT), "qr_wtag": wtag}.items():
+    for name, fn in {"qr_root": lambda: str(ROOT), "qr_wtag": wtag, "qr_on": on}.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

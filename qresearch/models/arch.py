@@ -31,6 +31,7 @@ class ArchInfo:
     sequential: tuple[tuple[str, ...], ...]
     pairs: tuple[ScalePair, ...] = field(default=())
     rotary: str | None = None  # model-level rotary module whose output blocks take as position_embeddings
+    no_clip: tuple[str, ...] = ()  # linears AWQ does not clip (q/k: their error is amplified by the q.k product)
 
 
 _LLAMA = dict(
@@ -44,6 +45,7 @@ _LLAMA = dict(
            ScalePair("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
            ScalePair("mlp.up_proj", ("mlp.down_proj",), "linear")),
     rotary="model.rotary_emb",
+    no_clip=("self_attn.q_proj", "self_attn.k_proj"),
 )
 
 ARCHS: dict[str, ArchInfo] = {
@@ -61,6 +63,7 @@ ARCHS: dict[str, ArchInfo] = {
                ScalePair("self_attn.v_proj", ("self_attn.out_proj",), "linear"),
                ScalePair("final_layer_norm", ("fc1",)),
                ScalePair("fc1", ("fc2",), "linear")),  # ReLU between is positively homogeneous
+        no_clip=("self_attn.q_proj", "self_attn.k_proj"),
     ),
     "gpt_neox": ArchInfo(
         "gpt_neox",
@@ -72,6 +75,16 @@ ARCHS: dict[str, ArchInfo] = {
         pairs=(ScalePair("input_layernorm", ("attention.query_key_value",)),
                ScalePair("post_attention_layernorm", ("mlp.dense_h_to_4h",))),  # GELU: no fc1->fc2 pair
         rotary="gpt_neox.rotary_emb",
+    ),
+    "phi3": ArchInfo(  # fused qkv and gate_up; up is half of gate_up, so there is no up -> down pair
+        "phi3",
+        blocks="model.layers",
+        pre=("model.embed_tokens", "model.rotary_emb"),
+        post=("model.norm", "lm_head"),
+        sequential=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
+        pairs=(ScalePair("input_layernorm", ("self_attn.qkv_proj",)),
+               ScalePair("post_attention_layernorm", ("mlp.gate_up_proj",))),
+        rotary="model.rotary_emb",
     ),
 }
 
