@@ -45,6 +45,11 @@ def _discard(out_dir: Path) -> None:
     """Remove a run dir that holds nothing but Hydra's own files (a run refused before it started)."""
     if out_dir.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in out_dir.iterdir()):
         shutil.rmtree(out_dir, ignore_errors=True)
+        for parent in (out_dir.parent, out_dir.parent.parent):  # <model>/<tag>/ if now empty
+            try:
+                parent.rmdir()
+            except OSError:
+                break
 
 
 def _seed(seed: int) -> None:

@@ -19,6 +19,7 @@ class ScalePair:
     prev: str
     linears: tuple[str, ...]
     kind: str = "norm"
+    inspect: str | None = None  # submodule whose output AWQ's grid search compares (None: the whole block)
 
 
 @dataclass(frozen=True)
@@ -40,9 +41,10 @@ _LLAMA = dict(
     post=("model.norm", "lm_head"),
     sequential=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                 ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
-    pairs=(ScalePair("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    pairs=(ScalePair("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                     inspect="self_attn"),
            ScalePair("self_attn.v_proj", ("self_attn.o_proj",), "linear"),  # only when v and o shapes match
-           ScalePair("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+           ScalePair("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), inspect="mlp"),
            ScalePair("mlp.up_proj", ("mlp.down_proj",), "linear")),
     rotary="model.rotary_emb",
     no_clip=("self_attn.q_proj", "self_attn.k_proj"),
@@ -59,7 +61,8 @@ ARCHS: dict[str, ArchInfo] = {
         post=("model.decoder.final_layer_norm", "model.decoder.project_out", "lm_head"),
         sequential=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",),
                     ("fc1",), ("fc2",)),
-        pairs=(ScalePair("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        pairs=(ScalePair("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                         inspect="self_attn"),
                ScalePair("self_attn.v_proj", ("self_attn.out_proj",), "linear"),
                ScalePair("final_layer_norm", ("fc1",)),
                ScalePair("fc1", ("fc2",), "linear")),  # ReLU between is positively homogeneous
@@ -72,8 +75,8 @@ ARCHS: dict[str, ArchInfo] = {
         post=("gpt_neox.final_layer_norm", "embed_out"),
         sequential=(("attention.query_key_value",), ("attention.dense",), ("mlp.dense_h_to_4h",),
                     ("mlp.dense_4h_to_h",)),
-        pairs=(ScalePair("input_layernorm", ("attention.query_key_value",)),
-               ScalePair("post_attention_layernorm", ("mlp.dense_h_to_4h",))),  # GELU: no fc1->fc2 pair
+        pairs=(ScalePair("input_layernorm", ("attention.query_key_value",), inspect="attention"),
+               ScalePair("post_attention_layernorm", ("mlp.dense_h_to_4h",), inspect="mlp")),  # GELU: no fc1->fc2 pair
         rotary="gpt_neox.rotary_emb",
     ),
     "phi3": ArchInfo(  # fused qkv and gate_up; up is half of gate_up, so there is no up -> down pair
@@ -82,8 +85,8 @@ ARCHS: dict[str, ArchInfo] = {
         pre=("model.embed_tokens", "model.rotary_emb"),
         post=("model.norm", "lm_head"),
         sequential=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
-        pairs=(ScalePair("input_layernorm", ("self_attn.qkv_proj",)),
-               ScalePair("post_attention_layernorm", ("mlp.gate_up_proj",))),
+        pairs=(ScalePair("input_layernorm", ("self_attn.qkv_proj",), inspect="self_attn"),
+               ScalePair("post_attention_layernorm", ("mlp.gate_up_proj",), inspect="mlp")),
         rotary="model.rotary_emb",
     ),
 }

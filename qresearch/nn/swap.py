@@ -8,6 +8,7 @@ from torch import nn
 from ..method import LayerResult, QuantResult
 from ..quant.spec import ConfigError
 from .fake import FakeQuantLinear, layer_weight
+from .packed import build_packed
 
 # format name -> builder(linear, layer_result) -> module; issue-specific formats register here
 BUILDERS: dict[str, Callable[[nn.Linear, LayerResult], nn.Module]] = {}
@@ -20,6 +21,7 @@ def _fake(lin: nn.Linear, res: LayerResult) -> nn.Module:
 
 
 BUILDERS["fake"] = _fake
+BUILDERS["packed"] = build_packed
 
 
 def set_module(root: nn.Module, name: str, new: nn.Module) -> None:

@@ -1,0 +1,113 @@
+"""Issue 5 table: wikitext2 perplexity of RTN / GPTQ (+ act-order, static groups, true-sequential off) / AWQ /
+AWQ+GPTQ at w3 g128 and w4 g128 (asym), on stories260K and SmolLM2-135M. Each cell is one `python run.py` run
+(subprocess, resumable: a cell whose run dir holds metrics.json is not rerun). Writes results/gptq_awq.{md,json}.
+
+    python experiments/gptq_awq_table.py                         # everything (slow on CPU)
+    python experiments/gptq_awq_table.py --models stories260k --rows rtn gptq
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RUNS = REPO / "results" / "runs" / "gptq_awq"
+# row label -> (method, extra overrides)
+ROWS = {
+    "rtn": ("rtn", []),
+    "gptq": ("gptq", []),
+    "gptq act_order": ("gptq", ["method.act_order=true"]),
+    "gptq act_order+static_groups": ("gptq", ["method.act_order=true", "method.static_groups=true"]),
+    "gptq no true_sequential": ("gptq", ["method.true_sequential=false"]),
+    "awq": ("awq", []),
+    "awq_gptq": ("awq_gptq", []),
+}
+BITS = {"w3 g128": ["bits=3", "group_size=128", "sym=false"], "w4 g128": ["bits=4", "group_size=128", "sym=false"]}
+# per-model protocol (CPU budget): eval chunks and calibration size; stated in the table
+MODELS = {
+    "stories260k": ["eval.max_chunks=800", "data.n_samples=128", "data.seqlen=512"],
+    "smollm2_135m": ["eval.max_chunks=40", "data.n_samples=32", "data.seqlen=512", "method.search_samples=4"],
+}
+
+
+def cell_dir(model: str, row: str, bits: str) -> Path:
+    return RUNS / model / f"{row.replace(' ', '_').replace('+', '_')}-{bits.replace(' ', '')}"
+
+
+def command(model: str, row: str, bits: str, extra: list[str]) -> list[str]:
+    method, over = ROWS[row]
+    model_over = [o for o in MODELS[model] if not o.startswith("method.") or method.startswith("awq")]
+    return ["python", "run.py", f"model={model}", f"method={method}", *BITS[bits], "seed=0", "data=c4",
+            "logger=none", *model_over, *over, *extra, f"out_dir={cell_dir(model, row, bits)}"]
+
+
+def run_cell(model: str, row: str, bits: str, extra: list[str]) -> dict | None:
+    out = cell_dir(model, row, bits)
+    if not (out / "metrics.json").is_file():
+        cmd = command(model, row, bits, extra)
+        print("$", shlex.join(cmd), flush=True)
+        r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "WANDB_MODE": "disabled"})
+        if r.returncode != 0:
+            print(f"FAILED ({r.returncode}): {model} {row} {bits}", flush=True)
+            return None
+    return json.loads((out / "metrics.json").read_text())
+
+
+def summarize(m: dict) -> dict:
+    ppl = m["ppl"]["wikitext2"]
+    steps = {s["name"]: s.get("engine_stats", {}) for s in m["run"]["steps"]}
+    return {"ppl": ppl["ppl"], "fp_ppl": ppl.get("fp_ppl"), "n_tokens": ppl["n_tokens"], "seqlen": ppl["seqlen"],
+            "quantize_seconds": m["timing"]["quantize_seconds"], "peak_rss_bytes": m["memory"]["peak_rss_bytes"],
+            "engine": steps, "calibration": m.get("calibration"), "weights_note": m["model"]["weights_note"]}
+
+
+def table(results: dict) -> str:
+    lines = []
+    for model, rows in results.items():
+        any_cell = next((c for r in rows.values() for c in r.values() if c), None)
+        if any_cell is None:
+            continue
+        cal = any_cell.get("calibration") or {}
+        lines += [f"### {model}", "", f"wikitext2 test, seqlen {any_cell['seqlen']}, {any_cell['n_tokens']} tokens "
+                  f"evaluated; calibration C4 {cal.get('n_samples')} x {cal.get('seqlen')} (seed 0, ids hash "
+                  f"{cal.get('hash')}). {any_cell['weights_note']}", "",
+                  "| method | " + " | ".join(f"{b} ppl | {b} quant s" for b in BITS) + " |",
+                  "|---|" + "---|---|" * len(BITS), f"| FP | {any_cell['fp_ppl']:.3f} | - | {any_cell['fp_ppl']:.3f} | - |"]
+        for row, cells in rows.items():
+            vals = []
+            for b in BITS:
+                c = cells.get(b)
+                vals += [f"{c['ppl']:.3f}", f"{c['quantize_seconds']:.0f}"] if c else ["n/a", "n/a"]
+            lines.append(f"| {row} | " + " | ".join(vals) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--bits", nargs="+", default=list(BITS), choices=list(BITS))
+    ap.add_argument("--collect-only", action="store_true", help="only tabulate runs that already finished")
+    args = ap.parse_args()
+    results: dict = {}
+    for model in args.models:
+        for row in args.rows:
+            for bits in args.bits:
+                done = (cell_dir(model, row, bits) / "metrics.json").is_file()
+                m = run_cell(model, row, bits, []) if (done or not args.collect_only) else None
+                results.setdefault(model, {}).setdefault(row, {})[bits] = summarize(m) if m else None
+    out = REPO / "results"
+    (out / "gptq_awq.json").write_text(json.dumps(results, indent=1, default=str))
+    md = table(results)
+    (out / "gptq_awq_table.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Pure-torch reference kernels: dequantize + matmul. Used on CPU, for unsupported shapes, and as test ground truth.
+
+The Triton kernels compute the same math in the same order where it matters: weights are dequantized in fp32 as
+(q - zero) * scale, rounded once to the activation dtype, and multiplied with fp32 accumulation.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..quant.packing import PackedMeta, unpack_rows, unpack_zeros
+
+
+def weight_zeros(meta: PackedMeta, qzeros: torch.Tensor | None) -> torch.Tensor:
+    """Zero points [out, n_groups] float32 (2^(bits-1) for symmetric layers, which store none)."""
+    if meta.sym or qzeros is None:
+        return torch.full((meta.out_features, meta.n_groups), float(2 ** (meta.bits - 1)))
+    return unpack_zeros(qzeros, meta.bits, meta.n_groups)
+
+
+def dequant_weight(meta: PackedMeta, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
+                   g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Packed buffers -> float32 weight [out, in]; column j uses group g_idx[j] (or j // group)."""
+    codes = unpack_rows(qweight, meta.bits, meta.in_features).float()  # [out, in]
+    zeros = weight_zeros(meta, qzeros).to(qweight.device)  # [out, n_groups]
+    if g_idx is None:
+        g_idx = torch.arange(meta.in_features, device=qweight.device) // meta.group
+    g = g_idx.long()
+    return (codes - zeros[:, g]) * scales.float()[:, g]  # [out, in]
+
+
+def wa16_ref(x: torch.Tensor, meta: PackedMeta, qweight, scales, qzeros, g_idx, bias) -> torch.Tensor:
+    """Weight-only quantized linear: y = x @ deq(W)^T + b in x's dtype."""
+    w = dequant_weight(meta, qweight, scales, qzeros, g_idx).to(x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def act_quant_ref(x: torch.Tensor, static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 activation quantization: x [M, K] -> (q int8 [M, K], scale fp32 [M]).
+
+    Dynamic: one scale per token, absmax / 127 (1.0 for an all-zero row), as primitives.qparams_from_minmax does.
+    Static: the given per-tensor scale.
+    """
+    xf = x.float()
+    if static_scale is None:
+        s = xf.abs().amax(dim=1) / 127.0  # [M]
+        s = torch.where(s > 0, s, torch.ones_like(s))
+    else:
+        s = static_scale.float().reshape(1).expand(x.shape[0]).to(x.device)  # [M]
+    q = torch.clamp(torch.round(xf / s[:, None]), -128, 127).to(torch.int8)
+    return q, s
+
+
+def int8_weight(meta: PackedMeta, qweight: torch.Tensor) -> torch.Tensor:
+    """8-bit symmetric codes as signed int8 [out, in] (code - 128)."""
+    assert meta.bits == 8 and meta.sym, "int8 weights need bits=8, sym"
+    return (unpack_rows(qweight, 8, meta.in_features).to(torch.int16) - 128).to(torch.int8)
+
+
+def w8a8_ref(x: torch.Tensor, meta: PackedMeta, qweight, scales, bias, static_scale=None) -> torch.Tensor:
+    """W8A8: int8 act (per-token or static) x int8 weight (per-channel), exact integer accumulation, rescale."""
+    xq, sx = act_quant_ref(x, static_scale)
+    wq = int8_weight(meta, qweight)
+    acc = xq.double() @ wq.double().t()  # [M, N], exact: |sum| < 2^53
+    y = acc.float() * sx[:, None] * scales.float().reshape(1, -1)  # [M, N]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

@@ -1,0 +1,114 @@
+"""Triton W8A8: per-token dynamic int8 activation quantization + int8 GEMM with a fused rescale epilogue.
+
+y[m, n] = (sum_k xq[m, k] * wq[n, k]) * sx[m] * sw[n] + b[n], int32 accumulation (exact), fp32 epilogue.
+Weights are 8-bit symmetric per-channel codes in the int32_k layout; viewed as bytes, a row is its codes in
+order, and code ^ 0x80 reinterpreted as int8 is code - 128 (the signed value).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _round_half_even(v):
+    """torch.round semantics (ties to even), exact for |v| < 2^23, portable to the interpreter."""
+    f = tl.floor(v)
+    d = v - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    return tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
+
+
+@triton.jit
+def act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr):
+    """One program per token: absmax / 127 scale (1.0 for a zero row), round-half-even, clamp to int8."""
+    row = tl.program_id(0)
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    s = tl.max(amax, axis=0) / 127.0
+    s = tl.where(s > 0, s, 1.0)
+    tl.store(s_ptr + row, s)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+        q = _round_half_even(tl.math.div_rn(x, s))
+        q = tl.minimum(tl.maximum(q, -128.0), 127.0)
+        tl.store(q_ptr + row * stride_qm + offs, q.to(tl.int8), mask=offs < K)
+
+
+@triton.jit
+def int8_matmul_kernel(xq_ptr, w_ptr, sx_ptr, sw_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                       M_BUCKET, HAS_BIAS: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(xq_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)  # [BLOCK_M, BLOCK_K] int8
+        wb = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None],
+                     mask=(offs_n[None, :] < N) & (offs_k[:, None] < K), other=128)  # [BLOCK_K, BLOCK_N] uint8
+        b = (wb ^ 0x80).to(tl.int8, bitcast=True)
+        acc = tl.dot(a, b, acc)
+    sx = tl.load(sx_ptr + offs_m, mask=offs_m < M, other=0.0)
+    sw = tl.load(sw_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    y = acc.to(tl.float32) * sx[:, None] * sw[None, :]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+def _cfg(bm, bn, bk, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+CONFIGS = [_cfg(128, 128, 128, 8, 3), _cfg(128, 256, 128, 8, 3), _cfg(64, 128, 128, 4, 4),
+           _cfg(256, 128, 128, 8, 3), _cfg(16, 64, 256, 4, 3), _cfg(32, 128, 128, 4, 4)]
+_TUNED = {}
+
+
+def act_quant(x: torch.Tensor, block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (int8 [M, K], fp32 scales [M]); matches reference.act_quant_ref."""
+    M, K = x.shape
+    x = x.contiguous()
+    q = torch.empty(M, K, dtype=torch.int8, device=x.device)
+    s = torch.empty(M, dtype=torch.float32, device=x.device)
+    act_quant_kernel[(M,)](x, q, s, K, x.stride(0), q.stride(0), BLOCK=min(block, triton.next_power_of_2(K)))
+    return q, s
+
+
+def w8a8_linear(x, meta, qweight, scales, bias, static_scale=None, block: dict | None = None):
+    """x [M, K] -> y [M, N] in x's dtype. Static per-tensor activation scale: quantized with torch, same math."""
+    M, K = x.shape
+    N = meta.out_features
+    if static_scale is None:
+        xq, sx = act_quant(x)
+    else:
+        from .reference import act_quant_ref
+
+        xq, sx = act_quant_ref(x, static_scale)
+    wb = qweight.view(torch.uint8)  # [N, 4 * words] bytes = codes in order (+ padding)
+    sw = scales.reshape(-1)  # [N]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    args = (xq, wb, sx, sw, bias if bias is not None else sw, y, M, N, K, xq.stride(0), wb.stride(0), y.stride(0),
+            min(triton.next_power_of_2(M), 4096))
+    if block is not None:
+        grid = (triton.cdiv(M, block["BLOCK_M"]), triton.cdiv(N, block["BLOCK_N"]))
+        int8_matmul_kernel[grid](*args, HAS_BIAS=bias is not None, **block)
+        return y
+    if "gemm" not in _TUNED:
+        _TUNED["gemm"] = triton.autotune(CONFIGS, key=["M_BUCKET", "N", "K"])(int8_matmul_kernel)
+
+    def grid(a):
+        return triton.cdiv(M, a["BLOCK_M"]), triton.cdiv(N, a["BLOCK_N"])
+
+    _TUNED["gemm"][grid](*args, HAS_BIAS=bias is not None)
+    return y

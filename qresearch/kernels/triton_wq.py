@@ -1,0 +1,161 @@
+"""Triton weight-only group-quant GEMM (W{2,3,4,8}A16): dequantize in registers, fp32 accumulate.
+
+One kernel, two launch shapes:
+  prefill  (M > 16): 2-D tiles over (M, N), tensor-core tl.dot, autotuned BLOCK_M/N/K;
+  decode   (M <= 16): split-K over a grid of (N blocks, K slices) with fp32 atomics, BLOCK_M = 1 (GEMV, no
+           tensor cores) or 16 (tl.dot on a padded tile), autotuned BLOCK_N/K and SPLIT_K.
+Weights are read in the int32_k layout (quant/packing.py). For 32 % bits == 0 whole words are loaded and split
+with shifts; other widths gather each code's word (and the next one when the code straddles).
+Import only when a kernel is needed: importing triton is slow and CUDA-specific (DESIGN rule 6).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _codes(qw_ptr, row, kk, mask, BITS: tl.constexpr):
+    """Codes at columns kk of rows `row` (broadcast-compatible int tensors) from the dense bit stream."""
+    bit = kk * BITS
+    word = bit >> 5
+    shift = (bit & 31).to(tl.uint32)
+    lo = tl.load(qw_ptr + row + word, mask=mask, other=0).to(tl.uint32, bitcast=True)
+    q = lo >> shift
+    if 32 % BITS != 0:  # a code may straddle two words
+        spill = mask & ((bit & 31) + BITS > 32)
+        hi = tl.load(qw_ptr + row + word + 1, mask=spill, other=0).to(tl.uint32, bitcast=True)
+        q = q | tl.where(spill, hi << (32 - shift), 0)
+    return (q & ((1 << BITS) - 1)).to(tl.int32)
+
+
+@triton.jit
+def _weight_tile(qw_ptr, s_ptr, z_ptr, gidx_ptr, k0, offs_k, offs_n, K, N, stride_qw, stride_s, stride_z, GROUP,
+                 BITS: tl.constexpr, SYM: tl.constexpr, HAS_GIDX: tl.constexpr, WORDS: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Dequantized fp32 weight tile [BLOCK_K, BLOCK_N] = (q - zero) * scale (0 outside the matrix)."""
+    nmask = offs_n < N
+    kmask = offs_k < K
+    if WORDS:  # 32 % BITS == 0: load BLOCK_K / PER whole words, split each into PER codes
+        PER: tl.constexpr = 32 // BITS
+        kw = k0 // PER + tl.arange(0, BLOCK_K // PER)  # word index [BLOCK_K // PER]
+        wmask = (kw[:, None] * PER < K) & nmask[None, :]
+        words = tl.load(qw_ptr + offs_n[None, :] * stride_qw + kw[:, None], mask=wmask, other=0)
+        words = words.to(tl.uint32, bitcast=True)  # [BLOCK_K // PER, BLOCK_N]
+        shifts = (tl.arange(0, PER) * BITS).to(tl.uint32)
+        q3 = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)  # [BLOCK_K // PER, PER, BLOCK_N]
+        q = tl.reshape(q3, (BLOCK_K, BLOCK_N)).to(tl.int32)  # row k = word * PER + j
+    else:
+        q = _codes(qw_ptr, offs_n[None, :] * stride_qw, offs_k[:, None], kmask[:, None] & nmask[None, :], BITS)
+    if HAS_GIDX:
+        g = tl.load(gidx_ptr + offs_k, mask=kmask, other=0)
+    else:
+        g = offs_k // GROUP
+    m2 = kmask[:, None] & nmask[None, :]
+    s = tl.load(s_ptr + offs_n[None, :] * stride_s + g[:, None], mask=m2, other=0.0).to(tl.float32)
+    if SYM:
+        z = 1 << (BITS - 1)
+    else:
+        z = _codes(z_ptr, offs_n[None, :] * stride_z, g[:, None], m2, BITS)
+    return (q - z).to(tl.float32) * s
+
+
+@triton.jit
+def wq_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, gidx_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_qw,
+                     stride_s, stride_z, stride_ym, GROUP, M_BUCKET,
+                     BITS: tl.constexpr, SYM: tl.constexpr, HAS_GIDX: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """y[M, N] (+)= x[M, K] @ deq(W)[N, K]^T. SPLIT_K > 1: y is a zeroed fp32 buffer updated with atomics."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = offs_m < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_span = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+    k_lo = pid_k * k_span
+    k_hi = tl.minimum(K, k_lo + k_span)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=mmask[:, None] & (offs_k[None, :] < K), other=0.0)  # [BLOCK_M, BLOCK_K]
+        w = _weight_tile(qw_ptr, s_ptr, z_ptr, gidx_ptr, k0, offs_k, offs_n, K, N, stride_qw, stride_s, stride_z,
+                         GROUP, BITS, SYM, HAS_GIDX, 32 % BITS == 0, BLOCK_K, BLOCK_N)
+        if BLOCK_M == 1:  # GEMV: a broadcast multiply-reduce, no tensor cores to waste
+            acc += tl.sum(tl.trans(x.to(tl.float32)) * w.to(x.dtype).to(tl.float32), axis=0)[None, :]
+        else:
+            acc = tl.dot(x, w.to(x.dtype), acc)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        acc += tl.where(pid_k == 0, 1.0, 0.0) * bias[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    ymask = mmask[:, None] & (offs_n[None, :] < N)
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+    else:
+        tl.atomic_add(y_ptrs, acc, mask=ymask)
+
+
+def _cfg(bm, bn, bk, sk, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=warps,
+                         num_stages=stages)
+
+
+PREFILL_CONFIGS = [_cfg(64, 128, 64, 1, 4, 4), _cfg(128, 128, 64, 1, 8, 3), _cfg(128, 256, 64, 1, 8, 3),
+                   _cfg(64, 64, 128, 1, 4, 4), _cfg(32, 128, 128, 1, 4, 4), _cfg(128, 64, 64, 1, 4, 4)]
+DECODE_CONFIGS = [_cfg(bm, bn, bk, sk, w, 3) for bm in (1, 16) for bn, bk, w in
+                  ((32, 256, 4), (64, 128, 4), (64, 256, 4), (128, 128, 8), (128, 64, 4)) for sk in (1, 2, 4, 8)]
+_TUNED: dict[str, object] = {}
+
+
+def _prune_decode(configs, named_args, **kw):
+    """BLOCK_M = 1 only for M = 1; M in 2..16 uses the padded tensor-core tile."""
+    want = 1 if named_args["M"] == 1 else 16
+    return [c for c in configs if c.kwargs["BLOCK_M"] == want]
+
+
+def _tuned(kind: str):
+    if kind not in _TUNED:
+        prune = {"early_config_prune": _prune_decode} if kind == "decode" else {}
+        configs = DECODE_CONFIGS if kind == "decode" else PREFILL_CONFIGS
+        reset = ["y_ptr"] if kind == "decode" else None
+        _TUNED[kind] = triton.autotune(configs, key=["M_BUCKET", "N", "K", "BITS", "SYM", "HAS_GIDX"],
+                                       reset_to_zero=reset, prune_configs_by=prune or None)(wq_matmul_kernel)
+    return _TUNED[kind]
+
+
+def wq_linear(x, meta, qweight, scales, qzeros, g_idx, bias, block: dict | None = None):
+    """Launch: x [M, K] fp16/bf16 (fp32 under the interpreter) -> y [M, N] in x's dtype.
+
+    `block` fixes BLOCK_M/N/K/SPLIT_K (tests, interpreter); otherwise the autotuned kernels are used.
+    """
+    M, K = x.shape
+    N = meta.out_features
+    assert K == meta.in_features, f"x has {K} features, layer expects {meta.in_features}"
+    x = x.contiguous()
+    decode = M <= 16 if block is None else block.get("SPLIT_K", 1) > 1 or block.get("BLOCK_M") == 1
+    y = torch.zeros(M, N, device=x.device, dtype=torch.float32) if decode else torch.empty(M, N, device=x.device,
+                                                                                              dtype=x.dtype)
+    z = qzeros if qzeros is not None else qweight  # dummy pointer when SYM
+    args = (x, qweight, scales, z, g_idx if g_idx is not None else qweight, bias if bias is not None else scales, y,
+            M, N, K, x.stride(0), qweight.stride(0), scales.stride(0), z.stride(0), y.stride(0), meta.group,
+            min(triton.next_power_of_2(M), 4096))
+    flags = dict(BITS=meta.bits, SYM=meta.sym or qzeros is None, HAS_GIDX=g_idx is not None,
+                 HAS_BIAS=bias is not None)
+    if block is not None:
+        grid = (triton.cdiv(M, block["BLOCK_M"]), triton.cdiv(N, block["BLOCK_N"]), block.get("SPLIT_K", 1))
+        wq_matmul_kernel[grid](*args, **flags, **{"SPLIT_K": 1, **block})
+    else:
+        kern = _tuned("decode" if decode else "prefill")
+
+        def grid(a):
+            return triton.cdiv(M, a["BLOCK_M"]), triton.cdiv(N, a["BLOCK_N"]), a["SPLIT_K"]
+
+        kern[grid](*args, **flags)
+    return y.to(x.dtype) if decode else y

