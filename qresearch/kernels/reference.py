@@ -46,7 +46,7 @@ def act_quant_ref(x: torch.Tensor, static_scale: torch.Tensor | None = None) -> 
         s = xf.abs().amax(dim=1) / 127.0  # [M]
         s = torch.where(s > 0, s, torch.ones_like(s))
     else:
-        s = static_scale.float().reshape(1).expand(x.shape[0]).to(x.device)  # [M]
+        s = static_scale.float().reshape(1).expand(x.shape[0]).to(x.device).contiguous()  # [M]
     q = torch.clamp(torch.round(xf / s[:, None]), -128, 127).to(torch.int8)
     return q, s
 

@@ -6,6 +6,8 @@ order, and code ^ 0x80 reinterpreted as int8 is code - 128 (the signed value).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -100,6 +102,8 @@ def w8a8_linear(x, meta, qweight, scales, bias, static_scale=None, block: dict |
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     args = (xq, wb, sx, sw, bias if bias is not None else sw, y, M, N, K, xq.stride(0), wb.stride(0), y.stride(0),
             min(triton.next_power_of_2(M), 4096))
+    if block is None and os.environ.get("TRITON_INTERPRET") == "1":  # no autotuning without a GPU driver
+        block = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
     if block is not None:
         grid = (triton.cdiv(M, block["BLOCK_M"]), triton.cdiv(N, block["BLOCK_N"]))
         int8_matmul_kernel[grid](*args, HAS_BIAS=bias is not None, **block)

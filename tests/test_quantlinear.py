@@ -1,0 +1,124 @@
+"""QuantLinear (format=packed) on CPU: equals the fake-quant layer, stores the bytes the arithmetic says,
+and gives the fake format's perplexity on stories260K."""
+import pytest
+import torch
+from torch import nn
+
+from qresearch.eval.footprint import layer_bits
+from qresearch.method import ActQuant, QuantResult
+from qresearch.nn.fake import FakeQuantLinear, layer_weight
+from qresearch.nn.packed import QuantLinear, packed_weight_bytes
+from qresearch.nn.swap import swap_linears
+from qresearch.quant import QuantSpec, quantize_tensor, weight_spec
+from qresearch.quant.spec import ConfigError
+from tests._qhelpers import fp16_exact, rel_err, rtn_layer, shared_dir
+
+
+def _pair(res, bias=True, seed=0):
+    torch.manual_seed(seed)
+    out_f, in_f = res.weight.codes.shape
+    lin = nn.Linear(in_f, out_f, bias=bias)
+    fake = FakeQuantLinear(layer_weight(res, torch.float32), lin.bias.data if bias else None, res,
+                           fp_weight=lin.weight.data)
+    return QuantLinear.from_result(lin, res), fake
+
+
+@pytest.mark.parametrize("bits,group,sym,act_order", [(4, 128, False, False), (4, 64, True, True),
+                                                      (3, 64, False, False), (2, 32, False, True),
+                                                      (8, -1, True, False), (5, 100, False, False)])
+def test_packed_equals_fake(bits, group, sym, act_order):
+    res = rtn_layer(33, 172, bits, group, sym, act_order)  # 172 = 128 + 44: partial last group
+    packed, fake = _pair(res)
+    assert packed.kernel_name == f"torch_ref_w{bits}a16"
+    x = torch.randn(2, 7, 172)
+    assert rel_err(packed(x), fake(x)) < 1e-6
+
+
+@pytest.mark.parametrize("granularity,static", [("token", False), ("tensor", False), ("tensor", True)])
+def test_w8a8_layer_close_to_fake(granularity, static):
+    res = rtn_layer(40, 96, 8, -1, True)
+    res.act = ActQuant(QuantSpec(bits=8, sym=True, granularity=granularity),
+                       torch.tensor([[0.03]]) if static else None)
+    packed, fake = _pair(res)
+    assert packed.kernel_name == "torch_ref_w8a8"
+    x = torch.randn(5, 96)
+    assert rel_err(packed(x), fake(x)) < 1e-5
+
+
+def test_other_activation_bits_use_fake_act_reference():
+    res = rtn_layer(16, 64, 4, 32, False)
+    res.act = ActQuant(QuantSpec(bits=6, sym=False, granularity="token"))
+    packed, fake = _pair(res)
+    assert packed.kernel_name == "torch_ref_w4a6"
+    x = torch.randn(3, 64)
+    assert rel_err(packed(x), fake(x)) < 1e-6
+
+
+@pytest.mark.parametrize("bits,group,sym,act_order", [(4, 128, False, False), (3, 32, True, False),
+                                                      (2, 64, False, True), (8, -1, True, False)])
+def test_measured_bytes_match_bit_arithmetic(bits, group, sym, act_order):
+    res = rtn_layer(16, 1024, bits, group, sym, act_order)  # codes and zeros fill whole words per row
+    packed, _ = _pair(res)
+    assert packed.weight_bytes() * 8 == sum(layer_bits(res).values())
+
+
+def test_partial_rows_pad_at_most_one_word():
+    res = rtn_layer(10, 172, 4, 128, False)
+    packed, _ = _pair(res)
+    arithmetic = sum(layer_bits(res).values())
+    assert 0 <= packed.weight_bytes() * 8 - arithmetic <= 10 * 2 * 32  # one code word + one zero word per row
+
+
+def test_extra_repr_and_fp8_refused():
+    packed, _ = _pair(rtn_layer(8, 64, 4, 32, True, act_order=True))
+    r = repr(packed)
+    for part in ("bits=4", "group=32", "sym=True", "layout=int32_k", "act_order=True", "kernel=torch_ref_w4a16"):
+        assert part in r
+    q = quantize_tensor(torch.randn(8, 64), weight_spec(8, -1, True, fmt="fp8_e4m3"))
+    from qresearch.method import LayerResult
+
+    with pytest.raises(ConfigError):
+        QuantLinear.from_result(nn.Linear(64, 8), LayerResult(q))
+
+
+def _stories():
+    path = shared_dir() / "models" / "stories260K"
+    if not path.is_dir():
+        pytest.fail(f"stories260K not found at {path}; set QRESEARCH_SHARED")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return (AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(),
+            AutoTokenizer.from_pretrained(path))
+
+
+def rtn_result(model, bits=4, group=128, sym=False) -> QuantResult:
+    from methods.rtn import RTN
+    from qresearch.method import Context
+    from qresearch.models.arch import arch_for
+
+    res = RTN(bits, group, sym).quantize(model, Context(None, arch_for(model), torch.device("cpu")))
+    for layer in res.layers.values():
+        fp16_exact(layer)
+    return res
+
+
+def test_stories260k_packed_ppl_equals_fake():
+    import copy
+
+    from qresearch.data.tokens import eval_tokens
+    from qresearch.eval.footprint import footprint
+    from qresearch.eval.ppl import perplexity
+
+    model, tok = _stories()
+    ids, _ = eval_tokens("wikitext2", "test", str(shared_dir() / "data"), tok, "local", max_tokens=8 * 256)
+    result = rtn_result(model)
+    fake, packed = copy.deepcopy(model), model
+    assert set(swap_linears(fake, result, "fake").values()) == {"fake"}
+    assert set(swap_linears(packed, result, "packed").values()) == {"torch_ref_w4a16"}
+    p_fake = perplexity(fake, ids, 256, torch.device("cpu"), batch_size=4)["ppl"]
+    p_packed = perplexity(packed, ids, 256, torch.device("cpu"), batch_size=4)["ppl"]
+    assert abs(p_packed - p_fake) / p_fake < 1e-5, (p_fake, p_packed)
+    measured = packed_weight_bytes(packed)
+    arithmetic = footprint(fake, result)["bits_per_weight"] * footprint(fake, result)["quantized_params"] / 8
+    n_rows = sum(r.weight.codes.shape[0] for r in result.layers.values())
+    assert arithmetic <= measured <= arithmetic + n_rows * 8  # padding: < one code word + one zero word per row
