@@ -47,6 +47,9 @@ class EvalPlan:
     max_chunks: int | None
     batch_size: int
     baseline: bool
+    protocol: str = "gptq"  # gptq | sliding
+    stride: int | None = None
+    lm_eval: dict[str, Any] | None = None  # tasks, limit, num_fewshot, batch_size
 
 
 @dataclass
@@ -114,7 +117,19 @@ def _eval_plan(e: DictConfig) -> EvalPlan:
         raise ConfigError(f"eval.seqlen={e.seqlen} is too small; allowed: >= 2")
     if e.max_chunks is not None and e.max_chunks < 1:
         raise ConfigError(f"eval.max_chunks={e.max_chunks} is invalid; allowed: null or a positive int")
-    return EvalPlan(sets, e.root, e.source, int(e.seqlen), e.max_chunks, int(e.batch_size), bool(e.baseline))
+    protocol = e.get("protocol", "gptq")
+    if protocol not in ("gptq", "sliding"):
+        raise ConfigError(f"eval.protocol={protocol!r} is unknown; allowed: gptq, sliding")
+    stride = e.get("stride") or int(e.seqlen) // 2
+    if protocol == "sliding" and not 1 <= stride <= e.seqlen:
+        raise ConfigError(f"eval.stride={stride} is invalid; allowed: 1..eval.seqlen ({e.seqlen})")
+    lm = OmegaConf.to_container(e.lm_eval, resolve=True) if e.get("lm_eval") else None
+    if lm and lm["tasks"]:
+        from .eval.lm_eval_bridge import check_tasks
+
+        check_tasks(lm["tasks"], e.root)
+    return EvalPlan(sets, e.root, e.source, int(e.seqlen), e.max_chunks, int(e.batch_size), bool(e.baseline),
+                    protocol, stride if protocol == "sliding" else None, lm if lm and lm["tasks"] else None)
 
 
 def plan(cfg: DictConfig) -> Plan:

@@ -18,14 +18,14 @@ from omegaconf import DictConfig, OmegaConf
 from .config import Plan, plan
 from .data.tokens import cache_dir, calibration_ids, eval_tokens, tokenizer_fingerprint
 from .eval.footprint import footprint, peak_memory, reset_peak_memory
-from .eval.ppl import perplexity
+from .eval.ppl import perplexity, sliding_perplexity
 from .method import Context, QuantResult
 from .models.arch import arch_for
 from .models.load import load_model, resolve_dtype
 from .nn.swap import swap_linears
 from .quant.spec import ConfigError
 from .tracking.provenance import provenance
-from .tracking.store import append_index, atomic_write_json, config_hash, save_artifacts, write_csv
+from .tracking.store import append_index, atomic_write_json, config_hash, read_index, save_artifacts, write_csv
 from .tracking.summary import index_row, print_summary
 from .tracking.wandb_logger import WandbLogger
 
@@ -66,9 +66,14 @@ def run(cfg: DictConfig) -> dict:
     except ConfigError:
         _discard(out_dir)
         raise
-    out_dir.mkdir(parents=True, exist_ok=True)
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
-    chash = config_hash({k: v for k, v in cfg_dict.items() if k not in ("out_dir", "paths", "logger")})
+    chash = config_hash({k: v for k, v in cfg_dict.items() if k not in HASH_EXCLUDE})
+    done = _completed(Path(cfg_dict["paths"]["results"]), chash) if cfg.get("skip_done", False) else None
+    if done is not None:
+        _discard(out_dir)
+        print(f"== skipped (skip_done=true): {cfg.model.name} / {cfg.method.tag} already complete in {done}", flush=True)
+        return json.loads((done / "metrics.json").read_text())
+    out_dir.mkdir(parents=True, exist_ok=True)
     logger = _logger(cfg, out_dir)
     try:
         metrics = execute(p, cfg_dict, chash, out_dir, logger)
@@ -79,6 +84,18 @@ def run(cfg: DictConfig) -> dict:
         raise
     logger.finish()
     return metrics
+
+
+HASH_EXCLUDE = ("out_dir", "paths", "logger", "skip_done")  # where/how a run is written, not what it computes
+
+
+def _completed(results_root: Path, chash: str) -> Path | None:
+    """Run dir of an earlier complete run (metrics.json present) with the same config hash, if any."""
+    for row in reversed(read_index(results_root / "runs" / "index.jsonl")):
+        d = Path(row["run_dir"])
+        if row.get("config_hash") == chash and (d / "metrics.json").is_file():
+            return d
+    return None
 
 
 def _now() -> str:
@@ -105,6 +122,9 @@ class _NullLogger:
 
 def _ppl_all(model, p: Plan, streams: dict, device, label: str) -> dict:
     e = p.eval
+    if e.protocol == "sliding":
+        return {ds: sliding_perplexity(model, ids, e.seqlen, e.stride, device, e.max_chunks, desc=f"{label} {ds}")
+                for ds, (ids, _src) in streams.items()}
     return {ds: perplexity(model, ids, e.seqlen, device, e.max_chunks, e.batch_size, desc=f"{label} {ds}")
             for ds, (ids, _src) in streams.items()}
 
@@ -112,7 +132,8 @@ def _ppl_all(model, p: Plan, streams: dict, device, label: str) -> dict:
 def _baseline(model, p: Plan, streams: dict, device, tok) -> dict:
     """FP perplexities, cached by model + protocol + text + tokenizer so a sweep pays once."""
     key = json.dumps({"model": p.model.__dict__, "dtype": str(resolve_dtype(p.model, device)), "device": device.type,
-                      "seqlen": p.eval.seqlen, "max_chunks": p.eval.max_chunks, "tok": tokenizer_fingerprint(tok),
+                      "seqlen": p.eval.seqlen, "max_chunks": p.eval.max_chunks, "protocol": p.eval.protocol,
+                      "stride": p.eval.stride, "tok": tokenizer_fingerprint(tok),
                       "texts": {ds: src.sha256 for ds, (_, src) in streams.items()}}, sort_keys=True, default=str)
     path = cache_dir() / "baselines" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
     if path.is_file():
@@ -150,6 +171,13 @@ def execute(p: Plan, cfg_dict: dict, chash: str, out_dir: Path, logger) -> dict:
 
     t2 = time.perf_counter()
     ppl = _ppl_all(model, p, streams, device, p.method_name) if streams else {}
+    lm_eval = None
+    if p.eval.lm_eval:
+        from .eval.lm_eval_bridge import run_lm_eval
+
+        le = p.eval.lm_eval
+        lm_eval = run_lm_eval(model, tok, le["tasks"], p.eval.root, le["limit"], le["num_fewshot"], le["batch_size"],
+                              p.seed)
     t_eval = time.perf_counter() - t2
     for ds, r in ppl.items():
         _, src = streams[ds]
@@ -170,6 +198,17 @@ def execute(p: Plan, cfg_dict: dict, chash: str, out_dir: Path, logger) -> dict:
         "calibration": calib_prov,
         "wandb": logger.status,
     }
+    if lm_eval is not None:
+        metrics["lm_eval"] = lm_eval
+    if p.format == "packed":  # bytes the packed buffers really take, next to the bits/weight arithmetic
+        from .nn.packed import packed_weight_bytes
+
+        metrics["footprint"]["measured_packed_bytes"] = packed_weight_bytes(model)
+    latency = cfg_dict["eval"].get("latency") or {}
+    if latency.get("enabled"):
+        from .eval.latency import LatencyConfig, measure_latency
+
+        metrics["latency"] = measure_latency(model, device, LatencyConfig(**latency), p.seed)
     _write(out_dir, cfg_dict, metrics, result, provenance(device, p.seed) | {"calibration": calib_prov}, logger)
     return metrics
 

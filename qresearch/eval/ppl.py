@@ -45,3 +45,38 @@ def perplexity(model, ids: torch.Tensor, seqlen: int, device, max_chunks: int | 
         raise NumericalError(f"perplexity ({desc}): mean NLL is {mean_nll}; the quantized model produced NaN/inf")
     return {"ppl": math.exp(mean_nll), "nll": mean_nll, "n_chunks": int(chunks.shape[0]), "seqlen": seqlen,
             "n_tokens": int(chunks.numel()), "n_predicted": n_pred, "protocol": "gptq_chunks"}
+
+
+def sliding_windows(n_tokens: int, seqlen: int, stride: int, max_windows: int | None = None) -> list[tuple[int, int, int]]:
+    """(begin, end, score_from) windows: each token is predicted at most once; after the first window, each scores
+    its last `stride` tokens with seqlen - stride tokens of extra context (stride = seqlen: GPTQ chunks)."""
+    if not 1 <= stride <= seqlen:
+        raise ValueError(f"eval.stride={stride} is invalid; allowed: 1..seqlen ({seqlen})")
+    out, scored_until = [], 1  # token 0 has no prediction
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + seqlen, n_tokens)
+        out.append((begin, end, max(scored_until, begin + 1)))  # a window's first token has no context
+        scored_until = end
+        if end == n_tokens or (max_windows is not None and len(out) == max_windows):
+            break
+    return out
+
+
+@torch.no_grad()
+def sliding_perplexity(model, ids: torch.Tensor, seqlen: int, stride: int, device, max_windows: int | None = None,
+                       desc: str = "ppl") -> dict:
+    """Sliding-window perplexity (stride < seqlen gives each scored token more context than GPTQ chunks)."""
+    windows = sliding_windows(ids.shape[1], seqlen, stride, max_windows)
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    for begin, end, score_from in tqdm(windows, desc=desc, leave=False, disable=None, mininterval=2):
+        x = ids[:, begin:end].to(device)  # [1, L]
+        logits = model(input_ids=x).logits.float()  # [1, L, vocab]
+        first = score_from - begin  # position (in the window) of the first scored target
+        nll = F.cross_entropy(logits[0, first - 1:-1], x[0, first:], reduction="sum")
+        total += nll.double().cpu()
+        count += end - score_from
+    mean_nll = float(total / count)
+    if not math.isfinite(mean_nll):
+        raise NumericalError(f"perplexity ({desc}): mean NLL is {mean_nll}; the quantized model produced NaN/inf")
+    return {"ppl": math.exp(mean_nll), "nll": mean_nll, "n_windows": len(windows), "seqlen": seqlen,
+            "stride": stride, "n_predicted": count, "n_tokens": windows[-1][1], "protocol": "sliding_window"}
