@@ -15,7 +15,7 @@ def weight_zeros(meta: PackedMeta, qzeros: torch.Tensor | None) -> torch.Tensor:
     """Zero points [out, n_groups] float32 (2^(bits-1) for symmetric layers, which store none)."""
     if meta.sym or qzeros is None:
         return torch.full((meta.out_features, meta.n_groups), float(2 ** (meta.bits - 1)))
-    return unpack_zeros(qzeros, meta.bits, meta.n_groups)
+    return unpack_zeros(qzeros, meta.bits, meta.out_features)
 
 
 def dequant_weight(meta: PackedMeta, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,

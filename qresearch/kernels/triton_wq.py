@@ -17,16 +17,16 @@ import triton
 import triton.language as tl
 
 @triton.jit
-def _codes(qw_ptr, row, kk, mask, BITS: tl.constexpr):
-    """Codes at columns kk of rows `row` (broadcast-compatible int tensors) from the dense bit stream."""
-    bit = kk * BITS
+def _codes(ptr, base, idx, word_stride, mask, BITS: tl.constexpr):
+    """Codes number `idx` of bit streams starting at ptr + base, whose words are word_stride apart."""
+    bit = idx * BITS
     word = bit >> 5
     shift = (bit & 31).to(tl.uint32)
-    lo = tl.load(qw_ptr + row + word, mask=mask, other=0).to(tl.uint32, bitcast=True)
+    lo = tl.load(ptr + base + word * word_stride, mask=mask, other=0).to(tl.uint32, bitcast=True)
     q = lo >> shift
     if 32 % BITS != 0:  # a code may straddle two words
         spill = mask & ((bit & 31) + BITS > 32)
-        hi = tl.load(qw_ptr + row + word + 1, mask=spill, other=0).to(tl.uint32, bitcast=True)
+        hi = tl.load(ptr + base + (word + 1) * word_stride, mask=spill, other=0).to(tl.uint32, bitcast=True)
         q = q | tl.where(spill, hi << (32 - shift), 0)
     return (q & ((1 << BITS) - 1)).to(tl.int32)
 
@@ -48,7 +48,7 @@ def _weight_tile(qw_ptr, s_ptr, z_ptr, gidx_ptr, k0, offs_k, offs_n, K, N, strid
         q3 = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)  # [BLOCK_K // PER, PER, BLOCK_N]
         q = tl.reshape(q3, (BLOCK_K, BLOCK_N)).to(tl.int32)  # row k = word * PER + j
     else:
-        q = _codes(qw_ptr, offs_n[None, :] * stride_qw, offs_k[:, None], kmask[:, None] & nmask[None, :], BITS)
+        q = _codes(qw_ptr, offs_n[None, :] * stride_qw, offs_k[:, None], 1, kmask[:, None] & nmask[None, :], BITS)
     if HAS_GIDX:
         g = tl.load(gidx_ptr + offs_k, mask=kmask, other=0)
     else:
@@ -58,7 +58,7 @@ def _weight_tile(qw_ptr, s_ptr, z_ptr, gidx_ptr, k0, offs_k, offs_n, K, N, strid
     if SYM:
         z = 1 << (BITS - 1)
     else:
-        z = _codes(z_ptr, offs_n[None, :] * stride_z, g[:, None], m2, BITS)
+        z = _codes(z_ptr, g[:, None], offs_n[None, :], stride_z, m2, BITS)  # zeros: streams along out
     return (q - z).to(tl.float32) * s
 
 

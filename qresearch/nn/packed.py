@@ -20,7 +20,8 @@ _REPORTED: set[tuple[str, str]] = set()  # (kernel, reason) pairs already logged
 
 
 class QuantLinear(nn.Module):
-    """Buffers only: qweight int32 [out, words], scales [out, n_groups] fp16/bf16, qzeros int32 (asym),
+    """Buffers only: qweight int32 [out, words(in)], scales [out, n_groups] fp16/bf16, qzeros int32
+    [words(out), n_groups] (asym),
     g_idx int32 [in] (act-order), bias, static act scale, fp outlier columns (LLM.int8()-style)."""
 
     def __init__(self, meta: PackedMeta, dtype: torch.dtype, act: ActQuant | None = None, bias: bool = False,
@@ -31,7 +32,7 @@ class QuantLinear(nn.Module):
         n, k, g = meta.out_features, meta.in_features, meta.n_groups
         self.register_buffer("qweight", torch.zeros(n, packed_words(k, meta.bits), dtype=torch.int32))
         self.register_buffer("scales", torch.zeros(n, g, dtype=scale_dtype_for(dtype)))
-        self.register_buffer("qzeros", None if meta.sym else torch.zeros(n, packed_words(g, meta.bits),
+        self.register_buffer("qzeros", None if meta.sym else torch.zeros(packed_words(n, meta.bits), g,
                                                                          dtype=torch.int32))
         self.register_buffer("g_idx", torch.zeros(k, dtype=torch.int32) if g_idx else None)
         self.register_buffer("bias", torch.zeros(n, dtype=dtype) if bias else None)

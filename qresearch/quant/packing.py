@@ -9,7 +9,7 @@ Layout "int32_k" (the only storage layout; the Triton kernels read it directly):
   i.e. signed value + 2^(b-1)), so export is a copy.
 
 Scales are stored in fp16 (bf16 for bf16 models) as [out, n_groups]; asymmetric zero points are packed with the
-same layout along the group dim, [out, ceil(n_groups * b / 32)]; symmetric layers store no zeros (zero = 2^(b-1)).
+same bit stream along the out dim, [ceil(out * b / 32), n_groups]; symmetric layers store no zeros (2^(b-1)).
 """
 from __future__ import annotations
 
@@ -93,13 +93,14 @@ def unpack_rows(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
 
 
 def pack_zeros(zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Integer-valued float zero points [out, n_groups] -> int32 [out, ceil(n_groups * bits / 32)]."""
-    return pack_rows(zero.round().to(torch.int64), bits)
+    """Integer-valued float zero points [out, n_groups] -> int32 [ceil(out * bits / 32), n_groups]: each group's
+    column of zeros is one bit stream along `out` (compressed-tensors packs zero points along dim 0 too)."""
+    return pack_rows(zero.round().to(torch.int64).t(), bits).t().contiguous()  # [words(out), n_groups]
 
 
-def unpack_zeros(qzeros: torch.Tensor, bits: int, n_groups: int) -> torch.Tensor:
+def unpack_zeros(qzeros: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
     """Inverse of pack_zeros, as float32 [out, n_groups]."""
-    return unpack_rows(qzeros, bits, n_groups).float()
+    return unpack_rows(qzeros.t(), bits, out_features).t().float()  # [out, n_groups]
 
 
 def scale_dtype_for(model_dtype: torch.dtype) -> torch.dtype:
