@@ -86,7 +86,9 @@ def run(cfg: DictConfig) -> dict:
     return metrics
 
 
-HASH_EXCLUDE = ("out_dir", "paths", "logger", "skip_done")  # where/how a run is written, not what it computes
+# where/how a run is written, not what it computes; bits/group_size/sym act only through the method steps they
+# interpolate into (so fp16 at bits=3 and bits=4 is one config)
+HASH_EXCLUDE = ("out_dir", "paths", "logger", "skip_done", "bits", "group_size", "sym")
 
 
 def _completed(results_root: Path, chash: str) -> Path | None:

@@ -14,15 +14,30 @@ def index_row(metrics: dict, run_dir: Path) -> dict:
            "peak_rss_bytes": metrics["memory"].get("peak_rss_bytes"),
            "peak_cuda_bytes": metrics["memory"].get("peak_cuda_bytes"),
            "weights_note": metrics["model"]["weights_note"]}
+    row["eval"] = "; ".join(f"{ds}/{p['split']} {p['protocol']} L{p['seqlen']} {p['n_tokens']} tok"
+                            for ds, p in sorted(metrics.get("ppl", {}).items()))
     for ds, p in metrics.get("ppl", {}).items():
         row[f"ppl_{ds}"] = p["ppl"]
         if "fp_ppl" in p:
             row[f"fp_ppl_{ds}"] = p["fp_ppl"]
+    for key, val in _flat(metrics.get("latency", {}), "latency_").items():
+        if isinstance(val, (int, float)) and not isinstance(val, bool):
+            row[key] = val
     for task, t in metrics.get("lm_eval", {}).get("tasks", {}).items():
         for k in ("acc", "acc_norm"):
             if k in t:
                 row[f"{task}_{k}"] = t[k]
     return row
+
+
+def _flat(d: dict, prefix: str) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}_"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _fmt(x) -> str:
