@@ -206,6 +206,7 @@ def execute(p: Plan, cfg_dict: dict, chash: str, out_dir: Path, logger) -> dict:
         from .nn.packed import packed_weight_bytes
 
         metrics["footprint"]["measured_packed_bytes"] = packed_weight_bytes(model)
+        metrics["kernels_by_layer"] = kernels
     latency = cfg_dict["eval"].get("latency") or {}
     if latency.get("enabled"):
         from .eval.latency import LatencyConfig, measure_latency

@@ -23,10 +23,13 @@ def dequant_weight(meta: PackedMeta, qweight: torch.Tensor, scales: torch.Tensor
     """Packed buffers -> float32 weight [out, in]; column j uses group g_idx[j] (or j // group)."""
     codes = unpack_rows(qweight, meta.bits, meta.in_features).float()  # [out, in]
     zeros = weight_zeros(meta, qzeros).to(qweight.device)  # [out, n_groups]
-    if g_idx is None:
-        g_idx = torch.arange(meta.in_features, device=qweight.device) // meta.group
-    g = g_idx.long()
-    return (codes - zeros[:, g]) * scales.float()[:, g]  # [out, in]
+    if g_idx is not None:
+        g = g_idx.long()
+        return (codes - zeros[:, g]) * scales.float()[:, g]  # [out, in]
+    n, k, gs = meta.out_features, meta.in_features, meta.group
+    codes = F.pad(codes, (0, meta.n_groups * gs - k)).view(n, meta.n_groups, gs)  # [out, n_groups, group]
+    w = (codes - zeros[:, :, None]) * scales.float()[:, :, None]  # [out, n_groups, group]
+    return w.reshape(n, -1)[:, :k]  # [out, in]
 
 
 def wa16_ref(x: torch.Tensor, meta: PackedMeta, qweight, scales, qzeros, g_idx, bias) -> torch.Tensor:

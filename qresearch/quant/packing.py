@@ -72,11 +72,11 @@ def unpack_rows(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     _check_bits(bits)
     rows, n_words = packed.shape
     assert n_words == packed_words(cols, bits), f"{n_words} words cannot hold {cols} codes of {bits} bits"
-    w = packed.to(torch.int64) & 0xFFFFFFFF
-    if 32 % bits == 0:  # no code straddles a word: split every word at once
-        shifts = torch.arange(0, 32, bits, device=packed.device)  # [32 / bits]
-        codes = (w[:, :, None] >> shifts) & (2**bits - 1)  # [rows, n_words, 32 / bits]
+    if 32 % bits == 0:  # no code straddles a word: split every word at once (the mask drops sign extension)
+        shifts = torch.arange(0, 32, bits, device=packed.device, dtype=torch.int32)  # [32 / bits]
+        codes = (packed[:, :, None] >> shifts) & (2**bits - 1)  # [rows, n_words, 32 / bits]
         return codes.reshape(rows, -1)[:, :cols].to(torch.uint8)  # [rows, cols]
+    w = packed.to(torch.int64) & 0xFFFFFFFF
     n_blocks = -(-cols // 32)
     w = torch.nn.functional.pad(w, (0, n_blocks * bits + 1 - n_words)).long()  # [rows, n_blocks*bits + 1]
     stream = w[:, : n_blocks * bits].reshape(rows, n_blocks, bits)  # [rows, n_blocks, bits]
