@@ -62,7 +62,7 @@ def triton_supports(meta: PackedMeta, mode: ActMode, device: torch.device, dtype
         return False, f"activation quantization a{mode.bits} has no Triton kernel"
     if device.type != "cuda" and not interpreting():
         return False, f"device {device.type} (Triton needs CUDA, or TRITON_INTERPRET=1)"
-    if device.type == "cuda" and dtype not in TRITON_DTYPES:
+    if device.type == "cuda" and mode.kind != "int8" and dtype not in TRITON_DTYPES:
         return False, f"activation dtype {dtype} (Triton kernels take fp16/bf16)"
     if meta.layout != "int32_k":
         return False, f"layout {meta.layout}"

@@ -52,12 +52,12 @@ class QuantLinear(nn.Module):
         out_f, in_f = w.shape
         scale, zero = q.scale, q.zero
         if spec.granularity == "tensor":  # one qparam for the whole matrix -> one per row
-            scale, zero = scale.reshape(1, 1).expand(out_f, 1), zero.reshape(1, 1).expand(out_f, 1)
+            scale, zero = scale.reshape(1, 1).expand(out_f, 1), zero.reshape(1, 1).expand(out_f, 1)  # [out, 1]
         meta = PackedMeta(spec.bits, spec.group_for(in_f), in_f, out_f, spec.sym)
         assert scale.shape == (out_f, meta.n_groups), f"scale {tuple(scale.shape)} != {(out_f, meta.n_groups)}"
         n_out = 0 if res.outliers is None else int(res.outliers.sum())
         m = cls(meta, w.dtype, res.act, lin.bias is not None, res.g_idx is not None, n_out)
-        m.qweight.copy_(pack_rows(q.codes.reshape(out_f, in_f), spec.bits))
+        m.qweight.copy_(pack_rows(q.codes.reshape(out_f, in_f), spec.bits))  # codes [out, in] -> [out, words]
         m.scales.copy_(scale)
         if m.qzeros is not None:
             m.qzeros.copy_(pack_zeros(zero, spec.bits))
