@@ -13,7 +13,7 @@ from pathlib import Path
 from .config import ROOT
 from .tracking.store import read_index
 
-LATENCY_KEY = "latency_decode_ms_per_token_b1"  # plotted against accuracy when present
+LATENCY_KEY = "latency_decode_1_ms_per_step"  # decode ms/token at batch 1 (eval.latency), plotted when present
 
 
 def latest_complete(rows: list[dict]) -> list[dict]:
@@ -119,7 +119,8 @@ def plot(rows_by_model: dict[str, list[dict]], x_key: str, x_label: str, path: P
     return True
 
 
-def build(results: Path, out: Path, models: list[str] | None = None, dataset: str = "wikitext2") -> dict:
+def build(results: Path, out: Path, models: list[str] | None = None, dataset: str = "wikitext2",
+          command: str | None = None) -> dict:
     """Write <out>.md, <out>_ppl_vs_bits.png, <out>_ppl_vs_latency.png; returns what was written."""
     rows = latest_complete(read_index(results / "runs" / "index.jsonl"))
     if models:
@@ -130,6 +131,8 @@ def build(results: Path, out: Path, models: list[str] | None = None, dataset: st
     for r in rows:
         by_group[(r["model"], r.get("eval", "?"))].append(r)  # only numbers of one protocol share a table
     lines = [f"# Results ({len(rows)} runs)", ""]
+    if command:
+        lines += ["Reproduce:", "", "```", command, "```", ""]
     for (m, ev) in sorted(by_group):
         lines += model_table(m, by_group[(m, ev)], ev) + [""]
     lines += provenance_lines(rows)
@@ -164,8 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models", nargs="*", help="only these models")
     ap.add_argument("--dataset", default="wikitext2", help="perplexity dataset for the plots")
     ap.add_argument("--wandb", choices=["online", "offline"], help="also log the report to wandb")
+    ap.add_argument("--command", help="the command(s) that produced the runs, printed in the report")
     a = ap.parse_args(argv)
-    written = build(a.results, a.out, a.models, a.dataset)
+    written = build(a.results, a.out, a.models, a.dataset, a.command)
     if a.wandb:
         log_to_wandb(written, a.wandb)
     for k, v in written.items():

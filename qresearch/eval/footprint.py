@@ -32,8 +32,8 @@ def footprint(model: nn.Module, result: QuantResult, fp_bits: int = 16) -> dict:
     quantized = set(result.layers)
     seen, other_params = set(), 0
     for name, p in model.named_parameters(remove_duplicate=True):
-        mod = name.rsplit(".", 1)[0]
-        if mod in quantized or id(p) in seen:
+        mod, _, leaf = name.rpartition(".")
+        if (mod in quantized and leaf == "weight") or id(p) in seen:  # a quantized linear's bias stays fp
             continue
         seen.add(id(p))
         other_params += p.numel()

@@ -28,6 +28,7 @@ class ModelSpec:
     dtype: str = "auto"  # auto = float16 on CUDA, float32 on CPU
     weights_note: str = ""  # e.g. 'weights stored as GGUF Q4_1' (reported with every number)
     pip_hint: str = ""  # how to install a package-provided model
+    device_map: str | None = None  # e.g. 'auto': accelerate spreads a model too big for one GPU (evaluation)
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -113,7 +114,10 @@ def load_model(spec: ModelSpec, device: torch.device, seed: int = 0):
         model = AutoModelForCausalLM.from_pretrained(_gguf_converted(spec, path), dtype=dtype)
     else:
         offline = spec.source == "local" or os.environ.get("HF_HUB_OFFLINE") == "1"
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=offline)
-    model.to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=offline,
+                                                     device_map=spec.device_map)
+    if spec.device_map is None:
+        model.to(device)
+    model.eval()
     model.config.use_cache = False
     return model, tok
