@@ -30,10 +30,19 @@ ROWS = {
 BITS = {"w3 g128": ["bits=3", "group_size=128", "sym=false"], "w4 g128": ["bits=4", "group_size=128", "sym=false"]}
 # per-model protocol (CPU budget): eval chunks and calibration size; stated in the table
 MODELS = {
-    "stories260k": ["eval.max_chunks=800", "data.n_samples=128", "data.seqlen=512"],
-    "smollm2_135m": ["eval.max_chunks=20", "data.n_samples=16", "data.seqlen=512", "method.search_samples=4"],
+    "stories260k": ["eval.max_chunks=800", "data.n_samples=128", "data.seqlen=512", "method.search_samples=32"],
+    "smollm2_135m": ["eval.max_chunks=20", "data.n_samples=8", "data.seqlen=512", "method.search_samples=2"],
 }
 
+HEADER = """# GPTQ / AWQ vs RTN (issue 5)
+
+wikitext2 test perplexity (GPTQ protocol: joined text, non-overlapping chunks), weight-only, asymmetric, group 128,
+fake-quant (dequantized weights) in float32 on CPU. Calibration: random C4 windows (validation docs 1100..2000),
+seed 0. "quant s" = wall seconds of the whole quantization (calibration forwards included) on a 2-core CPU shared
+with other jobs (load average 3-10 while these ran), so timings are noisy upper bounds.
+AWQ's grid-search loss uses the first `method.search_samples` calibration windows (stated per model); its statistics
+(mean |x|, Gram matrices for clipping and the v->o / up->down losses) use all calibration windows.
+"""
 
 def cell_dir(model: str, row: str, bits: str) -> Path:
     return RUNS / model / f"{row.replace(' ', '_').replace('+', '_')}-{bits.replace(' ', '')}"
@@ -72,7 +81,7 @@ def table(results: dict) -> str:
         any_cell = next((c for r in rows.values() for c in r.values() if c), None)
         if any_cell is None:
             continue
-        cal = any_cell.get("calibration") or {}
+        cal = next((c["calibration"] for r in rows.values() for c in r.values() if c and c["calibration"]), {})
         lines += [f"### {model}", "", f"wikitext2 test, seqlen {any_cell['seqlen']}, {any_cell['n_tokens']} tokens "
                   f"evaluated; calibration C4 {cal.get('n_samples')} x {cal.get('seqlen')} (seed 0, ids hash "
                   f"{cal.get('hash')}). {any_cell['weights_note']}", "",
@@ -104,8 +113,12 @@ def main() -> None:
                 results.setdefault(model, {}).setdefault(row, {})[bits] = summarize(m) if m else None
     out = REPO / "results"
     (out / "gptq_awq.json").write_text(json.dumps(results, indent=1, default=str))
-    md = table(results)
-    (out / "gptq_awq_table.md").write_text(md)
+    cmds = [shlex.join(command(m, r, b, [])).replace(str(REPO) + "/", "")
+            for m in args.models for r in args.rows for b in args.bits]
+    md = "\n".join([HEADER, "Regenerate: `python experiments/gptq_awq_table.py` (resumable; `--collect-only` "
+                     "tabulates finished runs). Each cell is one run:", "", "```", *cmds, "```", "",
+                     table(results)])
+    (out / "gptq_awq.md").write_text(md)
     print(md)
 
 
