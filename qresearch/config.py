@@ -15,6 +15,7 @@ from .quant.spec import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMATS = ("fake", "packed")
+EXPORTS = ("qresearch", "compressed_tensors")
 
 
 def wtag(bits: int, group_size: int, sym: bool) -> str:
@@ -68,6 +69,7 @@ class Plan:
     bits: int
     group_size: int
     sym: bool
+    export: str | None = None
 
     @property
     def needs_calibration(self) -> bool:
@@ -141,6 +143,11 @@ def plan(cfg: DictConfig) -> Plan:
         raise ConfigError(f"group_size={group_size} is invalid; allowed: -1 (per-channel) or a positive int")
     if cfg.format not in FORMATS:
         raise ConfigError(f"format={cfg.format!r} is unknown; allowed: {', '.join(FORMATS)}")
+    export = cfg.get("export")
+    if export is not None and export not in EXPORTS:
+        raise ConfigError(f"export={export!r} is unknown; allowed: null, {', '.join(EXPORTS)}")
+    if export is not None and cfg.format != "packed":
+        raise ConfigError(f"export={export} writes packed weights; run it with format=packed (got format={cfg.format})")
     m = OmegaConf.to_container(cfg.model, resolve=True)
     fields = {k: m[k] for k in ModelSpec.__dataclass_fields__ if k in m}
     spec = ModelSpec(**fields)
@@ -149,7 +156,7 @@ def plan(cfg: DictConfig) -> Plan:
     ev = _eval_plan(cfg.eval)
     calib = {k: cfg.data[k] for k in ("name", "root", "source", "n_samples", "seqlen")}
     p = Plan(spec, steps, cfg.method.name, cfg.method.tag, ev, calib, _device(cfg.device), int(cfg.seed),
-             cfg.format, bits, group_size, bool(cfg.sym))
+             cfg.format, bits, group_size, bool(cfg.sym), cfg.get("export"))
     if p.needs_calibration:
         if calib["name"] == "c4":
             check_available("c4", "validation", calib["root"], calib["source"])

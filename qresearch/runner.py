@@ -212,8 +212,24 @@ def execute(p: Plan, cfg_dict: dict, chash: str, out_dir: Path, logger) -> dict:
         from .eval.latency import LatencyConfig, measure_latency
 
         metrics["latency"] = measure_latency(model, device, LatencyConfig(**latency), p.seed)
+    if p.export:
+        metrics["export"] = _export(model, tok, p.export, out_dir / "export")
     _write(out_dir, cfg_dict, metrics, result, provenance(device, p.seed) | {"calibration": calib_prov}, logger)
     return metrics
+
+
+def _export(model, tok, kind: str, path: Path) -> dict:
+    """Write the packed model (qresearch-packed or compressed-tensors pack-quantized) next to the run's metrics."""
+    if kind == "qresearch":
+        from .export.packed import save_quantized
+
+        save_quantized(model, path, tok)
+    else:
+        from .export.compressed import save_compressed_tensors
+
+        save_compressed_tensors(model, path, tok)
+    size = sum(f.stat().st_size for f in path.rglob("*.safetensors"))
+    return {"format": kind, "path": str(path), "safetensors_bytes": size}
 
 
 def _write(out_dir: Path, cfg_dict: dict, metrics: dict, result: QuantResult, prov: dict, logger) -> None:

@@ -128,3 +128,24 @@ def test_fp16_method_equals_baseline(results_dir):
     m = _metrics(run_dirs(results_dir)[0])
     assert m["footprint"]["bits_per_weight"] == 16.0 and m["kernels"] == {}
     assert torch.isfinite(torch.tensor(m["ppl"]["wikitext2"]["ppl"]))
+
+
+def test_export_then_reload_reproduces_perplexity(results_dir):
+    """export=qresearch writes packed weights; model.source=qresearch reloads them to the same perplexity."""
+    require_shared()
+    common = ["model=stories260k", f"data.root={DATA}", "eval.max_chunks=6", "logger=none", "format=packed"]
+    r = run_cli(*common, "method=rtn", "bits=4", "group_size=-1", "export=qresearch")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (d,) = run_dirs(results_dir)
+    m = _metrics(d)
+    assert m["export"]["format"] == "qresearch" and (d / "export" / "model.safetensors").is_file()
+    r2 = run_cli(*common, "method=fp16", "model.source=qresearch", f"model.path={d / 'export'}", "eval.baseline=false")
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    m2 = _metrics([x for x in run_dirs(results_dir) if x != d][0])
+    assert m2["ppl"]["wikitext2"]["ppl"] == pytest.approx(m["ppl"]["wikitext2"]["ppl"], rel=1e-6)
+    assert m2["footprint"]["bits_per_weight"] == pytest.approx(m["footprint"]["bits_per_weight"], rel=0.03)
+
+
+def test_export_requires_packed_format(results_dir):
+    r = run_cli("model=stories260k", "export=qresearch", "logger=none")
+    assert r.returncode == 2 and "format=packed" in r.stderr

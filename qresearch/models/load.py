@@ -13,7 +13,7 @@ import torch
 from ..quant.spec import ConfigError
 
 log = logging.getLogger(__name__)
-SOURCES = ("hub", "local", "gguf", "tiny")
+SOURCES = ("hub", "local", "gguf", "tiny", "qresearch")  # qresearch = a checkpoint written by export=qresearch
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -59,6 +59,11 @@ def resolve_path(spec: ModelSpec) -> str:
         raise ConfigError(f"model {spec.name}: folder {path!r} does not exist; set model.path to a local HF folder")
     if spec.source == "gguf" and not (Path(path) / (spec.gguf_file or "")).is_file():
         raise ConfigError(f"model {spec.name}: GGUF file {spec.gguf_file!r} not found in {path}")
+    if spec.source == "qresearch":
+        from ..export.packed import is_qresearch_checkpoint
+
+        if not is_qresearch_checkpoint(path):
+            raise ConfigError(f"model {spec.name}: {path} is not a qresearch-packed checkpoint (export=qresearch)")
     if spec.source == "local" and not (Path(path) / "config.json").is_file():
         raise ConfigError(f"model {spec.name}: {path} has no config.json; it is not a Hugging Face model folder")
     return path
@@ -105,7 +110,11 @@ def load_model(spec: ModelSpec, device: torch.device, seed: int = 0):
     dtype = resolve_dtype(spec, device)
     path = resolve_path(spec)
     tok = load_tokenizer(spec)
-    if spec.source == "tiny":
+    if spec.source == "qresearch":
+        from ..export.packed import load_quantized
+
+        model = load_quantized(path, device)
+    elif spec.source == "tiny":
         cfg = dict(spec.config)
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         torch.manual_seed(seed)
