@@ -52,7 +52,7 @@ def _cell(v, fmt="{:.3f}") -> str:
 def model_table(model: str, rows: list[dict], eval_sig: str = "") -> list[str]:
     datasets = sorted({k[4:] for r in rows for k in r if k.startswith("ppl_")})
     tasks = sorted({k for r in rows for k in r if k.endswith("_acc")})
-    head = ["method", "tag", "bits/weight", "MiB"] + [f"{d} ppl" for d in datasets] + tasks
+    head = ["method", "tag", "format", "bits/weight", "MiB"] + [f"{d} ppl" for d in datasets] + tasks
     has_lat = any(LATENCY_KEY in r for r in rows)
     head += ["decode ms/tok (b1)"] if has_lat else []
     head += ["quantize s"]
@@ -61,12 +61,16 @@ def model_table(model: str, rows: list[dict], eval_sig: str = "") -> list[str]:
     body = ([fp] if fp and fp.get("method") != "fp16" else []) + sorted(rows, key=_sort_key)
     for r in body:
         mib = r.get("weight_bytes") / 2**20 if r.get("weight_bytes") else None
-        cells = [r["method"], r["tag"], _cell(r.get("bits_per_weight")), _cell(mib)]
+        cells = [r["method"], r["tag"], r.get("format", "-"), _cell(r.get("bits_per_weight")), _cell(mib)]
         cells += [_cell(r.get(f"ppl_{d}"), "{:.2f}") for d in datasets] + [_cell(r.get(t), "{:.3f}") for t in tasks]
         cells += [_cell(r.get(LATENCY_KEY), "{:.2f}")] if has_lat else []
         cells += [_cell(r.get("quantize_seconds"), "{:.1f}")]
         lines.append("| " + " | ".join(cells) + " |")
     notes = {r.get("weights_note") for r in rows if r.get("weights_note")}
+    if has_lat:
+        notes.add("decode latency: median of repeats after warm-up, batch 1, through each run's own modules "
+                  "(format fake = dequantized weights in a plain matmul; packed = the dispatched kernel); "
+                  "CPU timings on a shared machine are noisy: compare within one run of the sweep only")
     lines += [""] + [f"Note: {n}." for n in sorted(notes)]
     return lines
 
