@@ -1,29 +1,71 @@
-"""RTN: round-to-nearest weight quantization with min-max qparams per group / channel / tensor."""
+"""RTN: round-to-nearest weight quantization with min-max qparams per group / channel / tensor,
+optionally with activation quantization (dynamic per-token / per-tensor, or static from an observer)."""
 from __future__ import annotations
 
 import time
 
-from qresearch.method import Context, LayerResult, Method, QuantResult
+from qresearch.method import ActQuant, Context, LayerResult, Method, QuantResult
 from qresearch.models.arch import target_linears
-from qresearch.quant import quantize_tensor, weight_spec
+from qresearch.quant import ConfigError, QuantSpec, quantize_tensor, weight_spec
+from qresearch.quant.observers import OBSERVERS, make_observer
 from qresearch.quant.stats import check_finite, rel_error
+
+ACT_GRANULARITIES = ("token", "tensor")
+
+
+def act_spec(bits: int, granularity: str) -> QuantSpec | None:
+    """Symmetric activation spec (int2..8 or fp8 via bits=8 + fmt); bits=16 = activations stay in full precision."""
+    if bits == 16:
+        return None
+    if granularity not in ACT_GRANULARITIES:
+        raise ConfigError(f"act_granularity={granularity!r} is unknown; allowed: {', '.join(ACT_GRANULARITIES)}")
+    return QuantSpec(bits=bits, sym=True, granularity=granularity)
 
 
 class RTN(Method):
-    """Quantize every block linear (and the head if `lm_head`) independently; no calibration."""
+    """Quantize every block linear (and the head if `lm_head`) independently.
+
+    Activations: act_bits=16 (off) or 2..8 with `act_granularity` token (per-token dynamic) or tensor; with
+    `act_static` the per-tensor scale is fixed from calibration data by `act_observer` (minmax, moving_average,
+    percentile, mse, kl) - that is the only case that needs calibration.
+    """
 
     name = "rtn"
 
     def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = False, fmt: str = "int",
-                 lm_head: bool = False):
+                 lm_head: bool = False, act_bits: int = 16, act_granularity: str = "token", act_static: bool = False,
+                 act_observer: str = "minmax"):
         self.spec = weight_spec(bits, group_size, sym, fmt)  # None when bits == 16
         self.lm_head = lm_head
+        self.act = act_spec(act_bits, act_granularity)
+        self.act_static, self.act_observer = act_static, act_observer
+        if act_static and (self.act is None or self.act.granularity != "tensor"):
+            raise ConfigError("act_static=true needs act_bits in 2..8 and act_granularity=tensor")
+        if act_observer not in OBSERVERS:
+            raise ConfigError(f"act_observer={act_observer!r} is unknown; allowed: {', '.join(OBSERVERS)}")
+        if self.act is not None and self.spec is None:
+            raise ConfigError(f"act_bits={act_bits} with bits=16: activation-only quantization is not supported; "
+                              f"set bits to 2..8")
+        self.needs_calibration = act_static
+
+    def _act_quant(self, model, linears, ctx: Context) -> dict:
+        if self.act is None:
+            return {}
+        if not self.act_static:
+            return {n: ActQuant(self.act) for n in linears}
+        from qresearch.pipeline.observe import observe_inputs
+
+        obs = observe_inputs(model, linears, ctx.calib, lambda: make_observer(self.act_observer, self.act),
+                             ctx.device)
+        return {n: ActQuant(self.act, static_scale=o.qparams()[0]) for n, o in obs.items()}
 
     def quantize(self, model, ctx: Context) -> QuantResult:
         result = QuantResult()
+        linears = target_linears(model, ctx.arch, self.lm_head)
+        acts = self._act_quant(model, linears, ctx)
         if self.spec is None:
             return result
-        for name, lin in target_linears(model, ctx.arch, self.lm_head).items():
+        for name, lin in linears.items():
             t0 = time.perf_counter()
             w = lin.weight.data
             q = quantize_tensor(w, self.spec)
@@ -31,6 +73,8 @@ class RTN(Method):
             check_finite(name, wq)
             stats = {"layer": name, "method": self.name, "shape": list(w.shape), "weight_rel_err": rel_error(w, wq),
                      "seconds": time.perf_counter() - t0}
-            result.layers[name] = LayerResult(q, stats=stats)
+            if name in acts and acts[name].static_scale is not None:
+                stats["act_static_scale"] = float(acts[name].static_scale)
+            result.layers[name] = LayerResult(q, act=acts.get(name), stats=stats)
             result.stats.append(stats)
         return result
