@@ -147,6 +147,58 @@ def _baseline(model, p: Plan, streams: dict, device, tok) -> dict:
     return res
 
 
+def _quantize(p: Plan, model, arch, tok, device) -> tuple[QuantResult, dict | None, float]:
+    """Calibration data (if any step needs it), then each method step in order; returns result, calib provenance,
+    seconds."""
+    calib, calib_prov = None, None
+    if p.needs_calibration:
+        c = p.calib
+        calib, calib_prov = calibration_ids(c["name"], tok, c["n_samples"], c["seqlen"], p.seed, c["root"], c["source"])
+    t1 = time.perf_counter()
+    result = QuantResult()
+    for step in p.steps:
+        ctx = Context(calib=calib, arch=arch, device=device, seed=p.seed, prior=result)
+        result = result.merge(step.quantize(model, ctx))
+    return result, calib_prov, time.perf_counter() - t1
+
+
+def _evaluate(p: Plan, model, tok, streams: dict, fp: dict, device) -> tuple[dict, dict | None, float]:
+    """Perplexities (with their protocol, source and FP delta) and lm-eval tasks on the model as it is now."""
+    t2 = time.perf_counter()
+    ppl = _ppl_all(model, p, streams, device, p.method_name) if streams else {}
+    lm_eval = None
+    if p.eval.lm_eval:
+        from .eval.lm_eval_bridge import run_lm_eval
+
+        le = p.eval.lm_eval
+        lm_eval = run_lm_eval(model, tok, le["tasks"], p.eval.root, le["limit"], le["num_fewshot"], le["batch_size"],
+                              p.seed)
+    for ds, r in ppl.items():
+        _, src = streams[ds]
+        r.update(dataset=ds, split=src.split, origin=src.origin, text_sha256=src.sha256)
+        if ds in fp:
+            r.update(fp_ppl=fp[ds]["ppl"], delta_ppl=r["ppl"] - fp[ds]["ppl"])
+    return ppl, lm_eval, time.perf_counter() - t2
+
+
+def _extras(p: Plan, cfg_dict: dict, model, tok, kernels: dict, device, out_dir: Path) -> dict:
+    """Optional measurements: packed bytes as measured, latency, export."""
+    out = {}
+    if p.format == "packed":  # bytes the packed buffers really take, next to the bits/weight arithmetic
+        from .nn.packed import packed_weight_bytes
+
+        out["measured_packed_bytes"] = packed_weight_bytes(model)
+        out["kernels_by_layer"] = kernels
+    latency = cfg_dict["eval"].get("latency") or {}
+    if latency.get("enabled"):
+        from .eval.latency import LatencyConfig, measure_latency
+
+        out["latency"] = measure_latency(model, device, LatencyConfig(**latency), p.seed)
+    if p.export:
+        out["export"] = _export(model, tok, p.export, out_dir / "export")
+    return out
+
+
 def execute(p: Plan, cfg_dict: dict, chash: str, out_dir: Path, logger) -> dict:
     _seed(p.seed)
     device = p.device
@@ -158,34 +210,9 @@ def execute(p: Plan, cfg_dict: dict, chash: str, out_dir: Path, logger) -> dict:
     arch = arch_for(model)
     streams = {ds: eval_tokens(ds, split, p.eval.root, tok, p.eval.source) for ds, split in p.eval.datasets}
     fp = _baseline(model, p, streams, device, tok) if p.eval.baseline and p.steps else {}
-
-    calib, calib_prov = None, None
-    if p.needs_calibration:
-        c = p.calib
-        calib, calib_prov = calibration_ids(c["name"], tok, c["n_samples"], c["seqlen"], p.seed, c["root"], c["source"])
-    t1 = time.perf_counter()
-    result = QuantResult()
-    for step in p.steps:
-        ctx = Context(calib=calib, arch=arch, device=device, seed=p.seed, prior=result)
-        result = result.merge(step.quantize(model, ctx))
-    t_quant = time.perf_counter() - t1
+    result, calib_prov, t_quant = _quantize(p, model, arch, tok, device)
     kernels = swap_linears(model, result, p.format)
-
-    t2 = time.perf_counter()
-    ppl = _ppl_all(model, p, streams, device, p.method_name) if streams else {}
-    lm_eval = None
-    if p.eval.lm_eval:
-        from .eval.lm_eval_bridge import run_lm_eval
-
-        le = p.eval.lm_eval
-        lm_eval = run_lm_eval(model, tok, le["tasks"], p.eval.root, le["limit"], le["num_fewshot"], le["batch_size"],
-                              p.seed)
-    t_eval = time.perf_counter() - t2
-    for ds, r in ppl.items():
-        _, src = streams[ds]
-        r.update(dataset=ds, split=src.split, origin=src.origin, text_sha256=src.sha256)
-        if ds in fp:
-            r.update(fp_ppl=fp[ds]["ppl"], delta_ppl=r["ppl"] - fp[ds]["ppl"])
+    ppl, lm_eval, t_eval = _evaluate(p, model, tok, streams, fp, device)
     metrics = {
         "run": {"model": p.model.name, "method": p.method_name, "tag": p.method_tag, "bits": p.bits,
                 "group_size": p.group_size, "sym": p.sym, "format": p.format, "config_hash": chash,
@@ -202,18 +229,10 @@ def execute(p: Plan, cfg_dict: dict, chash: str, out_dir: Path, logger) -> dict:
     }
     if lm_eval is not None:
         metrics["lm_eval"] = lm_eval
-    if p.format == "packed":  # bytes the packed buffers really take, next to the bits/weight arithmetic
-        from .nn.packed import packed_weight_bytes
-
-        metrics["footprint"]["measured_packed_bytes"] = packed_weight_bytes(model)
-        metrics["kernels_by_layer"] = kernels
-    latency = cfg_dict["eval"].get("latency") or {}
-    if latency.get("enabled"):
-        from .eval.latency import LatencyConfig, measure_latency
-
-        metrics["latency"] = measure_latency(model, device, LatencyConfig(**latency), p.seed)
-    if p.export:
-        metrics["export"] = _export(model, tok, p.export, out_dir / "export")
+    extras = _extras(p, cfg_dict, model, tok, kernels, device, out_dir)
+    if "measured_packed_bytes" in extras:
+        metrics["footprint"]["measured_packed_bytes"] = extras.pop("measured_packed_bytes")
+    metrics.update(extras)
     _write(out_dir, cfg_dict, metrics, result, provenance(device, p.seed) | {"calibration": calib_prov}, logger)
     return metrics
 
