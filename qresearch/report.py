@@ -12,16 +12,19 @@ from pathlib import Path
 
 from .config import ROOT
 from .tracking.store import read_index
+from .tracking.summary import index_row
 
 LATENCY_KEY = "latency_decode_1_ms_per_step"  # decode ms/token at batch 1 (eval.latency), plotted when present
 
 
 def latest_complete(rows: list[dict]) -> list[dict]:
-    """One row per config hash: the newest whose run dir still holds metrics.json."""
+    """One row per config hash: the newest whose run dir still holds metrics.json, rebuilt from that file."""
     best: dict[str, dict] = {}
     for r in rows:
-        if not (Path(r["run_dir"]) / "metrics.json").is_file():
+        f = Path(r["run_dir"]) / "metrics.json"
+        if not f.is_file():
             continue
+        r = index_row(json.loads(f.read_text()), Path(r["run_dir"]))
         if r["config_hash"] not in best or r["time"] >= best[r["config_hash"]]["time"]:
             best[r["config_hash"]] = r
     return list(best.values())
@@ -62,7 +65,9 @@ def model_table(model: str, rows: list[dict], eval_sig: str = "") -> list[str]:
     for r in body:
         mib = r.get("weight_bytes") / 2**20 if r.get("weight_bytes") else None
         cells = [r["method"], r["tag"], r.get("format", "-"), _cell(r.get("bits_per_weight")), _cell(mib)]
-        cells += [_cell(r.get(f"ppl_{d}"), "{:.2f}") for d in datasets] + [_cell(r.get(t), "{:.3f}") for t in tasks]
+        cells += [_cell(r.get(f"ppl_{d}"), "{:.2f}") for d in datasets]
+        cells += [_cell(r.get(t), "{:.3f}") + (f" ± {r[t + '_stderr']:.3f}" if r.get(t + "_stderr") else "")
+                  for t in tasks]
         cells += [_cell(r.get(LATENCY_KEY), "{:.2f}")] if has_lat else []
         cells += [_cell(r.get("quantize_seconds"), "{:.1f}")]
         lines.append("| " + " | ".join(cells) + " |")

@@ -14,8 +14,11 @@ def index_row(metrics: dict, run_dir: Path) -> dict:
            "peak_rss_bytes": metrics["memory"].get("peak_rss_bytes"),
            "peak_cuda_bytes": metrics["memory"].get("peak_cuda_bytes"),
            "weights_note": metrics["model"]["weights_note"]}
-    row["eval"] = "; ".join(f"{ds}/{p['split']} {p['protocol']} L{p['seqlen']} {p['n_tokens']} tok"
-                            for ds, p in sorted(metrics.get("ppl", {}).items()))
+    le = metrics.get("lm_eval", {})
+    row["eval"] = "; ".join([f"{ds}/{p['split']} {p['protocol']} L{p['seqlen']} {p['n_tokens']} tok"
+                             for ds, p in sorted(metrics.get("ppl", {}).items())] +
+                            [f"lm-eval {t} n={v['n_samples']} {le['protocol']['num_fewshot']}-shot"
+                             for t, v in sorted(le.get("tasks", {}).items())])
     for ds, p in metrics.get("ppl", {}).items():
         row[f"ppl_{ds}"] = p["ppl"]
         if "fp_ppl" in p:
@@ -24,7 +27,7 @@ def index_row(metrics: dict, run_dir: Path) -> dict:
         if isinstance(val, (int, float)) and not isinstance(val, bool):
             row[key] = val
     for task, t in metrics.get("lm_eval", {}).get("tasks", {}).items():
-        for k in ("acc", "acc_norm"):
+        for k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr"):
             if k in t:
                 row[f"{task}_{k}"] = t[k]
     return row
