@@ -42,6 +42,7 @@ seed 0. "quant s" = wall seconds of the whole quantization (calibration forwards
 with other jobs (load average 3-10 while these ran), so timings are noisy upper bounds.
 AWQ's grid-search loss uses the first `method.search_samples` calibration windows (stated per model); its statistics
 (mean |x|, Gram matrices for clipping and the v->o / up->down losses) use all calibration windows.
+"n/a" = that cell's run has not finished (the CPU time box ran out); run the script to fill it in.
 """
 
 def cell_dir(model: str, row: str, bits: str) -> Path:
@@ -84,7 +85,7 @@ def table(results: dict) -> str:
         cal = next((c["calibration"] for r in rows.values() for c in r.values() if c and c["calibration"]), {})
         lines += [f"### {model}", "", f"wikitext2 test, seqlen {any_cell['seqlen']}, {any_cell['n_tokens']} tokens "
                   f"evaluated; calibration C4 {cal.get('n_samples')} x {cal.get('seqlen')} (seed 0, ids hash "
-                  f"{cal.get('hash')}). {any_cell['weights_note']}", "",
+                  f"{cal.get('hash')}); per-model overrides: `{' '.join(MODELS[model])}`. {any_cell['weights_note']}", "",
                   "| method | " + " | ".join(f"{b} ppl | {b} quant s" for b in BITS) + " |",
                   "|---|" + "---|---|" * len(BITS), f"| FP | {any_cell['fp_ppl']:.3f} | - | {any_cell['fp_ppl']:.3f} | - |"]
         for row, cells in rows.items():
