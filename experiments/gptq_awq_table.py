@@ -31,7 +31,7 @@ BITS = {"w3 g128": ["bits=3", "group_size=128", "sym=false"], "w4 g128": ["bits=
 # per-model protocol (CPU budget): eval chunks and calibration size; stated in the table
 MODELS = {
     "stories260k": ["eval.max_chunks=800", "data.n_samples=128", "data.seqlen=512", "method.search_samples=32"],
-    "smollm2_135m": ["eval.max_chunks=20", "data.n_samples=8", "data.seqlen=512", "method.search_samples=2"],
+    "smollm2_135m": ["eval.max_chunks=40", "data.n_samples=32", "data.seqlen=512", "method.search_samples=8"],
 }
 
 HEADER = """# GPTQ / AWQ vs RTN (issue 5)
