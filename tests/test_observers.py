@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from qresearch.quant import ConfigError, QuantSpec, choose_qparams, fake_quantize
+from qresearch.quant import ConfigError, QuantSpec, fake_quantize
 from qresearch.quant.observers import (HistogramObserver, MinMaxObserver, MovingAverageObserver, make_observer,
                                        percentile_threshold, rebin)
 

@@ -91,8 +91,7 @@ def test_nan_weights_fail_without_metrics(results_dir, monkeypatch, tmp_path):
         return model, tok
 
     monkeypatch.setattr(runner, "load_model", poisoned)
-    cfg = compose_cfg(["model=stories260k", f"data.root={DATA}", "logger=none", "eval.baseline=false",
-                       f"+out_dir_override={tmp_path / 'run'}"])
+    cfg = compose_cfg(["model=stories260k", f"data.root={DATA}", "logger=none", "eval.baseline=false"])
     cfg.out_dir = str(tmp_path / "run")
     with pytest.raises(NumericalError, match="model.layers.1.mlp.up_proj.*NaN"):
         run(cfg)
