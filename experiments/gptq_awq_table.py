@@ -26,12 +26,13 @@ ROWS = {
     "gptq no true_sequential": ("gptq", ["method.true_sequential=false"]),
     "awq": ("awq", []),
     "awq_gptq": ("awq_gptq", []),
+    "awq_gptq scales only": ("awq_gptq", ["method.clip=false", "method.qparams=minmax"]),
 }
 BITS = {"w3 g128": ["bits=3", "group_size=128", "sym=false"], "w4 g128": ["bits=4", "group_size=128", "sym=false"]}
 # per-model protocol (CPU budget): eval chunks and calibration size; stated in the table
 MODELS = {
     "stories260k": ["eval.max_chunks=800", "data.n_samples=128", "data.seqlen=512", "method.search_samples=32"],
-    "smollm2_135m": ["eval.max_chunks=40", "data.n_samples=32", "data.seqlen=512", "method.search_samples=8"],
+    "smollm2_135m": ["eval.max_chunks=80", "data.n_samples=128", "data.seqlen=512", "method.search_samples=8"],
 }
 
 HEADER = """# GPTQ / AWQ vs RTN (issue 5)

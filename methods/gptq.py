@@ -16,6 +16,7 @@ from qresearch.quant import QTensor, QuantSpec, qparams_from_minmax, weight_spec
 from qresearch.quant.spec import ConfigError
 from qresearch.quant.stats import check_finite, rel_error
 
+QPARAMS = ("minmax", "prior")  # prior = the previous stacked step's scale/zero (e.g. AWQ's clipped ranges)
 __all__ = ["GPTQ", "gptq_quantize", "accumulate_hessian", "inverse_hessian_cholesky"]
 
 
@@ -37,13 +38,16 @@ def _minmax_qparams(cols: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, 
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int = 128, percdamp: float = 0.01,
-                  act_order: bool = False, static_groups: bool = False
+                  act_order: bool = False, static_groups: bool = False,
+                  qparams: tuple[torch.Tensor, torch.Tensor] | None = None
                   ) -> tuple[QTensor, torch.Tensor | None, float]:
     """Quantize W [out, in] given the input Hessian H [in, in]. Returns (codes + qparams, g_idx or None, loss).
 
     Without act_order, or with static_groups, groups are contiguous in the original column order (g_idx None).
     With act_order alone, group k holds the k-th g columns in processing order: scale/zero are stored in that
     order and g_idx[j] is the group of original column j. loss = sum (w - q)^2 / (2 [H^-1]_jj^2), as in the paper.
+    `qparams` = fixed (scale, zero) [out, n_groups] of contiguous groups (e.g. AWQ's clipped ranges when
+    stacking): they are used as static groups, and only the rounding is GPTQ's.
     """
     W = W.detach().float().clone()  # [out, in]
     H = H.detach().float().to(W.device).clone()
@@ -52,7 +56,16 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    static = [_minmax_qparams(W[:, k * g:(k + 1) * g], spec) for k in range(n_groups)] if static_groups else None
+    if qparams is not None:
+        scale_in, zero_in = (t.float().to(W.device) for t in qparams)
+        if scale_in.shape != (out, n_groups) or zero_in.shape != (out, n_groups):
+            raise ValueError(f"qparams shapes {tuple(scale_in.shape)} / {tuple(zero_in.shape)} do not fit W "
+                             f"{tuple(W.shape)} with group {g}: expected {(out, n_groups)}")
+        static = [(scale_in[:, k], zero_in[:, k]) for k in range(n_groups)]
+    elif static_groups:
+        static = [_minmax_qparams(W[:, k * g:(k + 1) * g], spec) for k in range(n_groups)]
+    else:
+        static = None
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
@@ -104,8 +117,8 @@ class GPTQ(Method):
 
     def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = False, blocksize: int = 128,
                  percdamp: float = 0.01, act_order: bool = False, static_groups: bool = False,
-                 true_sequential: bool = True, propagate: str = "quantized", offload: bool = True,
-                 batch_size: int = 8):
+                 true_sequential: bool = True, qparams: str = "minmax", propagate: str = "quantized",
+                 offload: bool = True, batch_size: int = 8):
         self.spec = weight_spec(bits, group_size, sym)
         if self.spec is None:
             raise ConfigError("gptq with bits=16 quantizes nothing; allowed bits: 2..8 (use method=fp16 instead)")
@@ -115,12 +128,19 @@ class GPTQ(Method):
         self.blocksize, self.percdamp = int(blocksize), float(percdamp)
         self.act_order, self.static_groups, self.true_sequential = bool(act_order), bool(static_groups), \
             bool(true_sequential)
+        if qparams not in QPARAMS:
+            raise ConfigError(f"gptq qparams={qparams!r} is unknown; allowed: {', '.join(QPARAMS)}")
+        self.qparams, self._prior = qparams, None
         self.engine = EngineConfig(int(batch_size), bool(offload), propagate)
         self.engine_stats: dict = {}
 
     def quantize(self, model: nn.Module, ctx: Context) -> QuantResult:
         if ctx.calib is None:
             raise ConfigError("gptq needs calibration data; set data=c4 (or data=random)")
+        if self.qparams == "prior" and not (ctx.prior and ctx.prior.layers):
+            raise ConfigError("gptq qparams=prior needs an earlier step that quantized the linears (e.g. awq in "
+                              "method=awq_gptq); use qparams=minmax on its own")
+        self._prior = ctx.prior if self.qparams == "prior" else None
         result = QuantResult()
 
         def process(i: int, block: nn.Module, io: BlockIO) -> dict[str, torch.Tensor]:
@@ -148,7 +168,7 @@ class GPTQ(Method):
         t0 = time.perf_counter()
         W = get_module(block, name).weight.data
         q, g_idx, loss = gptq_quantize(W, H, self.spec, self.blocksize, self.percdamp, self.act_order,
-                                       self.static_groups)
+                                       self.static_groups, self._prior_qparams(full, W))
         res = LayerResult(q, g_idx=g_idx)
         Wq = layer_weight(res, torch.float32)
         check_finite(full, Wq)
@@ -158,6 +178,19 @@ class GPTQ(Method):
         result.layers[full] = res
         result.stats.append(res.stats)
         return Wq
+
+
+    def _prior_qparams(self, full: str, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(scale, zero) of the earlier step's result for this linear when qparams=prior."""
+        if self._prior is None:
+            return None
+        prev = self._prior.layers.get(full)
+        if prev is None or prev.g_idx is not None or prev.weight.spec != self.spec:
+            why = "no result" if prev is None else "act-order groups" if prev.g_idx is not None else \
+                f"spec {prev.weight.spec}"
+            raise ConfigError(f"gptq qparams=prior: the earlier step left {why} for {full}; it needs contiguous "
+                              f"groups with the same bits/group_size/sym ({self.spec})")
+        return prev.weight.scale, prev.weight.zero
 
 
 def hessians(block: nn.Module, io: BlockIO, names: list[str], stop: bool) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ from qresearch.models.arch import arch_for, blocks_of
 from qresearch.nn.fake import layer_weight
 from qresearch.pipeline.engine import capture_inputs, record_inputs
 from qresearch.pipeline.hessian import accumulate_hessian, output_rel_error
-from qresearch.quant import QuantSpec, choose_qparams, quantize_tensor, weight_spec
+from qresearch.quant import QTensor, QuantSpec, choose_qparams, quantize, quantize_tensor, weight_spec
 from qresearch.quant.spec import ConfigError
 from tests.pipeline_helpers import stories260k, tiny_model
 
@@ -120,3 +120,33 @@ def test_gptq_bad_options():
     with pytest.raises(ConfigError, match="percdamp"):
         GPTQ(percdamp=2.0)
     assert isinstance(weight_spec(3, 64, False), QuantSpec)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_fixed_qparams_are_kept_and_rounding_still_beats_rtn(act_order):
+    """qparams=(scale, zero) from an earlier step (e.g. AWQ's clipped ranges) are kept; GPTQ only rounds, and its
+    output error is below rounding-to-nearest on the same grid."""
+    x, w, spec = _inputs(), torch.randn(48, 200), weight_spec(3, 64, False)
+    H, _ = accumulate_hessian(None, 0, x)
+    grid = quantize_tensor(0.8 * w, spec)  # a clipped grid: ranges shrunk to 80%
+    q, g_idx, _ = gptq_quantize(w, H, spec, blocksize=64, act_order=act_order, qparams=(grid.scale, grid.zero))
+    assert g_idx is None
+    assert torch.equal(q.scale, grid.scale) and torch.equal(q.zero, grid.zero)
+    nearest = QTensor(quantize(w, grid.scale, grid.zero, spec), grid.scale, grid.zero, spec).dequantize()
+    assert _out_err(x, w, q.dequantize()) < 0.9 * _out_err(x, w, nearest)
+    with pytest.raises(ValueError, match="qparams shapes"):
+        gptq_quantize(w, H, spec, qparams=(grid.scale[:, :1], grid.zero[:, :1]))
+
+
+def test_qparams_prior_needs_a_compatible_earlier_step():
+    model = tiny_model("llama")
+    arch = arch_for(model)
+    ctx = Context(calib=torch.randint(0, 128, (4, 32)), arch=arch, device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match="qparams=prior needs an earlier step"):
+        GPTQ(bits=3, group_size=32, qparams="prior").quantize(model, ctx)
+    with pytest.raises(ConfigError, match="qparams='best'"):
+        GPTQ(qparams="best")
+    prior = GPTQ(bits=4, group_size=32).quantize(model, ctx)  # a different bit width than the next step
+    ctx.prior = prior
+    with pytest.raises(ConfigError, match="same bits/group_size/sym"):
+        GPTQ(bits=3, group_size=32, qparams="prior").quantize(model, ctx)

@@ -13,7 +13,7 @@ from tests.pipeline_helpers import tiny_model
 
 
 @pytest.mark.parametrize("method,types,tag", [
-    ("gptq", [GPTQ], "gptq-w3g128"), ("awq", [AWQ], "awq-w3g128"), ("awq_gptq", [AWQ, GPTQ], "awq_gptq-w3g128")])
+    ("gptq", [GPTQ], "gptq-w3g128"), ("awq", [AWQ], "awq-w3g128"), ("awq_gptq", [AWQ, GPTQ], "awq_gptq-w3g128-prior")])
 def test_method_configs(method, types, tag):
     p = plan(compose_cfg([f"method={method}", "model=stories260k", "bits=3", "logger=none"]))
     assert [type(s) for s in p.steps] == types and p.needs_calibration and p.method_tag == tag
@@ -49,3 +49,24 @@ def test_awq_then_gptq_stack():
     # GPTQ quantized the scaled weights, not the original ones
     assert (deq - scaled).norm() < (deq - w0).norm()
     assert len(merged.stats) == len(first.stats) + len(second.stats)
+
+
+def test_awq_clip_then_gptq_keeps_awq_grid():
+    """method=awq_gptq default: GPTQ rounds on AWQ's clipped per-group grid (qparams=prior)."""
+    model, ids = tiny_model("llama_mha"), torch.randint(0, 128, (4, 32))
+    arch = arch_for(model)
+    ctx = Context(calib=ids, arch=arch, device=torch.device("cpu"))
+    first = AWQ(bits=3, group_size=32, clip=True, search_samples=2).quantize(model, ctx)
+    second = GPTQ(bits=3, group_size=32, qparams="prior").quantize(
+        model, Context(calib=ids, arch=arch, device=ctx.device, prior=first))
+    assert any(r.stats["clipped"] for r in first.layers.values())
+    for name, r in second.layers.items():
+        assert torch.equal(r.weight.scale, first.layers[name].weight.scale), name
+        assert torch.equal(r.weight.zero, first.layers[name].weight.zero), name
+
+
+def test_awq_gptq_config_passes_options():
+    p = plan(compose_cfg(["method=awq_gptq", "model=stories260k", "logger=none", "method.clip=false",
+                          "method.qparams=minmax"]))
+    assert (p.steps[0].clip, p.steps[1].qparams) == (False, "minmax")
+    assert p.method_tag == "awq_gptq-w4g128-noclip-minmax"
