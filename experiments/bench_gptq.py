@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -64,6 +65,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None, help="write the JSON here too")
+    ap.add_argument("--md", default=None, help="write a markdown table here (device, load and settings named)")
     args = ap.parse_args()
     device = torch.device(args.device)
     rows = []
@@ -76,6 +78,26 @@ def main() -> None:
             "cpu": platform.processor() or platform.machine(), "settings": vars(args), "rows": rows}
     if args.out:
         Path(args.out).write_text(json.dumps(meta, indent=1))
+    if args.md:
+        Path(args.md).write_text(markdown(meta))
+
+
+def markdown(meta: dict) -> str:
+    """The measurement as a table, with what it ran on (load average included: CPU timings are shared-machine)."""
+    s = meta["settings"]
+    dev = torch.cuda.get_device_name(0) if meta["device"].startswith("cuda") else \
+        f"CPU ({meta['cpu']}, {meta['threads']} torch threads)"
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    lines = ["# GPTQ solve time per layer, Llama-7B layer shapes", "",
+             f"Device: {dev}; torch {meta['torch']}; load average at the end {load}. w{s['bits']} "
+             f"g{s['group_size']} {'sym' if s['sym'] else 'asym'}, blocksize {s['blocksize']}, act_order "
+             f"{s['act_order']}, static_groups {s['static_groups']}; Hessian from {s['tokens']} random correlated "
+             f"tokens (its accumulation is timed apart). Best of {s['repeat']}.", "",
+             "Regenerate: `python " + " ".join(["experiments/bench_gptq.py", *sys.argv[1:]]) + "`", "",
+             "| weight [out, in] | GPTQ solve s | Hessian accumulation s |", "|---|---|---|"]
+    lines += [f"| {r['shape'][0]} x {r['shape'][1]} | {r['gptq_seconds']:.2f} | {r['hessian_seconds']:.2f} |"
+              for r in meta["rows"]]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
