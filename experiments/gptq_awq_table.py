@@ -39,10 +39,14 @@ HEADER = """# GPTQ / AWQ vs RTN (issue 5)
 
 wikitext2 test perplexity (GPTQ protocol: joined text, non-overlapping chunks), weight-only, asymmetric, group 128,
 fake-quant (dequantized weights) in float32 on CPU. Calibration: random C4 windows (validation docs 1100..2000),
-seed 0. "quant s" = wall seconds of the whole quantization (calibration forwards included) on a 2-core CPU shared
-with other jobs (load average 3-10 while these ran), so timings are noisy upper bounds.
+seed 0. "quant s" = wall seconds of the whole quantization (calibration forwards included) on a 2-core CPU that
+was at times shared with another job (two 2-thread torch processes on 2 cores slow each other several-fold), so
+timings are upper bounds.
 AWQ's grid-search loss uses the first `method.search_samples` calibration windows (stated per model); its statistics
 (mean |x|, Gram matrices for clipping and the v->o / up->down losses) use all calibration windows.
+`awq_gptq` = AWQ scale search and clip search, then GPTQ rounding on AWQ's clipped per-group grid
+(`method.qparams=prior`); `awq_gptq scales only` = AWQ scales without clipping, then GPTQ with its own min-max grid
+(`method.clip=false method.qparams=minmax`).
 "n/a" = that cell's run has not finished (the CPU time box ran out); run the script to fill it in.
 """
 
@@ -95,8 +99,26 @@ def table(results: dict) -> str:
                 c = cells.get(b)
                 vals += [f"{c['ppl']:.3f}", f"{c['quantize_seconds']:.0f}"] if c else ["n/a", "n/a"]
             lines.append(f"| {row} | " + " | ".join(vals) + " |")
-        lines.append("")
+        lines += ["", *memory_lines(rows), ""]
     return "\n".join(lines)
+
+
+def memory_lines(rows: dict) -> list[str]:
+    """Compute-device accounting of each calibrated method's engine (w4 cell): on CPU these are the bytes the
+    engine places (block weights + its input and output activations), on CUDA torch's measured peak."""
+    out = []
+    for row, cells in rows.items():
+        c = cells.get("w4 g128") or cells.get("w3 g128")
+        for step, e in ((c or {}).get("engine") or {}).items():
+            if e:
+                out.append(f"| {row} | {step} | {e['peak_device_bytes'] / 2**20:.1f} | {e['max_block_bytes'] / 2**20:.1f}"
+                           f" | {e['activation_bytes'] / 2**20:.1f} | {c['peak_rss_bytes'] / 2**30:.2f} |")
+    if not out:
+        return []
+    return ["Calibration memory on the compute device (CPU runs: the engine's accounting of what it placed there, "
+            "not an allocator measurement; on CUDA the engine reports `torch.cuda.max_memory_allocated`):", "",
+            "| method | step | peak MiB | largest block MiB | block inputs MiB | process peak RSS GiB |",
+            "|---|---|---|---|---|---|", *out]
 
 
 def main() -> None:
