@@ -25,7 +25,8 @@ BLOCKS = {1: dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=64, SPLIT_K=2), 5: dict(BLOCK_M
           33: dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1)}
 
 
-@pytest.mark.parametrize("bits,sym", [(4, False), (4, True), (3, False), (3, True), (2, False), (8, True)])
+@pytest.mark.parametrize("bits,sym", [(4, False), (4, True), (3, False), (3, True), (2, False), (8, True),
+                                      (5, False), (7, True)])
 @pytest.mark.parametrize("m", [1, 5, 33])
 def test_wq_matmul_fp32(bits, sym, m):
     res = rtn_layer(37, 200, bits, 64, sym, seed=bits + m)  # odd N = 37; K = 200: partial last group of 8
@@ -39,9 +40,21 @@ def test_wq_matmul_fp32(bits, sym, m):
 @pytest.mark.parametrize("bits", [4, 3])
 @pytest.mark.parametrize("m", [1, 33])
 def test_wq_matmul_act_order(bits, m):
+    """g_idx: scales and zeros gathered per element."""
     res = rtn_layer(40, 160, bits, 32, False, act_order=True, seed=7)
     meta, qw, s, qz, gi = packed_args(res)
     x = torch.randn(m, 160)
+    y = WQ.wq_linear(x, meta, qw, s, qz, gi, None, BLOCKS[m])
+    assert rel_err(y, ref.wa16_ref(x, meta, qw, s, qz, gi, None)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+@pytest.mark.parametrize("m", [1, 33])
+def test_wq_matmul_groups_smaller_than_tile(bits, m):
+    """group 16 < BLOCK_K: a tile spans several groups (the gathered-scale path); also 16 does not divide K."""
+    res = rtn_layer(24, 120, bits, 16, False, seed=11)
+    meta, qw, s, qz, gi = packed_args(res)
+    x = torch.randn(m, 120)
     y = WQ.wq_linear(x, meta, qw, s, qz, gi, None, BLOCKS[m])
     assert rel_err(y, ref.wa16_ref(x, meta, qw, s, qz, gi, None)) < TOL[torch.float32]
 

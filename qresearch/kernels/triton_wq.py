@@ -1,11 +1,13 @@
-"""Triton weight-only group-quant GEMM (W{2,3,4,8}A16): dequantize in registers, fp32 accumulate.
+"""Triton weight-only group-quant GEMM (W2-W8 A16): dequantize in registers, fp32 accumulate.
 
 One kernel, two launch shapes:
   prefill  (M > 16): 2-D tiles over (M, N), tensor-core tl.dot, autotuned BLOCK_M/N/K;
   decode   (M <= 16): split-K over a grid of (N blocks, K slices) with fp32 atomics, BLOCK_M = 1 (GEMV, no
            tensor cores) or 16 (tl.dot on a padded tile), autotuned BLOCK_N/K and SPLIT_K.
-Weights are read in the int32_k layout (quant/packing.py). For 32 % bits == 0 whole words are loaded and split
-with shifts; other widths gather each code's word (and the next one when the code straddles).
+Weights are read in the int32_k layout (quant/packing.py) as whole words only: 32 codes fill exactly `bits` words.
+Contiguous groups that hold whole K tiles (GROUP % BLOCK_K == 0, e.g. g128 with BLOCK_K 64/128) load one row of
+scales/zeros per tile; act-order g_idx or smaller groups gather them per element. GROUP is a compile-time constant.
+experiments/compile_kernels.py compiles every config for sm_80 / sm_90 without a GPU (registers, spills, smem).
 Import only when a kernel is needed: importing triton is slow and CUDA-specific (DESIGN rule 6).
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+
 
 @triton.jit
 def _codes(ptr, base, idx, word_stride, mask, BITS: tl.constexpr):
@@ -32,13 +35,15 @@ def _codes(ptr, base, idx, word_stride, mask, BITS: tl.constexpr):
 
 
 @triton.jit
-def _weight_tile(qw_ptr, s_ptr, z_ptr, gidx_ptr, k0, offs_k, offs_n, K, N, stride_qw, stride_s, stride_z, GROUP,
-                 BITS: tl.constexpr, SYM: tl.constexpr, HAS_GIDX: tl.constexpr, WORDS: tl.constexpr,
-                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Dequantized fp32 weight tile [BLOCK_K, BLOCK_N] = (q - zero) * scale (0 outside the matrix)."""
-    nmask = offs_n < N
-    kmask = offs_k < K
-    if WORDS:  # 32 % BITS == 0: load BLOCK_K / PER whole words, split each into PER codes
+def _code_tile(qw_ptr, k0, offs_n, nmask, K, stride_qw, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """Codes [BLOCK_K, BLOCK_N] of rows k0.. from whole int32 words (BLOCK_K % 32 == 0; 0 past K).
+
+    32 codes fill exactly BITS words. 32 % BITS == 0: each word holds PER codes, split with shifts. Otherwise
+    (3, 5, 6, 7 bits) the BITS words of each 32-code chunk are loaded once and every code picks its word (and the
+    next one where it straddles) with selects: no per-code gathers, so no per-element loads to stage.
+    """
+    if 32 % BITS == 0:
         PER: tl.constexpr = 32 // BITS
         kw = k0 // PER + tl.arange(0, BLOCK_K // PER)  # word index [BLOCK_K // PER]
         wmask = (kw[:, None] * PER < K) & nmask[None, :]
@@ -46,9 +51,51 @@ def _weight_tile(qw_ptr, s_ptr, z_ptr, gidx_ptr, k0, offs_k, offs_n, K, N, strid
         words = words.to(tl.uint32, bitcast=True)  # [BLOCK_K // PER, BLOCK_N]
         shifts = (tl.arange(0, PER) * BITS).to(tl.uint32)
         q3 = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)  # [BLOCK_K // PER, PER, BLOCK_N]
-        q = tl.reshape(q3, (BLOCK_K, BLOCK_N)).to(tl.int32)  # row k = word * PER + j
     else:
-        q = _codes(qw_ptr, offs_n[None, :] * stride_qw, offs_k[:, None], 1, kmask[:, None] & nmask[None, :], BITS)
+        C: tl.constexpr = BLOCK_K // 32
+        kc = k0 // 32 + tl.arange(0, C)  # 32-code chunk index [C]
+        bit = tl.arange(0, 32) * BITS  # first bit of code j within its chunk [32]
+        wi = (bit >> 5)[None, :, None]  # its word within the chunk
+        sh = (bit & 31).to(tl.uint32)[None, :, None]
+        lo = tl.zeros((C, 32, BLOCK_N), dtype=tl.uint32)
+        hi = tl.zeros((C, 32, BLOCK_N), dtype=tl.uint32)
+        for b in tl.static_range(BITS):
+            wmask = ((kc * 32 + b * 32 // BITS) < K)[:, None] & nmask[None, :]  # word b holds codes >= 32b/BITS
+            w = tl.load(qw_ptr + offs_n[None, :] * stride_qw + (kc * BITS + b)[:, None], mask=wmask, other=0)
+            w = w.to(tl.uint32, bitcast=True)[:, None, :]  # [C, 1, BLOCK_N]
+            lo = tl.where(wi == b, w, lo)
+            hi = tl.where(wi + 1 == b, w, hi)
+        q3 = ((lo >> sh) | tl.where(sh + BITS > 32, hi << (32 - sh), 0)) & ((1 << BITS) - 1)  # [C, 32, BLOCK_N]
+    return tl.reshape(q3, (BLOCK_K, BLOCK_N)).to(tl.int32)  # row k = chunk/word * codes-per + j
+
+
+@triton.jit
+def _row_qparams(s_ptr, z_ptr, grp, offs_n, nmask, stride_s, stride_z, BITS: tl.constexpr, SYM: tl.constexpr):
+    """Scale and zero [1, BLOCK_N] (fp32) of group `grp` for output columns offs_n."""
+    s = tl.load(s_ptr + offs_n[None, :] * stride_s + grp, mask=nmask[None, :], other=0.0).to(tl.float32)
+    if SYM:
+        z = tl.full((1, offs_n.shape[0]), 1 << (BITS - 1), tl.float32)
+    else:  # qzeros [words(N), n_groups]: code n of column grp
+        z = _codes(z_ptr, grp, offs_n[None, :], stride_z, nmask[None, :], BITS).to(tl.float32)
+    return s, z
+
+
+@triton.jit
+def _weight_tile(qw_ptr, s_ptr, z_ptr, gidx_ptr, k0, offs_k, offs_n, K, N, stride_qw, stride_s, stride_z,
+                 GROUP: tl.constexpr, BITS: tl.constexpr, SYM: tl.constexpr, HAS_GIDX: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Dequantized fp32 weight tile [BLOCK_K, BLOCK_N] = (q - zero) * scale (0 outside the matrix).
+
+    Contiguous groups with GROUP % BLOCK_K == 0: the tile lies in one group, so scales and zeros are one row
+    [1, BLOCK_N] each. Otherwise (act-order g_idx, groups smaller than the tile) they are gathered per element.
+    Rows past K hold finite values; they meet x = 0.
+    """
+    nmask = offs_n < N
+    q = _code_tile(qw_ptr, k0, offs_n, nmask, K, stride_qw, BITS, BLOCK_K, BLOCK_N)
+    if (not HAS_GIDX) and (GROUP % BLOCK_K == 0):
+        s, z = _row_qparams(s_ptr, z_ptr, k0 // GROUP, offs_n, nmask, stride_s, stride_z, BITS, SYM)
+        return (q.to(tl.float32) - z) * s
+    kmask = offs_k < K
     if HAS_GIDX:
         g = tl.load(gidx_ptr + offs_k, mask=kmask, other=0)
     else:
@@ -58,13 +105,13 @@ def _weight_tile(qw_ptr, s_ptr, z_ptr, gidx_ptr, k0, offs_k, offs_n, K, N, strid
     if SYM:
         z = 1 << (BITS - 1)
     else:
-        z = _codes(z_ptr, g[:, None], offs_n[None, :], stride_z, m2, BITS)  # zeros: streams along out
+        z = _codes(z_ptr, g[:, None], offs_n[None, :], stride_z, m2, BITS)  # qzeros [words(N), n_groups]
     return (q - z).to(tl.float32) * s
 
 
 @triton.jit
 def wq_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, gidx_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_qw,
-                     stride_s, stride_z, stride_ym, GROUP, M_BUCKET,
+                     stride_s, stride_z, stride_ym, M_BUCKET, GROUP: tl.constexpr,
                      BITS: tl.constexpr, SYM: tl.constexpr, HAS_GIDX: tl.constexpr, HAS_BIAS: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     """y[M, N] (+)= x[M, K] @ deq(W)[N, K]^T. SPLIT_K > 1: y is a zeroed fp32 buffer updated with atomics."""
@@ -82,11 +129,19 @@ def wq_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, gidx_ptr, b_ptr, y_ptr, M, N, 
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mmask[:, None] & (offs_k[None, :] < K), other=0.0)  # [BLOCK_M, BLOCK_K]
-        w = _weight_tile(qw_ptr, s_ptr, z_ptr, gidx_ptr, k0, offs_k, offs_n, K, N, stride_qw, stride_s, stride_z,
-                         GROUP, BITS, SYM, HAS_GIDX, 32 % BITS == 0, BLOCK_K, BLOCK_N)
-        if BLOCK_M == 1:  # GEMV: a broadcast multiply-reduce, no tensor cores to waste
+        if BLOCK_M == 1 and (not HAS_GIDX) and (GROUP % BLOCK_K == 0):
+            # GEMV in one group: sum_k x_k (q_kn - z_n) s_n = s_n (sum_k x_k q_kn - z_n sum_k x_k)
+            q = _code_tile(qw_ptr, k0, offs_n, offs_n < N, K, stride_qw, BITS, BLOCK_K, BLOCK_N)
+            s, z = _row_qparams(s_ptr, z_ptr, k0 // GROUP, offs_n, offs_n < N, stride_s, stride_z, BITS, SYM)
+            xf = tl.trans(x.to(tl.float32))  # [BLOCK_K, 1]
+            acc += s * (tl.sum(xf * q.to(tl.float32), axis=0)[None, :] - z * tl.sum(xf))
+        elif BLOCK_M == 1:  # GEMV: a broadcast multiply-reduce, no tensor cores to waste
+            w = _weight_tile(qw_ptr, s_ptr, z_ptr, gidx_ptr, k0, offs_k, offs_n, K, N, stride_qw, stride_s,
+                             stride_z, GROUP, BITS, SYM, HAS_GIDX, BLOCK_K, BLOCK_N)
             acc += tl.sum(tl.trans(x.to(tl.float32)) * w.to(x.dtype).to(tl.float32), axis=0)[None, :]
         else:
+            w = _weight_tile(qw_ptr, s_ptr, z_ptr, gidx_ptr, k0, offs_k, offs_n, K, N, stride_qw, stride_s,
+                             stride_z, GROUP, BITS, SYM, HAS_GIDX, BLOCK_K, BLOCK_N)
             acc = tl.dot(x, w.to(x.dtype), acc)
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
@@ -106,8 +161,9 @@ def _cfg(bm, bn, bk, sk, warps, stages):
 
 PREFILL_CONFIGS = [_cfg(64, 128, 64, 1, 4, 4), _cfg(128, 128, 64, 1, 8, 3), _cfg(128, 256, 64, 1, 8, 3),
                    _cfg(64, 64, 128, 1, 4, 4), _cfg(32, 128, 128, 1, 4, 4), _cfg(128, 64, 64, 1, 4, 4)]
+# BLOCK_K <= 128 keeps g128 tiles inside one group (one scale row per tile); 256 serves per-channel / big groups
 DECODE_CONFIGS = [_cfg(bm, bn, bk, sk, w, 3) for bm in (1, 16) for bn, bk, w in
-                  ((32, 256, 4), (64, 128, 4), (64, 256, 4), (128, 128, 8), (128, 64, 4)) for sk in (1, 2, 4, 8)]
+                  ((32, 128, 4), (64, 128, 4), (64, 256, 4), (128, 128, 8), (128, 64, 4)) for sk in (1, 2, 4, 8)]
 _TUNED: dict[str, object] = {}
 
 
@@ -122,7 +178,7 @@ def _tuned(kind: str):
         prune = {"early_config_prune": _prune_decode} if kind == "decode" else {}
         configs = DECODE_CONFIGS if kind == "decode" else PREFILL_CONFIGS
         reset = ["y_ptr"] if kind == "decode" else None
-        _TUNED[kind] = triton.autotune(configs, key=["M_BUCKET", "N", "K", "BITS", "SYM", "HAS_GIDX"],
+        _TUNED[kind] = triton.autotune(configs, key=["M_BUCKET", "N", "K", "GROUP", "BITS", "SYM", "HAS_GIDX"],
                                        reset_to_zero=reset, prune_configs_by=prune or None)(wq_matmul_kernel)
     return _TUNED[kind]
 
@@ -130,12 +186,15 @@ def _tuned(kind: str):
 def wq_linear(x, meta, qweight, scales, qzeros, g_idx, bias, block: dict | None = None):
     """Launch: x [M, K] fp16/bf16 (fp32 under the interpreter) -> y [M, N] in x's dtype.
 
-    `block` fixes BLOCK_M/N/K/SPLIT_K (tests, interpreter); otherwise the autotuned kernels are used.
+    `block` fixes BLOCK_M/N/K/SPLIT_K (tests, interpreter; BLOCK_K a multiple of 32); otherwise the autotuned
+    kernels are used.
     """
     M, K = x.shape
     N = meta.out_features
     assert K == meta.in_features, f"x has {K} features, layer expects {meta.in_features}"
     x = x.contiguous()
+    if block is not None and block["BLOCK_K"] % 32:
+        raise ValueError(f"BLOCK_K={block['BLOCK_K']} must be a multiple of 32 (32 codes fill whole words)")
     if block is None and os.environ.get("TRITON_INTERPRET") == "1":  # no autotuning without a GPU driver
         block = dict(BLOCK_M=1 if M == 1 else 16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2 if M <= 16 else 1)
     decode = M <= 16 if block is None else block.get("SPLIT_K", 1) > 1 or block.get("BLOCK_M") == 1
@@ -143,9 +202,9 @@ def wq_linear(x, meta, qweight, scales, qzeros, g_idx, bias, block: dict | None 
                                                                                               dtype=x.dtype)
     z = qzeros if qzeros is not None else qweight  # dummy pointer when SYM
     args = (x, qweight, scales, z, g_idx if g_idx is not None else qweight, bias if bias is not None else scales, y,
-            M, N, K, x.stride(0), qweight.stride(0), scales.stride(0), z.stride(0), y.stride(0), meta.group,
+            M, N, K, x.stride(0), qweight.stride(0), scales.stride(0), z.stride(0), y.stride(0),
             min(triton.next_power_of_2(M), 4096))
-    flags = dict(BITS=meta.bits, SYM=meta.sym or qzeros is None, HAS_GIDX=g_idx is not None,
+    flags = dict(GROUP=meta.group, BITS=meta.bits, SYM=meta.sym or qzeros is None, HAS_GIDX=g_idx is not None,
                  HAS_BIAS=bias is not None)
     if block is not None:
         grid = (triton.cdiv(M, block["BLOCK_M"]), triton.cdiv(N, block["BLOCK_N"]), block.get("SPLIT_K", 1))

@@ -1,0 +1,126 @@
+"""Ahead-of-time compilation of the Triton kernels for NVIDIA targets without a GPU (Triton's bundled ptxas).
+
+`compile_job(job, arch)` lowers one kernel config to a cubin for sm_<arch> with the specialization a real launch
+on Llama-shaped layers gets, and reads registers, stack (spills), shared memory and the tensor-core instruction
+family. Used by experiments/compile_kernels.py and the compile tests.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # max dynamic shared memory per CTA (bytes), CUDA guide
+WQ_INTS = ["M", "N", "K", "stride_xm", "stride_qw", "stride_s", "stride_z", "stride_ym", "M_BUCKET"]
+WQ_PTRS = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*i32", "gidx_ptr": "*i32",
+           "b_ptr": "*fp16", "y_ptr": "*fp16"}
+# weight variants compiled for the wq kernels: (label, BITS, SYM, HAS_GIDX)
+WQ_VARIANTS = {"w4 asym": (4, False, False), "w3 asym": (3, False, False), "w8 asym": (8, False, False),
+               "w2 asym": (2, False, False), "w4 sym": (4, True, False), "w4 asym act-order": (4, False, True)}
+
+
+@dataclass(frozen=True)
+class Job:
+    kernel: str  # wq_prefill | wq_decode | w8a8_gemm | act_quant
+    variant: str
+    fn: object
+    signature: dict
+    constants: dict
+    num_warps: int
+    num_stages: int
+
+    def config(self) -> str:
+        keys = [k for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "BLOCK") if k in self.constants]
+        return " ".join(f"{k.replace('BLOCK_', 'B').replace('SPLIT_K', 'SK')}={self.constants[k]}" for k in keys) \
+            + f" w={self.num_warps} s={self.num_stages}"
+
+
+def wq_jobs(kind: str, variants: list[str]) -> list[Job]:
+    """One job per (autotune config, weight variant) of the weight-only GEMM."""
+    from qresearch.kernels import triton_wq as k
+
+    configs = k.PREFILL_CONFIGS if kind == "wq_prefill" else k.DECODE_CONFIGS
+    jobs = []
+    for v in variants:
+        bits, sym, gidx = WQ_VARIANTS[v]
+        for c in configs:
+            const = dict(GROUP=128, BITS=bits, SYM=sym, HAS_GIDX=gidx, HAS_BIAS=False, **c.kwargs)
+            sig = {**WQ_PTRS, **{n: "i32" for n in WQ_INTS}, **{n: "constexpr" for n in const}}
+            if kind == "wq_decode":
+                sig["y_ptr"] = "*fp32"  # split-K accumulates into an fp32 buffer
+            jobs.append(Job(kind, v, k.wq_matmul_kernel, sig, const, c.num_warps, c.num_stages))
+    return jobs
+
+
+def w8a8_jobs() -> list[Job]:
+    from qresearch.kernels import triton_w8a8 as k
+
+    ptrs = {"xq_ptr": "*i8", "w_ptr": "*u8", "sx_ptr": "*fp32", "sw_ptr": "*fp16", "b_ptr": "*fp16",
+            "y_ptr": "*fp16"}
+    ints = ["M", "N", "K", "stride_xm", "stride_wn", "stride_ym", "M_BUCKET"]
+    jobs = []
+    for c in k.CONFIGS:
+        const = dict(HAS_BIAS=False, **c.kwargs)
+        sig = {**ptrs, **{n: "i32" for n in ints}, **{n: "constexpr" for n in const}}
+        jobs.append(Job("w8a8_gemm", "w8a8 per-token x per-channel", k.int8_matmul_kernel, sig, const, c.num_warps,
+                        c.num_stages))
+    sig = {"x_ptr": "*fp16", "q_ptr": "*i8", "s_ptr": "*fp32", "K": "i32", "stride_xm": "i32", "stride_qm": "i32",
+           "BLOCK": "constexpr"}
+    jobs.append(Job("act_quant", "per-token int8", k.act_quant_kernel, sig, {"BLOCK": 1024}, 4, 1))
+    return jobs
+
+
+def aligned_attrs(job: Job) -> dict:
+    """The specialization Triton's JIT gives a launch on Llama-shaped layers: every pointer 16-byte aligned and
+    every size/stride divisible by 16 (tt.divisibility=16; it decides vectorized loads), except the token count M."""
+    names = list(job.fn.arg_names)
+    return {(names.index(n),): [["tt.divisibility", 16]] for n, t in job.signature.items()
+            if t != "constexpr" and n not in ("M", "M_BUCKET")}
+
+
+def tool(name: str) -> Path:
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """REG / STACK / SHARED (static) of the cubin's kernel, from cuobjdump -res-usage."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(tool("cuobjdump")), "-res-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out))
+    if "REG" not in fields:
+        raise RuntimeError(f"cuobjdump printed no resource usage: {out[-300:]}")
+    return {k.lower(): int(v) for k, v in fields.items()}
+
+
+def tensor_core_op(ptx: str) -> str:
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"
+    if re.search(r"\bmma\.sync", ptx):
+        return "mma.sync"
+    return "none"
+
+
+def compile_job(job: Job, arch: int, maxnreg: int | None = None) -> dict:
+    """Compile `job` for sm_<arch>; `maxnreg` caps registers per thread (to see spills appear)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    t0 = time.perf_counter()
+    src = ASTSource(job.fn, job.signature, job.constants, aligned_attrs(job))
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                       options={"num_warps": job.num_warps, "num_stages": job.num_stages, "maxnreg": maxnreg})
+    res = resource_usage(k.asm["cubin"])
+    shared = int(k.metadata.shared)
+    return {"kernel": job.kernel, "variant": job.variant, "config": job.config(), "arch": f"sm_{arch}",
+            "regs": res["reg"], "stack_bytes": res["stack"], "shared_bytes": shared,
+            "fits_smem": shared <= SMEM_LIMIT[arch], "tensor_cores": tensor_core_op(k.asm["ptx"]),
+            "compile_s": round(time.perf_counter() - t0, 2)}
