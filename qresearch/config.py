@@ -30,8 +30,13 @@ def on(flag, text: str, otherwise: str = "") -> str:
     return text if str(flag).lower() in ("true", "1") else otherwise
 
 
+def unless(value, default, prefix: str) -> str:
+    """`prefix + value` when a knob differs from its default, else "" (e.g. gptq-w4g128-d0.1 for percdamp=0.1)."""
+    return "" if str(value) == str(default) else f"{prefix}{value}"
+
+
 def register_resolvers() -> None:
-    for name, fn in {"qr_root": lambda: str(ROOT), "qr_wtag": wtag, "qr_on": on}.items():
+    for name, fn in {"qr_root": lambda: str(ROOT), "qr_wtag": wtag, "qr_on": on, "qr_unless": unless}.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

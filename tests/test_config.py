@@ -30,6 +30,15 @@ def test_top_level_knobs_interpolate_into_method():
     assert "/stories260k/" not in cfg.out_dir and "/rtn-w3g-1-sym/" in cfg.out_dir
 
 
+@pytest.mark.parametrize("method", ["gptq", "awq_gptq"])
+def test_gptq_percdamp_reaches_the_step_and_the_tag(method):
+    default = compose_cfg([f"method={method}"])
+    assert "-d" not in default.method.tag.split("w4g128")[1]
+    cfg = compose_cfg([f"method={method}", "method.percdamp=0.1"])
+    step = OmegaConf.to_container(cfg.method.steps[-1], resolve=True)
+    assert step["percdamp"] == 0.1 and cfg.method.tag.endswith("-d0.1")
+
+
 def test_plan_builds_typed_steps():
     p = plan(compose_cfg(["model=stories260k", "method=rtn", "bits=3", f"data.root={DATA}"]))
     assert p.steps[0].spec.bits == 3 and p.steps[0].spec.group_size == 128
