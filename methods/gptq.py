@@ -39,7 +39,7 @@ def _minmax_qparams(cols: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int = 128, percdamp: float = 0.01,
                   act_order: bool = False, static_groups: bool = False,
-                  qparams: tuple[torch.Tensor, torch.Tensor] | None = None
+                  qparams: tuple[torch.Tensor, torch.Tensor] | None = None, stats: dict | None = None
                   ) -> tuple[QTensor, torch.Tensor | None, float]:
     """Quantize W [out, in] given the input Hessian H [in, in]. Returns (codes + qparams, g_idx or None, loss).
 
@@ -48,6 +48,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: 
     order and g_idx[j] is the group of original column j. loss = sum (w - q)^2 / (2 [H^-1]_jj^2), as in the paper.
     `qparams` = fixed (scale, zero) [out, n_groups] of contiguous groups (e.g. AWQ's clipped ranges when
     stacking): they are used as static groups, and only the rounding is GPTQ's.
+    `stats`, when given, receives "clamped": the fraction of weights that error feedback pushed off their group's
+    grid (clamped to 0 or 2^bits - 1, so their rounding error exceeds half a step), and "clamped_loss": their
+    share of `loss`.
     """
     W = W.detach().float().clone()  # [out, in]
     H = H.detach().float().to(W.device).clone()
@@ -74,6 +77,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: 
     scale = torch.zeros(out, n_groups, device=W.device)
     zero = torch.zeros(out, n_groups, device=W.device)
     losses = torch.zeros(out, device=W.device)
+    clamped = clamped_loss = 0.0
     s = z = None
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -88,10 +92,16 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: 
                 s, z = _minmax_qparams(torch.cat([W1[:, i:i + g], ahead], dim=1), spec)
                 scale[:, c // g], zero[:, c // g] = s, z
             w, d = W1[:, i], Hinv1[i, i]
-            q = torch.clamp(torch.round(w / s) + z, 0, qmax)
+            q_free = torch.round(w / s) + z
+            q = torch.clamp(q_free, 0, qmax)
             dq = (q - z) * s
             codes[:, c] = q.to(torch.uint8)
-            losses += (w - dq) ** 2 / d**2 / 2
+            col_loss = (w - dq) ** 2 / d**2 / 2
+            losses += col_loss
+            if stats is not None:
+                off = q_free != q
+                clamped += float(off.sum())
+                clamped_loss += float(col_loss[off].sum())
             err = (w - dq) / d
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]  # [out, b - i]
             Err1[:, i] = err
@@ -105,7 +115,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: 
         codes = codes[:, inv]  # back to the original column order
         if static is None:
             g_idx = (torch.arange(cols, device=W.device) // g)[inv].to(torch.int32)  # [in]
-    return QTensor(codes, scale, zero, spec), g_idx, float(losses.sum())
+    loss = float(losses.sum())
+    if stats is not None:
+        stats.update(clamped=clamped / W.numel(), clamped_loss=clamped_loss / max(loss, 1e-30))
+    return QTensor(codes, scale, zero, spec), g_idx, loss
 
 
 class GPTQ(Method):
@@ -167,14 +180,16 @@ class GPTQ(Method):
     def _layer(self, full: str, i: int, block: nn.Module, name: str, H: torch.Tensor, result: QuantResult):
         t0 = time.perf_counter()
         W = get_module(block, name).weight.data
+        extra: dict = {}
         q, g_idx, loss = gptq_quantize(W, H, self.spec, self.blocksize, self.percdamp, self.act_order,
-                                       self.static_groups, self._prior_qparams(full, W))
+                                       self.static_groups, self._prior_qparams(full, W), stats=extra)
         res = LayerResult(q, g_idx=g_idx)
         Wq = layer_weight(res, torch.float32)
         check_finite(full, Wq)
         res.stats = {"layer": full, "method": self.name, "block": i, "shape": list(W.shape),
                      "out_rel_err": output_rel_error(W, Wq, H), "weight_rel_err": rel_error(W, Wq),
-                     "gptq_loss": loss, "seconds": time.perf_counter() - t0}
+                     "gptq_loss": loss, "gptq_clamped": extra["clamped"], "gptq_clamped_loss": extra["clamped_loss"],
+                     "seconds": time.perf_counter() - t0}
         result.layers[full] = res
         result.stats.append(res.stats)
         return Wq

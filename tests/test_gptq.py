@@ -46,6 +46,18 @@ def test_identity_hessian_gives_rtn(spec):
     assert torch.equal(q.codes, ref.codes)
 
 
+def test_clamp_stats_count_weights_pushed_off_the_grid():
+    """Min-max grids with no feedback never clamp; a grid half as wide as the weights clamps some."""
+    spec = SPECS[0]
+    w = torch.randn(16, 128)
+    st: dict = {}
+    gptq_quantize(w, torch.eye(128), spec, stats=st)
+    assert st == {"clamped": 0.0, "clamped_loss": 0.0}
+    grid = quantize_tensor(w * 0.5, spec)
+    gptq_quantize(w, torch.eye(128), spec, qparams=(grid.scale, grid.zero), stats=st)
+    assert 0.05 < st["clamped"] < 1 and 0 < st["clamped_loss"] <= 1
+
+
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.tag)
 @pytest.mark.parametrize("act_order,static", [(False, False), (True, False), (True, True)])
 def test_gptq_output_error_below_rtn_random(spec, act_order, static):
