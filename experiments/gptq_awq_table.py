@@ -50,8 +50,9 @@ AWQ's grid-search loss uses the first `method.search_samples` calibration window
 "n/a" = that cell's run has not finished (the CPU time box ran out); run the script to fill it in.
 Noise: GPTQ cells are sensitive to float summation order. The same SmolLM2 GPTQ w4 cell gave 42.23 (2 threads) and
 42.09 (1 thread) on one machine, and 43.04 in an earlier session (transformers 5.23 instead of 5.24); w3 gave 100.40
-here and 104.7 there. RTN, FP and AWQ cells reproduced to 0.1%. Differences of a few percent between GPTQ rows are
-within this noise.
+here and 104.7 there. RTN, FP and stories260K GPTQ cells reproduced exactly; AWQ within 0.7% (stories260K w3 145.54
+vs 146.60), awq_gptq within 2% (134.99 vs 137.80). Differences of a few percent between GPTQ rows are within this
+noise.
 Plain GPTQ (no act-order) loses to RTN at w4 on SmolLM2. What was ruled out (same settings, single runs):
 - too little damping: `method.percdamp=0.1` gives 41.52 (RTN 40.17, percdamp 0.01: 42.23);
 - error feedback pushing weights off the group grid: per-layer `gptq_clamped` (layers.csv) is 0.04-0.11% of weights
