@@ -84,7 +84,7 @@ def _row_qparams(s_ptr, z_ptr, grp, offs_n, nmask, stride_s, stride_z, BITS: tl.
 def _weight_tile(qw_ptr, s_ptr, z_ptr, gidx_ptr, k0, offs_k, offs_n, K, N, stride_qw, stride_s, stride_z,
                  GROUP: tl.constexpr, BITS: tl.constexpr, SYM: tl.constexpr, HAS_GIDX: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Dequantized fp32 weight tile [BLOCK_K, BLOCK_N] = (q - zero) * scale (0 outside the matrix).
+    """Dequantized fp32 weight tile [BLOCK_K, BLOCK_N] = (q - zero) * scale (0 past N; see below for rows past K).
 
     Contiguous groups with GROUP % BLOCK_K == 0: the tile lies in one group, so scales and zeros are one row
     [1, BLOCK_N] each. Otherwise (act-order g_idx, groups smaller than the tile) they are gathered per element.
