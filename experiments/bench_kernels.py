@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qresearch.eval.latency import timed  # noqa: E402
-from qresearch.method import ActQuant, LayerResult  # noqa: E402
+from qresearch.records import ActQuant, LayerResult  # noqa: E402
 from qresearch.nn.packed import QuantLinear  # noqa: E402
 from qresearch.quant import QuantSpec, quantize_tensor, weight_spec  # noqa: E402
 

@@ -11,8 +11,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from .config import ROOT
+from .tracking.metrics import Metrics
 from .tracking.store import read_index
-from .tracking.summary import index_row
 
 LATENCY_KEY = "latency_decode_1_ms_per_step"  # decode ms/token at batch 1 (eval.latency), plotted when present
 
@@ -24,7 +24,7 @@ def latest_complete(rows: list[dict]) -> list[dict]:
         f = Path(r["run_dir"]) / "metrics.json"
         if not f.is_file():
             continue
-        r = index_row(json.loads(f.read_text()), Path(r["run_dir"]))
+        r = Metrics.from_dict(json.loads(f.read_text()), str(f)).row(r["run_dir"])
         if r["config_hash"] not in best or r["time"] >= best[r["config_hash"]]["time"]:
             best[r["config_hash"]] = r
     return list(best.values())
@@ -55,7 +55,7 @@ def _cell(v, fmt="{:.3f}") -> str:
 def model_table(model: str, rows: list[dict], eval_sig: str = "") -> list[str]:
     datasets = sorted({k[4:] for r in rows for k in r if k.startswith("ppl_")})
     tasks = sorted({k for r in rows for k in r if k.endswith("_acc")})
-    head = ["method", "tag", "format", "bits/weight", "MiB"] + [f"{d} ppl" for d in datasets] + tasks
+    head = ["method", "tag", "modules", "bits/weight", "MiB"] + [f"{d} ppl" for d in datasets] + tasks
     has_lat = any(LATENCY_KEY in r for r in rows)
     head += ["decode ms/tok (b1)"] if has_lat else []
     head += ["quantize s"]
@@ -64,7 +64,7 @@ def model_table(model: str, rows: list[dict], eval_sig: str = "") -> list[str]:
     body = ([fp] if fp and fp.get("method") != "fp16" else []) + sorted(rows, key=_sort_key)
     for r in body:
         mib = r.get("weight_bytes") / 2**20 if r.get("weight_bytes") else None
-        cells = [r["method"], r["tag"], r.get("format", "-"), _cell(r.get("bits_per_weight")), _cell(mib)]
+        cells = [r["method"], r["tag"], r.get("modules", "-"), _cell(r.get("bits_per_weight")), _cell(mib)]
         cells += [_cell(r.get(f"ppl_{d}"), "{:.2f}") for d in datasets]
         cells += [_cell(r.get(t), "{:.3f}") + (f" ± {r[t + '_stderr']:.3f}" if r.get(t + "_stderr") else "")
                   for t in tasks]
@@ -74,7 +74,7 @@ def model_table(model: str, rows: list[dict], eval_sig: str = "") -> list[str]:
     notes = {r.get("weights_note") for r in rows if r.get("weights_note")}
     if has_lat:
         notes.add("decode latency: median of repeats after warm-up, batch 1, through each run's own modules "
-                  "(format fake = dequantized weights in a plain matmul; packed = the dispatched kernel); "
+                  "(modules fake = dequantized weights in a plain matmul; packed = the dispatched kernel); "
                   "CPU timings on a shared machine are noisy: compare within one run of the sweep only")
     lines += [""] + [f"Note: {n}." for n in sorted(notes)]
     return lines

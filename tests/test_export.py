@@ -23,7 +23,7 @@ def _packed_stories(bits=4, group=128, sym=False, act_order_layer=None):
     if act_order_layer:  # a permuted group index exercises the g_idx buffer
         res = result.layers[act_order_layer]
         in_f = res.weight.codes.shape[1]
-        res.g_idx = (torch.arange(in_f) // res.weight.spec.group_for(in_f))[torch.randperm(in_f)].to(torch.int32)
+        res.weight.g_idx = (torch.arange(in_f) // res.weight.spec.group_for(in_f))[torch.randperm(in_f)].to(torch.int32)
     swap_linears(model, result, "packed")
     return model
 

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from qresearch.eval.ppl import NumericalError
+from qresearch.errors import NumericalError
 from qresearch.runner import run
 from qresearch.tracking.store import read_index
 
@@ -132,7 +132,7 @@ def test_fp16_method_equals_baseline(results_dir):
 def test_export_then_reload_reproduces_perplexity(results_dir):
     """export=qresearch writes packed weights; model.source=qresearch reloads them to the same perplexity."""
     require_shared()
-    common = ["model=stories260k", f"data.root={DATA}", "eval.max_chunks=6", "logger=none", "format=packed"]
+    common = ["model=stories260k", f"data.root={DATA}", "eval.max_chunks=6", "logger=none", "modules=packed"]
     r = run_cli(*common, "method=rtn", "bits=4", "group_size=-1", "export=qresearch")
     assert r.returncode == 0, r.stderr[-3000:]
     (d,) = run_dirs(results_dir)
@@ -147,4 +147,4 @@ def test_export_then_reload_reproduces_perplexity(results_dir):
 
 def test_export_requires_packed_format(results_dir):
     r = run_cli("model=stories260k", "export=qresearch", "logger=none")
-    assert r.returncode == 2 and "format=packed" in r.stderr
+    assert r.returncode == 2 and "modules=packed" in r.stderr

@@ -29,7 +29,7 @@ def test_resume_skips_finished_runs(results_dir):
 
 def test_crashed_run_leaves_failure_record_and_sweep_continues(results_dir):
     require_shared()
-    r = run_cli("-m", *TINY, "method.steps.0._target_=methods.rtn.RTN,tests.crash_method.Crash")
+    r = run_cli("-m", *TINY, "method.rtn._target_=methods.rtn.RTN,tests.crash_method.Crash")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "deliberate crash" in r.stderr
     failures = list((results_dir / "runs").rglob("failure.json"))
@@ -89,8 +89,8 @@ def test_wandb_offline_config_summary_and_table(results_dir):
     assert r.returncode == 0, r.stderr[-3000:]
     (f,) = (results_dir / "wandb").glob("offline-run-*/*.wandb")
     run = read_run(f)
-    assert run["run"]["group"] == "stories260k" and run["run"]["tags"] == ["rtn", "w3"]
-    assert json.loads(run["config"]["bits"]) == 3 and "method.tag" in run["config"]
+    assert run["run"]["group"] == "stories260k" and run["run"]["tags"] == ["rtn", "w3", "a16", "fake"]
+    assert json.loads(run["config"]["bits"]) == 3 and "method.rtn.bits" in run["config"]
     for key in ("ppl.wikitext2.ppl", "ppl.wikitext2.delta_ppl", "footprint.bits_per_weight", "timing.quantize_seconds",
                 "memory.peak_rss_bytes"):
         assert key in run["summary"], key

@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..quant.spec import ConfigError
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..quant.spec import ConfigError
+from ..errors import ConfigError
 from .text import C4_CALIB_DOCS, CALIB_SETS, Source, eval_text, read_documents
 
 log = logging.getLogger(__name__)

@@ -7,24 +7,21 @@ import sys
 import torch
 from torch import nn
 
-from ..method import LayerResult, QuantResult
+from ..records import LayerResult, QuantResult
 
-SCALE_BITS = 16  # scales stored in fp16/bf16
 GIDX_BITS = 32  # act-order group index, int32 per input column
+OUTLIER_BITS = 16  # full-precision outlier columns (LLM.int8())
 
 
 def layer_bits(res: LayerResult) -> dict[str, int]:
-    """Storage bits of one quantized linear: codes, scales, zeros (asym only, packed at `bits`), extras."""
+    """Storage bits of one quantized linear by its numeric format: codes, scales, zeros, extras."""
     q = res.weight
+    fmt, spec = q.spec.format, q.spec
     out, inp = q.codes.shape
     n_qp = q.scale.numel()
-    bits = 8 if q.spec.is_fp8 else q.spec.bits
-    scale_bits = 32 if q.spec.is_fp8 else SCALE_BITS
-    parts = {"codes": out * inp * bits, "scales": n_qp * scale_bits,
-             "zeros": 0 if (q.spec.sym or q.spec.is_fp8) else n_qp * bits,
-             "g_idx": 0 if res.g_idx is None else inp * GIDX_BITS,
-             "outliers": 0 if res.outliers is None else int(res.outliers.sum()) * out * 16}
-    return parts
+    return {"codes": out * inp * fmt.code_bits(spec), "scales": n_qp * fmt.scale_bits(spec),
+            "zeros": n_qp * fmt.zero_bits(spec), "g_idx": 0 if q.g_idx is None else inp * GIDX_BITS,
+            "outliers": 0 if res.outliers is None else int(res.outliers.sum()) * out * OUTLIER_BITS}
 
 
 def footprint(model: nn.Module, result: QuantResult, fp_bits: int = 16) -> dict:

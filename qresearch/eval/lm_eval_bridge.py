@@ -6,7 +6,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from ..quant.spec import ConfigError
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -17,16 +17,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+from ..models.checkpoint import quantized_layers
 from ..nn.packed import QuantLinear
-from ..quant.spec import ConfigError
-from .packed import quantized_layers
+from ..quant.formats import get_format
 
 
 def _scheme(m: QuantLinear, name: str) -> dict:
     """compressed-tensors weight QuantizationArgs for one layer (raises ConfigError when not expressible)."""
     meta = m.meta
     why = None
-    if m.act is not None or m.fp_cols is not None:
+    ct_type = get_format(meta.qformat).ct_type
+    if ct_type != "int":
+        why = f"qformat={meta.qformat} (compressed-tensors type {ct_type}) is not an integer format"
+    elif m.act is not None or m.fp_cols is not None:
         why = "activation quantization / outlier columns are not weight-only"
     elif m.g_idx is not None:
         why = "act-order group indices are not applied by compressed-tensors' pack-quantized loader"
@@ -36,7 +40,7 @@ def _scheme(m: QuantLinear, name: str) -> dict:
         raise ConfigError(f"{name}: cannot export to compressed-tensors pack-quantized: {why}; "
                           f"use qresearch.export.save_quantized (our format) instead")
     per_channel = meta.group == meta.in_features
-    return {"num_bits": meta.bits, "type": "int", "symmetric": meta.sym, "dynamic": False,
+    return {"num_bits": meta.bits, "type": ct_type, "symmetric": meta.sym, "dynamic": False,
             "strategy": "channel" if per_channel else "group", "group_size": None if per_channel else meta.group,
             "actorder": None, "observer": "minmax"}
 
@@ -54,7 +58,7 @@ def _groups(layers: dict[str, QuantLinear]) -> dict:
 
 
 def save_compressed_tensors(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
-    """Write a packed model (format=packed) as a compressed-tensors pack-quantized HF checkpoint."""
+    """Write a packed model (modules=packed) as a compressed-tensors pack-quantized HF checkpoint."""
     from safetensors.torch import save_file
 
     layers = quantized_layers(model)

@@ -1,4 +1,4 @@
-"""Architecture facts as data (DESIGN rule 3): where blocks are, what runs before them, which op feeds which linears.
+"""Architecture facts as data: where blocks are, what runs before them, which op feeds which linears.
 
 Adding a model family = adding an entry to ARCHS. Methods never branch on model classes.
 """
@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..quant.spec import ConfigError
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -126,6 +126,12 @@ def block_linears(block: nn.Module, arch: ArchInfo) -> dict[str, nn.Linear]:
             if isinstance(mod, nn.Linear):
                 out[name] = mod
     return out
+
+
+def present_groups(block: nn.Module, arch: ArchInfo) -> list[list[str]]:
+    """The table's sequential groups, restricted to the linears this block has (empty groups dropped)."""
+    groups = [[n for n in grp if isinstance(get_module(block, n), nn.Linear)] for grp in arch.sequential]
+    return [g for g in groups if g]
 
 
 def quantizable_linears(model: nn.Module, arch: ArchInfo) -> dict[str, nn.Linear]:

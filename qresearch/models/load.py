@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..quant.spec import ConfigError
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 SOURCES = ("hub", "local", "gguf", "tiny", "qresearch")  # qresearch = a checkpoint written by export=qresearch
@@ -60,7 +61,7 @@ def resolve_path(spec: ModelSpec) -> str:
     if spec.source == "gguf" and not (Path(path) / (spec.gguf_file or "")).is_file():
         raise ConfigError(f"model {spec.name}: GGUF file {spec.gguf_file!r} not found in {path}")
     if spec.source == "qresearch":
-        from ..export.packed import is_qresearch_checkpoint
+        from .checkpoint import is_qresearch_checkpoint
 
         if not is_qresearch_checkpoint(path):
             raise ConfigError(f"model {spec.name}: {path} is not a qresearch-packed checkpoint (export=qresearch)")
@@ -69,15 +70,21 @@ def resolve_path(spec: ModelSpec) -> str:
     return path
 
 
-def _gguf_converted(spec: ModelSpec, path: str) -> str:
-    """GGUF dequantization is slow (~30 s for 135M): convert once to a safetensors HF folder in the cache."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _gguf_cache(spec: ModelSpec, path: str) -> Path:
+    """Where the converted HF folder of a GGUF file lives (keyed by the file's size and mtime)."""
     from ..data.tokens import cache_dir
 
     f = Path(path) / spec.gguf_file
     st = f.stat()
-    out = cache_dir() / "models" / f"{f.stem}-{st.st_size}-{int(st.st_mtime)}"
+    return cache_dir() / "models" / f"{f.stem}-{st.st_size}-{int(st.st_mtime)}"
+
+
+def _gguf_converted(spec: ModelSpec, path: str) -> str:
+    """GGUF dequantization is slow (~30 s for 135M): convert once to a safetensors HF folder in the cache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    f = Path(path) / spec.gguf_file
+    out = _gguf_cache(spec, path)
     if not (out / "config.json").is_file():
         log.info("converting %s to a cached HF folder %s (once)", f.name, out)
         model = AutoModelForCausalLM.from_pretrained(path, gguf_file=spec.gguf_file, dtype=torch.float32)
@@ -90,6 +97,31 @@ def _gguf_converted(spec: ModelSpec, path: str) -> str:
         AutoTokenizer.from_pretrained(path, gguf_file=spec.gguf_file).save_pretrained(tmp)
         os.replace(tmp, out)
     return str(out)
+
+
+def config_dict(spec: ModelSpec) -> dict | None:
+    """The model's HF config as a dict when it can be read without loading weights or the network, else None."""
+    if spec.source == "tiny":
+        return dict(spec.config)
+    if spec.source == "hub":
+        return None
+    path = resolve_path(spec)
+    folder = _gguf_cache(spec, path) if spec.source == "gguf" else Path(path)
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def max_positions(spec: ModelSpec) -> int | None:
+    """Trained positions of the model (max_position_embeddings / n_positions), when known before loading."""
+    c = config_dict(spec)
+    return positions_of(c) if c else None
+
+
+def positions_of(config: dict) -> int | None:
+    v = config.get("max_position_embeddings") or config.get("n_positions")
+    return int(v) if v else None
 
 
 def load_tokenizer(spec: ModelSpec):
@@ -111,7 +143,7 @@ def load_model(spec: ModelSpec, device: torch.device, seed: int = 0):
     path = resolve_path(spec)
     tok = load_tokenizer(spec)
     if spec.source == "qresearch":
-        from ..export.packed import load_quantized
+        from .checkpoint import load_quantized
 
         model = load_quantized(path, device)
     elif spec.source == "tiny":

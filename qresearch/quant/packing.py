@@ -1,4 +1,4 @@
-"""Packing integer codes into int32 storage (DESIGN: the layer between primitives and QuantLinear).
+"""Packing codes into int32 storage (the layer between primitives and QuantLinear).
 
 Layout "int32_k" (the only storage layout; the Triton kernels read it directly):
   each row of unsigned codes is one dense little-endian bit stream along its columns; code j of a row occupies
@@ -8,6 +8,8 @@ Layout "int32_k" (the only storage layout; the Triton kernels read it directly):
   words. This is bit-for-bit the compressed-tensors "pack-quantized" weight_packed layout (codes stored unsigned,
   i.e. signed value + 2^(b-1)), so export is a copy.
 
+Codes of every numeric format are unsigned integers < 2^code_bits (quant/formats.py), so every format packs the
+same way; `PackedMeta.qformat` says how to decode them.
 Scales are stored in fp16 (bf16 for bf16 models) as [out, n_groups]; asymmetric zero points are packed with the
 same bit stream along the out dim, [ceil(out * b / 32), n_groups]; symmetric layers store no zeros (2^(b-1)).
 """
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .spec import QuantSpec
+
 LAYOUT = "int32_k"
 PACK_BITS = (2, 3, 4, 5, 6, 7, 8)
 
@@ -25,16 +29,23 @@ PACK_BITS = (2, 3, 4, 5, 6, 7, 8)
 class PackedMeta:
     """Static description of one packed weight (what a kernel needs besides the buffers)."""
 
-    bits: int
+    bits: int  # bits per stored code
     group: int  # effective group length along `in` (in_features for per-channel)
     in_features: int
     out_features: int
     sym: bool
     layout: str = LAYOUT
+    qformat: str = "int"
 
     @property
     def n_groups(self) -> int:
         return -(-self.in_features // self.group)
+
+    @property
+    def spec(self) -> QuantSpec:
+        """The weight spec these codes decode with (contiguous groups of `group` columns)."""
+        return QuantSpec(bits=self.bits, group_size=self.group, sym=self.sym, granularity="group",
+                         qformat=self.qformat)
 
 
 def packed_words(cols: int, bits: int) -> int:

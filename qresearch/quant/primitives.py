@@ -12,21 +12,26 @@ import torch
 
 from .spec import QuantSpec
 
-FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
-FP8_MAX = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
-
 
 @dataclass
 class QTensor:
-    """Integer (or fp8) codes with their qparams; `shape` is the original tensor shape."""
+    """Codes (uint8, < 2^code_bits of the spec's format) with their qparams; `shape` is the source's shape.
 
-    codes: torch.Tensor  # same shape as the source, uint8 (int formats) or float8
+    `g_idx` [in] (act-order GPTQ) gives the group of each input column when groups are not contiguous; it
+    travels with the codes so every dequantization honours it.
+    """
+
+    codes: torch.Tensor  # same shape as the source, uint8
     scale: torch.Tensor  # [rows, n_groups] float32
-    zero: torch.Tensor  # [rows, n_groups] float32 holding integers (int formats), zeros (fp8)
+    zero: torch.Tensor  # [rows, n_groups] float32 (integer-valued for int formats)
     spec: QuantSpec
+    g_idx: torch.Tensor | None = None  # [in] int32 group of each column; None = contiguous groups
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        return dequantize(self.codes, self.scale, self.zero, self.spec).to(dtype)
+        if self.g_idx is None:
+            return dequantize(self.codes, self.scale, self.zero, self.spec).to(dtype)
+        g = self.g_idx.long()
+        return self.spec.format.decode(self.codes, self.scale[:, g], self.zero[:, g], self.spec).to(dtype)
 
 
 def as_2d(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -63,24 +68,8 @@ def group_minmax(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.
 
 
 def qparams_from_minmax(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point from a (possibly clipped) range. Asym ranges are widened to contain 0 so 0.0 is exact."""
-    xmin, xmax = xmin.float(), xmax.float()
-    if spec.is_fp8:
-        absmax = torch.maximum(xmin.abs(), xmax.abs())
-        scale = torch.where(absmax > 0, absmax / FP8_MAX[spec.fmt], torch.ones_like(absmax))
-        return scale, torch.zeros_like(scale)
-    qmax = 2**spec.bits - 1
-    if spec.sym:
-        absmax = torch.maximum(xmin.abs(), xmax.abs())
-        half = 2 ** (spec.bits - 1)
-        scale = absmax / (half - 1) if spec.bits > 2 else absmax / half  # 2-bit sym: levels {-2,-1,0,1}
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        return scale, torch.full_like(scale, float(half))
-    xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)
-    scale = (xmax - xmin) / qmax
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero = torch.round(-xmin / scale).clamp(0, qmax)
-    return scale, zero
+    """Scale and zero point from a (possibly clipped) range, by the spec's numeric format."""
+    return spec.format.qparams(xmin, xmax, spec)
 
 
 def choose_qparams(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,25 +78,20 @@ def choose_qparams(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torc
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Codes for `x` (same shape): uint8 in [0, 2^bits - 1] for int formats, float8 for fp8."""
+    """uint8 codes for `x` (same shape), by the spec's numeric format."""
     x2 = as_2d(x, spec).float()
     rows, cols = x2.shape
-    g = spec.group_for(cols)
-    xg = to_groups(x2, g)  # [rows, n_groups, g]
-    s, z = scale.float()[..., None], zero.float()[..., None]  # [rows, n_groups, 1]
-    if spec.is_fp8:
-        q = (xg / s).clamp(-FP8_MAX[spec.fmt], FP8_MAX[spec.fmt]).to(FP8_DTYPES[spec.fmt])
-        return from_groups(q.float(), cols).to(FP8_DTYPES[spec.fmt]).reshape(x.shape)
-    q = torch.clamp(torch.round(xg / s) + z, 0, 2**spec.bits - 1)
-    return from_groups(q, cols).to(torch.uint8).reshape(x.shape)
+    xg = to_groups(x2, spec.group_for(cols))  # [rows, n_groups, g]
+    q = spec.format.encode(xg, scale.float()[..., None], zero.float()[..., None], spec)  # [rows, n_groups, g]
+    return from_groups(q, cols).reshape(x.shape)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Float32 values (same shape as codes): (q - zero) * scale per group."""
-    q2 = as_2d(codes.float(), spec)
+    """Float32 values (same shape as codes), by the spec's numeric format."""
+    q2 = as_2d(codes, spec)
     rows, cols = q2.shape
     qg = to_groups(q2, spec.group_for(cols))  # [rows, n_groups, g]
-    x = (qg - zero.float()[..., None]) * scale.float()[..., None]
+    x = spec.format.decode(qg, scale.float()[..., None], zero.float()[..., None], spec)  # [rows, n_groups, g]
     return from_groups(x, cols).reshape(codes.shape)
 
 

@@ -69,25 +69,10 @@ def read_index(index: Path) -> list[dict]:
     return [json.loads(ln) for ln in index.read_text().splitlines() if ln.strip()]
 
 
-def save_artifacts(path: Path, artifacts: dict) -> None:
-    """Searched artifacts (flat {name: tensor}, e.g. 'awq.model.layers.0.input_layernorm.scales') as safetensors."""
-    import torch
-    from safetensors.torch import save_file
-
-    bad = [k for k, v in artifacts.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise TypeError(f"artifacts must be a flat dict of tensors; not tensors: {bad[:5]}")
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in artifacts.items()}, str(tmp))
-    os.replace(tmp, path)
-
-
-def load_artifacts(path: str | Path) -> dict:
-    """Artifacts saved by a previous run (safetensors only: nothing is unpickled)."""
-    from safetensors.torch import load_file
-
-    if not Path(path).is_file():
-        from ..quant.spec import ConfigError
-
-        raise ConfigError(f"artifacts file {path} does not exist; point to a run dir's artifacts.safetensors")
-    return load_file(str(path))
+def completed_run(index: Path, chash: str) -> Path | None:
+    """Run dir of an earlier complete run (metrics.json present) with the same config hash, if any."""
+    for row in reversed(read_index(index)):
+        d = Path(row["run_dir"])
+        if row.get("config_hash") == chash and (d / "metrics.json").is_file():
+            return d
+    return None

@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from ..errors import ConfigError
+
 log = logging.getLogger(__name__)
 MODES = ("online", "offline", "disabled")
 
@@ -27,8 +29,6 @@ class WandbLogger:
                  tags: list[str] | None = None, name: str | None = None, dir: str | None = None,
                  init_timeout: float = 60.0):
         if mode not in MODES:
-            from ..quant.spec import ConfigError
-
             raise ConfigError(f"logger.mode={mode!r} is unknown; allowed: {', '.join(MODES)}")
         self.kw = dict(project=project, entity=entity, group=group, tags=tags, name=name, dir=dir, mode=mode)
         self.init_timeout = init_timeout
@@ -51,10 +51,6 @@ class WandbLogger:
         if self.run is not None:
             self.run.summary.update(flatten(metrics))
 
-    def log(self, data: dict) -> None:
-        if self.run is not None:
-            self.run.log(data)
-
     def table(self, key: str, rows: list[dict]) -> None:
         if self.run is None or not rows:
             return
@@ -70,3 +66,22 @@ class WandbLogger:
         if self.run is not None:
             self.run.finish(exit_code=exit_code)
             self.run = None
+
+
+class NullLogger:
+    """logger=none: the same interface, doing nothing."""
+
+    status = "off"
+
+    def start(self, config): ...
+    def summary(self, metrics): ...
+    def table(self, key, rows): ...
+    def finish(self, exit_code=0): ...
+
+
+def make_logger(lg: dict, name: str, tags: list[str]) -> "WandbLogger | NullLogger":
+    """The run's logger from the logger config group (tags: the group's plus those the runner adds)."""
+    if lg["name"] != "wandb":
+        return NullLogger()
+    return WandbLogger(project=lg["project"], mode=lg["mode"], entity=lg["entity"], group=lg["group"],
+                       tags=list(lg["tags"]) + tags, name=name, dir=lg["dir"], init_timeout=lg["init_timeout"])
