@@ -61,23 +61,37 @@ def build(variant: str, out_f: int, in_f: int, device, dtype) -> QuantLinear:
     return QuantLinear.from_result(lin, LayerResult(q, act=act))
 
 
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """||y - ref||_F / ||ref||_F in float64."""
+    y, ref = y.double(), ref.double()
+    return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
 @torch.no_grad()
-def bench_shape(shape: str, ms: list[int], device, dtype, repeats: int, warmup: int, copy_bw: float) -> list[dict]:
+def bench_shape(shape: str, ms: list[int], device, dtype, repeats: int, warmup: int, copy_bw: float,
+                before=None, reference=None) -> list[dict]:
+    """Rows of (M, variant) timings for one weight shape. `before` runs ahead of every timed call, untimed (an L2
+    flush for cold-cache timing); `reference(mod, x)`, when given, is the torch-reference output of `mod` that the
+    timed kernel's output is compared with (ref_rel_err)."""
     out_f, in_f = map(int, shape.split("x"))
     w = (torch.randn(out_f, in_f, device=device) * 0.02).to(dtype)
     mods = {v: build(v, out_f, in_f, device, dtype) for v in VARIANTS}
     rows = []
     for m in ms:
         x = torch.randn(m, in_f, device=device, dtype=dtype)
-        t_fp = statistics.median(timed(lambda: torch.matmul(x, w.t()), device, repeats, warmup))
+        t_fp = statistics.median(timed(lambda: torch.matmul(x, w.t()), device, repeats, warmup, before))
         io = (m * in_f + m * out_f) * x.element_size()
+        fp_moved = w.numel() * w.element_size() + io
         for v, mod in mods.items():
-            t = statistics.median(timed(lambda: mod(x), device, repeats, warmup))
+            t = statistics.median(timed(lambda: mod(x), device, repeats, warmup, before))
             bits, group, sym, _ = VARIANTS[v]
             moved = mod.weight_bytes() + io
-            rows.append({"shape": shape, "M": m, "variant": v, "kernel": mod.kernel_name, "fp16_ms": t_fp * 1e3,
-                         "q_ms": t * 1e3, "speedup": t_fp / t, "bw_frac": moved / t / copy_bw,
-                         "limit": memory_bound_limit(bits, group, in_f, sym)})
+            row = {"shape": shape, "M": m, "variant": v, "kernel": mod.kernel_name, "fp16_ms": t_fp * 1e3,
+                   "q_ms": t * 1e3, "speedup": t_fp / t, "bw_frac": moved / t / copy_bw,
+                   "fp16_bw_frac": fp_moved / t_fp / copy_bw, "limit": memory_bound_limit(bits, group, in_f, sym)}
+            if reference is not None:
+                row["ref_rel_err"] = rel_err(mod(x), reference(mod, x))
+            rows.append(row)
     return rows
 
 
@@ -88,7 +102,7 @@ def _sh(cmd: list[str]) -> str:
         return "?"
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -100,7 +114,7 @@ def _cpu_name() -> str:
 
 def write_markdown(rows: list[dict], device, dtype, copy_bw: float, args) -> Path:
     """The table + protocol as markdown in results/kernels_<device>.md (or --out)."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {_cpu_name()}"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {cpu_name()}"
     slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
     lines = [f"# Kernel benchmark on {name}", ""]
     if device.type != "cuda":

@@ -1,0 +1,154 @@
+"""GPU suite: one command that measures everything the performance issue asks of a GPU, within a time budget.
+
+Device command (the lead runs it the first time a GPU machine is lent; device tool `run`, timeout_s=540):
+
+    PYTHONUNBUFFERED=1 QRESEARCH_COMMIT=<git rev-parse --short=12 HEAD here> \\
+        python3 experiments/gpu_suite.py --out $OUT --budget-s 420
+
+It writes gpu_<device-slug>.md and .json under --out (default results/) after every step, so a timeout still
+leaves partial results; at --budget-s the running step is interrupted (recorded) and the report finished.
+Sections, in order (each skips itself, with the reason recorded, when the budget left is too short):
+  1 env          device, driver, CUDA, torch / triton / transformers, commit (+dirty), measured copy bandwidth
+  2 correctness  every Triton kernel family vs float64 truth (gpusuite/correctness.py)
+  3 kernels      fp16 vs W4A16 g128 / W8A16 / W8A8 at Llama-2-7B shapes, M = 1, 16, 256, 2048
+  4 e2e          7B- and SmolLM2-shaped models: prefill / decode, fp16 vs packed W4 g128 vs W8A8
+  5 gptq         GPTQ calibration time of one 7B-shaped block
+and a goals table (goals vs reached). Needs only torch, triton, transformers (no hydra, omegaconf, wandb, lm-eval,
+datasets, gguf, pandas, pyarrow; tests/test_gpu_suite.py checks it). Exit status 1 when a correctness case fails.
+
+CPU quick mode (CI): `python experiments/gpu_suite.py --quick --out /tmp/x` - tiny shapes; correctness under the
+Triton interpreter, benchmark / e2e through the torch reference kernels, all labelled as such.
+Library internals are used only in experiments/gpusuite/lib.py (marked call sites).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shlex
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTION_NAMES = ("env", "correctness", "kernels", "e2e", "gptq")
+# least seconds of budget a section needs to start (GPU, CPU quick mode)
+MIN_S = {"env": (5, 1), "correctness": (40, 5), "kernels": (45, 3), "e2e": (30, 3), "gptq": (25, 2)}
+
+
+def parse(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None, help="output folder (default results/; --quick: a temp folder)")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="wall-clock budget of the whole suite")
+    ap.add_argument("--quick", action="store_true", help="CPU CI mode: tiny shapes, interpreter, reference")
+    ap.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda")
+    ap.add_argument("--sections", nargs="+", default=list(SECTION_NAMES), choices=SECTION_NAMES)
+    args = ap.parse_args(argv)
+    if args.budget_s <= 0:
+        ap.error(f"--budget-s={args.budget_s} must be > 0 seconds")
+    return args
+
+
+def _device(args):
+    import torch
+
+    if args.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d = torch.device(args.device)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: CUDA is not available here; allowed: auto, cpu")
+    return d
+
+
+def device_alive(device) -> bool:
+    """False when the CUDA context is gone (a faulting kernel): later GPU sections would only repeat the error."""
+    import torch
+
+    if device.type != "cuda":
+        return True
+    try:
+        torch.ones(1, device=device).add_(1).item()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def run_sections(args, ctx, state: dict, modules: dict) -> None:
+    from experiments.gpusuite.common import BudgetExceeded
+
+    quick_idx = 0 if ctx.full else 1
+    lost = None
+    for name in SECTION_NAMES:
+        sec = state["sections"][name] = {"status": "running"}
+        why = ("not selected (--sections)" if name not in args.sections else lost
+               or ctx.skip_reason(MIN_S[name][quick_idx], name))
+        if why:
+            sec.update(status="skipped", reason=why)
+            ctx.save()
+            continue
+        t0 = time.monotonic()
+        try:
+            modules[name].run(ctx, sec)
+            sec["status"] = "done"
+        except BudgetExceeded as exc:
+            sec.update(status="interrupted", reason=str(exc))
+        except Exception as exc:  # noqa: BLE001 - recorded; the next sections still run
+            sec.update(status="error", error=f"{type(exc).__name__}: {exc}"[:500],
+                       traceback=traceback.format_exc()[-3000:])
+            if not device_alive(ctx.device):
+                lost = f"the CUDA context was lost after an error in section {name}"
+        sec["seconds"] = time.monotonic() - t0
+        ctx.save()
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    if args.quick and args.device != "cuda":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from experiments.gpusuite import correctness, e2e, env, gptq_block, kernels, lib, report
+    from experiments.gpusuite.common import Budget, BudgetExceeded, Ctx
+
+    budget = Budget(args.budget_s)
+    device = _device(args)
+    if device.type == "cpu" and args.quick:
+        torch.set_num_threads(1)  # tiny shapes: threads only add overhead (and CI boxes are shared)
+    out = Path(args.out) if args.out else (Path("/tmp/qresearch_gpu_suite") if args.quick else ROOT / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"gpu_{env.slug(device, args.quick)}"
+    cmd = "python experiments/gpu_suite.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    state = {"meta": {"command": cmd, "quick": args.quick, "gpu": device.type == "cuda", "device": str(device),
+                      "budget_s": args.budget_s, "used_s": 0.0, "finished": False}, "sections": {}}
+
+    def save() -> None:
+        state["meta"]["used_s"] = budget.used()
+        stem.with_suffix(".json").write_text(json.dumps(state, indent=1, default=str))
+        stem.with_suffix(".md").write_text(report.markdown(state))
+
+    ctx = Ctx(device, args.quick, budget, save)
+    modules = {"env": env, "correctness": correctness, "kernels": kernels, "e2e": e2e, "gptq": gptq_block}
+    budget.arm()
+    # CPU: the benchmark / e2e measure the torch reference (correctness calls the interpreted kernels directly)
+    forced = lib.forced_kernels("torch") if not ctx.gpu else contextlib.nullcontext()
+    try:
+        with forced:
+            run_sections(args, ctx, state, modules)
+    except BudgetExceeded as exc:  # between two steps: the sections not reached say so
+        state["meta"]["interrupted"] = str(exc)
+    finally:
+        budget.disarm()
+    state["meta"]["finished"] = True
+    state["goals"] = report.goals(state)
+    save()
+    print(stem.with_suffix(".md").read_text())
+    print(f"wrote {stem}.md and .json", flush=True)
+    failed = state["sections"].get("correctness", {}).get("failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
