@@ -1,12 +1,15 @@
 """GPU suite: one command that measures everything the performance issue asks of a GPU, within a time budget.
 
-Device command (the lead runs it the first time a GPU machine is lent; device tool `run`, timeout_s=540):
+Device command (the first time a GPU machine is lent; device tool `run` with timeout_s=560, which leaves the
+machine's start and the transfers inside the session's 15 device minutes; ~7 min of wall time expected):
 
-    PYTHONUNBUFFERED=1 QRESEARCH_COMMIT=<git rev-parse --short=12 HEAD here> \\
-        python3 experiments/gpu_suite.py --out $OUT --budget-s 420
+    set -o pipefail; PYTHONUNBUFFERED=1 QRESEARCH_COMMIT=<git rev-parse --short=12 HEAD, clean tree> \
+        python3 experiments/gpu_suite.py --out $OUT --budget-s 450 2>&1 | tee $OUT/gpu_suite.log
 
 It writes gpu_<device-slug>.md and .json under --out (default results/) after every step, so a timeout still
-leaves partial results; at --budget-s the running step is interrupted (recorded) and the report finished.
+leaves partial results; at --budget-s the running step is interrupted (recorded as such) and the report finished.
+QRESEARCH_COMMIT names the commit where the tree travels without .git (with .git, git is asked). A rerun of
+some sections on a warm machine: `--sections kernels e2e --budget-s 200`.
 Sections, in order (each skips itself, with the reason recorded, when the budget left is too short):
   1 env          device, driver, CUDA, torch / triton / transformers, commit (+dirty), measured copy bandwidth
   2 correctness  every Triton kernel family vs float64 truth (gpusuite/correctness.py)
@@ -41,7 +44,7 @@ MIN_S = {"env": (5, 1), "correctness": (40, 5), "kernels": (45, 3), "e2e": (30, 
 def parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="output folder (default results/; --quick: a temp folder)")
-    ap.add_argument("--budget-s", type=float, default=420.0, help="wall-clock budget of the whole suite")
+    ap.add_argument("--budget-s", type=float, default=450.0, help="wall-clock budget of the whole suite")
     ap.add_argument("--quick", action="store_true", help="CPU CI mode: tiny shapes, interpreter, reference")
     ap.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda")
     ap.add_argument("--sections", nargs="+", default=list(SECTION_NAMES), choices=SECTION_NAMES)
@@ -80,14 +83,17 @@ def run_sections(args, ctx, state: dict, modules: dict) -> None:
 
     quick_idx = 0 if ctx.full else 1
     lost = None
-    for name in SECTION_NAMES:
+    for i, name in enumerate(SECTION_NAMES):
         sec = state["sections"][name] = {"status": "running"}
+        ctx.reserve_s = sum(MIN_S[n][quick_idx] for n in SECTION_NAMES[i + 1:] if n in args.sections)
         why = ("not selected (--sections)" if name not in args.sections else lost
-               or ctx.skip_reason(MIN_S[name][quick_idx], name))
+               or ctx.skip_reason(MIN_S[name][quick_idx], name, reserve=False))
         if why:
             sec.update(status="skipped", reason=why)
+            print(f"[{ctx.budget.used():5.0f} s] {name}: skipped ({why})", flush=True)
             ctx.save()
             continue
+        print(f"[{ctx.budget.used():5.0f} s] {name}: start", flush=True)
         t0 = time.monotonic()
         try:
             modules[name].run(ctx, sec)
@@ -100,6 +106,8 @@ def run_sections(args, ctx, state: dict, modules: dict) -> None:
             if not device_alive(ctx.device):
                 lost = f"the CUDA context was lost after an error in section {name}"
         sec["seconds"] = time.monotonic() - t0
+        print(f"[{ctx.budget.used():5.0f} s] {name}: {sec['status']} in {sec['seconds']:.0f} s"
+              + (f" ({sec.get('error') or sec.get('reason')})" if sec["status"] != "done" else ""), flush=True)
         ctx.save()
 
 
@@ -145,6 +153,7 @@ def main(argv=None) -> int:
     state["goals"] = report.goals(state)
     save()
     print(stem.with_suffix(".md").read_text())
+    print(report.short_summary(state))  # last: the device tool returns the end of the output
     print(f"wrote {stem}.md and .json", flush=True)
     failed = state["sections"].get("correctness", {}).get("failed")
     return 1 if failed else 0

@@ -65,9 +65,15 @@ class Ctx:
         """Activation dtype of the benchmark / e2e models: fp16 on GPU; fp32 on CPU (CPU fp16 is no baseline)."""
         return torch.float16 if self.gpu else torch.float32
 
-    def skip_reason(self, need_s: float, what: str) -> str | None:
-        left = self.budget.left()
-        return None if left >= need_s else f"{what}: needs ~{need_s:.0f} s, {max(left, 0):.0f} s of budget left"
+    reserve_s: float = 0.0  # budget kept for the later sections' minimum (set by the orchestrator)
+
+    def skip_reason(self, need_s: float, what: str, reserve: bool = True) -> str | None:
+        """None when `need_s` fits the budget left (less what later sections reserve), else why it is skipped."""
+        left = self.budget.left() - (self.reserve_s if reserve else 0.0)
+        if left >= need_s:
+            return None
+        held = f" after {self.reserve_s:.0f} s kept for later sections" if reserve and self.reserve_s else ""
+        return f"{what}: needs ~{need_s:.0f} s, {max(left, 0):.0f} s of budget left{held}"
 
 
 def sync(device: torch.device) -> None:
@@ -102,6 +108,10 @@ def build_causal_lm(config_kwargs: dict, dtype: torch.dtype, device: torch.devic
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    where = next(model.parameters()).device
+    if where.type != device.type:
+        raise RuntimeError(f"from_config built the model on {where}, not {device}: the torch.device context was "
+                           f"not honoured by this transformers version")
     return model.eval()
 
 

@@ -49,12 +49,21 @@ def slug(device: torch.device, quick: bool) -> str:
     return ("quick_" if quick else "") + s
 
 
+SMI_FIELDS = ("driver_version", "memory.total", "clocks.sm", "clocks.max.sm", "clocks.mem", "power.limit",
+              "temperature.gpu")
+
+
 def nvidia_smi() -> dict:
-    fields = "driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem,power.limit,temperature.gpu"
-    out = _run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"])
-    if not out:
-        return {"nvidia_smi": "not available"}
-    return dict(zip(fields.split(","), (v.strip() for v in out.splitlines()[0].split(","))))
+    """Driver, clocks, power limit from nvidia-smi (field by field if one is unknown to this driver)."""
+    both = _run(["nvidia-smi", f"--query-gpu={','.join(SMI_FIELDS)}", "--format=csv,noheader"])
+    if both:
+        return dict(zip(SMI_FIELDS, (v.strip() for v in both.splitlines()[0].split(","))))
+    out = {}
+    for f in SMI_FIELDS:
+        v = _run(["nvidia-smi", f"--query-gpu={f}", "--format=csv,noheader"])
+        if v:
+            out[f] = v.splitlines()[0].strip()
+    return out or {"nvidia_smi": "not available"}
 
 
 def versions() -> dict:

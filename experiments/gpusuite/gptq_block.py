@@ -50,6 +50,8 @@ def run(ctx: Ctx, state: dict) -> None:
     state.update(model="Llama-2-7B-shaped, 1 decoder block, random weights, " + str(ctx.dtype), samples=n,
                  seqlen=seqlen, tokens=n * seqlen, batch_size=batch, note=note,
                  method="GPTQ w4 g128 asym, blocksize 128, percdamp 0.01, true-sequential, offload off")
+    if ctx.gpu:
+        torch.cuda.reset_peak_memory_stats(ctx.device)
     model = build_causal_lm(cfg, ctx.dtype, ctx.device)
     calib = torch.randint(0, cfg["vocab_size"], (n, seqlen), generator=torch.Generator().manual_seed(0))
     with Stopwatch(ctx.device) as sw:

@@ -109,7 +109,7 @@ def _e2e(sec: dict) -> list[str]:
     lat = sec.get("latency", {})
     lines = [f"Weights: {sec.get('weights')}. Latency protocol: {lat}. Decode tok/s = batch x new tokens / time "
              "(prompt 16 tokens); floor = all weight bytes / copy bandwidth (one read per decode step); peak = CUDA "
-             "allocator peak during the measurement; logits rel = packed kernels vs torch reference, one 64-token "
+             "allocator peak during the measurement; logits rel = packed kernels vs torch reference, one 128-token "
              "forward."] + [f"- note: {n}" for n in sec.get("notes", [])] + [""]
     body = []
     for r in sec.get("rows", []):
@@ -122,7 +122,8 @@ def _e2e(sec: dict) -> list[str]:
                      " / ".join(f"b{k}: {v:.1f}" for k, v in dec.items()),
                      " / ".join(f"b{k}: {v:.2f}" for k, v in step.items()), f"{r['step_floor_ms']:.2f}",
                      f"{r['weight_bytes'] / 2**30:.2f}", _f(r["peak_cuda_bytes"] and r["peak_cuda_bytes"] / 2**30),
-                     _f(r.get("logits_rel_vs_ref"), ".1e"), ""])
+                     _f(r.get("logits_rel_vs_ref"), ".1e") + (f" {r['logits_flag']}" if "logits_flag" in r else ""),
+                     ""])
     return lines + _table(["model", "variant", "layers", "kernels", "prefill ms (tokens)", "decode tok/s",
                            "ms / step", "floor ms / step", "weights GiB", "peak GiB", "logits rel", "error"], body)
 
@@ -169,3 +170,16 @@ def markdown(state: dict) -> str:
         if sec.get("status") in ("done", "error", "interrupted", "running"):
             lines += [*render(sec), ""]
     return "\n".join(lines) + "\n"
+
+
+def short_summary(state: dict) -> str:
+    """Goals and section statuses in a few lines (printed last)."""
+    lines = ["== GPU suite summary =="]
+    for name, sec in state["sections"].items():
+        extra = sec.get("error") or sec.get("reason") or ""
+        if name == "correctness" and "rows" in sec:
+            extra = f"{sec.get('passed', '?')}/{len(sec['rows'])} PASS" + (f"; failed: {sec['failed'][:5]}"
+                                                                           if sec.get("failed") else "")
+        lines.append(f"{name:12} {sec.get('status', '?'):11} {sec.get('seconds', 0):6.1f} s  {extra}"[:300])
+    lines += [f"{g['status']:16} {g['reached']:>7} (target {g['target']}) {g['goal']}" for g in goals(state)]
+    return "\n".join(lines)
