@@ -9,7 +9,7 @@ machine's start and the transfers inside the session's 15 device minutes; ~7 min
 It writes gpu_<device-slug>.md and .json under --out (default results/) after every step, so a timeout still
 leaves partial results; at --budget-s the running step is interrupted (recorded as such) and the report finished.
 QRESEARCH_COMMIT names the commit where the tree travels without .git (with .git, git is asked). A rerun of
-some sections on a warm machine: `--sections kernels e2e --budget-s 200`.
+some sections on a warm machine: `--sections kernels e2e --budget-s 200 --tag rerun`.
 Sections, in order (each skips itself, with the reason recorded, when the budget left is too short):
   1 env          device, driver, CUDA, torch / triton / transformers, commit (+dirty), measured copy bandwidth
   2 correctness  every Triton kernel family vs float64 truth (gpusuite/correctness.py)
@@ -45,10 +45,15 @@ def parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="output folder (default results/; --quick: a temp folder)")
     ap.add_argument("--budget-s", type=float, default=450.0, help="wall-clock budget of the whole suite")
-    ap.add_argument("--quick", action="store_true", help="CPU CI mode: tiny shapes, interpreter, reference")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes; on CPU (implied without a GPU): interpreter + torch reference")
     ap.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda")
-    ap.add_argument("--sections", nargs="+", default=list(SECTION_NAMES), choices=SECTION_NAMES)
+    ap.add_argument("--sections", nargs="+", default=list(SECTION_NAMES), choices=SECTION_NAMES,
+                    help="sections to run (env always runs: the others use its measured copy bandwidth)")
+    ap.add_argument("--tag", default="", help="suffix of the report's file name (e.g. for a partial rerun)")
     args = ap.parse_args(argv)
+    args.sections = ["env"] + [s for s in args.sections if s != "env"]
+    if args.tag and not args.tag.replace("-", "").replace("_", "").isalnum():
+        ap.error(f"--tag={args.tag!r}: allowed letters, digits, '-' and '_'")
     if args.budget_s <= 0:
         ap.error(f"--budget-s={args.budget_s} must be > 0 seconds")
     return args
@@ -113,10 +118,12 @@ def run_sections(args, ctx, state: dict, modules: dict) -> None:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    if args.quick and args.device != "cuda":
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
     sys.path.insert(0, str(ROOT))
-    import torch
+    import torch  # (does not import triton)
+
+    if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):
+        args.quick = True  # without a GPU there is only the quick mode
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
     from experiments.gpusuite import correctness, e2e, env, gptq_block, kernels, lib, report
     from experiments.gpusuite.common import Budget, BudgetExceeded, Ctx
@@ -127,15 +134,17 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)  # tiny shapes: threads only add overhead (and CI boxes are shared)
     out = Path(args.out) if args.out else (Path("/tmp/qresearch_gpu_suite") if args.quick else ROOT / "results")
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"gpu_{env.slug(device, args.quick)}"
+    stem = out / f"gpu_{env.slug(device, args.quick)}{'_' + args.tag if args.tag else ''}"
     cmd = "python experiments/gpu_suite.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     state = {"meta": {"command": cmd, "quick": args.quick, "gpu": device.type == "cuda", "device": str(device),
                       "budget_s": args.budget_s, "used_s": 0.0, "finished": False}, "sections": {}}
 
-    def save() -> None:
+    def save() -> None:  # write-then-rename: a kill mid-write leaves the previous complete files
         state["meta"]["used_s"] = budget.used()
-        stem.with_suffix(".json").write_text(json.dumps(state, indent=1, default=str))
-        stem.with_suffix(".md").write_text(report.markdown(state))
+        for suffix, text in ((".json", json.dumps(state, indent=1, default=str)), (".md", report.markdown(state))):
+            tmp = stem.with_suffix(suffix + ".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, stem.with_suffix(suffix))
 
     ctx = Ctx(device, args.quick, budget, save)
     modules = {"env": env, "correctness": correctness, "kernels": kernels, "e2e": e2e, "gptq": gptq_block}

@@ -76,11 +76,12 @@ def run_variant(name: str, cfg: dict, variant: str, ctx: Ctx) -> dict:
            "build_s": time.perf_counter() - t0}
     if variant != "fp16":
         t0 = time.perf_counter()
-        lib.rtn_packed(model, variant, ctx.device)
+        per_layer = lib.rtn_packed(model, variant, ctx.device)
         sync(ctx.device)
         free_device_memory(ctx.device)
         row["quantize_s"] = time.perf_counter() - t0
         row["kernels"] = lib.kernel_counts(model)
+        row["kernel_per_layer"] = per_layer  # QuantLinear.kernel_name of every swapped linear
         row["logits_rel_vs_ref"] = logits_check(model, ctx.device, cfg["vocab_size"])
         row["logits_flag"] = "ok" if row["logits_rel_vs_ref"] <= LOGITS_WARN else f"WARN > {LOGITS_WARN}"
     else:
