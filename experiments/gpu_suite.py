@@ -45,7 +45,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="output folder (default results/; --quick: a temp folder)")
     ap.add_argument("--budget-s", type=float, default=450.0, help="wall-clock budget of the whole suite")
-    ap.add_argument("--quick", action="store_true", help="tiny shapes; on CPU (implied without a GPU): interpreter + torch reference")
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny shapes; on CPU (implied without a GPU): Triton interpreter + torch reference")
     ap.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda")
     ap.add_argument("--sections", nargs="+", default=list(SECTION_NAMES), choices=SECTION_NAMES,
                     help="sections to run (env always runs: the others use its measured copy bandwidth)")
@@ -116,6 +117,12 @@ def run_sections(args, ctx, state: dict, modules: dict) -> None:
         ctx.save()
 
 
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     sys.path.insert(0, str(ROOT))
@@ -141,10 +148,12 @@ def main(argv=None) -> int:
 
     def save() -> None:  # write-then-rename: a kill mid-write leaves the previous complete files
         state["meta"]["used_s"] = budget.used()
-        for suffix, text in ((".json", json.dumps(state, indent=1, default=str)), (".md", report.markdown(state))):
-            tmp = stem.with_suffix(suffix + ".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, stem.with_suffix(suffix))
+        _write(stem.with_suffix(".json"), json.dumps(state, indent=1, default=str))
+        try:
+            md = report.markdown(state)
+        except Exception:  # noqa: BLE001 - the JSON holds the numbers; never lose them to a rendering bug
+            md = f"# GPU suite: the markdown rendering failed\n\n```\n{traceback.format_exc()}```\n"
+        _write(stem.with_suffix(".md"), md)
 
     ctx = Ctx(device, args.quick, budget, save)
     modules = {"env": env, "correctness": correctness, "kernels": kernels, "e2e": e2e, "gptq": gptq_block}

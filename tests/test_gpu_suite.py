@@ -165,3 +165,20 @@ def test_goals_table_met_missed_not_measured():
     state["sections"]["e2e"] = {"status": "done", "rows": e2e}
     decode = goals(state)[3]
     assert decode["status"] == "MISSED" and decode["reached"] == "2.25x"
+
+
+def test_markdown_renders_partial_and_failed_states():
+    from experiments.gpusuite.report import markdown, short_summary
+
+    state = {"meta": {"quick": False, "gpu": True, "command": "x", "budget_s": 450, "used_s": 460,
+                      "finished": True},
+             "sections": {"env": {"status": "done", "device": "GPU"},
+                          "correctness": {"status": "interrupted", "reason": "budget", "rows": [
+                              {"case": "c", "path": "gemv", "tol": 2e-3, "status": "ERROR", "note": "boom"}]},
+                          "kernels": {"status": "error", "error": "RuntimeError: x"},
+                          "e2e": {"status": "running", "rows": [{"model": "llama2_7b", "variant": "w8a8",
+                                                                 "error": "OOM"}]},
+                          "gptq": {"status": "skipped", "reason": "no time"}}}
+    md = markdown(state)
+    assert "ERROR OOM" in md and "status: **skipped**" in md and "RuntimeError: x" in md
+    assert "interrupted" in short_summary(state)

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from qresearch.eval.latency import LatencyConfig, measure_latency
+from qresearch.eval.latency import LatencyConfig, measure_latency  # LIBRARY: latency protocol
 
 from . import lib
 from .common import Ctx, build_causal_lm, free_device_memory, module_bytes, sync
@@ -72,8 +72,8 @@ def run_variant(name: str, cfg: dict, variant: str, ctx: Ctx) -> dict:
     t0 = time.perf_counter()
     model = build_causal_lm(cfg, ctx.dtype, ctx.device)
     sync(ctx.device)
-    row = {"model": name, "variant": variant, "layers": cfg["num_hidden_layers"],
-           "build_s": time.perf_counter() - t0}
+    row = {"model": name, "variant": variant, "layers": cfg["num_hidden_layers"], "hidden": cfg["hidden_size"],
+           "dtype": str(ctx.dtype).removeprefix("torch."), "build_s": time.perf_counter() - t0}
     if variant != "fp16":
         t0 = time.perf_counter()
         per_layer = lib.rtn_packed(model, variant, ctx.device)
@@ -93,6 +93,7 @@ def run_variant(name: str, cfg: dict, variant: str, ctx: Ctx) -> dict:
     row.update(prefill={k: v["ms"] for k, v in lat["prefill"].items()},
                decode={k: v["tokens_per_s"] for k, v in lat["decode"].items()},
                decode_ms_per_step={k: v["ms_per_step"] for k, v in lat["decode"].items()},
+               decode_prompt_tokens=next(iter(lat["decode"].values()))["prompt_tokens"],
                peak_cuda_bytes=lat["peak_memory"].get("peak_cuda_bytes"), protocol={
                    k: lat[k] for k in ("timer", "repeats", "warmup", "dtype", "max_positions")})
     del model

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from experiments import bench_kernels as bk
-from qresearch.eval.latency import timed
+from experiments import bench_kernels as bk  # copy_bandwidth, cpu_name
+from qresearch.eval.latency import timed  # LIBRARY: event timing
 
 from .common import Ctx
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from experiments import bench_kernels as bk
+from experiments import bench_kernels as bk  # builds QuantLinear modules (its own library calls)
 
 from . import lib
 from .common import Ctx, free_device_memory

@@ -1,8 +1,10 @@
-"""Every call the GPU suite makes into qresearch internals, in one file.
+"""The GPU suite's calls into qresearch internals, gathered in one file (two marked imports live elsewhere).
 
 The library is being refactored (kernel dispatch -> registry, QuantSpec format table, `format=fake|packed`
 renamed); each function below is one marked call site (`# LIBRARY:`), so adapting the suite means editing this
-file only. Nothing here imports triton at module level (the kernels do, when first launched).
+file, plus the two other marked imports (qresearch.eval.latency in e2e.py and env.py) and the benchmark builders
+in experiments/bench_kernels.py (kernels.py). Nothing here imports triton at module level (the kernels do, when
+first launched).
 """
 from __future__ import annotations
 

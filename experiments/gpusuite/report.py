@@ -105,27 +105,36 @@ def _kernels(sec: dict) -> list[str]:
                            "bw / copy", "fp16 bw / copy", "limit", "ref err"], body)
 
 
+E2E_HEADER = ["model", "variant", "layers x hidden dtype", "kernels", "prefill ms (tokens)", "decode tok/s",
+              "decode vs fp16", "ms / step", "floor ms / step", "weights GiB", "peak GiB", "logits rel", "error"]
+
+
+def _e2e_row(r: dict, base: dict | None) -> list:
+    if "error" in r:
+        return [r["model"], r["variant"]] + ["-"] * (len(E2E_HEADER) - 3) + [f"ERROR {r['error']}"]
+    dec = r["decode"]
+    ratio = "-" if base is None or base is r else " / ".join(
+        f"b{k}: {v / base['decode'][k]:.2f}x" for k, v in dec.items() if k in base["decode"])
+    peak = r["peak_cuda_bytes"] / 2**30 if r.get("peak_cuda_bytes") else None
+    logits = _f(r.get("logits_rel_vs_ref"), ".1e") + (f" {r['logits_flag']}" if "logits_flag" in r else "")
+    return [r["model"], r["variant"], f"{r['layers']} x {r['hidden']} {r['dtype']}",
+            ", ".join(f"{k} x{v}" for k, v in r["kernels"].items()),
+            " / ".join(f"{k}: {v:.1f}" for k, v in r["prefill"].items()),
+            " / ".join(f"b{k}: {v:.1f}" for k, v in dec.items()), ratio,
+            " / ".join(f"b{k}: {v:.2f}" for k, v in r["decode_ms_per_step"].items()), f"{r['step_floor_ms']:.2f}",
+            f"{r['weight_bytes'] / 2**30:.2f}", _f(peak), logits, ""]
+
+
 def _e2e(sec: dict) -> list[str]:
-    lat = sec.get("latency", {})
-    lines = [f"Weights: {sec.get('weights')}. Latency protocol: {lat}. Decode tok/s = batch x new tokens / time "
-             "(prompt 16 tokens); floor = all weight bytes / copy bandwidth (one read per decode step); peak = CUDA "
-             "allocator peak during the measurement; logits rel = packed kernels vs torch reference, one 128-token "
-             "forward."] + [f"- note: {n}" for n in sec.get("notes", [])] + [""]
-    body = []
-    for r in sec.get("rows", []):
-        if "error" in r:
-            body.append([r["model"], r["variant"]] + ["-"] * 9 + [f"ERROR {r['error']}"])
-            continue
-        pre, dec, step = r["prefill"], r["decode"], r["decode_ms_per_step"]
-        body.append([r["model"], r["variant"], r["layers"], ", ".join(f"{k} x{v}" for k, v in r["kernels"].items()),
-                     " / ".join(f"{k}: {v:.1f}" for k, v in pre.items()),
-                     " / ".join(f"b{k}: {v:.1f}" for k, v in dec.items()),
-                     " / ".join(f"b{k}: {v:.2f}" for k, v in step.items()), f"{r['step_floor_ms']:.2f}",
-                     f"{r['weight_bytes'] / 2**30:.2f}", _f(r["peak_cuda_bytes"] and r["peak_cuda_bytes"] / 2**30),
-                     _f(r.get("logits_rel_vs_ref"), ".1e") + (f" {r['logits_flag']}" if "logits_flag" in r else ""),
-                     ""])
-    return lines + _table(["model", "variant", "layers", "kernels", "prefill ms (tokens)", "decode tok/s",
-                           "ms / step", "floor ms / step", "weights GiB", "peak GiB", "logits rel", "error"], body)
+    rows = [r for r in sec.get("rows", []) if "decode" in r]
+    prompt = rows[0]["decode_prompt_tokens"] if rows else "?"
+    lines = [f"Weights: {sec.get('weights')}. Latency protocol: {sec.get('latency', {})}. Decode tok/s = batch x "
+             f"new tokens / time (after a {prompt}-token prompt); floor = all weight bytes / copy bandwidth (one "
+             "read per decode step); peak = CUDA allocator peak during the measurement; logits rel = packed "
+             "kernels vs torch reference, one 128-token forward."]
+    lines += [f"- note: {n}" for n in sec.get("notes", [])] + [""]
+    fp = {r["model"]: r for r in rows if r["variant"] == "fp16"}
+    return lines + _table(E2E_HEADER, [_e2e_row(r, fp.get(r["model"])) for r in sec.get("rows", [])])
 
 
 def _gptq(sec: dict) -> list[str]:
