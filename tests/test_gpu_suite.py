@@ -159,7 +159,8 @@ def test_goals_table_met_missed_not_measured():
     got = [g["status"] for g in goals(state)]
     assert got == ["MET", "MISSED", "NOT A GPU KERNEL", "NOT MEASURED"]
     assert "no time" in goals(state)[3]["note"]
-    e2e = [{"model": "llama2_7b", "variant": v, "layers": 32, "decode": {"1": tps}, "kernels": k}
+    e2e = [{"model": "llama2_7b", "variant": v, "layers": 32, "decode": {"1": tps}, "kernels": k,
+            "decode_ms_per_step": {"1": 1e3 / tps}, "step_floor_ms": 1.2}
            for v, tps, k in (("fp16", 20.0, {"torch.nn.Linear (cuBLAS)": 224}), ("w4_g128", 45.0,
                                                                               {"triton_w4a16": 224}))]
     state["sections"]["e2e"] = {"status": "done", "rows": e2e}

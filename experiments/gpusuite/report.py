@@ -43,7 +43,8 @@ def goals(state: dict) -> list[dict]:
     value, note = None, ""
     if fp and w4 and not quick:
         value = w4["decode"]["1"] / fp["decode"]["1"]
-        note = (f"{w4['decode']['1']:.1f} vs {fp['decode']['1']:.1f} tok/s, {w4['layers']} layers; "
+        note = (f"{w4['decode']['1']:.1f} vs {fp['decode']['1']:.1f} tok/s, {w4['layers']} layers, eager HF decode; "
+                f"W4 {w4['decode_ms_per_step']['1']:.1f} ms/step vs weight-read floor {w4['step_floor_ms']:.2f}; "
                 f"kernels {', '.join(w4['kernels'])}")
     gpu_kernels = bool(w4 and all(k.startswith("triton_") for k in w4["kernels"]))
     out.append(_goal(DECODE_GOAL[0], DECODE_GOAL[1], value, gpu_kernels, note, _why_missing(state, "e2e", quick)))
@@ -94,15 +95,17 @@ def _correctness(sec: dict) -> list[str]:
 
 def _kernels(sec: dict) -> list[str]:
     lines = [f"Activations {sec.get('dtype')}; {sec.get('timing')}; {sec.get('repeats')} repeats after "
-             f"{sec.get('warmup')} warm-up calls (the warm-up compiles and autotunes). bw = (packed weight + qparam "
-             "+ activation bytes) / time / copy bandwidth; limit = 16 / (bits + qparam bits per weight). ref err = "
-             f"rel. error of the kernel's output vs the torch reference on the same module (check: "
-             f"{sec.get('ref_check', '-')}).", ""]
+             f"{sec.get('warmup')} warm-up calls (the warm-up compiles and autotunes). ms and speedup: CUDA-graph "
+             "replays where timing = cuda_graph (kernel time), else eager; eager speedup includes the host launch "
+             "overhead of every call. bw = (packed weight + qparam + activation bytes) / time / copy bandwidth; "
+             "limit = 16 / (bits + qparam bits per weight). ref err = rel. error of the kernel's output vs the "
+             f"torch reference on the same module (check: {sec.get('ref_check', '-')}).", ""]
     body = [[r["shape"], r["M"], r["variant"], r["kernel"], f"{r['fp16_ms']:.4f}", f"{r['q_ms']:.4f}",
-             f"{r['speedup']:.2f}x", f"{r['bw_frac']:.2f}", f"{r['fp16_bw_frac']:.2f}", f"{r['limit']:.2f}x",
-             _f(r.get("ref_rel_err"), ".1e")] for r in sec.get("rows", [])]
+             f"{r['speedup']:.2f}x", f"{r['eager_speedup']:.2f}x", f"{r['bw_frac']:.2f}", f"{r['fp16_bw_frac']:.2f}",
+             f"{r['limit']:.2f}x", _f(r.get("ref_rel_err"), ".1e"),
+             r["timing"] + (f" ({r['graph_error']})" if r.get("graph_error") else "")] for r in sec.get("rows", [])]
     return lines + _table(["shape (out x in)", "M", "variant", "kernel", "fp16 ms", "quant ms", "speedup",
-                           "bw / copy", "fp16 bw / copy", "limit", "ref err"], body)
+                           "eager speedup", "bw / copy", "fp16 bw / copy", "limit", "ref err", "timing"], body)
 
 
 E2E_HEADER = ["model", "variant", "layers x hidden dtype", "kernels", "prefill ms (tokens)", "decode tok/s",
