@@ -1,7 +1,8 @@
 """GPU suite: one command that measures everything the performance issue asks of a GPU, within a time budget.
 
 Device command (the first time a GPU machine is lent; device tool `run` with timeout_s=560, which leaves the
-machine's start and the transfers inside the session's 15 device minutes; ~7 min of wall time expected):
+machine's start and the transfers inside the session's 15 device minutes; 6-8 min of wall time estimated,
+not yet measured on a GPU):
 
     set -o pipefail; PYTHONUNBUFFERED=1 QRESEARCH_COMMIT=<git rev-parse --short=12 HEAD, clean tree> \
         python3 experiments/gpu_suite.py --out $OUT --budget-s 450 2>&1 | tee $OUT/gpu_suite.log
