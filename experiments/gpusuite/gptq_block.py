@@ -2,7 +2,7 @@
 
 A 1-layer 7B-shaped model (random weights) and random calibration token ids. Timed apart: capturing block 0's
 inputs (embedding), the Hessians of the four input groups (q/k/v, o, gate/up, down) in one pass; then the GPTQ
-method end to end (methods/gptq.py through qresearch/pipeline: true-sequential Hessians with block re-forwards,
+method end to end (methods/gptq.py through qresearch/calib: true-sequential Hessians with block re-forwards,
 the per-linear solves, the quantized block's outputs), with the per-linear solve seconds it records.
 """
 from __future__ import annotations
@@ -69,7 +69,7 @@ def run(ctx: Ctx, state: dict) -> None:
     state["method_total_s"] = sw.s
     solves = {s["layer"].split(".", 3)[-1]: s["seconds"] for s in result.stats}
     state.update(solve_s=solves, solve_total_s=sum(solves.values()),
-                 engine=method.engine_stats, peak_cuda_bytes=torch.cuda.max_memory_allocated(ctx.device)
+                 engine=result.info.get("engine"), peak_cuda_bytes=torch.cuda.max_memory_allocated(ctx.device)
                  if ctx.gpu else None)
     state["other_s"] = state["method_total_s"] - state["solve_total_s"]  # Hessians + block forwards + capture
     del model, result

@@ -14,18 +14,19 @@ from collections import Counter
 
 import torch
 
-from methods.gptq import GPTQ, hessians  # LIBRARY: GPTQ method + per-linear Hessians over a block's inputs
+from methods.gptq import GPTQ  # LIBRARY: GPTQ method
+from qresearch.calib.blockio import capture_inputs  # LIBRARY: block-0 input capture
+from qresearch.calib.stats import input_stats  # LIBRARY: per-linear Hessians over a block's inputs
 from methods.rtn import RTN  # LIBRARY: round-to-nearest method (weights, optional int8 activations)
 from qresearch.kernels import reference as ref  # LIBRARY: pure-torch reference kernels
 from qresearch.method import Context  # LIBRARY: method interface
 from qresearch.models.arch import arch_for, blocks_of  # LIBRARY: architecture table
 from qresearch.nn.packed import QuantLinear  # LIBRARY: packed module (kernel_name, weight_bytes)
 from qresearch.nn.swap import swap_linears  # LIBRARY: result -> modules
-from qresearch.pipeline.engine import capture_inputs  # LIBRARY: block-0 input capture
 from qresearch.quant import quantize_tensor, weight_spec  # LIBRARY: RTN primitives
 from qresearch.quant.packing import PackedMeta, pack_rows, pack_zeros  # LIBRARY: int32_k storage layout
 
-PACKED_FORMAT = "packed"  # LIBRARY: swap_linears format name of the real-kernel modules (being renamed)
+PACKED_FORMAT = "packed"  # LIBRARY: swap_linears modules kind of the real-kernel modules
 KERNEL_ENV = "QRESEARCH_KERNELS"  # LIBRARY: dispatch override (auto | torch | triton)
 # e2e variants -> RTN settings (LIBRARY: RTN constructor arguments)
 RTN_VARIANTS = {"w4_g128": dict(bits=4, group_size=128, sym=False),
@@ -139,4 +140,5 @@ def capture_block0(model, calib: torch.Tensor, device: torch.device, batch_size:
 def block0_hessians(model, io) -> dict[str, torch.Tensor]:
     """H of the first linear of every input group of block 0 (q, o, gate, down on Llama) in one pass over `io`."""
     arch = arch_for(model)
-    return hessians(blocks_of(model, arch)[0], io, [grp[0] for grp in arch.sequential], stop=False)
+    stats = input_stats(blocks_of(model, arch)[0], io, [grp[0] for grp in arch.sequential])
+    return {name: st.hessian for name, st in stats.items()}
