@@ -19,10 +19,10 @@ from .data.text import EVAL_SETS, check_available
 from .errors import ConfigError
 from .method import Method, run_facts, run_tag
 from .models.load import ModelSpec, max_positions, resolve_path
+from .nn.swap import MODULES
 from .quant.formats import FORMATS
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ("fake", "packed")
 EXPORTS = ("qresearch", "compressed_tensors")
 LOGGER_MODES = ("online", "offline", "disabled")
 
