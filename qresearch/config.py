@@ -78,16 +78,17 @@ def _type_ok(value: Any, hint: Any) -> bool:
     return True  # containers and other types: the constructor checks them
 
 
+_PHRASES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+
+
 def _type_name(hint: Any) -> str:
-    args = typing.get_args(hint)
-    if args:
-        return " or ".join("null" if a is type(None) else a.__name__ for a in args)
-    return "true/false" if hint is bool else getattr(hint, "__name__", str(hint))
+    args = typing.get_args(hint) or (hint,)
+    return " or ".join(_PHRASES.get(a, getattr(a, "__name__", str(a))) for a in args)
 
 
 def check_value(where: str, value: Any, hint: Any) -> None:
     if not _type_ok(value, hint):
-        raise ConfigError(f"{where}={value!r} is not a {_type_name(hint)}")
+        raise ConfigError(f"{where}={value!r} must be {_type_name(hint)}")
 
 
 def _step_class(target: str, where: str) -> type:

@@ -62,6 +62,12 @@ def test_cfg_job_prints_composed_config(results_dir):
     (["group_size=0"], "group_size=0 is invalid"),
     (["data.root=/nonexistent", "data.source=local"], "/nonexistent"),
     (["model.path=/nonexistent/model"], "does not exist"),
+    (["sym=no"], "sym='no' must be true or false"),
+    (["bits=abc"], "bits='abc' must be an integer"),
+    (["seed=-1"], "seed=-1 is out of range"),
+    (["logger=wandb", "logger.mode=bogus"], "logger.mode='bogus' is unknown"),
+    (["eval.protocol=sliding", "eval.stride=0"], "eval.stride=0 is invalid"),
+    (["method=fp16", "modules=packed", "export=qresearch"], "modules=packed needs quantized weights"),
 ])
 def test_cli_bad_input_fails_fast_and_leaves_nothing(results_dir, args, needle):
     r = run_cli("model=stories260k", "logger=none", *args)
