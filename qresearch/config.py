@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .data.text import EVAL_SETS, check_available
+from .data.sets import EvalSet, parse_eval_sets
+from .data.text import check_available
 from .method import Method
 from .models.load import ModelSpec, resolve_path
 from .quant.spec import ConfigError
@@ -46,7 +47,7 @@ register_resolvers()
 
 @dataclass
 class EvalPlan:
-    datasets: list[tuple[str, str]]  # (dataset, split)
+    datasets: list[EvalSet]  # built-in splits and own texts (data/sets.py)
     root: str
     source: str
     seqlen: int
@@ -113,13 +114,7 @@ def _steps(cfg: DictConfig) -> list[Method]:
 
 
 def _eval_plan(e: DictConfig) -> EvalPlan:
-    sets = []
-    for ds in e.datasets:
-        if ds not in EVAL_SETS:
-            raise ConfigError(f"eval dataset={ds!r} is unknown; allowed: {', '.join(EVAL_SETS)}")
-        split = e.splits.get(ds)
-        check_available(ds, split, e.root, e.source)
-        sets.append((ds, split))
+    sets = parse_eval_sets(e.datasets, e.splits, e.root, e.source)
     if e.seqlen < 2:
         raise ConfigError(f"eval.seqlen={e.seqlen} is too small; allowed: >= 2")
     if e.max_chunks is not None and e.max_chunks < 1:

@@ -1,8 +1,6 @@
 """One run, as data flows: plan -> load -> (calibrate) -> method steps -> swap -> evaluate -> measure -> write/log."""
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import random
 import shutil
@@ -16,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .config import Plan, plan
-from .data.tokens import cache_dir, calibration_ids, eval_tokens, tokenizer_fingerprint
+from .data.tokens import calibration_ids, eval_streams
 from .eval.footprint import footprint, peak_memory, reset_peak_memory
 from .eval.ppl import perplexity, sliding_perplexity
 from .method import Context, QuantResult
@@ -25,7 +23,8 @@ from .models.load import load_model, resolve_dtype
 from .nn.swap import swap_linears
 from .quant.spec import ConfigError
 from .tracking.provenance import provenance
-from .tracking.store import append_index, atomic_write_json, config_hash, read_index, save_artifacts, write_csv
+from .tracking.store import append_index, atomic_write_json, config_hash, read_index, read_metrics, save_artifacts, \
+    write_csv
 from .tracking.summary import index_row, print_summary
 from .tracking.wandb_logger import WandbLogger
 
@@ -72,7 +71,7 @@ def run(cfg: DictConfig) -> dict:
     if done is not None:
         _discard(out_dir)
         print(f"== skipped (skip_done=true): {cfg.model.name} / {cfg.method.tag} already complete in {done}", flush=True)
-        return json.loads((done / "metrics.json").read_text())
+        return read_metrics(done)
     out_dir.mkdir(parents=True, exist_ok=True)
     logger = _logger(cfg, out_dir)
     try:
@@ -92,10 +91,10 @@ HASH_EXCLUDE = ("out_dir", "paths", "logger", "skip_done", "bits", "group_size",
 
 
 def _completed(results_root: Path, chash: str) -> Path | None:
-    """Run dir of an earlier complete run (metrics.json present) with the same config hash, if any."""
+    """Run dir of an earlier complete run (a readable metrics.json) with the same config hash, if any."""
     for row in reversed(read_index(results_root / "runs" / "index.jsonl")):
         d = Path(row["run_dir"])
-        if row.get("config_hash") == chash and (d / "metrics.json").is_file():
+        if row.get("config_hash") == chash and read_metrics(d) is not None:
             return d
     return None
 
@@ -132,19 +131,13 @@ def _ppl_all(model, p: Plan, streams: dict, device, label: str) -> dict:
 
 
 def _baseline(model, p: Plan, streams: dict, device, tok) -> dict:
-    """FP perplexities, cached by model + protocol + text + tokenizer so a sweep pays once."""
-    key = json.dumps({"model": p.model.__dict__, "dtype": str(resolve_dtype(p.model, device)), "device": device.type,
-                      "seqlen": p.eval.seqlen, "max_chunks": p.eval.max_chunks, "protocol": p.eval.protocol,
-                      "stride": p.eval.stride, "tok": tokenizer_fingerprint(tok),
-                      "texts": {ds: src.sha256 for ds, (_, src) in streams.items()}}, sort_keys=True, default=str)
-    path = cache_dir() / "baselines" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
-    if path.is_file():
-        cached = json.loads(path.read_text())
-        if set(cached) >= set(streams):
-            return {ds: {**cached[ds], "cached": True} for ds in streams}
-    res = _ppl_all(model, p, streams, device, "fp")
-    atomic_write_json(path, res)
-    return res
+    """FP perplexities, cached and validated per dataset (eval/baseline_cache.py) so a sweep pays once."""
+    from .eval.baseline_cache import cached_baseline
+
+    protocol = {"dtype": str(resolve_dtype(p.model, device)), "device": device.type, "protocol": p.eval.protocol,
+                "seqlen": p.eval.seqlen, "stride": p.eval.stride, "max_chunks": p.eval.max_chunks,
+                "batch_size": p.eval.batch_size}
+    return cached_baseline(model, tok, streams, protocol, lambda sub: _ppl_all(model, p, sub, device, "fp"))
 
 
 def _quantize(p: Plan, model, arch, tok, device) -> tuple[QuantResult, dict | None, float]:
@@ -208,7 +201,7 @@ def execute(p: Plan, cfg_dict: dict, chash: str, out_dir: Path, logger) -> dict:
     model, tok = load_model(p.model, device, p.seed)
     t_load = time.perf_counter() - t0
     arch = arch_for(model)
-    streams = {ds: eval_tokens(ds, split, p.eval.root, tok, p.eval.source) for ds, split in p.eval.datasets}
+    streams = eval_streams(p.eval.datasets, tok)
     fp = _baseline(model, p, streams, device, tok) if p.eval.baseline and p.steps else {}
     result, calib_prov, t_quant = _quantize(p, model, arch, tok, device)
     kernels = swap_linears(model, result, p.format)

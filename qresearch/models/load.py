@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 
 from ..quant.spec import ConfigError
+from .files import check_gguf, check_weights, read_config
 
 log = logging.getLogger(__name__)
 SOURCES = ("hub", "local", "gguf", "tiny", "qresearch")  # qresearch = a checkpoint written by export=qresearch
@@ -57,15 +59,21 @@ def resolve_path(spec: ModelSpec) -> str:
         path = list(found.submodule_search_locations)[0]
     if not Path(path).is_dir():
         raise ConfigError(f"model {spec.name}: folder {path!r} does not exist; set model.path to a local HF folder")
-    if spec.source == "gguf" and not (Path(path) / (spec.gguf_file or "")).is_file():
-        raise ConfigError(f"model {spec.name}: GGUF file {spec.gguf_file!r} not found in {path}")
+    what = f"model {spec.name}"
+    if spec.source == "gguf":
+        if not (Path(path) / (spec.gguf_file or "")).is_file():
+            raise ConfigError(f"{what}: GGUF file {spec.gguf_file!r} not found in {path}")
+        check_gguf(Path(path) / spec.gguf_file, what)
+        return path
+    read_config(path, what)
     if spec.source == "qresearch":
-        from ..export.packed import is_qresearch_checkpoint
+        from ..export.packed import check_checkpoint, is_qresearch_checkpoint
 
         if not is_qresearch_checkpoint(path):
-            raise ConfigError(f"model {spec.name}: {path} is not a qresearch-packed checkpoint (export=qresearch)")
-    if spec.source == "local" and not (Path(path) / "config.json").is_file():
-        raise ConfigError(f"model {spec.name}: {path} has no config.json; it is not a Hugging Face model folder")
+            raise ConfigError(f"{what}: {path} is not a qresearch-packed checkpoint (export=qresearch)")
+        check_checkpoint(path)  # config.json against the tensors, key by key
+    else:
+        check_weights(path, what)
     return path
 
 
@@ -78,6 +86,13 @@ def _gguf_converted(spec: ModelSpec, path: str) -> str:
     f = Path(path) / spec.gguf_file
     st = f.stat()
     out = cache_dir() / "models" / f"{f.stem}-{st.st_size}-{int(st.st_mtime)}"
+    if (out / "config.json").is_file():
+        try:
+            read_config(out, "converted GGUF cache")
+            check_weights(out, "converted GGUF cache")
+        except ConfigError as e:
+            log.warning("%s; converting again", e)
+            shutil.rmtree(out, ignore_errors=True)
     if not (out / "config.json").is_file():
         log.info("converting %s to a cached HF folder %s (once)", f.name, out)
         model = AutoModelForCausalLM.from_pretrained(path, gguf_file=spec.gguf_file, dtype=torch.float32)
