@@ -127,9 +127,9 @@ def _eval_plan(e: DictConfig) -> EvalPlan:
         raise ConfigError(f"eval.stride={stride} is invalid; allowed: 1..eval.seqlen ({e.seqlen})")
     lm = OmegaConf.to_container(e.lm_eval, resolve=True) if e.get("lm_eval") else None
     if lm and lm["tasks"]:
-        from .eval.lm_eval_bridge import check_tasks
+        from .eval.lm_eval_bridge import check_lm_eval
 
-        check_tasks(lm["tasks"], e.root)
+        check_lm_eval(lm, e.root)
     return EvalPlan(sets, e.root, e.source, int(e.seqlen), e.max_chunks, int(e.batch_size), bool(e.baseline),
                     protocol, stride if protocol == "sliding" else None, lm if lm and lm["tasks"] else None)
 

@@ -165,7 +165,7 @@ def _evaluate(p: Plan, model, tok, streams: dict, fp: dict, device) -> tuple[dic
 
         le = p.eval.lm_eval
         lm_eval = run_lm_eval(model, tok, le["tasks"], p.eval.root, le["limit"], le["num_fewshot"], le["batch_size"],
-                              p.seed)
+                              p.seed, le.get("include_path"), le.get("add_bos_token", "auto"))
     for ds, r in ppl.items():
         _, src = streams[ds]
         r.update(dataset=ds, split=src.split, origin=src.origin, text_sha256=src.sha256)

@@ -30,8 +30,8 @@ def test_resume_skips_finished_runs(results_dir):
 def test_crashed_run_leaves_failure_record_and_sweep_continues(results_dir):
     require_shared()
     r = run_cli("-m", *TINY, "method.steps.0._target_=methods.rtn.RTN,tests.crash_method.Crash")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "deliberate crash" in r.stderr
+    assert r.returncode == 1, r.stderr[-2000:]  # a sweep with a failed run says so in its exit status
+    assert "deliberate crash" in r.stderr and "== sweep: 2 jobs: 1 done, 0 skipped, 1 failed" in r.stdout
     failures = list((results_dir / "runs").rglob("failure.json"))
     assert len(failures) == 1 and not (failures[0].parent / "metrics.json").exists()
     assert "RuntimeError: deliberate crash" in json.loads(failures[0].read_text())["error"]
