@@ -20,7 +20,9 @@ def _job() -> tuple[bool, str, str]:
     from hydra.types import RunMode
 
     hc = HydraConfig.get()
-    return hc.mode == RunMode.MULTIRUN, f"#{hc.job.num} {' '.join(hc.overrides.task)}", hc.runtime.output_dir
+    multirun = hc.mode == RunMode.MULTIRUN
+    label = f"#{hc.job.num} {' '.join(hc.overrides.task)}" if multirun else "run"  # job.num: multirun only
+    return multirun, label, hc.runtime.output_dir
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
