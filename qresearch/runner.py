@@ -201,7 +201,7 @@ def execute(p: Plan, cfg_dict: dict, chash: str, out_dir: Path, logger) -> dict:
     model, tok = load_model(p.model, device, p.seed)
     t_load = time.perf_counter() - t0
     arch = arch_for(model)
-    streams = eval_streams(p.eval.datasets, tok)
+    streams = eval_streams(p.eval.datasets, tok, p.eval.seqlen)
     fp = _baseline(model, p, streams, device, tok) if p.eval.baseline and p.steps else {}
     result, calib_prov, t_quant = _quantize(p, model, arch, tok, device)
     kernels = swap_linears(model, result, p.format)

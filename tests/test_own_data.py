@@ -12,7 +12,7 @@ from qresearch.data.sets import parse_eval_sets, set_text
 from qresearch.quant.spec import ConfigError
 
 from .conftest import DATA, STORIES, require_shared
-from .helpers import compose_cfg, run_cli, run_dirs
+from .helpers import compose_cfg
 
 STORY = ("Once upon a time, there was a little girl named Lily. She loved to play outside with her dog. "
          "One day, they found a big red ball in the park. ") * 60
@@ -92,27 +92,28 @@ def test_plan_accepts_dict_entries_from_the_command_line(files):
 
 def test_own_text_run_matches_a_direct_perplexity(results_dir, files):
     """The run's number for an own file equals perplexity() on the file's tokens (same protocol), and the
-    metrics say where the text came from and its hash."""
+    metrics and index say where the text came from and its hash."""
     require_shared()
-    d, _ = files
-    r = run_cli("model=stories260k", "method=fp16", "logger=none", f"data.root={DATA}", "eval.max_chunks=4",
-                f"eval.datasets=[tinystories:{d}/tiny.txt]", "eval.baseline=false")
-    assert r.returncode == 0, r.stderr[-3000:]
-    m = json.loads((run_dirs(results_dir)[0] / "metrics.json").read_text())
-    got = m["ppl"]["tinystories"]
-    assert got["origin"] == f"local:{d / 'tiny.txt'}" and got["split"] == "file"
-    assert got["text_sha256"] == hashlib.sha256(STORY.encode()).hexdigest()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qresearch.eval.ppl import perplexity
+    from qresearch.runner import run
 
+    d, _ = files
+    cfg = compose_cfg(["model=stories260k", "method=fp16", "logger=none", f"data.root={DATA}", "eval.max_chunks=4",
+                       f"eval.datasets=[tinystories:{d}/tiny.txt]", "eval.baseline=false"])
+    cfg.out_dir = str(results_dir / "runs" / "one")
+    got = run(cfg)["ppl"]["tinystories"]
+    assert got["origin"] == f"local:{d / 'tiny.txt'}" and got["split"] == "file"
+    assert got["text_sha256"] == hashlib.sha256(STORY.encode()).hexdigest()
     tok = AutoTokenizer.from_pretrained(STORIES)
     model = AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32).eval()
     ref = perplexity(model, torch.tensor([tok(STORY).input_ids]), 256, "cpu", max_chunks=4)
     assert got["n_tokens"] == ref["n_tokens"] == 4 * 256
     assert got["ppl"] == pytest.approx(ref["ppl"], rel=1e-6)
-    assert json.loads(next((results_dir / "runs").glob("index.jsonl")).read_text().splitlines()[0])["eval"] \
-        .startswith("tinystories/file")
+    row = json.loads((results_dir / "runs" / "index.jsonl").read_text().splitlines()[0])
+    assert row["eval"].startswith(f"tinystories/file#{got['text_sha256'][:8]} gptq_chunks L256 1024 tok")
+    assert row["ppl_tinystories"] == got["ppl"]
 
 
 TASK = """task: mini_piqa
@@ -172,3 +173,17 @@ def test_own_lm_eval_task_and_bos(task_dir):
     for r in res.values():
         t = r["tasks"]["mini_piqa"]
         assert t["n_samples"] == 12 and 0.0 <= t["acc"] <= 1.0
+
+
+def test_text_shorter_than_a_chunk_is_one_line(results_dir, tmp_path):
+    require_shared()
+    from qresearch.runner import run
+
+    (tmp_path / "short.txt").write_text("Once upon a time.")
+    cfg = compose_cfg(["model=stories260k", "logger=none", f"data.root={DATA}",
+                       f"eval.datasets=[short:{tmp_path}/short.txt]"])
+    cfg.out_dir = str(tmp_path / "run")
+    with pytest.raises(ConfigError) as e:
+        run(cfg)
+    assert "eval dataset 'short' has 6 tokens, fewer than one chunk of eval.seqlen=256" in str(e.value)
+    assert "\n" not in str(e.value) and not (tmp_path / "run" / "metrics.json").exists()

@@ -47,9 +47,16 @@ def eval_tokens(dataset: str, split: str, root: str, tok, source: str = "auto",
     return set_tokens(EvalSet(dataset, split, "builtin", root=root, source=source), tok, max_tokens)
 
 
-def eval_streams(sets: list, tok) -> dict[str, tuple[torch.Tensor, Source]]:
-    """{name: (ids [1, N], Source)} for the run's EvalSets."""
-    return {s.name: set_tokens(s, tok) for s in sets}
+def eval_streams(sets: list, tok, seqlen: int | None = None) -> dict[str, tuple[torch.Tensor, Source]]:
+    """{name: (ids [1, N], Source)} for the run's EvalSets; a text shorter than one chunk of `seqlen` is a
+    one-line ConfigError (before the FP baseline)."""
+    out = {s.name: set_tokens(s, tok) for s in sets}
+    short = {n: ids.shape[1] for n, (ids, _) in out.items() if seqlen is not None and ids.shape[1] < seqlen}
+    if short:
+        n, k = next(iter(short.items()))
+        raise ConfigError(f"eval dataset {n!r} has {k} tokens, fewer than one chunk of eval.seqlen={seqlen}; "
+                          f"give a longer text or lower eval.seqlen")
+    return out
 
 
 def set_tokens(s, tok, max_tokens: int | None = None) -> tuple[torch.Tensor, Source]:

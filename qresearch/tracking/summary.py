@@ -15,7 +15,7 @@ def index_row(metrics: dict, run_dir: Path) -> dict:
            "peak_cuda_bytes": metrics["memory"].get("peak_cuda_bytes"),
            "weights_note": metrics["model"]["weights_note"]}
     le = metrics.get("lm_eval", {})
-    row["eval"] = "; ".join([f"{ds}/{p['split']} {p['protocol']} L{p['seqlen']} {p['n_tokens']} tok"
+    row["eval"] = "; ".join([f"{_text_label(ds, p)} {p['protocol']} L{p['seqlen']} {p['n_tokens']} tok"
                              for ds, p in sorted(metrics.get("ppl", {}).items())] +
                             [f"lm-eval {t} n={v['n_samples']} {le['protocol']['num_fewshot']}-shot"
                              for t, v in sorted(le.get("tasks", {}).items())])
@@ -31,6 +31,14 @@ def index_row(metrics: dict, run_dir: Path) -> dict:
             if k in t:
                 row[f"{task}_{k}"] = t[k]
     return row
+
+
+def _text_label(ds: str, p: dict) -> str:
+    """'wikitext2/test'; an own text also carries its hash ('tinystories/file#1a2b3c4d'): one name, one text."""
+    from ..data.text import EVAL_SETS
+
+    own = ds not in EVAL_SETS and p.get("text_sha256")
+    return f"{ds}/{p['split']}" + (f"#{p['text_sha256'][:8]}" if own else "")
 
 
 def _flat(d: dict, prefix: str) -> dict:
