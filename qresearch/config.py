@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .data.sets import EvalSet, parse_eval_sets
-from .data.text import check_available
+from .data.text import check_calibration
 from .method import Method
 from .models.load import ModelSpec, resolve_path
 from .quant.spec import ConfigError
@@ -158,8 +158,7 @@ def plan(cfg: DictConfig) -> Plan:
     p = Plan(spec, steps, cfg.method.name, cfg.method.tag, ev, calib, _device(cfg.device), int(cfg.seed),
              cfg.format, bits, group_size, bool(cfg.sym), cfg.get("export"))
     if p.needs_calibration:
-        if calib["name"] == "c4":
-            check_available("c4", "validation", calib["root"], calib["source"])
+        check_calibration(calib["name"], calib["root"], calib["source"])
         if calib["n_samples"] < 1 or calib["seqlen"] < 2:
             raise ConfigError(f"data.n_samples={calib['n_samples']} / data.seqlen={calib['seqlen']} invalid; "
                               f"allowed: n_samples >= 1, seqlen >= 2")

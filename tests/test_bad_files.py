@@ -135,3 +135,13 @@ def test_cli_one_line_exit_2_no_run_dir(results_dir, model_copy, tmp_path, kind)
     assert {"truncated_weights": "is truncated", "offline_root": "HF Hub is unreachable",
             "edited_export": "model.layers.2.mlp.down_proj: quantization_config group=150"}[kind] in last
     assert not (results_dir / "runs").exists() or not any((results_dir / "runs").rglob("*"))
+
+
+def test_wikitext2_calibration_offline_is_refused_early(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    text.hub_reachable.cache_clear()
+    try:
+        msg = _plan_error(f"data.root={DATA}", "method=gptq", "data=wikitext2", "eval.source=auto")
+    finally:
+        text.hub_reachable.cache_clear()
+    assert "calibration on wikitext2 needs its train split from the HF Hub, which is unreachable" in msg

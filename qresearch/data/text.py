@@ -93,6 +93,18 @@ def check_available(dataset: str, split: str, root: str, source: str) -> None:
         raise ConfigError(f"{missing}the HF Hub is unreachable (offline) for {dataset}/{split}; {where}")
 
 
+def check_calibration(dataset: str, root: str, source: str) -> None:
+    """Fail before model loading if calibration text cannot be had (C4 file checked; wikitext2 train needs the Hub)."""
+    if dataset not in CALIB_SETS:
+        raise ConfigError(f"calibration dataset={dataset!r} is unknown; allowed: {', '.join(CALIB_SETS)}")
+    if dataset == "c4":
+        check_available("c4", "validation", root, source)
+    elif dataset == "wikitext2" and (source == "local" or not hub_reachable()):
+        raise ConfigError("calibration on wikitext2 needs its train split from the HF Hub, which is "
+                          f"{'excluded by data.source=local' if source == 'local' else 'unreachable'}; "
+                          "use data=c4 or data=random")
+
+
 def check_local_file(dataset: str, path: Path, rel: str) -> None:
     """A built-in data file must be whole: non-empty, the published bytes (text), a readable parquet (C4)."""
     size = path.stat().st_size
@@ -138,7 +150,10 @@ def read_documents(dataset: str, split: str, root: str, source: str = "auto") ->
         if dataset == "c4":
             import pyarrow.parquet as pq
 
-            return pq.read_table(path, columns=["text"]).column("text").to_pylist(), f"local:{path}"
+            try:
+                return pq.read_table(path, columns=["text"]).column("text").to_pylist(), f"local:{path}"
+            except Exception as e:  # a damaged data page behind an intact footer
+                raise ConfigError(f"data file {path} could not be read ({str(e).splitlines()[0]})") from None
         lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
         rows = _wikitext_rows(lines) if dataset == "wikitext2" else [ln.strip() for ln in lines]
         return rows, f"local:{path}"

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..quant.spec import ConfigError
-from .text import C4_CALIB_DOCS, CALIB_SETS, Source, read_documents
+from .text import C4_CALIB_DOCS, CALIB_SETS, Source, hub_reachable, read_documents
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def calibration_ids(dataset: str, tok, n_samples: int, seqlen: int, seed: int, r
         lo, hi = C4_CALIB_DOCS
         docs, doc_range = docs[lo:hi], [lo, hi]
     else:  # wikitext2: only its train split is fair to calibrate on
-        if source == "local" or (source == "auto" and not _hub_allowed()):
+        if source == "local" or not hub_reachable():
             raise ConfigError("calibration on wikitext2 needs its train split, which is not available offline; "
                               "use data=c4 (calibration) or data=random")
         docs, origin = read_documents("wikitext2", "train", root, "hub")
@@ -146,7 +146,3 @@ def calibration_ids(dataset: str, tok, n_samples: int, seqlen: int, seed: int, r
     prov = {"dataset": dataset, "origin": origin, "doc_range": doc_range, "eligible_docs": len(encoded),
             "n_samples": n_samples, "seqlen": seqlen, "seed": seed, "hash": hash_ids(ids)}
     return ids, prov
-
-
-def _hub_allowed() -> bool:
-    return os.environ.get("HF_DATASETS_OFFLINE") != "1" and os.environ.get("HF_HUB_OFFLINE") != "1"
