@@ -27,8 +27,12 @@ _CHUNK = 1 << 26  # bytes hashed per step (bounds the host copy of a large GPU t
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over every state-dict tensor's name, dtype, shape and bytes (the weights a baseline comes from)."""
+    """sha256 over the model config (rope, norms, ...; not its path) and every state-dict tensor's name, dtype,
+    shape and bytes: what a baseline is computed from."""
     h = hashlib.sha256()
+    cfg = model.config.to_dict() if hasattr(model, "config") else {}
+    cfg.pop("_name_or_path", None)
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     for name, t in sorted(model.state_dict().items()):
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         flat = t.detach().contiguous().reshape(-1).view(torch.uint8)  # raw bytes [numel * itemsize]
