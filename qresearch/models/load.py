@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -77,15 +78,20 @@ def resolve_path(spec: ModelSpec) -> str:
     return path
 
 
-def _gguf_converted(spec: ModelSpec, path: str) -> str:
-    """GGUF dequantization is slow (~30 s for 135M): convert once to a safetensors HF folder in the cache."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _gguf_cache(spec: ModelSpec, path: str) -> Path:
+    """Where the converted HF folder of a GGUF file lives (keyed by file name, size and mtime)."""
     from ..data.tokens import cache_dir
 
     f = Path(path) / spec.gguf_file
     st = f.stat()
-    out = cache_dir() / "models" / f"{f.stem}-{st.st_size}-{int(st.st_mtime)}"
+    return cache_dir() / "models" / f"{f.stem}-{st.st_size}-{int(st.st_mtime)}"
+
+
+def _gguf_converted(spec: ModelSpec, path: str) -> str:
+    """GGUF dequantization is slow (~30 s for 135M): convert once to a safetensors HF folder in the cache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = _gguf_cache(spec, path)
     if (out / "config.json").is_file():
         try:
             read_config(out, "converted GGUF cache")
@@ -94,7 +100,7 @@ def _gguf_converted(spec: ModelSpec, path: str) -> str:
             log.warning("%s; converting again", e)
             shutil.rmtree(out, ignore_errors=True)
     if not (out / "config.json").is_file():
-        log.info("converting %s to a cached HF folder %s (once)", f.name, out)
+        log.info("converting %s to a cached HF folder %s (once)", spec.gguf_file, out)
         model = AutoModelForCausalLM.from_pretrained(path, gguf_file=spec.gguf_file, dtype=torch.float32)
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
         # the weights are plain float tensors now; drop the GGUF loader marker so they can be saved
@@ -105,6 +111,26 @@ def _gguf_converted(spec: ModelSpec, path: str) -> str:
         AutoTokenizer.from_pretrained(path, gguf_file=spec.gguf_file).save_pretrained(tmp)
         os.replace(tmp, out)
     return str(out)
+
+
+def config_dict(spec: ModelSpec) -> dict | None:
+    """The model's HF config as a dict without loading weights (pre-flight checks such as export.check_exportable
+    or position limits); None when it cannot be had cheaply (a Hub model not in the local cache, GGUF not yet
+    converted)."""
+    if spec.source == "tiny":
+        return dict(spec.config)
+    path = resolve_path(spec)
+    if spec.source in ("local", "qresearch"):
+        return read_config(path, f"model {spec.name}")
+    if spec.source == "gguf":
+        out = _gguf_cache(spec, path)
+        return json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else None
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(path, local_files_only=True).to_dict()
+    except (OSError, ValueError):
+        return None
 
 
 def load_tokenizer(spec: ModelSpec):
