@@ -186,3 +186,17 @@ def test_check_exportable_refuses_before_loading(kw, needle):
     check_exportable("qresearch", cfg, group_size=128, act_order=True, act_bits=8)  # our format stores all of it
     with pytest.raises(ConfigError, match="export='onnx'"):
         check_exportable("onnx", cfg, group_size=128)
+
+
+def test_config_dict_feeds_the_preflight_without_loading_weights():
+    from qresearch.models.load import ModelSpec, config_dict
+
+    from .conftest import STORIES, require_shared
+
+    require_shared()
+    cfg = config_dict(ModelSpec("stories260k", "local", str(STORIES)))
+    assert cfg["intermediate_size"] == 172
+    with pytest.raises(ConfigError, match="in_features=172"):
+        check_exportable("compressed_tensors", cfg, group_size=128)
+    assert config_dict(ModelSpec("t", "tiny", config={"model_type": "opt", "ffn_dim": 8}))["ffn_dim"] == 8
+    assert config_dict(ModelSpec("h", "hub", "no-such-org/no-such-model")) is None  # not cached, no download
