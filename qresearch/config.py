@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .data.text import EVAL_SETS, check_available
+from .data.sets import EvalSet, parse_eval_sets
+from .data.text import check_calibration
 from .errors import ConfigError
 from .method import Method, run_facts, run_tag
-from .models.load import ModelSpec, max_positions, resolve_path
+from .models.load import ModelSpec, config_dict, max_positions, resolve_path
 from .nn.swap import MODULES
 from .quant.formats import FORMATS
 
@@ -146,7 +147,7 @@ def build_steps(method: DictConfig) -> list[Method]:
 
 @dataclass
 class EvalPlan:
-    datasets: list[tuple[str, str]]  # (dataset, split)
+    datasets: list[EvalSet]  # built-in splits and own texts (data/sets.py)
     root: str
     source: str
     seqlen: int
@@ -228,13 +229,7 @@ def _eval_plan(e: DictConfig) -> EvalPlan:
     for key, hint in {"seqlen": int, "max_chunks": int | None, "batch_size": int, "baseline": bool,
                       "protocol": str, "stride": int | None}.items():
         check_value(f"eval.{key}", e.get(key), hint)
-    sets = []
-    for ds in e.datasets:
-        if ds not in EVAL_SETS:
-            raise ConfigError(f"eval dataset={ds!r} is unknown; allowed: {', '.join(EVAL_SETS)}")
-        split = e.splits.get(ds)
-        check_available(ds, split, e.root, e.source)
-        sets.append((ds, split))
+    sets = parse_eval_sets(e.datasets, e.splits, e.root, e.source)
     if e.seqlen < 2:
         raise ConfigError(f"eval.seqlen={e.seqlen} is too small; allowed: >= 2")
     if e.max_chunks is not None and e.max_chunks < 1:
@@ -248,9 +243,9 @@ def _eval_plan(e: DictConfig) -> EvalPlan:
         raise ConfigError(f"eval.stride={stride} is invalid; allowed: 1..eval.seqlen ({e.seqlen})")
     lm = OmegaConf.to_container(e.lm_eval, resolve=True) if e.get("lm_eval") else None
     if lm and lm["tasks"]:
-        from .eval.lm_eval_bridge import check_tasks
+        from .eval.lm_eval_bridge import check_lm_eval
 
-        check_tasks(lm["tasks"], e.root)
+        check_lm_eval(lm, e.root)
     lat = OmegaConf.to_container(e.latency, resolve=True) if e.get("latency") else None
     return EvalPlan(sets, e.root, e.source, int(e.seqlen), e.max_chunks, int(e.batch_size), e.baseline, e.protocol,
                     stride if e.protocol == "sliding" else None, lm if lm and lm["tasks"] else None,
@@ -260,8 +255,7 @@ def _eval_plan(e: DictConfig) -> EvalPlan:
 def _calib(cfg: DictConfig, needed: bool) -> dict[str, Any]:
     calib = {k: cfg.data[k] for k in ("name", "root", "source", "n_samples", "seqlen")}
     if needed:
-        if calib["name"] == "c4":
-            check_available("c4", "validation", calib["root"], calib["source"])
+        check_calibration(calib["name"], calib["root"], calib["source"])
         for key in ("n_samples", "seqlen"):
             check_value(f"data.{key}", calib[key], int)
         if calib["n_samples"] < 1 or calib["seqlen"] < 2:
@@ -290,6 +284,23 @@ def _check_steps(cfg: DictConfig, steps: list[Method], facts: dict) -> None:
                           f"{facts['bits']} quantizes none; use modules=fake")
 
 
+def _check_export(kind: str, spec: ModelSpec, steps: list[Method], facts: dict) -> None:
+    """What the chosen export cannot express, refused before any model loads (when the model's config can be
+    read without loading it; otherwise the export itself refuses per layer after quantizing)."""
+    from .export.check import check_exportable
+
+    if kind == "compressed_tensors" and facts["qformat"] not in (None, "int"):
+        raise ConfigError(f"export=compressed_tensors writes integer codes (pack-quantized); qformat="
+                          f"{facts['qformat']} is not an integer format; use export=qresearch")
+    model_config = config_dict(spec)
+    if model_config is None or facts["bits"] == 16:
+        return
+    weight_step = next(s for s in reversed(steps) if s.spec is not None)
+    check_exportable(kind, model_config, facts["group_size"], bool(getattr(weight_step, "act_order", False)),
+                     bool(getattr(weight_step, "static_groups", False)), facts["act_bits"],
+                     weight_step.spec.format.code_bits(weight_step.spec), bool(getattr(weight_step, "lm_head", False)))
+
+
 def plan(cfg: DictConfig) -> Plan:
     """Validate the composed config; every user error surfaces here as a one-line ConfigError."""
     check_top_level(cfg)
@@ -305,5 +316,7 @@ def plan(cfg: DictConfig) -> Plan:
     calib = _calib(cfg, needs_calib)
     seqlens = {"eval.seqlen": ev.seqlen} | ({"data.seqlen": calib["seqlen"]} if needs_calib else {})
     check_positions(spec.name, max_positions(spec), seqlens)
-    return Plan(spec, steps, cfg.method.name, full_tag(cfg.method.name, steps, cfg.modules), facts, ev, calib, _device(cfg.device),
-                cfg.seed, cfg.modules, cfg.export)
+    if cfg.export is not None:
+        _check_export(cfg.export, spec, steps, facts)
+    return Plan(spec, steps, cfg.method.name, full_tag(cfg.method.name, steps, cfg.modules), facts, ev, calib,
+                _device(cfg.device), cfg.seed, cfg.modules, cfg.export)

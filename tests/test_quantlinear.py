@@ -1,4 +1,4 @@
-"""QuantLinear (format=packed) on CPU: equals the fake-quant layer, stores the bytes the arithmetic says,
+"""QuantLinear (modules=packed) on CPU: equals the fake-quant layer, stores the bytes the arithmetic says,
 and gives the fake format's perplexity on stories260K."""
 import pytest
 import torch
@@ -10,7 +10,6 @@ from qresearch.nn.fake import FakeQuantLinear
 from qresearch.nn.packed import QuantLinear, packed_weight_bytes
 from qresearch.nn.swap import swap_linears
 from qresearch.quant import QuantSpec, quantize_tensor, weight_spec
-from qresearch.quant.spec import ConfigError
 from tests._qhelpers import fp16_exact, rel_err, rtn_layer, shared_dir
 
 

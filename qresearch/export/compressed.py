@@ -5,9 +5,20 @@ Our int32_k layout is bit-for-bit the compressed-tensors packing (codes stored a
 little-endian stream along `in`; zero points streamed along `out`), so codes and zeros are copied. Per layer:
   <name>.weight_packed int32 [out, ceil(in*b/32)], <name>.weight_scale [out, n_groups] (model dtype),
   <name>.weight_zero_point int32 [ceil(out*b/32), n_groups] (asymmetric), <name>.weight_shape int64 [2].
-Limits of compressed-tensors 0.20 (refused with a clear error, never silently changed): group strategy needs
-in_features % group_size == 0 (no partial last group), act-order group indices are not applied on load,
-activation quantization and fp outlier columns are not weight-only.
+These are the names, shapes, dtypes and packing compressed-tensors' own PackedQuantizationCompressor writes
+(tests/test_export_load.py compresses a model with it and compares tensor by tensor).
+
+Asymmetric checkpoints carry `"dequantize": true` in their quantization_config. With compressed-tensors 0.20
+and transformers 5, a plain `AutoModelForCausalLM.from_pretrained(dir)` of *any* asymmetric pack-quantized
+checkpoint (the library's own output included) fails: the loader allocates unpacked zero points [out, n_groups]
+(the meta-tensor path of PackedQuantizationCompressor.compress does not pack them) while the files hold packed
+ones [ceil(out*b/32), n_groups]. With the flag, transformers dequantizes the weights while loading (it would
+decompress them on the first forward anyway); vLLM and compressed-tensors ignore the key and read the packed
+tensors as they are.
+
+Limits of compressed-tensors 0.20 (refused with a clear error, never silently changed; check_exportable says so
+before a model loads): group strategy needs in_features % group_size == 0 (no partial last group), act-order
+group indices are not applied on load, activation quantization and fp outlier columns are not weight-only.
 """
 from __future__ import annotations
 
@@ -19,6 +30,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models.checkpoint import quantized_layers
+from ..models.st_writer import write_safetensors
 from ..nn.packed import QuantLinear
 from ..quant.formats import get_format
 
@@ -59,8 +71,6 @@ def _groups(layers: dict[str, QuantLinear]) -> dict:
 
 def save_compressed_tensors(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
     """Write a packed model (modules=packed) as a compressed-tensors pack-quantized HF checkpoint."""
-    from safetensors.torch import save_file
-
     layers = quantized_layers(model)
     if not layers:
         raise ValueError("the model has no QuantLinear layers; swap_linears(model, result, 'packed') first")
@@ -86,12 +96,14 @@ def save_compressed_tensors(model: nn.Module, path: str | Path, tokenizer=None) 
             tensors[f"{name}.bias"] = m.bias.contiguous()
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.cpu() for k, v in tensors.items()}, str(path / "model.safetensors"), metadata={"format": "pt"})
+    write_safetensors(path / "model.safetensors", tensors, {"format": "pt"})
     cfg = model.config.to_dict()
     linears = [n for n, mod in model.named_modules() if isinstance(mod, nn.Linear)]
     cfg["quantization_config"] = {
         "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
         "config_groups": groups, "ignore": linears, "kv_cache_scheme": None, "sparsity_config": {}}
+    if any(not g["weights"]["symmetric"] for g in groups.values()):
+        cfg["quantization_config"]["dequantize"] = True  # see the module docstring
     (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
     if tokenizer is not None:
         tokenizer.save_pretrained(path)

@@ -149,10 +149,17 @@ class Metrics:
     def eval_signature(self) -> str:
         """What was evaluated, in one string: runs with different signatures never share a table."""
         le = self.lm_eval or {}
-        parts = [f"{ds}/{p.split} {p.protocol} L{p.seqlen} {p.n_tokens} tok" for ds, p in sorted(self.ppl.items())]
+        parts = [f"{_text_label(ds, p)} {p.protocol} L{p.seqlen} {p.n_tokens} tok" for ds, p in sorted(self.ppl.items())]
         parts += [f"lm-eval {t} n={v['n_samples']} {le['protocol']['num_fewshot']}-shot"
                   for t, v in sorted(le.get("tasks", {}).items())]
         return "; ".join(parts)
+
+
+def _text_label(ds: str, p: PplResult) -> str:
+    """'wikitext2/test'; an own text also carries its hash ('tinystories/file#1a2b3c4d'): one name, one text."""
+    from ..data.text import EVAL_SETS
+
+    return f"{ds}/{p.split}" + (f"#{p.text_sha256[:8]}" if ds not in EVAL_SETS else "")
 
 
 def _flat(d: dict, prefix: str) -> dict:
