@@ -52,7 +52,7 @@ class Source:
 
     dataset: str
     split: str
-    origin: str  # 'local:<path>' or 'hub:<id>'
+    origin: str  # 'local:<file relative to the data root>' or 'hub:<id>'
     sha256: str  # of the raw text used
 
 
@@ -142,8 +142,10 @@ def _wikitext_rows(lines: list[str]) -> list[str]:
 
 
 def read_documents(dataset: str, split: str, root: str, source: str = "auto") -> tuple[list[str], str]:
-    """Rows/documents of a split as the HF builder yields them, and the origin string."""
+    """Rows/documents of a split as the HF builder yields them, and the origin string ('local:' + the file relative
+    to the data root, so results name no machine's absolute paths; the text's sha256 pins the content)."""
     path = local_path(dataset, split, root)
+    origin = f"local:{LOCAL_FILES[dataset][split]}"
     if source == "local" or (source == "auto" and path.is_file()):
         if not path.is_file():
             raise ConfigError(f"data file {path} is missing (dataset {dataset}, split {split})")
@@ -151,12 +153,12 @@ def read_documents(dataset: str, split: str, root: str, source: str = "auto") ->
             import pyarrow.parquet as pq
 
             try:
-                return pq.read_table(path, columns=["text"]).column("text").to_pylist(), f"local:{path}"
+                return pq.read_table(path, columns=["text"]).column("text").to_pylist(), origin
             except Exception as e:  # a damaged data page behind an intact footer
                 raise ConfigError(f"data file {path} could not be read ({str(e).splitlines()[0]})") from None
         lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
         rows = _wikitext_rows(lines) if dataset == "wikitext2" else [ln.strip() for ln in lines]
-        return rows, f"local:{path}"
+        return rows, origin
     return _hub_documents(dataset, split), f"hub:{HUB[dataset][0]}"
 
 
