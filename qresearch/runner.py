@@ -207,7 +207,8 @@ def execute(p: Plan, cfg_dict: dict, chash: str, out_dir: Path, logger) -> Metri
     prov = provenance(device, p.seed) | {"calibration": calib_prov}
     run_info = RunInfo(model=p.model.name, method=p.recipe, tag=p.tag, **p.facts, modules=p.modules,
                        config_hash=chash, seed=p.seed, time=_now(), steps=records, commit=commit_label(prov),
-                       eval_signature=eval_signature(ppl, lm_eval))
+                       eval_signature=eval_signature(ppl, lm_eval),
+                       calib_samples=None if calib_prov is None else calib_prov["n_samples"])
     metrics = Metrics(run=run_info, model=model_info, ppl=ppl, footprint=_footprint(p, model, result),
                       memory=peak_memory(device), timing=Timing(t_load, t_quant, t_eval),
                       kernels={k: sum(1 for v in kernels.values() if v == k) for k in sorted(set(kernels.values()))},

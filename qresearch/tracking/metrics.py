@@ -42,6 +42,7 @@ class RunInfo:
     steps: list[dict[str, Any]] = field(default_factory=list)  # per step: what it used, its settings and cost
     commit: str | None = None  # git commit of the code that ran ('+dirty' when tracked files had changes)
     eval_signature: str | None = None  # what was evaluated (eval_signature()); dashboards filter on it
+    calib_samples: int | None = None  # calibration windows the steps used (None: no step calibrated)
 
 
 @dataclass
