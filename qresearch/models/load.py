@@ -14,14 +14,17 @@ import torch
 from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
-SOURCES = ("hub", "local", "gguf", "tiny", "qresearch")  # qresearch = a checkpoint written by export=qresearch
+# qresearch = a checkpoint written by export=qresearch; compressed_tensors / gptq / awq = quantized by other tools
+FOREIGN_SOURCES = ("compressed_tensors", "gptq", "awq")
+SOURCES = ("hub", "local", "gguf", "tiny", "qresearch", *FOREIGN_SOURCES)
+PREQUANTIZED = ("qresearch", *FOREIGN_SOURCES)  # sources whose linears load as packed QuantLinears
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
 class ModelSpec:
     name: str
-    source: str  # hub | local | gguf | tiny
+    source: str  # one of SOURCES
     path: str = ""  # hub id, local dir, or (gguf) a dir / 'pkg:<python package>'
     gguf_file: str | None = None
     tokenizer: str | None = None  # defaults to path
@@ -65,6 +68,10 @@ def resolve_path(spec: ModelSpec) -> str:
 
         if not is_qresearch_checkpoint(path):
             raise ConfigError(f"model {spec.name}: {path} is not a qresearch-packed checkpoint (export=qresearch)")
+    if spec.source in FOREIGN_SOURCES:
+        from .foreign import quant_config
+
+        quant_config(path, spec.source)
     if spec.source == "local" and not (Path(path) / "config.json").is_file():
         raise ConfigError(f"model {spec.name}: {path} has no config.json; it is not a Hugging Face model folder")
     return path
@@ -146,6 +153,10 @@ def load_model(spec: ModelSpec, device: torch.device, seed: int = 0):
         from .checkpoint import load_quantized
 
         model = load_quantized(path, device)
+    elif spec.source in FOREIGN_SOURCES:
+        from .foreign import load_foreign
+
+        model = load_foreign(path, spec.source, dtype)
     elif spec.source == "tiny":
         cfg = dict(spec.config)
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
