@@ -185,3 +185,15 @@ def test_run_evaluates_a_foreign_checkpoint_with_its_stored_bytes(tmp_path):
     n_layers = sum(k.endswith(".weight_shape") for k in stored)
     assert m["footprint"]["measured_packed_bytes"] == q_bytes - 16 * n_layers  # all but weight_shape int64 [2]
     assert m["model"]["source"] == "compressed_tensors" and m["run"]["bits"] == 16
+
+
+def test_plan_refuses_requantizing_or_fake_modules(tmp_path):
+    from qresearch.config import plan
+
+    save_compressed_tensors(_packed_stories(4, -1, False), tmp_path / "ct")
+    base = ["model=stories260k", "model.source=compressed_tensors", f"model.path={tmp_path / 'ct'}", f"data.root={DATA}"]
+    with pytest.raises(ConfigError, match="already quantized; evaluate it with method=fp16"):
+        plan(compose_cfg(base + ["method=rtn", "modules=packed"]))
+    with pytest.raises(ConfigError, match="loads packed weights; run it with modules=packed"):
+        plan(compose_cfg(base + ["method=fp16", "modules=fake"]))
+    assert plan(compose_cfg(base + ["method=fp16", "modules=packed"])).model.source == "compressed_tensors"
