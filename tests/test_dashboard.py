@@ -15,7 +15,7 @@ from .wandb_reader import read_run
 
 LATENCY = ["eval.latency.enabled=true", "eval.latency.prompt_lengths=[16]", "eval.latency.decode_tokens=2",
            "eval.latency.batch_sizes=[1]", "eval.latency.repeats=1", "eval.latency.warmup=0"]
-SWEEP = ["model=stories260k", f"data.root={DATA}", "eval.max_chunks=2", "data.n_samples=4", "data.seqlen=64",
+SWEEP = ["model=stories260k", f"data.root={DATA}", "eval.max_chunks=2", "data.n_samples=4", "data.seqlen=32",
          "logger=wandb", "logger.mode=offline", "logger.project=dash", *LATENCY]
 
 
