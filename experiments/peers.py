@@ -182,6 +182,8 @@ down_proj (in 172) at g32 and SmolLM2's 576-wide inputs at g128; those rows give
 stories260K only (CPU budget); our SmolLM2 g128 numbers are in results/gptq_awq.md (other calibration sizes).
 llm-compressor's AWQ has no clip search (ours searches clipping after scaling); its GPTQ runs its sequential
 pipeline (quantized outputs feed the next layer), ours is true-sequential (the default).
+llm-compressor 0.14's AWQ pins cached activations in page-locked memory, which fails on a machine without an
+accelerator; the worker skips that pinning on CPU (it only speeds up host-to-GPU copies; no value changes).
 {notes}
 Machine: {machine}. Versions: {versions}.
 

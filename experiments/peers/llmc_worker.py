@@ -42,6 +42,19 @@ def recipe(job: dict) -> list:
     raise ValueError(f"recipe={job['recipe']!r}; allowed: rtn, gptq, awq")
 
 
+def cpu_only_workaround() -> bool:
+    """llm-compressor 0.14's AWQ pins cached activations (pin_memory) for faster host-to-GPU copies, which raises
+    'Cannot access accelerator device' on a machine without one; pinning changes no value, so without an
+    accelerator it is skipped. Returns whether the workaround is on (recorded in result.json)."""
+    import torch
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if torch.cuda.is_available():
+        return False
+    IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
+    return True
+
+
 def run(job: dict) -> dict:
     import torch
     from datasets import Dataset
@@ -51,6 +64,7 @@ def run(job: dict) -> dict:
     from qresearch.eval.ppl import perplexity
 
     torch.set_num_threads(int(job.get("threads", 2)))
+    no_pinning = cpu_only_workaround()
     tok = AutoTokenizer.from_pretrained(job["tokenizer_dir"])
     model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=torch.float32)
     calib = torch.load(job["calib_ids"], weights_only=True)  # [n, seqlen] the harness's C4 windows
@@ -69,7 +83,7 @@ def run(job: dict) -> dict:
     import llmcompressor
     import transformers
 
-    return {"status": "ok", "quantize_seconds": seconds, "ppl": ppl,
+    return {"status": "ok", "quantize_seconds": seconds, "ppl": ppl, "pin_memory_skipped": no_pinning,
             "versions": {"llmcompressor": llmcompressor.__version__, "compressed_tensors": compressed_tensors.__version__,
                          "transformers": transformers.__version__, "torch": torch.__version__},
             "checkpoint_bytes": sum(f.stat().st_size for f in (out / "checkpoint").glob("*.safetensors"))}
