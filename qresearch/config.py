@@ -19,7 +19,7 @@ from .data.sets import EvalSet, parse_eval_sets
 from .data.text import check_calibration
 from .errors import ConfigError
 from .method import Method, run_facts, run_tag
-from .models.load import ModelSpec, config_dict, max_positions, resolve_path
+from .models.load import PREQUANTIZED, ModelSpec, config_dict, max_positions, resolve_path
 from .nn.swap import MODULES
 from .quant.formats import FORMATS
 
@@ -277,9 +277,12 @@ def _check_steps(cfg: DictConfig, steps: list[Method], facts: dict) -> None:
     if cfg.act_bits != 16 and facts["act_bits"] == 16:
         raise ConfigError(f"act_bits={cfg.act_bits} but no step of method {cfg.method.name!r} quantizes "
                           f"activations; steps that do: rtn (e.g. method=rtn act_bits={cfg.act_bits})")
-    if cfg.model.source == "qresearch" and cfg.modules != "packed":
-        raise ConfigError("model.source=qresearch loads packed weights; run it with modules=packed")
-    if cfg.modules == "packed" and cfg.model.source != "qresearch" and not any(s.spec is not None for s in steps):
+    if cfg.model.source in PREQUANTIZED and cfg.modules != "packed":
+        raise ConfigError(f"model.source={cfg.model.source} loads packed weights; run it with modules=packed")
+    if cfg.model.source in PREQUANTIZED and any(s.spec is not None for s in steps):
+        raise ConfigError(f"model.source={cfg.model.source} is already quantized; evaluate it with method=fp16 "
+                          f"(got method={cfg.method.name})")
+    if cfg.modules == "packed" and cfg.model.source not in PREQUANTIZED and not any(s.spec is not None for s in steps):
         raise ConfigError(f"modules=packed needs quantized weights, but method={cfg.method.name} at bits="
                           f"{facts['bits']} quantizes none; use modules=fake")
 

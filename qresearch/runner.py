@@ -23,8 +23,8 @@ from .models.arch import arch_for
 from .models.load import load_model, positions_of, resolve_dtype
 from .nn.swap import swap_linears
 from .records import QuantResult
-from .tracking.metrics import Footprint, Metrics, ModelInfo, PplResult, RunInfo, Timing
-from .tracking.provenance import provenance
+from .tracking.metrics import Footprint, Metrics, ModelInfo, PplResult, RunInfo, Timing, eval_signature
+from .tracking.provenance import commit_label, provenance
 from .tracking.store import append_index, atomic_write_json, completed_run, config_hash, read_metrics, write_csv
 from .tracking.summary import print_summary
 from .tracking.wandb_logger import make_logger
@@ -196,14 +196,17 @@ def execute(p: Plan, cfg_dict: dict, chash: str, out_dir: Path, logger) -> Metri
     result, records, calib_prov, t_quant = _quantize(p, model, arch, tok, device)
     kernels = swap_linears(model, result, p.modules)
     ppl, lm_eval, t_eval = _evaluate(p, model, tok, streams, fp, device)
+    prov = provenance(device, p.seed) | {"calibration": calib_prov}
     run_info = RunInfo(model=p.model.name, method=p.recipe, tag=p.tag, **p.facts, modules=p.modules,
-                       config_hash=chash, seed=p.seed, time=_now(), steps=records)
+                       config_hash=chash, seed=p.seed, time=_now(), steps=records, commit=commit_label(prov),
+                       eval_signature=eval_signature(ppl, lm_eval),
+                       calib_samples=None if calib_prov is None else calib_prov["n_samples"])
     metrics = Metrics(run=run_info, model=model_info, ppl=ppl, footprint=_footprint(p, model, result),
                       memory=peak_memory(device), timing=Timing(t_load, t_quant, t_eval),
                       kernels={k: sum(1 for v in kernels.values() if v == k) for k in sorted(set(kernels.values()))},
-                      calibration=calib_prov, wandb=logger.status, lm_eval=lm_eval,
+                      calibration=calib_prov, wandb=logger.status, lm_eval=lm_eval, wandb_run=logger.ref(),
                       **_extras(p, model, tok, kernels, device, out_dir))
-    _write(out_dir, cfg_dict, metrics, result, provenance(device, p.seed) | {"calibration": calib_prov}, logger)
+    _write(out_dir, cfg_dict, metrics, result, prov, logger)
     return metrics
 
 

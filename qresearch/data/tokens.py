@@ -122,7 +122,7 @@ def calibration_ids(dataset: str, tok, n_samples: int, seqlen: int, seed: int, r
     if dataset == "random":
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, len(tok), (n_samples, seqlen), generator=g)
-        return ids, {"dataset": "random", "seed": seed, "hash": hash_ids(ids)}
+        return ids, {"dataset": "random", "n_samples": n_samples, "seqlen": seqlen, "seed": seed, "hash": hash_ids(ids)}
     if dataset == "c4":
         docs, origin = read_documents("c4", "validation", root, source)
         lo, hi = C4_CALIB_DOCS

@@ -36,10 +36,11 @@ def footprint(model: nn.Module, result: QuantResult, fp_bits: int = 16) -> dict:
         other_params += p.numel()
     q_bits = sum(sum(layer_bits(r).values()) for r in result.layers.values())
     q_weights = sum(r.weight.codes.numel() for r in result.layers.values())
-    # packed modules the model already held (a reloaded quantized checkpoint): their measured buffer bytes
+    # packed modules the model already held (a reloaded quantized checkpoint): the bytes the checkpoint stored
+    # (`stored_bytes`, set when another tool's format was converted) or else their buffer bytes
     for name, m in model.named_modules():
         if name not in quantized and hasattr(m, "weight_bytes") and hasattr(m, "in_features"):
-            q_bits += 8 * m.weight_bytes()
+            q_bits += 8 * (getattr(m, "stored_bytes", None) or m.weight_bytes())
             q_weights += m.in_features * m.out_features
     total_bits = q_bits + other_params * fp_bits
     fp_total_bits = (q_weights + other_params) * fp_bits

@@ -16,14 +16,17 @@ from ..errors import ConfigError
 from .files import check_gguf, check_weights, read_config
 
 log = logging.getLogger(__name__)
-SOURCES = ("hub", "local", "gguf", "tiny", "qresearch")  # qresearch = a checkpoint written by export=qresearch
+# qresearch = a checkpoint written by export=qresearch; compressed_tensors / gptq / awq = quantized by other tools
+FOREIGN_SOURCES = ("compressed_tensors", "gptq", "awq")
+SOURCES = ("hub", "local", "gguf", "tiny", "qresearch", *FOREIGN_SOURCES)
+PREQUANTIZED = ("qresearch", *FOREIGN_SOURCES)  # sources whose linears load as packed QuantLinears
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
 class ModelSpec:
     name: str
-    source: str  # hub | local | gguf | tiny
+    source: str  # one of SOURCES
     path: str = ""  # hub id, local dir, or (gguf) a dir / 'pkg:<python package>'
     gguf_file: str | None = None
     tokenizer: str | None = None  # defaults to path
@@ -73,6 +76,10 @@ def resolve_path(spec: ModelSpec) -> str:
         if not is_qresearch_checkpoint(path):
             raise ConfigError(f"{what}: {path} is not a qresearch-packed checkpoint (export=qresearch)")
         check_checkpoint(path)  # config.json against the tensors, key by key
+    elif spec.source in FOREIGN_SOURCES:
+        from .foreign import quant_config
+
+        quant_config(path, spec.source)
     else:
         check_weights(path, what)
     return path
@@ -166,6 +173,10 @@ def load_model(spec: ModelSpec, device: torch.device, seed: int = 0):
         from .checkpoint import load_quantized
 
         model = load_quantized(path, device)
+    elif spec.source in FOREIGN_SOURCES:
+        from .foreign import load_foreign
+
+        model = load_foreign(path, spec.source, dtype)
     elif spec.source == "tiny":
         cfg = dict(spec.config)
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
