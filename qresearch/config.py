@@ -37,15 +37,23 @@ def model_name(preset: str, preset_path: str, path: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(path).rstrip("/")).name) or preset
 
 
-def full_tag(recipe: str, steps: list[Method], modules: str) -> str:
-    """The run tag: what the steps do, plus -packed for packed modules (fake is the default)."""
-    return run_tag(recipe, steps) + ("-packed" if modules == "packed" else "")
+def kv_tag(kv: Any) -> str:
+    """Tag fragment of KV-cache quantization: -kv8, -kv4-sym, -kv8-fp8_e4m3 ('' when off)."""
+    if kv is None or kv.get("bits", 16) == 16:
+        return ""
+    fmt = kv.get("qformat", "int")
+    return f"-kv{kv['bits']}{'-sym' if kv.get('sym') and fmt == 'int' else ''}{'' if fmt == 'int' else '-' + fmt}"
 
 
-def tag_of(method: DictConfig, modules: str) -> str:
+def full_tag(recipe: str, steps: list[Method], modules: str, kv: Any = None) -> str:
+    """The run tag: what the steps do, plus -packed for packed modules (fake is the default), plus the KV cache."""
+    return run_tag(recipe, steps) + ("-packed" if modules == "packed" else "") + kv_tag(kv)
+
+
+def tag_of(method: DictConfig, modules: str, kv: Any = None) -> str:
     """Run tag of a method node (for the run dir, resolved by Hydra before run(); errors surface in plan())."""
     try:
-        return full_tag(method.name, build_steps(method), modules)
+        return full_tag(method.name, build_steps(method), modules, kv)
     except Exception:  # noqa: BLE001 - plan() reports the error properly; the dir is then discarded
         return f"{method.get('name', 'method')}-invalid"
 
@@ -158,6 +166,7 @@ class EvalPlan:
     stride: int | None = None
     lm_eval: dict[str, Any] | None = None  # tasks, limit, num_fewshot, batch_size
     latency: dict[str, Any] | None = None  # LatencyConfig fields when enabled
+    kv_cache: dict[str, Any] | None = None  # bits, qformat, sym, contexts when enabled (eval/kvcache.py)
 
 
 @dataclass
@@ -182,19 +191,23 @@ class Plan:
 
 
 TOP_LEVEL = {"bits": int, "group_size": int, "sym": bool, "qformat": str, "act_bits": int, "seed": int,
-             "modules": str, "device": str, "export": str | None, "skip_done": bool}
+             "modules": str, "device": str, "export": str | None, "skip_done": bool, "scale_bits": int | None,
+             "scale_level2": str, "bits_map": str | None}
 
 
 def check_top_level(cfg: DictConfig) -> None:
     """Types and ranges of the top-level knobs (before anything interpolates them into a step)."""
     for key, hint in TOP_LEVEL.items():
         check_value(key, cfg.get(key), hint)
-    if not (2 <= cfg.bits <= 8 or cfg.bits == 16):
-        raise ConfigError(f"bits={cfg.bits} is out of range; allowed: 2..8, or 16 for no quantization")
-    if cfg.group_size == 0 or cfg.group_size < -1:
-        raise ConfigError(f"group_size={cfg.group_size} is invalid; allowed: -1 (per-channel) or a positive int")
     if cfg.qformat not in FORMATS:
         raise ConfigError(f"qformat={cfg.qformat!r} is unknown; allowed: {', '.join(FORMATS)}")
+    low = min(FORMATS[cfg.qformat].bits_allowed)
+    if not (low <= cfg.bits <= 8 or cfg.bits == 16):
+        raise ConfigError(f"bits={cfg.bits} is out of range; allowed: {max(low, 2)}..8 (1: qformat=binary), "
+                          f"or 16 for no quantization")
+    if cfg.group_size < -1 or (cfg.group_size == 0 and cfg.qformat != "kmeans"):
+        raise ConfigError(f"group_size={cfg.group_size} is invalid; allowed: -1 (per-channel) or a positive int "
+                          f"(0: a per-layer palette, qformat=kmeans)")
     if not (2 <= cfg.act_bits <= 8 or cfg.act_bits == 16):
         raise ConfigError(f"act_bits={cfg.act_bits} is out of range; allowed: 2..8, or 16 for full precision")
     if not 0 <= cfg.seed < 2**32:
@@ -249,7 +262,14 @@ def _eval_plan(e: DictConfig) -> EvalPlan:
     lat = OmegaConf.to_container(e.latency, resolve=True) if e.get("latency") else None
     return EvalPlan(sets, e.root, e.source, int(e.seqlen), e.max_chunks, int(e.batch_size), e.baseline, e.protocol,
                     stride if e.protocol == "sliding" else None, lm if lm and lm["tasks"] else None,
-                    lat if lat and lat.get("enabled") else None)
+                    lat if lat and lat.get("enabled") else None, _kv_plan(e))
+
+
+def _kv_plan(e: DictConfig) -> dict[str, Any] | None:
+    """eval.kv_cache checked (types, supported bits / format) -> its settings, or None when off."""
+    from .eval.kvcache import check_kv_settings
+
+    return check_kv_settings(OmegaConf.to_container(e.kv_cache, resolve=True) if e.get("kv_cache") else None)
 
 
 def _calib(cfg: DictConfig, needed: bool) -> dict[str, Any]:
@@ -292,9 +312,15 @@ def _check_export(kind: str, spec: ModelSpec, steps: list[Method], facts: dict) 
     read without loading it; otherwise the export itself refuses per layer after quantizing)."""
     from .export.check import check_exportable
 
-    if kind == "compressed_tensors" and facts["qformat"] not in (None, "int"):
-        raise ConfigError(f"export=compressed_tensors writes integer codes (pack-quantized); qformat="
-                          f"{facts['qformat']} is not an integer format; use export=qresearch")
+    if kind == "compressed_tensors":
+        from .export.compressed import step_refusal
+
+        for s in steps:
+            why = step_refusal(s.spec, s.act is not None,
+                               getattr(s, "act_order", False) and not getattr(s, "static_groups", False))
+            if why:
+                raise ConfigError(f"export=compressed_tensors cannot hold method.{s.name}'s weights: {why}; "
+                                  f"use export=qresearch")
     model_config = config_dict(spec)
     if model_config is None or facts["bits"] == 16:
         return
@@ -321,5 +347,5 @@ def plan(cfg: DictConfig) -> Plan:
     check_positions(spec.name, max_positions(spec), seqlens)
     if cfg.export is not None:
         _check_export(cfg.export, spec, steps, facts)
-    return Plan(spec, steps, cfg.method.name, full_tag(cfg.method.name, steps, cfg.modules), facts, ev, calib,
+    return Plan(spec, steps, cfg.method.name, full_tag(cfg.method.name, steps, cfg.modules, ev.kv_cache), facts, ev, calib,
                 _device(cfg.device), cfg.seed, cfg.modules, cfg.export)
