@@ -14,13 +14,16 @@ OUTLIER_BITS = 16  # full-precision outlier columns (LLM.int8())
 
 
 def layer_bits(res: LayerResult) -> dict[str, int]:
-    """Storage bits of one quantized linear by its numeric format: codes, scales, zeros, extras."""
+    """Storage bits of one quantized linear by its numeric format: codes, group scales, their second-level scales,
+    zeros, codebook entries, extras."""
     q = res.weight
     fmt, spec = q.spec.format, q.spec
     out, inp = q.codes.shape
     n_qp = q.scale.numel()
     return {"codes": out * inp * fmt.code_bits(spec), "scales": n_qp * fmt.scale_bits(spec),
-            "zeros": n_qp * fmt.zero_bits(spec), "g_idx": 0 if q.g_idx is None else inp * GIDX_BITS,
+            "scale2": 0 if q.scale2 is None else q.scale2.numel() * fmt.scale2_bits(),
+            "zeros": n_qp * fmt.zero_bits(spec), "lut": 0 if q.lut is None else q.lut.numel() * fmt.lut_bits(),
+            "g_idx": 0 if q.g_idx is None else inp * GIDX_BITS,
             "outliers": 0 if res.outliers is None else int(res.outliers.sum()) * out * OUTLIER_BITS}
 
 

@@ -129,6 +129,8 @@ def interpreting() -> bool:
 def _triton_why_not(key: LayerKey) -> str | None:
     if key.meta.qformat != "int":
         return f"qformat={key.meta.qformat} has no Triton kernel"
+    if key.meta.scale_coding.coded:
+        return f"two-level scales (scale_bits={key.meta.scale_bits}) have no Triton kernel"
     if key.device.type != "cuda" and not interpreting():
         return f"device {key.device.type} (Triton needs CUDA, or TRITON_INTERPRET=1)"
     if key.device.type == "cuda" and key.mode.kind != "int8" and key.dtype not in TRITON_DTYPES:
@@ -159,7 +161,8 @@ def _run_reference(x, meta, bufs, mode):
 
     if mode.kind == "int8":
         return ref.w8a8_ref(x, meta, bufs["qweight"], bufs["scales"], bufs["bias"], prepare_input(x, mode, bufs))
-    return ref.wa16_ref(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["g_idx"], bufs["bias"])
+    return ref.wa16_ref(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["g_idx"], bufs["bias"],
+                        bufs.get("scale2"), bufs.get("lut"))
 
 
 register(Kernel("triton", "triton", 10, lambda k: k.mode.kind == "none", _triton_why_not, _run_triton_wq))
