@@ -180,19 +180,23 @@ class Plan:
 
 
 TOP_LEVEL = {"bits": int, "group_size": int, "sym": bool, "qformat": str, "act_bits": int, "seed": int,
-             "modules": str, "device": str, "export": str | None, "skip_done": bool}
+             "modules": str, "device": str, "export": str | None, "skip_done": bool, "scale_bits": int | None,
+             "scale_level2": str, "bits_map": str | None}
 
 
 def check_top_level(cfg: DictConfig) -> None:
     """Types and ranges of the top-level knobs (before anything interpolates them into a step)."""
     for key, hint in TOP_LEVEL.items():
         check_value(key, cfg.get(key), hint)
-    if not (2 <= cfg.bits <= 8 or cfg.bits == 16):
-        raise ConfigError(f"bits={cfg.bits} is out of range; allowed: 2..8, or 16 for no quantization")
-    if cfg.group_size == 0 or cfg.group_size < -1:
-        raise ConfigError(f"group_size={cfg.group_size} is invalid; allowed: -1 (per-channel) or a positive int")
     if cfg.qformat not in FORMATS:
         raise ConfigError(f"qformat={cfg.qformat!r} is unknown; allowed: {', '.join(FORMATS)}")
+    low = min(FORMATS[cfg.qformat].bits_allowed)
+    if not (low <= cfg.bits <= 8 or cfg.bits == 16):
+        raise ConfigError(f"bits={cfg.bits} is out of range; allowed: {max(low, 2)}..8 (1: qformat=binary), "
+                          f"or 16 for no quantization")
+    if cfg.group_size < -1 or (cfg.group_size == 0 and cfg.qformat != "kmeans"):
+        raise ConfigError(f"group_size={cfg.group_size} is invalid; allowed: -1 (per-channel) or a positive int "
+                          f"(0: a per-layer palette, qformat=kmeans)")
     if not (2 <= cfg.act_bits <= 8 or cfg.act_bits == 16):
         raise ConfigError(f"act_bits={cfg.act_bits} is out of range; allowed: 2..8, or 16 for full precision")
     if not 0 <= cfg.seed < 2**32:

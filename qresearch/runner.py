@@ -35,7 +35,8 @@ log = logging.getLogger("qresearch")
 
 # where/how a run is written, not what it computes; the top-level quantization knobs act only through the method
 # steps they interpolate into (so fp16 at bits=3 and bits=4 is one config)
-HASH_EXCLUDE = ("out_dir", "paths", "logger", "skip_done", "bits", "group_size", "sym", "qformat", "act_bits")
+HASH_EXCLUDE = ("out_dir", "paths", "logger", "skip_done", "bits", "group_size", "sym", "qformat", "act_bits",
+                "scale_bits", "scale_level2", "bits_map")
 
 
 def _output_dir(cfg: DictConfig) -> Path:
