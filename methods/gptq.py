@@ -57,7 +57,7 @@ def _fixed_groups(W: torch.Tensor, spec: QuantSpec, wdiag: torch.Tensor | None, 
         return [(scale[:, k], zero[:, k], None if lut is None else lut[:, min(k, lut.shape[1] - 1)])
                 for k in range(n_groups)]
     if spec.granularity == "tensor":  # one grid for the whole matrix, from the unquantized weights
-        qp, _ = fit_qparams(W, spec, wdiag, layer=layer)
+        qp, _ = fit_qparams(W, spec, None if wdiag is None else wdiag.expand_as(W), layer=layer)
         return [(qp.scale[0], qp.zero[0], None if qp.lut is None else qp.lut[0])]
     if static_groups:
         return [_fit_cols(W[:, k * g:(k + 1) * g], spec, None if wdiag is None else wdiag[k * g:(k + 1) * g], layer)

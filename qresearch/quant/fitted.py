@@ -64,12 +64,13 @@ def _per_row(r: torch.Tensor, lut: torch.Tensor) -> torch.Tensor | None:
 def nearest_sorted(r: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
     """Index of the nearest entry of sorted palettes (ties to the lower one). lut is one palette per row of r
     ([..., K] or [..., 1, K] with r [..., n]) or one per value (r's shape + [K])."""
-    rows = _per_row(r, lut)
+    rows = _per_row(r, lut.double())  # midpoints in float64: exact for float32 palettes
     if rows is not None:
         mids = ((rows[..., 1:] + rows[..., :-1]) / 2).contiguous()  # [..., K - 1]
-        return torch.searchsorted(mids, r.to(mids.dtype).contiguous())
+        return torch.searchsorted(mids, r.double().contiguous())
+    lut = lut.double()
     mids = ((lut[..., 1:] + lut[..., :-1]) / 2).expand(*r.shape, lut.shape[-1] - 1).contiguous()
-    return torch.searchsorted(mids, r.to(mids.dtype)[..., None].contiguous()).squeeze(-1)
+    return torch.searchsorted(mids, r.double()[..., None].contiguous()).squeeze(-1)
 
 
 def lut_lookup(lut: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -126,7 +127,7 @@ class KMeansFormat(NumericFormat):
         return QParams(ones, torch.zeros_like(ones), lut)
 
     def encode(self, x, scale, zero, spec, lut=None):
-        return nearest_sorted(x.float(), lut).to(torch.uint8)
+        return nearest_sorted(x, lut).to(torch.uint8)
 
     def decode(self, codes, scale, zero, spec, lut=None):
         return lut_lookup(lut, codes)
