@@ -36,15 +36,23 @@ def model_name(preset: str, preset_path: str, path: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(path).rstrip("/")).name) or preset
 
 
-def full_tag(recipe: str, steps: list[Method], modules: str) -> str:
-    """The run tag: what the steps do, plus -packed for packed modules (fake is the default)."""
-    return run_tag(recipe, steps) + ("-packed" if modules == "packed" else "")
+def kv_tag(kv: Any) -> str:
+    """Tag fragment of KV-cache quantization: -kv8, -kv4-sym, -kv8-fp8_e4m3 ('' when off)."""
+    if kv is None or kv.get("bits", 16) == 16:
+        return ""
+    fmt = kv.get("qformat", "int")
+    return f"-kv{kv['bits']}{'-sym' if kv.get('sym') and fmt == 'int' else ''}{'' if fmt == 'int' else '-' + fmt}"
 
 
-def tag_of(method: DictConfig, modules: str) -> str:
+def full_tag(recipe: str, steps: list[Method], modules: str, kv: Any = None) -> str:
+    """The run tag: what the steps do, plus -packed for packed modules (fake is the default), plus the KV cache."""
+    return run_tag(recipe, steps) + ("-packed" if modules == "packed" else "") + kv_tag(kv)
+
+
+def tag_of(method: DictConfig, modules: str, kv: Any = None) -> str:
     """Run tag of a method node (for the run dir, resolved by Hydra before run(); errors surface in plan())."""
     try:
-        return full_tag(method.name, build_steps(method), modules)
+        return full_tag(method.name, build_steps(method), modules, kv)
     except Exception:  # noqa: BLE001 - plan() reports the error properly; the dir is then discarded
         return f"{method.get('name', 'method')}-invalid"
 
@@ -156,6 +164,7 @@ class EvalPlan:
     stride: int | None = None
     lm_eval: dict[str, Any] | None = None  # tasks, limit, num_fewshot, batch_size
     latency: dict[str, Any] | None = None  # LatencyConfig fields when enabled
+    kv_cache: dict[str, Any] | None = None  # bits, qformat, sym, contexts when enabled (eval/kvcache.py)
 
 
 @dataclass
@@ -257,7 +266,24 @@ def _eval_plan(e: DictConfig) -> EvalPlan:
     lat = OmegaConf.to_container(e.latency, resolve=True) if e.get("latency") else None
     return EvalPlan(sets, e.root, e.source, int(e.seqlen), e.max_chunks, int(e.batch_size), e.baseline, e.protocol,
                     stride if e.protocol == "sliding" else None, lm if lm and lm["tasks"] else None,
-                    lat if lat and lat.get("enabled") else None)
+                    lat if lat and lat.get("enabled") else None, _kv_plan(e))
+
+
+def _kv_plan(e: DictConfig) -> dict[str, Any] | None:
+    """eval.kv_cache checked (types, supported bits / format) -> its settings, or None when off."""
+    kv = OmegaConf.to_container(e.kv_cache, resolve=True) if e.get("kv_cache") else None
+    if not kv:
+        return None
+    for key, hint in {"bits": int, "qformat": str, "sym": bool}.items():
+        check_value(f"eval.kv_cache.{key}", kv.get(key), hint)
+    from .eval.kvcache import kv_spec
+
+    if kv_spec(kv["bits"], kv["qformat"], kv["sym"]) is None:
+        return None
+    contexts = kv.get("contexts") or []
+    if not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in contexts):
+        raise ConfigError(f"eval.kv_cache.contexts={contexts} invalid; allowed: a list of positive ints")
+    return {"bits": kv["bits"], "qformat": kv["qformat"], "sym": kv["sym"], "contexts": list(contexts)}
 
 
 def _calib(cfg: DictConfig, needed: bool) -> dict[str, Any]:
@@ -308,5 +334,6 @@ def plan(cfg: DictConfig) -> Plan:
     calib = _calib(cfg, needs_calib)
     seqlens = {"eval.seqlen": ev.seqlen} | ({"data.seqlen": calib["seqlen"]} if needs_calib else {})
     check_positions(spec.name, max_positions(spec), seqlens)
-    return Plan(spec, steps, cfg.method.name, full_tag(cfg.method.name, steps, cfg.modules), facts, ev, calib, _device(cfg.device),
+    return Plan(spec, steps, cfg.method.name, full_tag(cfg.method.name, steps, cfg.modules, ev.kv_cache), facts, ev,
+                calib, _device(cfg.device),
                 cfg.seed, cfg.modules, cfg.export)

@@ -19,6 +19,7 @@ from .config import Plan, check_positions, plan
 from .data.tokens import cache_dir, calibration_ids, eval_tokens, tokenizer_fingerprint
 from .errors import ConfigError
 from .eval.footprint import footprint, peak_memory, reset_peak_memory
+from .eval.kvcache import enable_kv_cache, kv_cache_report
 from .eval.ppl import perplexity, sliding_perplexity
 from .method import Context
 from .models.arch import arch_for
@@ -201,9 +202,10 @@ def execute(p: Plan, cfg_dict: dict, chash: str, out_dir: Path, logger) -> Metri
                            p.model.weights_note, sum(x.numel() for x in model.parameters()), limit)
     arch = arch_for(model)
     streams = {ds: eval_tokens(ds, split, p.eval.root, tok, p.eval.source) for ds, split in p.eval.datasets}
-    fp = _baseline(model, p, streams, device, tok) if p.eval.baseline and p.steps else {}
+    fp = _baseline(model, p, streams, device, tok) if p.eval.baseline and (p.steps or p.eval.kv_cache) else {}
     result, records, calib_prov, t_quant = _quantize(p, model, arch, tok, device)
     kernels = swap_linears(model, result, p.modules)
+    kv = enable_kv_cache(model, p.eval.kv_cache)
     ppl, lm_eval, t_eval = _evaluate(p, model, tok, streams, fp, device)
     run_info = RunInfo(model=p.model.name, method=p.recipe, tag=p.tag, **p.facts, modules=p.modules,
                        config_hash=chash, seed=p.seed, time=_now(), steps=records)
@@ -211,7 +213,8 @@ def execute(p: Plan, cfg_dict: dict, chash: str, out_dir: Path, logger) -> Metri
                       memory=peak_memory(device), timing=Timing(t_load, t_quant, t_eval),
                       kernels={k: sum(1 for v in kernels.values() if v == k) for k in sorted(set(kernels.values()))},
                       calibration=calib_prov, wandb=logger.status, lm_eval=lm_eval,
-                      **_extras(p, model, tok, kernels, device, out_dir))
+                      **_extras(p, model, tok, kernels, device, out_dir),
+                      kv_cache=kv_cache_report(kv, p.eval.kv_cache, p.eval.seqlen, limit))
     _write(out_dir, cfg_dict, metrics, result, provenance(device, p.seed) | {"calibration": calib_prov}, logger)
     return metrics
 

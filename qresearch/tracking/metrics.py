@@ -105,6 +105,7 @@ class Metrics:
     latency: dict[str, Any] | None = None
     export: dict[str, Any] | None = None
     kernels_by_layer: dict[str, str] | None = None
+    kv_cache: dict[str, Any] | None = None  # KV-cache quantization: settings, calls, cache bytes per context
     schema: int = SCHEMA
 
     def to_dict(self) -> dict:
@@ -137,6 +138,8 @@ class Metrics:
             row[f"ppl_{ds}"] = p.ppl
             if p.fp_ppl is not None:
                 row[f"fp_ppl_{ds}"] = p.fp_ppl
+        if self.kv_cache:
+            row["kv_bits"], row["kv_qformat"] = self.kv_cache["bits"], self.kv_cache["qformat"]
         for key, val in _flat(self.latency or {}, "latency_").items():
             if isinstance(val, (int, float)) and not isinstance(val, bool):
                 row[key] = val
