@@ -319,6 +319,23 @@ def _check_steps(cfg: DictConfig, steps: list[Method], facts: dict) -> None:
                           f"{facts['bits']} quantizes none; use modules=fake")
 
 
+def _check_export(export: str | None, steps: list[Method]) -> None:
+    """Refuse an export the weights' format cannot be written in, before any quantization work."""
+    if export != "compressed_tensors":
+        return
+    from .export.compressed import refusal
+
+    for s in steps:
+        why = None if s.spec is None else refusal(s.spec)
+        if why is None and s.act is not None:
+            why = "activation quantization is not weight-only"
+        if why is None and getattr(s, "act_order", False) and not getattr(s, "static_groups", False):
+            why = "act-order group indices (gptq act_order without static_groups) are not applied on load"
+        if why:
+            raise ConfigError(f"export=compressed_tensors cannot hold method.{s.name}'s weights: {why}; "
+                              f"use export=qresearch")
+
+
 def plan(cfg: DictConfig) -> Plan:
     """Validate the composed config; every user error surfaces here as a one-line ConfigError."""
     check_top_level(cfg)
@@ -329,6 +346,7 @@ def plan(cfg: DictConfig) -> Plan:
     steps = build_steps(cfg.method)
     facts = run_facts(steps)
     _check_steps(cfg, steps, facts)
+    _check_export(cfg.export, steps)
     ev = _eval_plan(cfg.eval)
     needs_calib = any(s.needs_calibration for s in steps)
     calib = _calib(cfg, needs_calib)
