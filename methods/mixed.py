@@ -42,15 +42,14 @@ def sensitivity(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, proxy: str) -
     return err, float(sum(layer_bits(LayerResult(q)).values()))
 
 
-def parse_candidates(text: str, spec: QuantSpec) -> list[int]:
-    try:
-        bits = sorted({int(t) for t in text.split(",") if t.strip()})
-    except ValueError:
-        raise ConfigError(f"mixed candidates={text!r} invalid; allowed: comma-separated bit widths, e.g. '2,3,4,8'") \
-            from None
+def parse_candidates(widths, spec: QuantSpec) -> list[int]:
+    """Sorted distinct candidate widths, each allowed by the format (at least two)."""
+    if not all(isinstance(b, int) and not isinstance(b, bool) for b in widths):
+        raise ConfigError(f"mixed candidates={list(widths)} invalid; allowed: a list of bit widths, e.g. [2,3,4,8]")
+    bits = sorted(set(widths))
     bad = [b for b in bits if b not in spec.format.bits_allowed]
     if len(bits) < 2 or bad:
-        raise ConfigError(f"mixed candidates={text!r}: need >= 2 widths allowed by qformat={spec.qformat} "
+        raise ConfigError(f"mixed candidates={bits}: need >= 2 widths allowed by qformat={spec.qformat} "
                           f"({', '.join(map(str, spec.format.bits_allowed))})")
     return bits
 
@@ -64,10 +63,11 @@ class MixedPrecision(BlockMethod):
 
     def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = False, qformat: str = "int",
                  scale_bits: int | None = None, scale_level2: str = "channel", budget: float = 3.5,
-                 candidates: str = "2,3,4,5,6,8", proxy: str = "output", allocator: str = "greedy",
+                 candidates: list[int] | tuple[int, ...] = (2, 3, 4, 5, 6, 8), proxy: str = "output",
+                 allocator: str = "greedy",
                  propagate: str = "fp", offload: bool = True, batch_size: int = 8):
         self.base = require_weight_spec(self.name, bits, group_size, sym, qformat, scale_bits, scale_level2)
-        self.candidates = parse_candidates(candidates, self.base)
+        self.candidates = parse_candidates(list(candidates), self.base)
         if proxy not in PROXIES or allocator not in ALLOCATORS:
             raise ConfigError(f"mixed proxy={proxy!r} / allocator={allocator!r} unknown; allowed: "
                               f"{', '.join(PROXIES)} / {', '.join(ALLOCATORS)}")

@@ -87,3 +87,25 @@ def test_awq_clip_search_never_worse_than_no_clip(spec):
     mx = awq_search_clip(w, H / 2, spec, n_grid=10, max_shrink=0.5)
     clipped, plain = clipped_qtensor(w, spec, mx), clipped_qtensor(w, spec)
     assert output_sq_error(w, clipped.dequantize(), H) <= output_sq_error(w, plain.dequantize(), H) * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("over,tag", [(["method=gptq", "qformat=nvfp4", "group_size=16", "modules=packed"],
+                                       "gptq-w4g16-nvfp4-packed"),
+                                      (["method=awq", "qformat=kmeans", "bits=3", "group_size=-1"], "awq-w3g-1-kmeans"),
+                                      (["method=rtn", "bits=4", "scale_bits=6", "scale_level2=tensor"],
+                                       "rtn-w4g128-s6t")])
+def test_formats_run_end_to_end(tmp_path, over, tag):
+    from qresearch.runner import run
+    from tests.conftest import DATA, require_shared
+    from tests.helpers import compose_cfg
+
+    require_shared()
+    cfg = compose_cfg(["model=stories260k", f"data.root={DATA}", "logger=none", "eval.max_chunks=3",
+                       "data.n_samples=4", "data.seqlen=64", "skip_done=false", *over])
+    cfg.paths.results = str(tmp_path / "results")
+    cfg.out_dir = str(tmp_path / "run")
+    m = run(cfg)
+    assert m["run"]["tag"] == tag
+    assert 1 < m["ppl"]["wikitext2"]["ppl"] < 3 * m["ppl"]["wikitext2"]["fp_ppl"]
+    if "modules=packed" in over:
+        assert set(m["kernels"]) == {"torch_ref_w4a16"} and m["footprint"]["measured_packed_bytes"] > 0
