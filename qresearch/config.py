@@ -271,19 +271,9 @@ def _eval_plan(e: DictConfig) -> EvalPlan:
 
 def _kv_plan(e: DictConfig) -> dict[str, Any] | None:
     """eval.kv_cache checked (types, supported bits / format) -> its settings, or None when off."""
-    kv = OmegaConf.to_container(e.kv_cache, resolve=True) if e.get("kv_cache") else None
-    if not kv:
-        return None
-    for key, hint in {"bits": int, "qformat": str, "sym": bool}.items():
-        check_value(f"eval.kv_cache.{key}", kv.get(key), hint)
-    from .eval.kvcache import kv_spec
+    from .eval.kvcache import check_kv_settings
 
-    if kv_spec(kv["bits"], kv["qformat"], kv["sym"]) is None:
-        return None
-    contexts = kv.get("contexts") or []
-    if not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in contexts):
-        raise ConfigError(f"eval.kv_cache.contexts={contexts} invalid; allowed: a list of positive ints")
-    return {"bits": kv["bits"], "qformat": kv["qformat"], "sym": kv["sym"], "contexts": list(contexts)}
+    return check_kv_settings(OmegaConf.to_container(e.kv_cache, resolve=True) if e.get("kv_cache") else None)
 
 
 def _calib(cfg: DictConfig, needed: bool) -> dict[str, Any]:
@@ -323,14 +313,11 @@ def _check_export(export: str | None, steps: list[Method]) -> None:
     """Refuse an export the weights' format cannot be written in, before any quantization work."""
     if export != "compressed_tensors":
         return
-    from .export.compressed import refusal
+    from .export.compressed import step_refusal
 
     for s in steps:
-        why = None if s.spec is None else refusal(s.spec)
-        if why is None and s.act is not None:
-            why = "activation quantization is not weight-only"
-        if why is None and getattr(s, "act_order", False) and not getattr(s, "static_groups", False):
-            why = "act-order group indices (gptq act_order without static_groups) are not applied on load"
+        why = step_refusal(s.spec, s.act is not None,
+                           getattr(s, "act_order", False) and not getattr(s, "static_groups", False))
         if why:
             raise ConfigError(f"export=compressed_tensors cannot hold method.{s.name}'s weights: {why}; "
                               f"use export=qresearch")

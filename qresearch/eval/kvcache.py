@@ -35,6 +35,22 @@ def kv_spec(bits: int, qformat: str = "int", sym: bool = False) -> QuantSpec | N
     return QuantSpec(bits=bits, granularity="token", sym=sym, qformat=qformat)
 
 
+def check_kv_settings(kv: dict | None) -> dict | None:
+    """eval.kv_cache as configured -> checked settings (bits, qformat, sym, contexts), or None when off."""
+    if not kv:
+        return None
+    for key, typ in {"bits": int, "qformat": str, "sym": bool}.items():
+        v = kv.get(key)
+        if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+            raise ConfigError(f"eval.kv_cache.{key}={v!r} is not a {typ.__name__}")
+    if kv_spec(kv["bits"], kv["qformat"], kv["sym"]) is None:
+        return None
+    contexts = kv.get("contexts") or []
+    if not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in contexts):
+        raise ConfigError(f"eval.kv_cache.contexts={contexts} invalid; allowed: a list of positive ints")
+    return {"bits": kv["bits"], "qformat": kv["qformat"], "sym": kv["sym"], "contexts": list(contexts)}
+
+
 def fake_quant_kv(t: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Quantize-dequantize keys or values [batch, kv_heads, tokens, head_dim]: one group per (batch, head, token)."""
     scale, zero = choose_qparams(t.detach(), spec)  # [batch * heads * tokens, 1]

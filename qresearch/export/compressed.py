@@ -46,6 +46,17 @@ def refusal(spec: QuantSpec) -> str | None:
     return None
 
 
+def step_refusal(spec: QuantSpec | None, act: bool, act_order: bool) -> str | None:
+    """Why a method step's output cannot be exported (None: it can), from its weight spec, activation quantization
+    and act-order group indices."""
+    why = None if spec is None else refusal(spec)
+    if why is None and act:
+        why = "activation quantization is not weight-only"
+    if why is None and act_order:
+        why = "act-order group indices (gptq act_order without static_groups) are not applied on load"
+    return why
+
+
 def _scheme(m: QuantLinear, name: str) -> tuple[str, dict]:
     """(compression format, weight QuantizationArgs) of one layer (raises ConfigError when not expressible)."""
     meta = m.meta
