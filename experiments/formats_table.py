@@ -27,7 +27,8 @@ GPTQ_OPTS = ["method.gptq.act_order=true", "method.gptq.static_groups=true"]
 FORMATS = {
     "int4 g128 asym": ("4-bit", ["bits=4", "group_size=128", "sym=false"]),
     "int4 g32 sym": ("4-bit", ["bits=4", "group_size=32", "sym=true"]),
-    "int4 g32 sym, 8-bit scales / channel": ("4-bit", ["bits=4", "group_size=32", "sym=true", "scale_bits=8"]),
+    "int4 g32 sym, 8-bit scales / tensor": ("4-bit", ["bits=4", "group_size=32", "sym=true", "scale_bits=8",
+                                                       "scale_level2=tensor"]),
     "fp4_e2m1 g32": ("4-bit", ["qformat=fp4_e2m1", "bits=4", "group_size=32"]),
     "mxfp4 (g32, E8M0 scales)": ("4-bit", ["qformat=mxfp4", "bits=4", "group_size=32"]),
     "nvfp4 (g16, E4M3 + fp32 scales)": ("4-bit", ["qformat=nvfp4", "bits=4", "group_size=16"]),

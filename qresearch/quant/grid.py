@@ -148,11 +148,12 @@ class NVFP4Format(FP4Format):
 
 class NF4Format(GridFormat):
     """NormalFloat4 (QLoRA): 16 levels at normal quantiles, absmax scale per group. Double quantization by default:
-    group scales stored as 8-bit integers against a per-channel fp32 scale (scale_bits=16: plain float scales)."""
+    group scales stored as 8-bit integers against one fp32 scale per tensor (QLoRA: 8-bit floats per 256 scales;
+    uniform 8-bit codes lose < 0.1% relative weight error here); scale_bits=16: plain float scales."""
 
     name = "nf4"
     bits_allowed = (4,)
-    default_scales = ScaleCoding("uint", 8, "channel")
+    default_scales = ScaleCoding("uint", 8, "tensor")
 
     def table(self):
         return nf4_table()
