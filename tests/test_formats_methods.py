@@ -40,9 +40,12 @@ def test_identity_hessian_gptq_rounds_like_rtn(spec):
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
-def test_gptq_beats_rtn_output_error(spec):
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_rtn_output_error(spec, act_order):
+    """Plain, and act-order with static groups (fitted on the unquantized weights, contiguous: no g_idx)."""
     w, H = _data()
-    q, _ = gptq_quantize(w, H, spec, blocksize=32)
+    q, _ = gptq_quantize(w, H, spec, blocksize=32, act_order=act_order, static_groups=act_order)
+    assert q.g_idx is None
     rtn = quantize_tensor(w, spec)
     assert output_sq_error(w, q.dequantize(), H) < output_sq_error(w, rtn.dequantize(), H)
 
