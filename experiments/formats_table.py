@@ -45,16 +45,16 @@ FORMATS = {
     "fp8_e5m2 / channel": ("8-bit", ["qformat=fp8_e5m2", "bits=8", "group_size=-1"]),
 }
 # extra rows: label -> (recipe, overrides); mixed precision uses the int g128 asym grid
+MIXED = ["bits=4", "group_size=128", "sym=false", "method.mixed.budget=3.5", "method.mixed.candidates=[3,4,5,6,8]"]
 EXTRA = {
     "kmeans 8 / row + palette fine-tune (gptq)": ("gptq", FORMATS["kmeans 8 / row"][1] + GPTQ_OPTS +
                                                   ["method.gptq.lut_finetune=true"]),
-    "mixed 3.5 bits, sensitivity (rtn)": ("mixed_rtn", ["bits=4", "group_size=128", "sym=false",
-                                                        "method.mixed.budget=3.5"]),
-    "mixed 3.5 bits, sensitivity (gptq)": ("mixed_gptq", ["bits=4", "group_size=128", "sym=false",
-                                                          "method.mixed.budget=3.5", *GPTQ_OPTS]),
-    "mixed 3.5 bits, random allocation (gptq)": ("mixed_gptq", ["bits=4", "group_size=128", "sym=false",
-                                                                "method.mixed.budget=3.5", "method.mixed.allocator=random",
-                                                                *GPTQ_OPTS]),
+    "mixed 3.5 bits, widths 3-8, sensitivity (rtn)": ("mixed_rtn", MIXED),
+    "mixed 3.5 bits, widths 3-8, sensitivity (gptq)": ("mixed_gptq", MIXED + GPTQ_OPTS),
+    "mixed 3.5 bits, widths 3-8, random allocation (gptq)": ("mixed_gptq", MIXED + GPTQ_OPTS +
+                                                             ["method.mixed.allocator=random"]),
+    "mixed 3.5 bits, widths 2-8, sensitivity (gptq)": ("mixed_gptq", MIXED + GPTQ_OPTS +
+                                                       ["method.mixed.candidates=[2,3,4,5,6,8]"]),
     "kv cache int8 (fp16 weights)": ("fp16", ["eval.kv_cache.bits=8"]),
     "kv cache int4 (fp16 weights)": ("fp16", ["eval.kv_cache.bits=4"]),
     "kv cache fp8_e4m3 (fp16 weights)": ("fp16", ["eval.kv_cache.bits=8", "eval.kv_cache.qformat=fp8_e4m3"]),
@@ -163,7 +163,7 @@ def extra_rows(res: dict) -> list[str]:
 
 
 def bits_map_lines(res: dict) -> list[str]:
-    c = res.get("mixed 3.5 bits, sensitivity (gptq)")
+    c = res.get("mixed 3.5 bits, widths 3-8, sensitivity (gptq)")
     if not c or not c["bits_map"]:
         return []
     by_block: dict[str, dict[str, int]] = {}

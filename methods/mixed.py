@@ -7,7 +7,9 @@ inputs, block by block):
   output:         E||x (W - Q_b(W))^T||^2 = tr(D H D^T) / 2   (the layer's output error)
   hessian_trace:  tr(H) / in * ||W - Q_b(W)||_F^2              (HAWQ-style: mean curvature x perturbation)
 Costs are the footprint's storage bits at width b (codes + scales + zeros + palettes), so the budget is the effective
-bits per weight the run records. The allocation is saved as artifacts bits.<layer> (artifacts.safetensors of the
+bits per weight the run records. The default widths start at 3: both proxies are layer-local and additive, and
+with 2 among the candidates they rate a 2-bit o_proj / down_proj as cheap (small absolute output error) while it
+costs the model far more (results/formats.md: a 3.5-bit allocation with widths 2..8 lost to uniform w3). The allocation is saved as artifacts bits.<layer> (artifacts.safetensors of the
 run; reload with bits_map=<run dir>/artifacts.safetensors) and in the step's record (metrics.json).
 """
 from __future__ import annotations
@@ -63,7 +65,7 @@ class MixedPrecision(BlockMethod):
 
     def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = False, qformat: str = "int",
                  scale_bits: int | None = None, scale_level2: str = "channel", budget: float = 3.5,
-                 candidates: list[int] | tuple[int, ...] = (2, 3, 4, 5, 6, 8), proxy: str = "output",
+                 candidates: list[int] | tuple[int, ...] = (3, 4, 5, 6, 8), proxy: str = "output",
                  allocator: str = "greedy",
                  propagate: str = "fp", offload: bool = True, batch_size: int = 8):
         self.base = require_weight_spec(self.name, bits, group_size, sym, qformat, scale_bits, scale_level2)
