@@ -19,6 +19,7 @@ from .config import Plan, check_positions, plan
 from .data.tokens import cache_dir, calibration_ids, eval_tokens, tokenizer_fingerprint
 from .errors import ConfigError
 from .eval.footprint import footprint, peak_memory, reset_peak_memory
+from .eval.outliers import start_watch
 from .eval.ppl import perplexity, sliding_perplexity
 from .method import Context
 from .models.arch import arch_for
@@ -201,15 +202,19 @@ def execute(p: Plan, cfg_dict: dict, chash: str, out_dir: Path, logger) -> Metri
     arch = arch_for(model)
     streams = {ds: eval_tokens(ds, split, p.eval.root, tok, p.eval.source) for ds, split in p.eval.datasets}
     fp = _baseline(model, p, streams, device, tok) if p.eval.baseline and p.steps else {}
+    watch = start_watch(p, model, arch, tok, device)  # activation outliers (runs that quantize activations)
     result, records, calib_prov, t_quant = _quantize(p, model, arch, tok, device)
+    if watch:
+        watch.after_steps(model, folded=any(getattr(s, "folds_scales", False) for s in p.steps))
     kernels = swap_linears(model, result, p.modules)
     ppl, lm_eval, t_eval = _evaluate(p, model, tok, streams, fp, device)
+    activations = watch.finish(model, out_dir, logger) if watch else None
     run_info = RunInfo(model=p.model.name, method=p.recipe, tag=p.tag, **p.facts, modules=p.modules,
                        config_hash=chash, seed=p.seed, time=_now(), steps=records)
     metrics = Metrics(run=run_info, model=model_info, ppl=ppl, footprint=_footprint(p, model, result),
                       memory=peak_memory(device), timing=Timing(t_load, t_quant, t_eval),
                       kernels={k: sum(1 for v in kernels.values() if v == k) for k in sorted(set(kernels.values()))},
-                      calibration=calib_prov, wandb=logger.status, lm_eval=lm_eval,
+                      calibration=calib_prov, wandb=logger.status, lm_eval=lm_eval, activations=activations,
                       **_extras(p, model, tok, kernels, device, out_dir))
     _write(out_dir, cfg_dict, metrics, result, provenance(device, p.seed) | {"calibration": calib_prov}, logger)
     return metrics

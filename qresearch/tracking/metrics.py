@@ -105,6 +105,7 @@ class Metrics:
     latency: dict[str, Any] | None = None
     export: dict[str, Any] | None = None
     kernels_by_layer: dict[str, str] | None = None
+    activations: dict[str, Any] | None = None  # outlier report summary (eval/outliers.py), runs with act quant
     schema: int = SCHEMA
 
     def to_dict(self) -> dict:
