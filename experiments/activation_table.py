@@ -4,7 +4,7 @@ without LKD, SmoothQuant + GPTQ / RTN at W4A8, W6A6 and W4A4, integer-only stati
 run (subprocess, resumable: a cell whose run dir holds metrics.json is not rerun). Writes
 results/activation_methods.{md,json} and the outlier pictures results/activation_outliers_<model>.png.
 
-    python experiments/activation_table.py                      # everything (CPU: about two hours)
+    python experiments/activation_table.py                      # everything (CPU: about three hours under load)
     python experiments/activation_table.py --models stories260k --rows fp naive_tok sq_o1
 """
 from __future__ import annotations
@@ -66,7 +66,7 @@ ROWS = {
 # per-model protocol (CPU budget), stated in the table
 MODELS = {
     "stories260k": ["eval.max_chunks=400", "data.n_samples=64", "data.seqlen=256"],
-    "smollm2_135m": ["eval.max_chunks=30", "data.n_samples=32", "data.seqlen=512", f"{ZQ}steps=50",
+    "smollm2_135m": ["eval.max_chunks=20", "data.n_samples=16", "data.seqlen=512", f"{ZQ}steps=30",
                      f"{ZQ}batch_size=1"],
 }
 
