@@ -80,7 +80,6 @@ class IntegerLinear(nn.Module):
         m0, shift = fixed_point(self.x_scale * sw / self.y_scale)
         self.register_buffer("m0", m0)
         self.register_buffer("shift", shift)
-        self.w_scale = w.scale.float()  # kept for reference only
         why = int_mm_why_not(torch.device("cpu"), 1, k, n)
         self.path = "int_mm" if why is None else "emulated"
 
