@@ -54,7 +54,7 @@ def summarize(m: dict) -> dict:
         out["smoothquant"] = {k: s.get(k) for k in ("alpha", "alpha_search", "folds_applied", "folds_refused")}
     if "zeroquant" in steps and steps["zeroquant"].get("lkd"):
         blocks = steps["zeroquant"]["lkd"]["blocks"]
-        out["lkd"] = {"enabled": steps["zeroquant"]["lkd"]["enabled"], "blocks": len(blocks),
+        out["lkd"] = {"enabled": steps["zeroquant"]["lkd"].get("enabled"), "blocks": len(blocks),
                       "mse_before_mean": sum(b["mse_before"] for b in blocks) / len(blocks),
                       "mse_after_mean": sum(b["mse_after"] for b in blocks) / len(blocks)}
     return out
@@ -62,6 +62,10 @@ def summarize(m: dict) -> dict:
 
 def _f(v, fmt="{:.2f}") -> str:
     return "-" if v is None else fmt.format(v)
+
+
+def _mib(b) -> str:
+    return "-" if not b else (f"{b / 2**20:.3f}" if b < 10 * 2**20 else f"{b / 2**20:.1f}")
 
 
 def _outl(c: dict) -> tuple[str, str]:
@@ -83,10 +87,10 @@ def model_table(cells: dict, rows: dict) -> list[str]:
             lines.append(f"| {section} | {label} | n/a (not run / failed) |" + " |" * 9)
             continue
         rel = 100 * (c["ppl"] / c["fp_ppl"] - 1)
-        kern = ", ".join(f"{k} x{n}" for k, n in c["kernels"].items()) if c["prefill_ms"] is not None else ""
+        kern = ", ".join(f"{k} x{n}" for k, n in c["kernels"].items())
         mx, ch = _outl(c)
-        lines.append(f"| {section} | {label} | {c['ppl']:.3f} | {rel:+.1f}% | {c['weight_bytes'] / 2**20:.1f} | "
-                     f"{_f(c['packed_bytes'] and c['packed_bytes'] / 2**20)} | {_f(c['prefill_ms'], '{:.1f}')} | "
+        lines.append(f"| {section} | {label} | {c['ppl']:.3f} | {rel:+.1f}% | {_mib(c['weight_bytes'])} | "
+                     f"{_mib(c['packed_bytes'])} | {_f(c['prefill_ms'], '{:.1f}')} | "
                      f"{_f(c['decode_ms'], '{:.1f}')} | {kern} | {mx} | {ch} | {c['quantize_seconds']:.0f} |")
     return lines
 
