@@ -123,7 +123,8 @@ def _baseline(model, p: Plan, streams: dict, device, tok) -> dict:
     return res
 
 
-def _quantize(p: Plan, model, arch, tok, device) -> tuple[QuantResult, list[dict], dict | None, float]:
+def _quantize(p: Plan, model, arch, tok, device, out_dir: Path | None = None, log=None
+              ) -> tuple[QuantResult, list[dict], dict | None, float]:
     """Calibration data (if any step needs it), then each method step in order; returns the merged result,
     what each step used (its record + facts it reported), calibration provenance and seconds."""
     calib, calib_prov = None, None
@@ -134,7 +135,8 @@ def _quantize(p: Plan, model, arch, tok, device) -> tuple[QuantResult, list[dict
     result, records = QuantResult(), []
     for step in p.steps:
         t = time.perf_counter()
-        step_result = step.quantize(model, Context(calib=calib, arch=arch, device=device, seed=p.seed, prior=result))
+        step_result = step.quantize(model, Context(calib=calib, arch=arch, device=device, seed=p.seed, prior=result,
+                                                   out_dir=out_dir, log=log))
         records.append({**step.record(), **step_result.info, "seconds": time.perf_counter() - t})
         result = result.merge(step_result)
     return result, records, calib_prov, time.perf_counter() - t1
@@ -201,7 +203,7 @@ def execute(p: Plan, cfg_dict: dict, chash: str, out_dir: Path, logger) -> Metri
     arch = arch_for(model)
     streams = {ds: eval_tokens(ds, split, p.eval.root, tok, p.eval.source) for ds, split in p.eval.datasets}
     fp = _baseline(model, p, streams, device, tok) if p.eval.baseline and p.steps else {}
-    result, records, calib_prov, t_quant = _quantize(p, model, arch, tok, device)
+    result, records, calib_prov, t_quant = _quantize(p, model, arch, tok, device, out_dir, logger.log)
     kernels = swap_linears(model, result, p.modules)
     ppl, lm_eval, t_eval = _evaluate(p, model, tok, streams, fp, device)
     run_info = RunInfo(model=p.model.name, method=p.recipe, tag=p.tag, **p.facts, modules=p.modules,

@@ -51,6 +51,11 @@ class WandbLogger:
         if self.run is not None:
             self.run.summary.update(flatten(metrics))
 
+    def log(self, row: dict) -> None:
+        """One point of a curve (e.g. a training step's losses): wandb history."""
+        if self.run is not None:
+            self.run.log(row)
+
     def table(self, key: str, rows: list[dict]) -> None:
         if self.run is None or not rows:
             return
@@ -75,6 +80,7 @@ class NullLogger:
 
     def start(self, config): ...
     def summary(self, metrics): ...
+    def log(self, row): ...
     def table(self, key, rows): ...
     def finish(self, exit_code=0): ...
 
