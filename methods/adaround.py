@@ -46,11 +46,11 @@ class AdaRound(BlockMethod):
     """Learned rounding, block by block (see module docstring)."""
 
     name = "adaround"
-    tag_flags = (TagFlag("objective", "block", "{}"), TagFlag("iters", 200, "i{}"), TagFlag("reg_weight", 0.01, "l{}"),
+    tag_flags = (TagFlag("objective", "block", "{}"), TagFlag("iters", 200, "i{}"), TagFlag("reg_weight", 1.0, "l{}"),
                  TagFlag("qparams", "minmax", "{}"))
 
     def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = False, qformat: str = "int",
-                 iters: int = 200, lr: float = 1e-2, reg_weight: float = 0.01, beta_start: float = 20.0,
+                 iters: int = 200, lr: float = 0.3, reg_weight: float = 1.0, beta_start: float = 20.0,
                  beta_end: float = 2.0, warmup: float = 0.2, objective: str = "block", qparams: str = "minmax",
                  propagate: str = "quantized", offload: bool = True, batch_size: int = 4):
         self.spec = require_weight_spec(self.name, bits, group_size, sym, qformat)

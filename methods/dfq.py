@@ -139,7 +139,7 @@ def relu_pairs(seq: nn.Sequential) -> list[tuple[int, int]]:
     return out
 
 
-def _fold_all(seq: nn.Sequential) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def fold_all_bn(seq: nn.Sequential) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Fold each BN into the weighted layer before it (BN -> Identity); {layer index: (beta, gamma)}."""
     stats = {}
     for i in range(len(seq) - 1):
@@ -163,7 +163,7 @@ def dfq_sequential(seq: nn.Sequential, spec: QuantSpec, cle: bool = True, bias_c
     The network then computes with dequantized weights. Returns what was done."""
     if bias_correction not in BIAS_CORRECTIONS:
         raise ConfigError(f"bias_correction={bias_correction!r} is unknown; allowed: {', '.join(BIAS_CORRECTIONS)}")
-    stats = _fold_all(seq)
+    stats = fold_all_bn(seq)
     pairs = relu_pairs(seq)
     for _ in range(cle_iters if cle else 0):
         for i, k in pairs:

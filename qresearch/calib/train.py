@@ -157,10 +157,10 @@ def train(model: nn.Module, weights: dict[str, nn.Parameter], qparams: dict[str,
 
     acc = Accelerator(cpu=device.type == "cpu")
     opt = _optimizer(list(weights.values()), list(qparams.values()), cfg)
+    base = [g["lr"] for g in opt.param_groups]  # before a checkpoint brings its decayed lrs
     model, opt = acc.prepare(model, opt)
     named = {**weights, **{f"q:{n}": p for n, p in qparams.items()}}
     start, history = _load(ckpt, named, opt, key) if ckpt is not None else (0, [])
-    base = [g["lr"] for g in opt.param_groups]
     prog, t0 = Progress(label, cfg.steps, start, cfg.log_every), time.perf_counter()
     model.train()
     for step in range(start, cfg.steps):

@@ -21,8 +21,8 @@ ZETA, GAMMA = 1.1, -0.1
 @dataclass(frozen=True)
 class AdaRoundConfig:
     iters: int = 200
-    lr: float = 1e-2
-    reg_weight: float = 0.01  # lambda: weight of the rounding regularizer (mean over weights)
+    lr: float = 0.3
+    reg_weight: float = 1.0  # lambda: weight of the rounding regularizer (mean over weights)
     beta_start: float = 20.0
     beta_end: float = 2.0
     warmup: float = 0.2  # fraction of iterations without the regularizer
