@@ -3,7 +3,8 @@ estimators), then codes + qparams like every method.
 
 Weights: per group / channel, scales from the current weight each step (minmax) or learned (LSQ). Activations:
 per-token dynamic, or per-tensor with a static observer scale, a learned scale, or a PACT clip (Choi et al. 2018:
-learnable clip alpha per quantizer, gradient through the clip, L2 term `pact_l2 * sum alpha^2`). The loss is
+learnable clip alpha per quantizer, gradient through the clip, L2 term `pact_l2 * sum (alpha / alpha_init)^2`:
+the paper's alpha^2, relative to each clip's calibrated start because LLM activation ranges span orders of magnitude). The loss is
 next-token cross-entropy and/or distillation from the frozen FP model, optionally plus R2 / KURE weight
 regularizers. The result: RTN codes of the trained weights on the trained grid, and PACT clips / learned scales as
 static per-tensor activation scales. The FP weights are trained in place (that is the method); the FP model the
@@ -41,7 +42,7 @@ class QAT(Method):
     def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = False, qformat: str = "int",
                  act_bits: int = 8, act_granularity: str = "tensor", act_mode: str = "pact", act_init: str = "minmax",
                  act_qformat: str = "int", pact_l2: float = 1e-4, weight_scale: str = "minmax",
-                 train: str = "linears", steps: int = 200, lr: float = 1e-5, qparam_lr: float = 1e-2,
+                 train: str = "linears", steps: int = 200, lr: float = 1e-4, qparam_lr: float = 1e-2,
                  batch_size: int = 4, loss: str = "kd", grad_clip: float = 1.0, r2: str | None = None,
                  r2_weight: float = 0.0, kure_weight: float = 0.0, reg_group_size: int = -1, log_every: int = 10,
                  ckpt_every: int = 50, init_windows: int = 16):

@@ -100,15 +100,15 @@ def test_configs_tags_and_errors():
     p = plan(compose_cfg(["method=qat", "model=stories260k", "act_bits=8", "logger=none"]))
     assert p.tag == "qat-w4g128-a8t" and p.facts["act_bits"] == 8
     p = plan(compose_cfg(["method=kure_gptq", "model=stories260k", "bits=3", "logger=none"]))
-    assert [s.name for s in p.steps] == ["regularize", "gptq"] and p.tag == "kure_gptq-w3g128-r2off-kure0.001"
+    assert [s.name for s in p.steps] == ["regularize", "gptq"] and p.tag == "kure_gptq-w3g128-r2off-kure0.1"
     assert p.facts["bits"] == 3
     with pytest.raises(ConfigError, match="act_mode=dynamic with act_granularity=tensor"):
         plan(compose_cfg(["method=qat", "model=stories260k", "act_bits=8", "logger=none",
                           "method.qat.act_mode=dynamic"]))
     with pytest.raises(ConfigError, match="loss='mse'"):
         plan(compose_cfg(["method=qat", "model=stories260k", "logger=none", "method.qat.loss=mse"]))
-    with pytest.raises(ConfigError, match="would only fine-tune"):
-        plan(compose_cfg(["method=r2_rtn", "model=stories260k", "logger=none", "method.regularize.r2=null"]))
+    p = plan(compose_cfg(["method=r2_rtn", "model=stories260k", "logger=none", "method.regularize.r2=null"]))
+    assert p.tag == "r2_rtn-w4g128-r2off"  # fine-tuning only: the control
 
 
 def test_qat_run_writes_curve_and_checkpoint_and_a_rerun_reuses_it(tmp_path):

@@ -113,8 +113,9 @@ class ActQuantizer(nn.Module):
         return ActQuant(self.spec, static_scale=s.float().clone())
 
     def l2(self) -> torch.Tensor:
-        """PACT's L2 term alpha^2 (zero for the other modes)."""
-        return self.alpha.pow(2) if self.mode == "pact" else torch.zeros(())
+        """PACT's L2 term on the clip, measured relative to its initial value: (alpha / alpha_init)^2 (zero for the
+        other modes). Relative, because LLM activation ranges differ by orders of magnitude between layers."""
+        return self.rel.abs().pow(2) if self.mode == "pact" else torch.zeros(())
 
 
 class QATModule(nn.Module):
