@@ -56,7 +56,8 @@ def summarize(m: dict, run_dir: Path) -> dict:
         if "train" in s:
             t = s["train"]
             d["train"] = {k: t.get(k) for k in ("steps", "resumed_from", "seconds", "s_per_step", "first_loss",
-                                                 "last_loss", "weight_shape_before", "weight_shape_after")}
+                                                 "last_loss", "weight_shape_before", "weight_shape_after",
+                                                 "fp_weight_shape_after")}
         if "engine" in s:
             d["engine_seconds"] = s["engine"].get("seconds")
         steps.append(d)

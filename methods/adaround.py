@@ -18,6 +18,7 @@ from qresearch.calib.engine import EngineConfig
 from qresearch.calib.stats import input_stats, output_rel_error
 from qresearch.errors import ConfigError
 from qresearch.method import Block, BlockMethod, Context, Recorder, TagFlag, require_weight_spec
+from qresearch.models.arch import blocks_of
 from qresearch.quant.rounding import (AdaRoundConfig, Grid, adaround_layer, beta_at, check_uniform_grid, make_grid,
                                       round_reg)
 
@@ -70,6 +71,7 @@ class AdaRound(BlockMethod):
                               "method=awq_adaround); use qparams=minmax on its own")
         self._prior = ctx.prior if self.qparams == "prior" else None
         self._seed = ctx.seed
+        self._n_blocks, self._t0 = len(blocks_of(model, ctx.arch)), time.perf_counter()
 
     def _prior_qparams(self, full: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self._prior is None:
@@ -112,6 +114,7 @@ class AdaRound(BlockMethod):
         hard = {n: q.dequantize() for n, q in qs.items()}
         err = block_error(blk.module, blk.io, targets, hard)
         secs = (time.perf_counter() - t0) / len(names)
+        self._progress(blk.index, err, err_rtn)
         out = {}
         for n in names:
             flips = float((hard[n] != rtn[n]).float().mean())
@@ -119,6 +122,12 @@ class AdaRound(BlockMethod):
                                 rtn_out_rel_err=output_rel_error(Ws[n], rtn[n], H[n]), block_rel_mse=err,
                                 block_rel_mse_rtn=err_rtn, changed_vs_rtn=flips)
         return out
+
+    def _progress(self, i: int, err: float, err_rtn: float) -> None:
+        spent = time.perf_counter() - self._t0
+        left = spent / (i + 1) * (self._n_blocks - i - 1)
+        print(f"adaround block {i + 1}/{self._n_blocks}: block rel. MSE {err:.4g} (RTN {err_rtn:.4g}), "
+              f"{self.cfg.iters} iters, {spent / 60:.1f} min so far, ~{left / 60:.1f} min left", flush=True)
 
     def _optimize(self, blk: Block, grids: dict[str, Grid], v0: dict[str, torch.Tensor], targets) -> dict:
         """Adam on the rounding variables of every linear of the block against the FP block output."""

@@ -104,13 +104,13 @@ class QAT(Method):
         qparams = {**quantizer_params(model), **({f"reg.{n}": p for n, p in reg.named_parameters()} if reg else {})}
         report = train(model, weights, qparams, self._loss_fn(model, teacher, wrapped, reg), ctx.calib, self.cfg,
                        ctx.device, ckpt, key, step_logger(ctx, self.name), self.name)
+        shape = weight_shape({n: m.inner.weight for n, m in wrapped.items()}, self.reg.group_size)
         result = self._records(model, wrapped)
         for p in model.parameters():
             p.requires_grad_(True)
         result.info["train"] = {**report.summary(), "history_file": write_history(ctx, self.name, report),
                                 "trained_params": sum(p.numel() for p in weights.values()),
-                                "weight_shape_after": weight_shape({n: r.weight.dequantize() for n, r in
-                                                                    result.layers.items()}, self.reg.group_size)}
+                                "fp_weight_shape_after": shape}
         return result
 
     def _records(self, model, wrapped) -> QuantResult:
