@@ -48,6 +48,15 @@ def layer_summary(run_dir: Path) -> dict:
     return out
 
 
+def provenance(run_dir: Path) -> dict:
+    import json
+
+    path = run_dir / "provenance.json"
+    p = json.loads(path.read_text()) if path.is_file() else {}
+    return {"commit": (p.get("git_commit") or "?")[:10] + ("+dirty" if p.get("git_dirty") else ""),
+            "torch_threads": p.get("torch_threads")}
+
+
 def summarize(m: dict, run_dir: Path) -> dict:
     ppl = m["ppl"]["wikitext2"]
     steps = []
@@ -64,7 +73,7 @@ def summarize(m: dict, run_dir: Path) -> dict:
     return {"ppl": ppl["ppl"], "fp_ppl": ppl["fp_ppl"], "n_tokens": ppl["n_tokens"], "seqlen": ppl["seqlen"],
             "tag": m["run"]["tag"], "quantize_seconds": m["timing"]["quantize_seconds"], "steps": steps,
             "calibration": {k: (m.get("calibration") or {}).get(k) for k in ("n_samples", "seqlen", "hash")},
-            "weights_note": m["model"]["weights_note"], "layers": layer_summary(run_dir)}
+            "weights_note": m["model"]["weights_note"], "layers": layer_summary(run_dir), **provenance(run_dir)}
 
 
 def _fmt_cell(c: dict | None) -> str:
@@ -99,6 +108,13 @@ def _train_note(c: dict) -> str:
     return "; ".join(notes)
 
 
+def _count(xs) -> dict:
+    out: dict = {}
+    for x in xs:
+        out[x] = out.get(x, 0) + 1
+    return out
+
+
 def section_md(model: str, section: str, cols: dict, rows: dict, cells: dict) -> list[str]:
     shown = [c for c in cols if any((row, c) in cells for row in rows)]
     if not shown:
@@ -130,7 +146,8 @@ def render(results: list[dict], sections: dict, models: dict, findings: str = ""
             {"row": r["row"], "col": r["col"], "command": r["command"], **({"result": summ} if summ else {})})
     md = [HEADER.format(machine=machine()), findings, ""]
     for model, secs in data.items():
-        first = next((c["result"] for cs in secs.values() for c in cs if "result" in c), None)
+        done = [c["result"] for cs in secs.values() for c in cs if "result" in c]
+        first = next((c for c in done if c["calibration"]["n_samples"]), done[0] if done else None)
         spec = models[model]
         md += [f"## {model}", ""]
         if first:
@@ -138,7 +155,10 @@ def render(results: list[dict], sections: dict, models: dict, findings: str = ""
             md += [f"wikitext2 test, seqlen {first['seqlen']}, {first['n_tokens']} tokens evaluated; calibration C4 "
                    f"{cal['n_samples']} x {cal['seqlen']} (ids hash {cal['hash']}). Settings for this model: "
                    f"`{' '.join(o for k, v in spec.items() if k != 'columns' for o in (v or []))}`. "
-                   f"{first['weights_note']}", ""]
+                   f"{first['weights_note']}", "",
+                   "Cells ran at commits " + ", ".join(f"{k} ({v} cells)" for k, v in _count(
+                       c["commit"] for c in done).items()) + "; torch threads " + ", ".join(
+                       str(k) for k in _count(c["torch_threads"] for c in done)) + ".", ""]
         for section, entries in secs.items():
             cols, rows, _ = (*sections[section], None)
             cells = {(e["row"], e["col"]): e.get("result") for e in entries}

@@ -90,14 +90,29 @@ def cell_dir(model: str, section: str, row: str, col: str) -> Path:
     return RUNS / model / slug  # one folder per model: cells with the same training settings share checkpoints
 
 
-def command(model: str, section: str, row: str, col: str) -> list[str]:
+def run_args(model: str, section: str, row: str, col: str) -> list[str]:
+    """The cell's run.py arguments without its out_dir (cells with equal arguments are one run)."""
     cols, rows = SECTIONS[section]
     method, over, _ = rows[row]
     spec = MODELS[model]
     steps = STEP_OF.get(method, "").split()
     per_step = [o for s in steps for o in spec.get(s, [])]
     return ["python", "run.py", f"model={model}", f"method={method}", *cols[col], "sym=false", "seed=0", "data=c4",
-            "logger=none", *spec["common"], *per_step, *over, f"out_dir={cell_dir(model, section, row, col)}"]
+            "logger=none", *spec["common"], *per_step, *over]
+
+
+def run_dir(model: str, section: str, row: str, col: str) -> Path:
+    """The cell's run folder: that of the first cell (in table order) with the same arguments (e.g. plain RTN w3
+    appears in two sections and runs once)."""
+    key = run_args(model, section, row, col)
+    for cell in cells([model], list(SECTIONS)):
+        if run_args(*cell) == key:
+            return cell_dir(*cell)
+    return cell_dir(model, section, row, col)
+
+
+def command(model: str, section: str, row: str, col: str) -> list[str]:
+    return [*run_args(model, section, row, col), f"out_dir={run_dir(model, section, row, col)}"]
 
 
 def cells(models: list[str], sections: list[str]):
@@ -114,7 +129,7 @@ def cells(models: list[str], sections: list[str]):
 
 
 def run_cell(model: str, section: str, row: str, col: str, collect_only: bool) -> dict | None:
-    out = cell_dir(model, section, row, col)
+    out = run_dir(model, section, row, col)
     if not (out / "metrics.json").is_file():
         if collect_only:
             return None
@@ -138,7 +153,7 @@ def main() -> None:
         m = run_cell(model, section, row, col, args.collect_only)
         cmd = shlex.join(command(model, section, row, col)).replace(str(REPO) + "/", "")
         results.append({"model": model, "section": section, "row": row, "col": col, "command": cmd, "metrics": m,
-                        "run_dir": str(cell_dir(model, section, row, col))})
+                        "run_dir": str(run_dir(model, section, row, col))})
     md, data = render(results, SECTIONS, MODELS, FINDINGS)
     out = REPO / "results"
     (out / "learned_methods.json").write_text(json.dumps(data, indent=1, default=str))
