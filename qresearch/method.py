@@ -13,7 +13,8 @@ import time
 from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import asdict, dataclass, is_dataclass, replace
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -39,6 +40,8 @@ class Context:
     device: torch.device
     seed: int = 0
     prior: QuantResult | None = None  # result of the previous steps when stacking
+    out_dir: Path | None = None  # the run's directory (training steps write loss curves there)
+    log: Callable[[dict], None] | None = None  # per-step metrics to the run's logger (wandb history)
 
 
 @dataclass(frozen=True)

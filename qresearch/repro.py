@@ -43,7 +43,9 @@ PAPER_KEYS = ("source", "metric", "dataset", "value", "tolerance", "protocol")
 PROTOCOL_KEYS = ("split", "seqlen", "eval", "num_fewshot", "bits", "group_size", "sym", "act_bits", "calibration",
                  "deviations")
 CALIB_KEYS = ("dataset", "n_samples", "seqlen")
-METRICS = ("ppl", "acc")
+METRICS = ("ppl", "acc")  # what this harness evaluates (language models)
+OTHER_METRICS = ("top1_accuracy", "top1_gap_to_fp")  # image-classification papers: listed, never evaluated here
+OPTIONAL_KEYS = ("fp_value",)  # the paper's unquantized number, shown next to its quantized one
 
 
 @dataclass
@@ -58,11 +60,13 @@ class PaperRef:
     @classmethod
     def from_dict(cls, d: Any, where: str) -> "PaperRef":
         """Validated `paper:` block; a bad one is a one-line ConfigError naming the preset and the key."""
-        if not isinstance(d, dict) or set(d) != set(PAPER_KEYS):
+        if not isinstance(d, dict) or not set(PAPER_KEYS) <= set(d) <= set(PAPER_KEYS + OPTIONAL_KEYS):
             got = sorted(d) if isinstance(d, dict) else type(d).__name__
-            raise ConfigError(f"{where}: paper block must have exactly the keys {', '.join(PAPER_KEYS)}; got {got}")
-        if d["metric"] not in METRICS:
-            raise ConfigError(f"{where}: paper.metric={d['metric']!r} is unknown; allowed: {', '.join(METRICS)}")
+            raise ConfigError(f"{where}: paper block must have the keys {', '.join(PAPER_KEYS)} (optional: "
+                              f"{', '.join(OPTIONAL_KEYS)}); got {got}")
+        if d["metric"] not in METRICS + OTHER_METRICS:
+            raise ConfigError(f"{where}: paper.metric={d['metric']!r} is unknown; allowed: "
+                              f"{', '.join(METRICS + OTHER_METRICS)}")
         for k in ("value", "tolerance"):
             if not isinstance(d[k], (int, float)) or isinstance(d[k], bool) or (k == "tolerance" and d[k] < 0):
                 raise ConfigError(f"{where}: paper.{k}={d[k]!r} is not a {'non-negative ' * (k == 'tolerance')}number")
@@ -163,8 +167,11 @@ def _value_and_diffs(r: FinishedRun, p: Preset) -> tuple[float | None, list[str]
 def check(p: Preset, runs: list[FinishedRun], results: Path) -> Row:
     """Newest comparable run of the preset -> PASS / FAIL; runs that all differ -> REFUSED; none -> NOT RUN."""
     mine = [r for r in runs if isinstance((r.config or {}).get("paper"), dict)
-            and {k: v for k, v in r.config["paper"].items() if k not in ("value", "tolerance")} == p.paper.identity()]
+            and {k: v for k, v in r.config["paper"].items() if k not in ("value", "tolerance", *OPTIONAL_KEYS)} == p.paper.identity()]
     notes = [f"deviation: {d}" for d in p.paper.protocol.get("deviations") or []]
+    if p.paper.metric in OTHER_METRICS:
+        return Row(p, "NOT RUN", notes=[f"{p.paper.metric} on {p.paper.dataset}: an image-classification result; "
+                                        "this harness evaluates language models only"] + notes)
     if not mine:
         return Row(p, "NOT RUN", notes=notes)
     mine.sort(key=lambda r: r.metrics.run.time, reverse=True)

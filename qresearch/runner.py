@@ -118,7 +118,8 @@ def _baseline(model, p: Plan, streams: dict, device, tok) -> dict:
     return cached_baseline(model, tok, streams, protocol, lambda sub: _ppl_all(model, p, sub, device, "fp"))
 
 
-def _quantize(p: Plan, model, arch, tok, device) -> tuple[QuantResult, list[dict], dict | None, float]:
+def _quantize(p: Plan, model, arch, tok, device, out_dir: Path | None = None, log=None
+              ) -> tuple[QuantResult, list[dict], dict | None, float]:
     """Calibration data (if any step needs it), then each method step in order; returns the merged result,
     what each step used (its record + facts it reported), calibration provenance and seconds."""
     calib, calib_prov = None, None
@@ -129,7 +130,8 @@ def _quantize(p: Plan, model, arch, tok, device) -> tuple[QuantResult, list[dict
     result, records = QuantResult(), []
     for step in p.steps:
         t = time.perf_counter()
-        step_result = step.quantize(model, Context(calib=calib, arch=arch, device=device, seed=p.seed, prior=result))
+        step_result = step.quantize(model, Context(calib=calib, arch=arch, device=device, seed=p.seed, prior=result,
+                                                   out_dir=out_dir, log=log))
         records.append({**step.record(), **step_result.info, "seconds": time.perf_counter() - t})
         result = result.merge(step_result)
     return result, records, calib_prov, time.perf_counter() - t1
@@ -197,7 +199,7 @@ def execute(p: Plan, cfg_dict: dict, chash: str, out_dir: Path, logger) -> Metri
     streams = eval_streams(p.eval.datasets, tok, p.eval.seqlen)
     fp = _baseline(model, p, streams, device, tok) if p.eval.baseline and (p.steps or p.eval.kv_cache) else {}
     watch = start_watch(p, model, arch, tok, device)  # activation outliers (runs that quantize activations)
-    result, records, calib_prov, t_quant = _quantize(p, model, arch, tok, device)
+    result, records, calib_prov, t_quant = _quantize(p, model, arch, tok, device, out_dir, logger.log)
     if watch:
         watch.after_steps(model, folded=any(getattr(s, "folds_scales", False) for s in p.steps))
     kernels = swap_linears(model, result, p.modules)

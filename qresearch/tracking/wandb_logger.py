@@ -59,6 +59,11 @@ class WandbLogger:
         if self.run is not None:
             self.run.summary.update(flatten(metrics))
 
+    def log(self, row: dict) -> None:
+        """One point of a curve (e.g. a training step's losses): wandb history."""
+        if self.run is not None:
+            self.run.log(row)
+
     def table(self, key: str, rows: list[dict]) -> None:
         if self.run is None or not rows:
             return
@@ -84,6 +89,7 @@ class NullLogger:
     def start(self, config): ...
     def ref(self): return None
     def summary(self, metrics): ...
+    def log(self, row): ...
     def table(self, key, rows): ...
     def finish(self, exit_code=0): ...
 
