@@ -1,9 +1,10 @@
-"""The one dispatch point: Triton on CUDA when the layer's format, shape and dtype are supported, else the
-pure-torch reference. The choice is a name ("triton_w4a16", "torch_ref_w8a8", ...) that QuantLinear exposes as
+"""The one dispatch point: Triton on CUDA when the layer's format, shape and dtype are supported; on CPU the
+low-bit kernels of cpu_packed (aten int4/int8 weight-packed ops, our C kernel); else the pure-torch reference.
+The choice is a name ("triton_w4a16", "c_lowbit_w4a16", "torch_ref_w8a8", ...) that QuantLinear exposes as
 `kernel_name` and the run records per layer (DESIGN rule 7: no silent fallbacks).
 
 QRESEARCH_KERNELS=torch forces the reference everywhere; =triton forces Triton (on CPU only under
-TRITON_INTERPRET=1, which is how the tests run the Triton kernels).
+TRITON_INTERPRET=1, which is how the tests run the Triton kernels); =cpu forces the CPU kernels.
 """
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import torch
 
 from ..method import ActQuant
 from ..quant.packing import PackedMeta
+from . import cpu_packed
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16)  # fp32 would go through TF32 tensor cores: not our reference
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cpu")
 
 
 @dataclass(frozen=True)
@@ -73,25 +75,38 @@ def triton_supports(meta: PackedMeta, mode: ActMode, device: torch.device, dtype
     return True, ""
 
 
-def choose(meta: PackedMeta, mode: ActMode, device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+def choose(meta: PackedMeta, mode: ActMode, device: torch.device, dtype: torch.dtype,
+           g_idx: torch.Tensor | None = None) -> tuple[str, str]:
     """(kernel name, reason the reference was chosen or '')."""
     fam = family(meta, mode)
     b = backend()
-    ok, why = triton_supports(meta, mode, device, dtype)
-    if b == "triton" and not ok:
-        raise RuntimeError(f"QRESEARCH_KERNELS=triton but {fam} cannot run in Triton here: {why}")
     if b == "torch":
         return f"torch_ref_{fam}", "QRESEARCH_KERNELS=torch"
-    return (f"triton_{fam}", "") if ok else (f"torch_ref_{fam}", why)
+    ok, why = (False, "QRESEARCH_KERNELS=cpu") if b == "cpu" else triton_supports(meta, mode, device, dtype)
+    if b == "triton" and not ok:
+        raise RuntimeError(f"QRESEARCH_KERNELS=triton but {fam} cannot run in Triton here: {why}")
+    if ok:
+        return f"triton_{fam}", ""
+    if device.type == "cpu":
+        kind, cpu_why = cpu_packed.select(meta, mode.kind, dtype, g_idx)
+        if kind is not None:
+            return f"{kind}_{fam}", ""
+        why = f"{why}; {cpu_why}"
+    if b == "cpu":
+        raise RuntimeError(f"QRESEARCH_KERNELS=cpu but {fam} cannot run in a CPU kernel here: {why}")
+    return f"torch_ref_{fam}", why
 
 
 def run(kernel: str, x: torch.Tensor, meta: PackedMeta, bufs: dict, mode: ActMode) -> torch.Tensor:
-    """y [M, N] = layer(x [M, K]) with the named kernel. `bufs`: qweight, scales, qzeros, g_idx, bias, act_scale."""
+    """y [M, N] = layer(x [M, K]) with the named kernel. `bufs`: qweight, scales, qzeros, g_idx, bias, act_scale,
+    and `prepared` (the layer's cache of CPU-kernel weights)."""
     qw, s, z, gi, b = (bufs[k] for k in ("qweight", "scales", "qzeros", "g_idx", "bias"))
     static = bufs.get("act_scale")
     if mode.dynamic_tensor:  # one scale for the whole tensor, absmax / 127 as primitives computes it
         amax = x.detach().abs().amax().float()
         static = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    if kernel.startswith(cpu_packed.KERNELS):
+        return cpu_packed.run(kernel.rsplit("_", 1)[0], x, meta, bufs)
     if kernel.startswith("triton_"):
         if mode.kind == "int8":
             from .triton_w8a8 import w8a8_linear

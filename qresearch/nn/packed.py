@@ -41,6 +41,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("outliers", torch.zeros(k, dtype=torch.bool) if n_outliers else None)
         self.register_buffer("fp_cols", torch.zeros(n, n_outliers, dtype=dtype) if n_outliers else None)
         self.mode = dispatch.act_mode(meta, act, g_idx)
+        self._prepared: dict = {}  # CPU kernels' converted weights (built on first use; not buffers, not bytes)
 
     @classmethod
     def from_result(cls, lin: nn.Linear, res: LayerResult) -> "QuantLinear":
@@ -75,11 +76,11 @@ class QuantLinear(nn.Module):
     @property
     def kernel_name(self) -> str:
         """Kernel this layer runs with for inputs of its model dtype on its current device."""
-        name, _ = dispatch.choose(self.meta, self.mode, self.qweight.device, self.dtype)
+        name, _ = dispatch.choose(self.meta, self.mode, self.qweight.device, self.dtype, self.g_idx)
         return name + ("+fp_outliers" if self.outliers is not None else "")
 
     def _kernel_for(self, x: torch.Tensor) -> str:
-        name, why = dispatch.choose(self.meta, self.mode, x.device, x.dtype)
+        name, why = dispatch.choose(self.meta, self.mode, x.device, x.dtype, self.g_idx)
         if why and (name, why) not in _REPORTED:
             log.info("packed layers use %s: %s", name, why)
             _REPORTED.add((name, why))
@@ -93,6 +94,7 @@ class QuantLinear(nn.Module):
             static = None if self.act_scale is None else self.act_scale.reshape(1, 1)  # [1, 1] per-tensor
             regular = fake_quant_act(regular, ActQuant(self.act.spec, static))
         bufs = {k: getattr(self, k) for k in ("qweight", "scales", "qzeros", "g_idx", "bias", "act_scale")}
+        bufs["prepared"] = self._prepared
         y = dispatch.run(self._kernel_for(x2), regular, self.meta, bufs, self.mode)  # [M, out]
         if self.outliers is not None:
             y = y + F.linear(x2[:, self.outliers], self.fp_cols)
