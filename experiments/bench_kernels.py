@@ -124,8 +124,10 @@ def bench_cpu_candidates(shape: str, ms: list[int], repeats: int, warmup: int) -
                         prep = cpu_packed.PREPARE[kind](*args, dt)
                         fn = lambda: cpu_packed.LINEAR[kind](x, prep, None)  # noqa: E731
                         refused = cpu_packed.SUPPORTS[kind](mod.meta, "none", dt) or ""
-                    t = _median_ms(fn, repeats, warmup)
+                    ts = _times_ms(fn, repeats, warmup)
+                    t = statistics.median(ts)
                     rows.append({"variant": name, "M": m, "kernel": kind, "dtype": str(dt)[6:], "ms": t,
+                                 "min_ms": min(ts),
                                  "vs_fp32": dense[torch.float32] / t, "vs_bf16": dense[torch.bfloat16] / t,
                                  "dense_fp32_ms": dense[torch.float32], "dense_bf16_ms": dense[torch.bfloat16],
                                  "refused": refused,
@@ -133,8 +135,12 @@ def bench_cpu_candidates(shape: str, ms: list[int], repeats: int, warmup: int) -
     return rows
 
 
+def _times_ms(fn, repeats: int, warmup: int) -> list[float]:
+    return [t * 1e3 for t in timed(fn, torch.device("cpu"), repeats, warmup)]
+
+
 def _median_ms(fn, repeats: int, warmup: int) -> float:
-    return statistics.median(timed(fn, torch.device("cpu"), repeats, warmup)) * 1e3
+    return statistics.median(_times_ms(fn, repeats, warmup))
 
 
 def build_cpu(w: torch.Tensor, bits: int, group: int, sym: bool) -> QuantLinear:
@@ -150,7 +156,9 @@ def candidates_markdown(rows: list[dict], shape: str) -> list[str]:
              "Speedups are over the dense torch.matmul of the same M in fp32 and in bf16. `refused`: why dispatch "
              "does not pick that kernel for that activation dtype (it still computes the layer correctly). "
              "**bold** = fastest kernel for that variant, M and activation dtype; `<- dispatch` = dispatch's pick.",
-             "", "| variant | M | act dtype | kernel | ms | vs dense fp32 | vs dense bf16 | note |",
+             "ms = median (min) of the repeats; on a shared machine a parallel region can wait a whole scheduler "
+             "slice for a preempted thread (the ~8 ms steps), so the min shows the uncontended time.",
+             "", "| variant | M | act dtype | kernel | ms (min) | vs dense fp32 | vs dense bf16 | note |",
              "|---|---|---|---|---|---|---|---|"]
     best = {}
     for r in rows:
@@ -160,7 +168,7 @@ def candidates_markdown(rows: list[dict], shape: str) -> list[str]:
         win = r["ms"] == best[(r["variant"], r["M"], r["dtype"])]
         name = f"**{r['kernel']}**" if win else r["kernel"]
         note = "<- dispatch" if r["chosen"] else (f"refused: {r['refused']}" if r["refused"] else "")
-        lines.append(f"| {r['variant']} | {r['M']} | {r['dtype']} | {name} | {r['ms']:.3f} | {r['vs_fp32']:.2f}x | "
+        lines.append(f"| {r['variant']} | {r['M']} | {r['dtype']} | {name} | {r['ms']:.3f} ({r['min_ms']:.3f}) | {r['vs_fp32']:.2f}x | "
                      f"{r['vs_bf16']:.2f}x | {note} |")
     dense = {(r["M"]): (r["dense_fp32_ms"], r["dense_bf16_ms"]) for r in rows}
     lines += ["", "Dense torch.matmul on this shape: " + "; ".join(
@@ -240,9 +248,12 @@ def main(argv=None) -> Path:
     ap.add_argument("--candidates", default="4096x4096",
                     help="CPU: shape for the per-kernel candidates table ('none' skips it)")
     ap.add_argument("--candidate-m", nargs="+", type=int, default=[1, 16], help="CPU: M values of that table")
+    ap.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads (default: torch's)")
     ap.add_argument("--load-note", default="other processes may share the cores",
                     help="CPU: what else ran on the machine (written under the table)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     gpu = device.type == "cuda"

@@ -20,7 +20,7 @@ SRC = Path(__file__).with_name("csrc") / "lowbit_cpu.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC")
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 SIGNATURES = {  # name -> (restype, argtypes), as declared in lowbit_cpu.c
-    "qr_lowbit_mm": (_F, [_P, _I, _I, _P, _I, _I, _I, _F, _P, _P, _P, _P, _F]),
+    "qr_lowbit_mm": (_F, [_P, _I, _I, _P, _I, _I, _I, _F, _P, _P, _P, _P, _P, _F]),
     "qr_lowbit_dequant": (None, [_P, _I, _I, _I, _F, _P, _P, _P, _F]),
 }
 

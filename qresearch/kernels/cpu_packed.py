@@ -65,14 +65,16 @@ def int4_op_group(meta: PackedMeta) -> int | None:
     return next((g for g in INT4_GROUPS if meta.group % g == 0), None)
 
 
-def _common_reason(mode_kind: str, dtype: torch.dtype) -> str | None:
+def _common_reason(mode_kind: str, dtype: torch.dtype, op: str | None = None) -> str | None:
     if mode_kind == "int8":
         return "int8 activations (W8A8) are not a weight-only kernel"
+    if op is not None and not hasattr(torch.ops.aten, op):
+        return f"torch {torch.__version__} has no aten.{op}"
     return None
 
 
 def supports_int4(meta: PackedMeta, mode_kind: str, dtype: torch.dtype, g_idx=None) -> str | None:
-    why = _common_reason(mode_kind, dtype) or act_order_perm(g_idx, meta)[1]
+    why = _common_reason(mode_kind, dtype, "_weight_int4pack_mm_for_cpu") or act_order_perm(g_idx, meta)[1]
     if why:
         return why
     if meta.bits > 4:
@@ -85,7 +87,7 @@ def supports_int4(meta: PackedMeta, mode_kind: str, dtype: torch.dtype, g_idx=No
 
 
 def supports_int8(meta: PackedMeta, mode_kind: str, dtype: torch.dtype, g_idx=None) -> str | None:
-    why = _common_reason(mode_kind, dtype) or act_order_perm(g_idx, meta)[1]
+    why = _common_reason(mode_kind, dtype, "_weight_int8pack_mm") or act_order_perm(g_idx, meta)[1]
     if why:
         return why
     if meta.n_groups != 1:
@@ -196,6 +198,7 @@ class LowbitPrepared:
     codes: torch.Tensor  # uint8 [out, n_groups, gp / 2] (nibbles, bits <= 4) or [out, n_groups, gp]
     scale: torch.Tensor  # fp32 [out, n_groups]
     zero: torch.Tensor  # fp32 [out, n_groups]
+    zero_scale: torch.Tensor  # fp32 [out, n_groups]: zero * scale, exact (integer zero x 16-bit scale)
     group: int  # our group length (columns of x per group before padding)
     gp: int  # padded group length, a multiple of 32
     nibbles: bool
@@ -212,9 +215,8 @@ def prepare_lowbit(meta: PackedMeta, qweight, scales, qzeros, g_idx, dtype: torc
     if nib:  # 32-code chunk -> 16 bytes: low nibble = code i, high nibble = code 16 + i
         c = codes.view(n, ng, gp // 32, 2, 16)  # [out, n_groups, chunks, half, 16]
         codes = (c[:, :, :, 0] | (c[:, :, :, 1] << 4)).reshape(n, ng, gp // 2)  # [out, n_groups, gp / 2]
-    return LowbitPrepared(codes.contiguous(), scales.float().contiguous(),
-                          weight_zeros(meta, qzeros).to(scales.device).contiguous(), gs, gp, nib,
-                          act_order_perm(g_idx, meta)[0])
+    s, z = scales.float().contiguous(), weight_zeros(meta, qzeros).to(scales.device).contiguous()
+    return LowbitPrepared(codes.contiguous(), s, z, z * s, gs, gp, nib, act_order_perm(g_idx, meta)[0])
 
 
 def _lowbit_x(x: torch.Tensor, p: LowbitPrepared) -> torch.Tensor:
@@ -249,7 +251,7 @@ def lowbit_linear(x: torch.Tensor, p: LowbitPrepared, bias: torch.Tensor | None)
     n, ng = p.codes.shape[:2]
     y = torch.empty(xin.shape[0], n, dtype=torch.float32)
     failed = lib.qr_lowbit_mm(xin.data_ptr(), xin.shape[0], xin.shape[1], p.codes.data_ptr(), n, ng, p.gp,
-                              int(p.nibbles), p.scale.data_ptr(), p.zero.data_ptr(),
+                              int(p.nibbles), p.scale.data_ptr(), p.zero.data_ptr(), p.zero_scale.data_ptr(),
                               None if b is None else b.data_ptr(), y.data_ptr(), torch.get_num_threads())
     if failed:
         raise MemoryError("c_lowbit kernel could not allocate its row buffers")

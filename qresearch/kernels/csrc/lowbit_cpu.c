@@ -124,23 +124,28 @@ static void block512(const float *x, int64_t M, int64_t ldx, const uint8_t *w, i
 }
 #endif
 
-/* y [M, N] = x [M, G * gp] (row stride ldx) @ dequant(w)^T + bias; returns 0, or 1 if a buffer failed */
+/* y [M, N] = x [M, G * gp] (row stride ldx) @ dequant(w)^T + bias; zs = z * s (exact for 16-bit scales).
+ * Returns 0, or 1 if a row buffer could not be allocated. */
 int qr_lowbit_mm(const float *x, int64_t M, int64_t ldx, const uint8_t *w, int64_t N, int64_t G, int64_t gp,
-                 int nib, const float *s, const float *z, const float *bias, float *y, int nthreads) {
+                 int nib, const float *s, const float *z, const float *zs, const float *bias, float *y,
+                 int nthreads) {
     int failed = 0;
     const int par = nthreads > 1 && N * G * gp * (M < 4 ? M : 4) >= (1 << 16);
 #if defined(__AVX512F__)
-    float *zs = malloc(sizeof(float) * N * G);
-    if (!zs) return 1;
-    for (int64_t i = 0; i < N * G; i++) zs[i] = z[i] * s[i];
+    (void)z;
     const int64_t rt = M == 1 ? 8 : 4;
+    if (!par) {
+        for (int64_t nb = 0; nb < (N + rt - 1) / rt; nb++)
+            block512(x, M, ldx, w, nb * rt, N, G, gp, nib, s, zs, bias, y);
+        return 0;
+    }
     /* dynamic: on a shared machine a preempted thread's rows are taken over instead of awaited */
-#pragma omp parallel for num_threads(par ? nthreads : 1) schedule(dynamic, 4)
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 4)
     for (int64_t nb = 0; nb < (N + rt - 1) / rt; nb++)
         block512(x, M, ldx, w, nb * rt, N, G, gp, nib, s, zs, bias, y);
-    free(zs);
     return 0;
 #endif
+    (void)zs;
     const int64_t nblocks = (N + NB - 1) / NB;
 #pragma omp parallel num_threads(par ? nthreads : 1) reduction(| : failed)
     {
