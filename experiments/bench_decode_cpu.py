@@ -115,9 +115,10 @@ def write(rows: list[dict], args, load_start: str) -> Path:
              f"- machine: {os.cpu_count()} CPU cores ({_cpu_name()}), torch threads {args.threads} (column); "
              f"load average before the run (1/5/15 min) {load_start}, after "
              f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])}; {args.load_note}",
-             f"- protocol: qresearch.eval.latency.measure_latency, batch 1, 16-token prompt, greedy decode with KV cache, "
-             f"median of the stated repeats after {args.warmup} warm-up (perf_counter); tokens/s = steps / time "
-             f"(includes the prompt forward)",
+             "- protocol: qresearch.eval.latency.measure_latency, batch 1, 16-token prompt, greedy decode with KV "
+             f"cache, median of the stated repeats after {args.warmup} warm-up (perf_counter); tokens/s = steps / "
+             "time (the time includes the prompt forward)",
+             f"- command: python experiments/bench_decode_cpu.py {' '.join(sys.argv[1:])}",
              f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}, commit {commit}{dirty}, "
              f"torch {torch.__version__}", "",
              "| model | threads | kernels (layers) | packed MiB | decode steps x repeats | ms / step | tokens/s | "

@@ -121,7 +121,7 @@ def bench_cpu_candidates(shape: str, ms: list[int], repeats: int, warmup: int) -
                     if kind == "torch_ref":
                         fn, refused = (lambda: wa16_ref(x, *args, None)), ""
                     else:
-                        prep = cpu_packed.PREPARE[kind](*args, dt)
+                        prep = cpu_packed.prepare(kind, *args, dt)
                         fn = lambda: cpu_packed.LINEAR[kind](x, prep, None)  # noqa: E731
                         refused = cpu_packed.SUPPORTS[kind](mod.meta, "none", dt) or ""
                     ts = _times_ms(fn, repeats, warmup)
@@ -168,8 +168,8 @@ def candidates_markdown(rows: list[dict], shape: str) -> list[str]:
         win = r["ms"] == best[(r["variant"], r["M"], r["dtype"])]
         name = f"**{r['kernel']}**" if win else r["kernel"]
         note = "<- dispatch" if r["chosen"] else (f"refused: {r['refused']}" if r["refused"] else "")
-        lines.append(f"| {r['variant']} | {r['M']} | {r['dtype']} | {name} | {r['ms']:.3f} ({r['min_ms']:.3f}) | {r['vs_fp32']:.2f}x | "
-                     f"{r['vs_bf16']:.2f}x | {note} |")
+        lines.append(f"| {r['variant']} | {r['M']} | {r['dtype']} | {name} | {r['ms']:.3f} ({r['min_ms']:.3f}) | "
+                     f"{r['vs_fp32']:.2f}x | {r['vs_bf16']:.2f}x | {note} |")
     dense = {(r["M"]): (r["dense_fp32_ms"], r["dense_bf16_ms"]) for r in rows}
     lines += ["", "Dense torch.matmul on this shape: " + "; ".join(
         f"M={m}: fp32 {f:.3f} ms, bf16 {b:.3f} ms" for m, (f, b) in sorted(dense.items()))]
@@ -202,8 +202,9 @@ def _cpu_lines(args) -> list[str]:
             "M=1 on 4096x4096 at least as fast as the dense fp32 matmul.", "",
             f"- machine: {os.cpu_count()} CPU cores ({_cpu_name()}), torch threads {torch.get_num_threads()}; "
             f"load average at start (1/5/15 min) {load}; {args.load_note}",
-            f"- C kernel: {cpu_packed.cpu_build.SRC.name} built with {os.environ.get('CC', 'cc')} "
-            f"{' '.join(cpu_packed.cpu_build.FLAGS)}; {cpu_packed.cpu_build.load()[1] or 'loaded'}"]
+            f"- command: python experiments/bench_kernels.py {' '.join(sys.argv[1:])}",
+            f"- C kernel: {cpu_packed.cpu_lowbit.SRC.name} built with {os.environ.get('CC', 'cc')} "
+            f"{' '.join(cpu_packed.cpu_lowbit.flags())}; {cpu_packed.cpu_lowbit.load()[1] or 'loaded'}"]
 
 
 def write_markdown(rows: list[dict], device, dtype, copy_bw: float, args, cand_rows=()) -> Path:

@@ -5,19 +5,24 @@ a different summation order; observed ~3e-7); bf16 activations 1e-2 (bf16 output
 a wrong zero point or scale gives errors of order 1).
 """
 import copy
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import nn
 
+from qresearch.kernels import cpu_lowbit
 from qresearch.kernels import cpu_packed as cp
 from qresearch.kernels import dispatch
 from qresearch.kernels import reference as ref
 from qresearch.nn.packed import QuantLinear
-from tests._qhelpers import packed_args, rel_err, rtn_layer, shared_dir
+from tests._qhelpers import REPO, packed_args, rel_err, rtn_layer, shared_dir
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-MS = (1, 5, 64)  # 1: decode tile; 5: multi-row tiles; 64: dequantize-once + dense matmul in the C kernel
+MS = (1, 5, 64, 300)  # 1: decode tile; 5, 64: multi-row tiles; 300: the C kernel's dequantize-once + dense matmul
 # (bits, group, sym, act_order): per-channel, g32/g64/g128, sym/asym, act-order, all bit widths 2..8
 SPECS = [(4, 128, False, False), (4, 64, True, False), (4, 32, False, True), (4, -1, False, False),
          (4, -1, True, True), (8, -1, True, False), (8, -1, False, True), (8, 128, False, False),
@@ -60,16 +65,41 @@ def test_kernel_equals_reference_and_float64(kind, dtype, bits, group, sym, ao):
             assert rel_err(y, want) < TOL[dtype], (out_f, in_f, m, rel_err(y, want))
 
 
+PORTABLE_CHECK = """
+import torch
+from qresearch.kernels import cpu_lowbit, cpu_packed as cp, reference as ref
+from tests._qhelpers import packed_args, rel_err, rtn_layer
+assert cpu_lowbit.load()[0] is not None, cpu_lowbit.load()[1]
+for bits, group, sym, ao in [(4, 64, False, True), (8, -1, True, False), (5, 32, False, False)]:
+    meta, qw, s, qz, gi = packed_args(rtn_layer(40, 200, bits, group, sym, ao))
+    bufs = {"qweight": qw, "scales": s, "qzeros": qz, "g_idx": gi, "bias": torch.randn(40)}
+    for m in (1, 5):
+        x = torch.randn(m, 200)
+        err = rel_err(cp.run("c_lowbit", x, meta, bufs), ref.wa16_ref(x, meta, qw, s, qz, gi, bufs["bias"]))
+        assert err < 1e-5, (bits, group, m, err)
+print("portable ok", cpu_lowbit.flags()[-1])
+"""
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="builds the C kernel for a generic x86-64 target")
+def test_portable_c_path_without_avx512(tmp_path):
+    """The non-AVX-512 loops of lowbit_cpu.c (what other CPUs run), built for x86-64-v2, in a fresh process."""
+    env = {**os.environ, "QRESEARCH_CPU_MARCH": "x86-64-v2", "QRESEARCH_CACHE": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", PORTABLE_CHECK], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "portable ok -march=x86-64-v2" in r.stdout, r.stderr[-2000:]
+
+
 def test_prepared_layouts_hold_what_they_claim():
     meta, bufs = _layer(40, 200, 4, 64, False, True, torch.float32)
     args = [bufs[k] for k in ("qweight", "scales", "qzeros", "g_idx")]
-    p = cp.prepare_lowbit(meta, *args, torch.float32)
-    w = cp.lowbit_dequant(p)  # [out, n_groups * gp] in the permuted column order
+    p = cp.prepare("c_lowbit", meta, *args, torch.float32)
+    w = cpu_lowbit.lowbit_dequant(p)  # [out, n_groups * gp] in the permuted column order
     perm = cp.act_order_perm(bufs["g_idx"], meta)[0]
     want = ref.dequant_weight(meta, *args)[:, perm]  # [out, in], groups contiguous
     assert p.nibbles and p.gp == 64 and p.codes.shape == (40, 4, 32)
     assert torch.equal(w[:, :200], want) and w.shape == (40, 256)  # exact dequant; columns 200+ meet zero x
-    p4 = cp.prepare_int4(meta, *args, torch.bfloat16)
+    p4 = cp.prepare("aten_int4", meta, *args, torch.bfloat16)
     assert p4.op_group == 64 and p4.weight.shape == (48, 128) and p4.scale_zero.shape == (4, 48, 2)
 
 
