@@ -217,7 +217,7 @@ def write_markdown(rows: list[dict], device, dtype, copy_bw: float, args, cand_r
     import triton  # noqa: F401  (version only)
 
     lines += [f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}, commit {_sh(['git', 'rev-parse', '--short', 'HEAD'])}"
-              f"{' +dirty' if _sh(['git', 'status', '--porcelain', '--untracked-files=no']) else ''}",
+              f"{' +dirty' if _sh(['git', 'status', '--porcelain', '--untracked-files=no', '--', '.', ':!results']) else ''}",
               f"- torch {torch.__version__}, triton {sys.modules['triton'].__version__}, activations {dtype}",
               f"- timing: median of {args.repeats} after {args.warmup} warm-up "
               f"({'CUDA events' if device.type == 'cuda' else 'perf_counter'}); measured copy bandwidth "
