@@ -108,7 +108,7 @@ def row(label: str, model, kernels: dict, r: dict, threads: int, repeats: int) -
 def write(rows: list[dict], args, load_start: str) -> Path:
     dense = {(r["label"], r["threads"]): r["tok_s"] for r in rows if r["label"].startswith("dense")}
     commit = _sh(["git", "rev-parse", "--short", "HEAD"])
-    dirty = " +dirty" if _sh(["git", "status", "--porcelain", "--untracked-files=no"]) else ""
+    dirty = " +dirty" if _sh(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"]) else ""
     lines = [f"# Decode throughput on CPU: {args.model}, batch 1", "",
              "Goal: packed decode faster than the fp32 model. Linears of the decoder blocks are packed (RTN); "
              "embeddings, norms and the (tied) lm_head stay dense in the model dtype.", "",
