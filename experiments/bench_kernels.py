@@ -15,6 +15,8 @@ Writes results/kernels_<device>.md. CPU numbers never measure the GPU goals.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import os
 import platform
 import re
@@ -135,6 +137,74 @@ def bench_cpu_candidates(shape: str, ms: list[int], repeats: int, warmup: int) -
     return rows
 
 
+COLD_VARIANTS = ("w4_g128", "w8_perchannel")
+
+
+@torch.no_grad()
+def bench_cpu_cold(shape: str, ms: list[int], repeats: int, warmup: int, cold_mib: int) -> list[dict]:
+    """Dispatch's kernel and the dense matmul, each call on the next of n copies of the layer (n x bytes >=
+    cold_mib), so the weights stream from DRAM as in a model's decode step instead of staying in the L3 cache."""
+    out_f, in_f = map(int, shape.split("x"))
+    w = torch.randn(out_f, in_f) * 0.02
+    rows = []
+    for dt in ACT_DTYPES:
+        dense = _copies(w.to(dt), cold_mib)
+        for name in COLD_VARIANTS:
+            mod = build_cpu(w, *CPU_VARIANTS[name])
+            kind = cpu_packed.select(mod.meta, "none", dt)[0]
+            preps = _copies(cpu_packed.prepare(kind, mod.meta, mod.qweight, mod.scales, mod.qzeros, None, dt),
+                            cold_mib)
+            for m in ms:
+                x = torch.randn(m, in_f).to(dt)
+                t_q = _median_ms(_cycle([lambda p=p: cpu_packed.LINEAR[kind](x, p, None) for p in preps]),
+                                 repeats, warmup)
+                t_d = _median_ms(_cycle([lambda wd=wd: torch.matmul(x, wd.t()) for wd in dense]), repeats, warmup)
+                rows.append({"variant": name, "M": m, "dtype": str(dt)[6:], "kernel": kind, "copies": len(preps),
+                             "ms": t_q, "dense_copies": len(dense), "dense_ms": t_d, "speedup": t_d / t_q})
+    return rows
+
+
+def _nbytes(obj) -> int:
+    """Bytes of a tensor, or of the tensors a prepared-layer dataclass holds."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    return sum(_nbytes(v) for f in dataclasses.fields(obj) if isinstance(v := getattr(obj, f.name), torch.Tensor))
+
+
+def _copies(obj, total_mib: int) -> list:
+    """At least two, and enough independent copies of a tensor / prepared layer to fill total_mib."""
+    n = max(2, -(-total_mib * 2**20 // _nbytes(obj)))
+    if isinstance(obj, torch.Tensor):
+        return [obj.clone() for _ in range(n)]
+    return [dataclasses.replace(obj, **{f.name: getattr(obj, f.name).clone() for f in dataclasses.fields(obj)
+                                        if isinstance(getattr(obj, f.name), torch.Tensor)}) for _ in range(n)]
+
+
+def _cycle(fns: list):
+    it = itertools.cycle(fns)
+    return lambda: next(it)()
+
+
+def cold_markdown(rows: list[dict], shape: str, cold_mib: int) -> list[str]:
+    lines = ["", f"## Cold weights on {shape}: every call on the next of n layer copies (>= {cold_mib} MiB in all)",
+             "", f"A layer's int4 / int8 weights can stay in the L3 cache ({_l3()}) across the repeats of the table "
+             "above while its fp32 copy may not (4096x4096: 8 / 16 vs 64 MiB); here both stream from DRAM, as in a "
+             "model's decode step.", "",
+             "| variant | M | act dtype | kernel (dispatch) | copies | ms | dense copies | dense ms | speedup |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['M']} | {r['dtype']} | {r['kernel']} | {r['copies']} | {r['ms']:.3f} | "
+                     f"{r['dense_copies']} | {r['dense_ms']:.3f} | {r['speedup']:.2f}x |")
+    return lines
+
+
+def _l3() -> str:
+    try:
+        return Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+    except OSError:
+        return "size unknown"
+
+
 def _times_ms(fn, repeats: int, warmup: int) -> list[float]:
     return [t * 1e3 for t in timed(fn, torch.device("cpu"), repeats, warmup)]
 
@@ -207,7 +277,7 @@ def _cpu_lines(args) -> list[str]:
             f"{' '.join(cpu_packed.cpu_lowbit.flags())}; {cpu_packed.cpu_lowbit.load()[1] or 'loaded'}"]
 
 
-def write_markdown(rows: list[dict], device, dtype, copy_bw: float, args, cand_rows=()) -> Path:
+def write_markdown(rows: list[dict], device, dtype, copy_bw: float, args, cand_rows=(), cold_rows=()) -> Path:
     """The table + protocol as markdown in results/kernels_<device>.md (or --out)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {_cpu_name()}"
     slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
@@ -231,6 +301,8 @@ def write_markdown(rows: list[dict], device, dtype, copy_bw: float, args, cand_r
                      f"{r['q_ms']:.4f} | {r['speedup']:.2f}x | {r['bw_frac']:.2f} | {r['limit']:.2f}x |")
     if cand_rows:
         lines += candidates_markdown(list(cand_rows), args.candidates)
+    if cold_rows:
+        lines += cold_markdown(list(cold_rows), args.candidates, args.cold_mib)
     out = Path(args.out) if args.out else ROOT / "results" / f"kernels_{slug}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
@@ -249,6 +321,8 @@ def main(argv=None) -> Path:
     ap.add_argument("--candidates", default="4096x4096",
                     help="CPU: shape for the per-kernel candidates table ('none' skips it)")
     ap.add_argument("--candidate-m", nargs="+", type=int, default=[1, 16], help="CPU: M values of that table")
+    ap.add_argument("--cold-mib", type=int, default=128, help="CPU: bytes of layer copies cycled in the cold table "
+                    "(0 skips it)")
     ap.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads (default: torch's)")
     ap.add_argument("--load-note", default="other processes may share the cores",
                     help="CPU: what else ran on the machine (written under the table)")
@@ -266,7 +340,9 @@ def main(argv=None) -> Path:
     rows = [r for s in args.shapes for r in bench_shape(s, ms, device, dtype, args.repeats, args.warmup, copy_bw)]
     cand = [] if gpu or args.candidates == "none" else \
         bench_cpu_candidates(args.candidates, args.candidate_m, args.repeats, args.warmup)
-    out = write_markdown(rows, device, dtype, copy_bw, args, cand)
+    cold = [] if gpu or args.candidates == "none" or not args.cold_mib else \
+        bench_cpu_cold(args.candidates, args.candidate_m, args.repeats, args.warmup, args.cold_mib)
+    out = write_markdown(rows, device, dtype, copy_bw, args, cand, cold)
     print(out.read_text())
     return out
 
