@@ -25,24 +25,28 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.bench_kernels import _cpu_name, _sh  # noqa: E402
+from experiments.bench_kernels import cpu_name, _sh  # noqa: E402
 from methods.rtn import RTN  # noqa: E402
 from qresearch.eval.latency import LatencyConfig, measure_latency  # noqa: E402
 from qresearch.method import Context  # noqa: E402
 from qresearch.models.arch import arch_for  # noqa: E402
 from qresearch.models.load import ModelSpec, load_model  # noqa: E402
-from qresearch.nn.packed import packed_weight_bytes  # noqa: E402
+from qresearch.nn.packed import QuantLinear, packed_weight_bytes  # noqa: E402
 from qresearch.nn.swap import swap_linears  # noqa: E402
 
 QUANT = {"w4_g128": (4, 128, False), "w8_perchannel": (8, -1, True)}  # name -> (bits, group, sym)
 
 
-def load(name: str, shared: str):
-    """The model as its conf/model/<name>.yaml describes it (fp32 on CPU), in eval mode."""
-    m = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml"), resolve=False)
-    m["path"] = str(m.get("path", "")).replace("${paths.shared}", shared)  # shared-asset models (stories260k)
+def load(name: str):
+    """The model as `python run.py model=<name>` composes it (fp32 on CPU), in eval mode."""
+    from hydra import compose, initialize_config_dir
+
+    import qresearch.config  # noqa: F401 - registers the config's resolvers
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        m = OmegaConf.to_container(compose(config_name="config", overrides=[f"model={name}"]).model, resolve=True)
     spec = ModelSpec(**{k: m[k] for k in ModelSpec.__dataclass_fields__ if k in m})
-    return load_model(spec, torch.device("cpu"))[0]
+    return load_model(spec, torch.device("cpu"))[0], spec.weights_note
 
 
 def decode(model, cfg: LatencyConfig) -> dict:
@@ -73,7 +77,7 @@ def main(argv=None) -> Path:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     load_start = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    base = load(args.model, os.environ.get("QRESEARCH_SHARED", str(ROOT.parent / "shared")))
+    base, args.weights_note = load(args.model)
     results = {q: RTN(b, g, s).quantize(base, Context(None, arch_for(base), torch.device("cpu")))
                for q, (b, g, s) in QUANT.items()}
     cfg = LatencyConfig(enabled=True, prompt_lengths=[], decode_tokens=args.tokens, batch_sizes=[1],
@@ -88,13 +92,13 @@ def main(argv=None) -> Path:
             rows.append(row(label, model, kernels, decode(model, cfg), n, args.repeats))
         del model
     ref_model = copy.deepcopy(base)
-    kernels = swap_linears(ref_model, results["w4_g128"], "packed")
+    swap_linears(ref_model, results["w4_g128"], "packed")
     os.environ["QRESEARCH_KERNELS"] = "torch"
+    kernels = {n: m.kernel_name for n, m in ref_model.named_modules() if isinstance(m, QuantLinear)}
     for n in args.threads:
         torch.set_num_threads(n)
         r = decode(ref_model, ref_cfg)
-        rows.append(row("packed w4_g128 float32, torch reference", ref_model,
-                        dict.fromkeys(kernels, "torch_ref_w4a16"), r, n, 1))
+        rows.append(row("packed w4_g128 float32, torch reference", ref_model, kernels, r, n, 1))
     del os.environ["QRESEARCH_KERNELS"]
     return write(rows, args, load_start)
 
@@ -112,12 +116,13 @@ def write(rows: list[dict], args, load_start: str) -> Path:
     lines = [f"# Decode throughput on CPU: {args.model}, batch 1", "",
              "Goal: packed decode faster than the fp32 model. Linears of the decoder blocks are packed (RTN); "
              "embeddings, norms and the (tied) lm_head stay dense in the model dtype.", "",
-             f"- machine: {os.cpu_count()} CPU cores ({_cpu_name()}), torch threads {args.threads} (column); "
+             f"- machine: {os.cpu_count()} CPU cores ({cpu_name()}), torch threads {args.threads} (column); "
              f"load average before the run (1/5/15 min) {load_start}, after "
              f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])}; {args.load_note}",
              "- protocol: qresearch.eval.latency.measure_latency, batch 1, 16-token prompt, greedy decode with KV "
              f"cache, median of the stated repeats after {args.warmup} warm-up (perf_counter); tokens/s = steps / "
              "time (the time includes the prompt forward)",
+             f"- model weights: {args.weights_note or 'as published (float)'}",
              f"- command: python experiments/bench_decode_cpu.py {' '.join(sys.argv[1:])}",
              f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}, commit {commit}{dirty}, "
              f"torch {torch.__version__}", "",

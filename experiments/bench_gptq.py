@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from methods.gptq import gptq_quantize  # noqa: E402
-from qresearch.pipeline.hessian import accumulate_hessian  # noqa: E402
+from qresearch.calib.stats import accumulate_hessian  # noqa: E402
 from qresearch.quant import weight_spec  # noqa: E402
 
 SHAPES = {"4096x4096": (4096, 4096), "11008x4096": (11008, 4096), "4096x11008": (4096, 11008)}

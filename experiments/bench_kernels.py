@@ -7,10 +7,13 @@ For each (out x in) weight shape and M tokens: median time of y = x @ W^T for fp
 QuantLinear W4A16 g128 / W8A16 / W8A8 through whatever kernel dispatch picks (named in the table), speedup over
 fp16, achieved memory bandwidth (bytes of packed weights + qparams + activations in/out per call / time) as a
 fraction of the device's measured copy bandwidth, and the memory-bound limit 16 / (bits + qparam overhead).
+On CUDA the times are replays of a captured CUDA graph (kernel time without the per-call host launch overhead,
+which can exceed a 10 us kernel); the eager times are kept in the rows (fp16_eager_ms, q_eager_ms).
 On CPU the dense baseline is fp32, and a second table (--candidates SHAPE) times every CPU low-bit kernel of
 qresearch/kernels/cpu_packed.py per bit width with fp32 and bf16 activations, forced, next to dense fp32 and bf16
-and the torch reference, and marks the fastest and the one dispatch picks.
-Writes results/kernels_<device>.md. CPU numbers never measure the GPU goals.
+and the torch reference, and marks the fastest and the one dispatch picks; a third (--cold-mib) times dispatch's
+kernel with the weights streaming from DRAM. Writes results/kernels_<device>.md. CPU numbers never measure the
+GPU goals.
 """
 from __future__ import annotations
 
@@ -33,9 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qresearch.eval.latency import timed  # noqa: E402
-from qresearch.kernels import cpu_packed  # noqa: E402
+from qresearch.kernels import cpu_packed, dispatch  # noqa: E402
 from qresearch.kernels.reference import wa16_ref  # noqa: E402
-from qresearch.method import ActQuant, LayerResult  # noqa: E402
+from qresearch.records import ActQuant, LayerResult  # noqa: E402
 from qresearch.nn.packed import QuantLinear  # noqa: E402
 from qresearch.quant import QuantSpec, quantize_tensor, weight_spec  # noqa: E402
 
@@ -69,23 +72,78 @@ def build(variant: str, out_f: int, in_f: int, device, dtype) -> QuantLinear:
     return QuantLinear.from_result(lin, LayerResult(q, act=act))
 
 
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """||y - ref||_F / ||ref||_F in float64."""
+    y, ref = y.double(), ref.double()
+    return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def cuda_graph(fn, device):
+    """(replay, None) with fn captured in a CUDA graph, or (None, why not). Call only once fn is warm (compiled,
+    autotuned): a replay then runs the same kernels without the per-call host launch overhead."""
+    if device.type != "cuda":
+        return None, f"no CUDA graphs on {device.type}"
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph.replay, None
+    except Exception as exc:  # noqa: BLE001 - recorded in the row; the eager timing stands
+        return None, f"{type(exc).__name__}: {exc}"[:200]
+
+
+def time_call(fn, device, repeats: int, warmup: int, before=None, graphs: bool = False) -> dict:
+    """Median seconds of fn called eagerly (host launch overhead included) and, with `graphs`, replayed from a
+    CUDA graph (graph_s None and graph_error set when capture failed)."""
+    out = {"eager_s": statistics.median(timed(fn, device, repeats, warmup, before))}
+    if graphs:
+        replay, why = cuda_graph(fn, device)
+        out["graph_s"] = statistics.median(timed(replay, device, repeats, 1, before)) if replay else None
+        out["graph_error"] = why
+    return out
+
+
+def _row_times(t_fp: dict, t_q: dict) -> dict:
+    """Times of a row: graph replays when both captured, else eager (named in `timing`)."""
+    graph = t_fp.get("graph_s") is not None and t_q.get("graph_s") is not None
+    fp, q = (t_fp["graph_s"], t_q["graph_s"]) if graph else (t_fp["eager_s"], t_q["eager_s"])
+    return {"timing": "cuda_graph" if graph else "eager", "fp16_ms": fp * 1e3, "q_ms": q * 1e3, "speedup": fp / q,
+            "fp16_eager_ms": t_fp["eager_s"] * 1e3, "q_eager_ms": t_q["eager_s"] * 1e3,
+            "eager_speedup": t_fp["eager_s"] / t_q["eager_s"],
+            "graph_error": t_fp.get("graph_error") or t_q.get("graph_error")}
+
+
 @torch.no_grad()
-def bench_shape(shape: str, ms: list[int], device, dtype, repeats: int, warmup: int, copy_bw: float) -> list[dict]:
+def bench_shape(shape: str, ms: list[int], device, dtype, repeats: int, warmup: int, copy_bw: float,
+                before=None, reference=None, graphs: bool = False) -> list[dict]:
+    """Rows of (M, variant) timings for one weight shape. `before` runs ahead of every timed call, untimed (an L2
+    flush for cold-cache timing); `reference(mod, x)`, when given, is the torch-reference output of `mod` that the
+    timed kernel's output is compared with (ref_rel_err); `graphs`: also time CUDA-graph replays (time_call)."""
     out_f, in_f = map(int, shape.split("x"))
     w = (torch.randn(out_f, in_f, device=device) * 0.02).to(dtype)
     mods = {v: build(v, out_f, in_f, device, dtype) for v in VARIANTS}
     rows = []
     for m in ms:
         x = torch.randn(m, in_f, device=device, dtype=dtype)
-        t_fp = statistics.median(timed(lambda: torch.matmul(x, w.t()), device, repeats, warmup))
+        t_fp = time_call(lambda: torch.matmul(x, w.t()), device, repeats, warmup, before, graphs)
         io = (m * in_f + m * out_f) * x.element_size()
+        fp_moved = w.numel() * w.element_size() + io
         for v, mod in mods.items():
-            t = statistics.median(timed(lambda: mod(x), device, repeats, warmup))
+            t = _row_times(t_fp, time_call(lambda: mod(x), device, repeats, warmup, before, graphs))
             bits, group, sym, _ = VARIANTS[v]
             moved = mod.weight_bytes() + io
-            rows.append({"shape": shape, "M": m, "variant": v, "kernel": mod.kernel_name, "fp16_ms": t_fp * 1e3,
-                         "q_ms": t * 1e3, "speedup": t_fp / t, "bw_frac": moved / t / copy_bw,
-                         "limit": memory_bound_limit(bits, group, in_f, sym)})
+            row = {"shape": shape, "M": m, "variant": v, "kernel": mod.kernel_name, **t,
+                   "bw_frac": moved / (t["q_ms"] / 1e3) / copy_bw,
+                   "fp16_bw_frac": fp_moved / (t["fp16_ms"] / 1e3) / copy_bw,
+                   "limit": memory_bound_limit(bits, group, in_f, sym)}
+            if reference is not None:
+                row["ref_rel_err"] = rel_err(mod(x), reference(mod, x))
+            rows.append(row)
     return rows
 
 
@@ -125,7 +183,7 @@ def bench_cpu_candidates(shape: str, ms: list[int], repeats: int, warmup: int) -
                     else:
                         prep = cpu_packed.prepare(kind, *args, dt)
                         fn = lambda: cpu_packed.LINEAR[kind](x, prep, None)  # noqa: E731
-                        refused = cpu_packed.SUPPORTS[kind](mod.meta, "none", dt) or ""
+                        refused = cpu_packed.WHY_NOT[kind](_cpu_key(mod, dt)) or ""
                     ts = _times_ms(fn, repeats, warmup)
                     t = statistics.median(ts)
                     rows.append({"variant": name, "M": m, "kernel": kind, "dtype": str(dt)[6:], "ms": t,
@@ -133,8 +191,13 @@ def bench_cpu_candidates(shape: str, ms: list[int], repeats: int, warmup: int) -
                                  "vs_fp32": dense[torch.float32] / t, "vs_bf16": dense[torch.bfloat16] / t,
                                  "dense_fp32_ms": dense[torch.float32], "dense_bf16_ms": dense[torch.bfloat16],
                                  "refused": refused,
-                                 "chosen": kind == (cpu_packed.select(mod.meta, "none", dt)[0] or "torch_ref")})
+                                 "chosen": kind == dispatch.choose(_cpu_key(mod, dt))[0].name})
     return rows
+
+
+def _cpu_key(mod: QuantLinear, dt: torch.dtype) -> dispatch.LayerKey:
+    """What the kernel registry sees of `mod` called on CPU with `dt` activations."""
+    return dispatch.LayerKey(mod.meta, mod.mode, torch.device("cpu"), dt, mod.g_idx is not None)
 
 
 COLD_VARIANTS = ("w4_g128", "w8_perchannel")
@@ -151,7 +214,10 @@ def bench_cpu_cold(shape: str, ms: list[int], repeats: int, warmup: int, cold_mi
         dense = _copies(w.to(dt), cold_mib)
         for name in COLD_VARIANTS:
             mod = build_cpu(w, *CPU_VARIANTS[name])
-            kind = cpu_packed.select(mod.meta, "none", dt)[0]
+            kind = dispatch.choose(_cpu_key(mod, dt))[0].name
+            if kind not in cpu_packed.KERNELS:
+                raise RuntimeError(f"cold table: dispatch picks {kind} for {name} {dt}, not a CPU kernel "
+                                   "(QRESEARCH_KERNELS set?); pass --cold-mib 0 to skip the table")
             preps = _copies(cpu_packed.prepare(kind, mod.meta, mod.qweight, mod.scales, mod.qzeros, None, dt),
                             cold_mib)
             for m in ms:
@@ -253,7 +319,7 @@ def _sh(cmd: list[str]) -> str:
         return "?"
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -270,7 +336,7 @@ def _cpu_lines(args) -> list[str]:
             "row), not the Triton kernels. The GPU goals (W4A16 g128 >= 3x fp16 at M=1 and >= 2.5x at M=16 on "
             "4096x11008, W8A8 >= 1.5x at M=2048) were NOT measured here: no GPU.** The CPU goal is packed W4 g128 at "
             "M=1 on 4096x4096 at least as fast as the dense fp32 matmul.", "",
-            f"- machine: {os.cpu_count()} CPU cores ({_cpu_name()}), torch threads {torch.get_num_threads()}; "
+            f"- machine: {os.cpu_count()} CPU cores ({cpu_name()}), torch threads {torch.get_num_threads()}; "
             f"load average at start (1/5/15 min) {load}; {args.load_note}",
             f"- command: python experiments/bench_kernels.py {' '.join(sys.argv[1:])}",
             f"- C kernel: {cpu_packed.cpu_lowbit.SRC.name} built with {os.environ.get('CC', 'cc')} "
@@ -279,7 +345,7 @@ def _cpu_lines(args) -> list[str]:
 
 def write_markdown(rows: list[dict], device, dtype, copy_bw: float, args, cand_rows=(), cold_rows=()) -> Path:
     """The table + protocol as markdown in results/kernels_<device>.md (or --out)."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {_cpu_name()}"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {cpu_name()}"
     slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
     lines = [f"# Kernel benchmark on {name}", ""]
     if device.type != "cuda":
@@ -291,7 +357,8 @@ def write_markdown(rows: list[dict], device, dtype, copy_bw: float, args, cand_r
               f"- torch {torch.__version__}, triton {sys.modules['triton'].__version__}, activations {dtype}",
               f"- timing: median of {args.repeats} after {args.warmup} warm-up "
               f"({'CUDA events' if device.type == 'cuda' else 'perf_counter'}); measured copy bandwidth "
-              f"{copy_bw / 1e9:.1f} GB/s (read + write)",
+              f"{copy_bw / 1e9:.1f} GB/s (read + write); times: {', '.join(sorted({r['timing'] for r in rows}))} "
+              "(cuda_graph = replays of a captured call, host launch overhead excluded)",
               "- bw = (packed weight + qparam bytes + activations in/out) / time / copy bandwidth; "
               "limit = 16 / (bits + qparam bits per weight), the memory-bound speedup ceiling", "",
               "| shape (out x in) | M | variant | kernel | dense ms (torch.matmul) | quant ms | speedup | bw / copy bw | limit |",
@@ -337,7 +404,8 @@ def main(argv=None) -> Path:
     args.repeats = args.repeats or (20 if gpu else 3)
     args.warmup = args.warmup or (5 if gpu else 1)
     copy_bw = copy_bandwidth(device, args.copy_mib or (1024 if gpu else 256), args.repeats)
-    rows = [r for s in args.shapes for r in bench_shape(s, ms, device, dtype, args.repeats, args.warmup, copy_bw)]
+    rows = [r for s in args.shapes
+            for r in bench_shape(s, ms, device, dtype, args.repeats, args.warmup, copy_bw, graphs=gpu)]
     cand = [] if gpu or args.candidates == "none" else \
         bench_cpu_candidates(args.candidates, args.candidate_m, args.repeats, args.warmup)
     cold = [] if gpu or args.candidates == "none" or not args.cold_mib else \

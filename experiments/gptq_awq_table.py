@@ -16,23 +16,26 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from qresearch.tracking.metrics import Metrics  # noqa: E402
+
 RUNS = REPO / "results" / "runs" / "gptq_awq"
 # row label -> (method, extra overrides)
 ROWS = {
     "rtn": ("rtn", []),
     "gptq": ("gptq", []),
-    "gptq act_order": ("gptq", ["method.act_order=true"]),
-    "gptq act_order+static_groups": ("gptq", ["method.act_order=true", "method.static_groups=true"]),
-    "gptq no true_sequential": ("gptq", ["method.true_sequential=false"]),
+    "gptq act_order": ("gptq", ["method.gptq.act_order=true"]),
+    "gptq act_order+static_groups": ("gptq", ["method.gptq.act_order=true", "method.gptq.static_groups=true"]),
+    "gptq no true_sequential": ("gptq", ["method.gptq.true_sequential=false"]),
     "awq": ("awq", []),
     "awq_gptq": ("awq_gptq", []),
-    "awq_gptq scales only": ("awq_gptq", ["method.clip=false", "method.qparams=minmax"]),
+    "awq_gptq scales only": ("awq_gptq", ["method.awq.clip=false", "method.gptq.qparams=minmax"]),
 }
 BITS = {"w3 g128": ["bits=3", "group_size=128", "sym=false"], "w4 g128": ["bits=4", "group_size=128", "sym=false"]}
 # per-model protocol (CPU budget): eval chunks and calibration size; stated in the table
 MODELS = {
-    "stories260k": ["eval.max_chunks=800", "data.n_samples=128", "data.seqlen=512", "method.search_samples=32"],
-    "smollm2_135m": ["eval.max_chunks=80", "data.n_samples=128", "data.seqlen=512", "method.search_samples=8"],
+    "stories260k": ["eval.max_chunks=800", "data.n_samples=128", "data.seqlen=512", "method.awq.search_samples=32"],
+    "smollm2_135m": ["eval.max_chunks=80", "data.n_samples=128", "data.seqlen=512", "method.awq.search_samples=8"],
 }
 
 HEADER = """# GPTQ / AWQ vs RTN (issue 5)
@@ -42,11 +45,11 @@ fake-quant (dequantized weights) in float32 on CPU. Calibration: random C4 windo
 seed 0. "quant s" = wall seconds of the whole quantization (calibration forwards included) on a 2-core CPU that
 was at times shared with another job (two 2-thread torch processes on 2 cores slow each other several-fold), so
 timings are upper bounds.
-AWQ's grid-search loss uses the first `method.search_samples` calibration windows (stated per model); its statistics
+AWQ's grid-search loss uses the first `method.awq.search_samples` calibration windows (stated per model); its statistics
 (mean |x|, Gram matrices for clipping and the v->o / up->down losses) use all calibration windows.
 `awq_gptq` = AWQ scale search and clip search, then GPTQ rounding on AWQ's clipped per-group grid
-(`method.qparams=prior`); `awq_gptq scales only` = AWQ scales without clipping, then GPTQ with its own min-max grid
-(`method.clip=false method.qparams=minmax`).
+(`method.gptq.qparams=prior`); `awq_gptq scales only` = AWQ scales without clipping, then GPTQ with its own min-max grid
+(`method.awq.clip=false method.gptq.qparams=minmax`).
 "n/a" = that cell's run has not finished (the CPU time box ran out); run the script to fill it in.
 Noise: GPTQ cells are sensitive to float summation order. The same SmolLM2 GPTQ w4 cell gave 42.23 (2 threads) and
 42.09 (1 thread) on one machine, and 43.04 in an earlier session (transformers 5.23 instead of 5.24); w3 gave 100.40
@@ -54,7 +57,7 @@ here and 104.7 there. RTN, FP and stories260K GPTQ cells reproduced exactly; AWQ
 vs 146.60), awq_gptq within 2% (134.99 vs 137.80). Differences of a few percent between GPTQ rows are within this
 noise.
 Plain GPTQ (no act-order) loses to RTN at w4 on SmolLM2. What was ruled out (same settings, single runs):
-- too little damping: `method.percdamp=0.1` gives 41.52 (RTN 40.17, percdamp 0.01: 42.23);
+- too little damping: `method.gptq.percdamp=0.1` gives 41.52 (RTN 40.17, percdamp 0.01: 42.23);
 - error feedback pushing weights off the group grid: per-layer `gptq_clamped` (layers.csv) is 0.04-0.11% of weights
   and at most 1.8% of any layer's GPTQ loss;
 - calibration size: with 32 windows (and 40 eval chunks) it lost too (40.58 vs RTN 39.15); 128 windows helped w3
@@ -85,12 +88,13 @@ def run_cell(model: str, row: str, bits: str, extra: list[str]) -> dict | None:
     return json.loads((out / "metrics.json").read_text())
 
 
-def summarize(m: dict) -> dict:
-    ppl = m["ppl"]["wikitext2"]
-    steps = {s["name"]: s.get("engine_stats", {}) for s in m["run"]["steps"]}
-    return {"ppl": ppl["ppl"], "fp_ppl": ppl.get("fp_ppl"), "n_tokens": ppl["n_tokens"], "seqlen": ppl["seqlen"],
-            "quantize_seconds": m["timing"]["quantize_seconds"], "peak_rss_bytes": m["memory"]["peak_rss_bytes"],
-            "engine": steps, "calibration": m.get("calibration"), "weights_note": m["model"]["weights_note"]}
+def summarize(data: dict) -> dict:
+    m = Metrics.from_dict(data)
+    ppl = m.ppl["wikitext2"]
+    steps = {s["name"]: s.get("engine", {}) for s in m.run.steps}
+    return {"ppl": ppl.ppl, "fp_ppl": ppl.fp_ppl, "n_tokens": ppl.n_tokens, "seqlen": ppl.seqlen,
+            "quantize_seconds": m.timing.quantize_seconds, "peak_rss_bytes": m.memory["peak_rss_bytes"],
+            "engine": steps, "calibration": m.calibration, "weights_note": m.model.weights_note}
 
 
 def table(results: dict) -> str:

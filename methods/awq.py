@@ -8,27 +8,24 @@ import time
 from typing import Callable
 
 import torch
-from torch import nn
 
-from qresearch.method import Context, LayerResult, Method, QuantResult
-from qresearch.models.arch import block_linears, get_module
-from qresearch.pipeline.engine import BlockIO, EngineConfig, calibrate, record_inputs, swapped_weights
-from qresearch.pipeline.fold import fold_scales, pair_channels
-from qresearch.pipeline.hessian import accumulate_hessian, output_rel_error
-from qresearch.quant import QTensor, QuantSpec, group_minmax, qparams_from_minmax, quantize, weight_spec
-from qresearch.quant.primitives import dequantize, to_groups
-from qresearch.quant.spec import ConfigError
-from qresearch.quant.stats import check_finite, rel_error
-from qresearch.tracking.store import load_artifacts
+from qresearch.artifacts import load_artifacts
+from qresearch.calib.blockio import first_output, subset
+from qresearch.calib.engine import EngineConfig
+from qresearch.calib.fold import fold_scales, foldable_pairs
+from qresearch.calib.hooks import output_cache, swapped_weights
+from qresearch.calib.stats import input_stats
+from qresearch.errors import ConfigError
+from qresearch.method import Block, BlockMethod, Context, Recorder, TagFlag, require_weight_spec
+from qresearch.models.arch import get_module
+from qresearch.quant import QTensor, QuantSpec, quantize_tensor
+from qresearch.quant.primitives import to_groups
 
 
 def clipped_qtensor(W: torch.Tensor, spec: QuantSpec, max_val: torch.Tensor | None = None) -> QTensor:
-    """Min-max quantization of W [out, in] with each group's range clipped to [-max_val, max_val] ([out, n_groups])."""
-    xmin, xmax = group_minmax(W, spec)  # [out, n_groups]
-    if max_val is not None:
-        xmin, xmax = torch.maximum(xmin, -max_val), torch.minimum(xmax, max_val)
-    scale, zero = qparams_from_minmax(xmin, xmax, spec)
-    return QTensor(quantize(W, scale, zero, spec), scale, zero, spec)
+    """Quantization of W [out, in] by the spec's format with each group's values clipped to [-max_val, max_val]
+    ([out, n_groups]) for fitting its qparams (min-max formats: the clipped range)."""
+    return quantize_tensor(W, spec, clip=max_val)
 
 
 def pseudo_quantize(W: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -43,15 +40,17 @@ def act_scales(x_absmean: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def awq_search_scales(loss_fn: Callable[[list[torch.Tensor]], float], x_absmean: torch.Tensor,
-                      weights: list[torch.Tensor], spec: QuantSpec, n_grid: int = 20
+                      weights: list[torch.Tensor], spec: QuantSpec | list[QuantSpec], n_grid: int = 20
                       ) -> tuple[torch.Tensor, float, list[float]]:
-    """Grid alpha in {0, 1/n, ..., (n-1)/n}; for each, candidate weights Q(W * s) / s go to loss_fn.
-    Returns (best s [C], best alpha, loss per grid point). alpha = 0 is plain RTN, so the result is never worse."""
+    """Grid alpha in {0, 1/n, ..., (n-1)/n}; for each, candidate weights Q(W * s) / s go to loss_fn (`spec`: one for
+    all weights or one per weight). Returns (best s [C], best alpha, loss per grid point). alpha = 0 is plain RTN,
+    so the result is never worse."""
+    specs = spec if isinstance(spec, list) else [spec] * len(weights)
     losses, best = [], (math.inf, None, 0.0)
     for k in range(n_grid):
         alpha = k / n_grid
         s = act_scales(x_absmean, alpha).to(weights[0].device)
-        cand = [pseudo_quantize(w.float() * s, spec) / s for w in weights]
+        cand = [pseudo_quantize(w.float() * s, sp) / s for w, sp in zip(weights, specs)]
         loss = float(loss_fn(cand))
         losses.append(loss)
         if loss < best[0]:
@@ -78,141 +77,75 @@ def awq_search_clip(W: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, n_grid
     for k in range(int(max_shrink * n_grid)):
         mx = absmax * (1 - k / n_grid)
         q = clipped_qtensor(W, spec, mx)
-        D = Wg - to_groups(dequantize(q.codes, q.scale, q.zero, spec), g)  # [out, ng, g]
+        D = Wg - to_groups(q.dequantize(), g)  # [out, ng, g]
         err = torch.einsum("ong,ngh,onh->on", D, Gb, D)  # [out, ng]
         better = err < best_err
         best_err, best = torch.where(better, err, best_err), torch.where(better, mx, best)
     return best
 
 
-def _out(y):
-    return y[0] if isinstance(y, (tuple, list)) else y
-
-
-def _take(x, b: int, n: int):
-    """First n rows of every tensor in x whose leading dim is the batch size b (hidden, masks, cos/sin)."""
-    if isinstance(x, torch.Tensor):
-        return x[:n] if x.dim() > 0 and x.shape[0] == b and b > 1 else x
-    if isinstance(x, (tuple, list)):
-        return type(x)(_take(v, b, n) for v in x)
-    if isinstance(x, dict):
-        return {k: _take(v, b, n) for k, v in x.items()}
-    return x
-
-
-def subset(io: BlockIO, n: int | None) -> BlockIO:
-    """The first n calibration windows of io (all when n is None)."""
-    if n is None:
-        return io
-    hidden, kwargs, left = [], [], n
-    for h, kw in zip(io.hidden, io.kwargs):
-        if left <= 0:
-            break
-        k = min(left, h.shape[0])
-        hidden.append(h[:k])
-        kwargs.append(_take(kw, h.shape[0], k) if k < h.shape[0] else kw)
-        left -= k
-    return BlockIO(hidden, kwargs)
-
-
-@torch.no_grad()
-def inspect_cache(block: nn.Module, io: BlockIO, names: set) -> dict:
-    """{submodule name or None (whole block): [(args, kwargs, FP output)]} over the batches of io."""
-    cache: dict = {n: [] for n in names}
-    hooks = []
-    for name in names - {None}:
-        def hook(_m, args, kwargs, out, name=name):
-            cache[name].append((args, dict(kwargs), _out(out).detach()))
-        hooks.append(get_module(block, name).register_forward_hook(hook, with_kwargs=True))
-    try:
-        for h, kw in zip(io.hidden, io.kwargs):
-            out = _out(block(h, **kw))
-            if None in cache:
-                cache[None].append(((h,), kw, out))
-    finally:
-        for hk in hooks:
-            hk.remove()
-    return cache
-
-
-class AWQ(Method):
+class AWQ(BlockMethod):
     """Activation-aware scaling + clipping, block by block, FP outputs propagated (as in the paper's code)."""
 
     name = "awq"
-    needs_calibration = True
+    tag_flags = (TagFlag("clip", True, "noclip"), TagFlag("n_grid", 20, "grid{}"),
+                 TagFlag("search_samples", None, "n{}"), TagFlag("load_artifacts", None, "loaded"),
+                 TagFlag("bits_map", None, "bitsmap"))
 
-    def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = False, n_grid: int = 20, clip: bool = True,
-                 clip_grid: int = 20, max_shrink: float = 0.5, search_samples: int | None = None,
-                 load_artifacts: str | None = None, propagate: str = "fp", offload: bool = True, batch_size: int = 8):
-        self.spec = weight_spec(bits, group_size, sym)
-        if self.spec is None:
-            raise ConfigError("awq with bits=16 quantizes nothing; allowed bits: 2..8 (use method=fp16 instead)")
+    def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = False, qformat: str = "int",
+                 scale_bits: int | None = None, scale_level2: str = "channel", bits_map: str | None = None,
+                 n_grid: int = 20, clip: bool = True, clip_grid: int = 20, max_shrink: float = 0.5,
+                 search_samples: int | None = None, load_artifacts: str | None = None, propagate: str = "fp",
+                 offload: bool = True, batch_size: int = 8):
+        self.spec = require_weight_spec(self.name, bits, group_size, sym, qformat, scale_bits, scale_level2)
+        self.use_bits_map(bits_map)
+        if clip and self.spec.granularity == "tensor":
+            raise ConfigError("awq clip searches a range per group / channel; with a per-layer palette "
+                              "(group_size=0) set method.awq.clip=false")
         if n_grid < 1 or clip_grid < 1 or not 0 <= max_shrink < 1:
             raise ConfigError(f"n_grid={n_grid} / clip_grid={clip_grid} / max_shrink={max_shrink} invalid; allowed: "
                               f"n_grid, clip_grid >= 1 and 0 <= max_shrink < 1")
         if search_samples is not None and search_samples < 1:
             raise ConfigError(f"search_samples={search_samples} invalid; allowed: null (all) or a positive int")
-        self.n_grid, self.clip, self.clip_grid, self.max_shrink = int(n_grid), bool(clip), int(clip_grid), max_shrink
+        self.n_grid, self.clip, self.clip_grid, self.max_shrink = n_grid, clip, clip_grid, max_shrink
         self.search_samples, self.load_artifacts = search_samples, load_artifacts
-        self.engine = EngineConfig(int(batch_size), bool(offload), propagate)
-        self.engine_stats: dict = {}
+        self.engine = EngineConfig(batch_size, offload, propagate)
+        self._loaded = None
 
-    def quantize(self, model: nn.Module, ctx: Context) -> QuantResult:
-        if ctx.calib is None:
-            raise ConfigError("awq needs calibration data; set data=c4 (or data=random)")
-        loaded = load_artifacts(self.load_artifacts) if self.load_artifacts else None
-        result = QuantResult()
+    def prepare(self, model, ctx: Context) -> None:
+        self._loaded = load_artifacts(self.load_artifacts) if self.load_artifacts else None
 
-        def process(i: int, block: nn.Module, io: BlockIO) -> dict[str, torch.Tensor]:
-            return self._block(f"{ctx.arch.blocks}.{i}.", i, block, io, ctx.arch, loaded, result)
-
-        self.engine_stats = calibrate(model, ctx.arch, ctx.calib, ctx.device, process, self.engine).as_dict()
-        return result
-
-    def _artifact(self, loaded, key: str, search: Callable[[], torch.Tensor]) -> torch.Tensor:
-        if loaded is None:
+    def _artifact(self, key: str, search: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if self._loaded is None:
             return search()
-        if key not in loaded:
+        if key not in self._loaded:
             raise ConfigError(f"load_artifacts: {key!r} is not in {self.load_artifacts}; was it saved by an awq run "
                               f"of the same model and settings?")
-        return loaded[key]
+        return self._loaded[key]
 
-    def _block(self, prefix, i, block, io, arch, loaded, result) -> dict[str, torch.Tensor]:
-        groups = [g for g in ([n for n in grp if isinstance(get_module(block, n), nn.Linear)]
-                              for grp in arch.sequential) if g]
-        first = {n: grp[0] for grp in groups for n in grp}
-        H = {grp[0]: (None, 0) for grp in groups}
-        absmean: dict[str, torch.Tensor] = {}
-
-        def fn(name, x):
-            H[name] = accumulate_hessian(*H[name], x)
-            a = x.reshape(-1, x.shape[-1]).abs().double().sum(0)  # [in]
-            absmean[name] = absmean.get(name, 0) + a
-
-        record_inputs(block, io, list(H), fn)
-        Hs = {n: h for n, (h, _) in H.items()}
-        xmean = {n: (absmean[n] / H[n][1]).float() for n in H}
-        pairs = [p for p in arch.pairs if pair_channels(block, p) is not None]
-        cache = inspect_cache(block, subset(io, self.search_samples), {p.inspect for p in pairs if p.kind == "norm"}) \
-            if loaded is None else {}
-        alphas = {}
+    def quantize_block(self, blk: Block, rec: Recorder) -> dict[str, torch.Tensor]:
+        first = {n: grp[0] for grp in blk.groups for n in grp}
+        stats = input_stats(blk.module, blk.io, [grp[0] for grp in blk.groups], want=("hessian", "absmean"))
+        Hs = {n: st.hessian for n, st in stats.items()}
+        pairs = foldable_pairs(blk.module, blk.ctx.arch)
+        cache = {} if self._loaded is not None else \
+            output_cache(blk.module, subset(blk.io, self.search_samples), {p.inspect for p in pairs if p.kind == "norm"})
+        searched = {}
         for pair in pairs:
             f, t0 = first[pair.linears[0]], time.perf_counter()
-            loss_fn = self._loss(block, pair, Hs[f], cache)
-            weights = [get_module(block, n).weight.data for n in pair.linears]
+            key = f"awq.{blk.prefix}{pair.prev}.scales"
+            weights = [blk.linear(n).weight.data for n in pair.linears]
             found = {}
-            s = self._artifact(loaded, f"awq.{prefix}{pair.prev}.scales", lambda: found.setdefault("s", (
-                awq_search_scales(loss_fn, xmean[f], weights, self.spec, self.n_grid)))[0])
-            result.artifacts[f"awq.{prefix}{pair.prev}.scales"] = s.float().cpu()
+            specs = [self.spec_for(blk.prefix + n) for n in pair.linears]
+            s = self._artifact(key, lambda: found.setdefault("s", awq_search_scales(
+                self._loss(blk.module, pair, Hs[f], cache), stats[f].absmean, weights, specs, self.n_grid))[0])
+            rec.result.artifacts[key] = s.float().cpu()
             for n in pair.linears:
-                alphas[n] = {"alpha": found["s"][1] if found else None, "search_seconds": time.perf_counter() - t0}
-            fold_scales(block, pair, s)
+                searched[n] = {"alpha": found["s"][1] if found else None, "search_seconds": time.perf_counter() - t0}
+            fold_scales(blk.module, pair, s)
             Hs[f] = Hs[f] / torch.outer(s, s).to(Hs[f])  # inputs of the pair's linears are now x / s
-        qweights = {}
-        for name, lin in block_linears(block, arch).items():
-            qweights[name] = self._layer(prefix, i, name, lin.weight.data, Hs[first[name]], arch, loaded, result)
-            result.layers[prefix + name].stats.update(alphas.get(name, {"alpha": None, "search_seconds": 0.0}))
-        return qweights
+        return {name: self._layer(blk, name, Hs[first[name]], rec, searched.get(name))
+                for grp in blk.groups for name in grp}
 
     def _loss(self, block, pair, H, cache):
         """Output error of the pair's consumer for candidate weights of its linears."""
@@ -223,23 +156,18 @@ class AWQ(Method):
 
         def loss(cand):
             with torch.no_grad(), swapped_weights(block, dict(zip(pair.linears, cand))):
-                err = sum(float(((_out(mod(*a, **kw)) - ref) ** 2).sum()) for a, kw, ref in cache[pair.inspect])
+                err = sum(float(((first_output(mod(*a, **kw)) - ref) ** 2).sum()) for a, kw, ref in cache[pair.inspect])
             return err / sum(ref.numel() for _, _, ref in cache[pair.inspect])
         return loss
 
-    def _layer(self, prefix, i, name, W, H, arch, loaded, result) -> torch.Tensor:
-        t0, full = time.perf_counter(), prefix + name
+    def _layer(self, blk: Block, name: str, H: torch.Tensor, rec: Recorder, searched: dict | None) -> torch.Tensor:
+        t0, full = time.perf_counter(), blk.prefix + name
+        W, spec = blk.linear(name).weight.data, self.spec_for(full)
         mx = None
-        if self.clip and name not in arch.no_clip:
-            mx = self._artifact(loaded, f"awq.{full}.clip",
-                                lambda: awq_search_clip(W, H / 2, self.spec, self.clip_grid, self.max_shrink))
-            result.artifacts[f"awq.{full}.clip"] = mx.float().cpu()
-        q = clipped_qtensor(W.float(), self.spec, None if mx is None else mx.to(W.device))
-        Wq = q.dequantize()
-        check_finite(full, Wq)
-        res = LayerResult(q, stats={"layer": full, "method": self.name, "block": i, "shape": list(W.shape),
-                                    "out_rel_err": output_rel_error(W, Wq, H), "weight_rel_err": rel_error(W, Wq),
-                                    "clipped": mx is not None, "seconds": time.perf_counter() - t0})
-        result.layers[full] = res
-        result.stats.append(res.stats)
-        return Wq
+        if self.clip and name not in blk.ctx.arch.no_clip:
+            mx = self._artifact(f"awq.{full}.clip",
+                                lambda: awq_search_clip(W, H / 2, spec, self.clip_grid, self.max_shrink))
+            rec.result.artifacts[f"awq.{full}.clip"] = mx.float().cpu()
+        q = clipped_qtensor(W.float(), spec, None if mx is None else mx.to(W.device))
+        return rec.record(full, q, W, block=blk.index, H=H, t0=t0, clipped=mx is not None,
+                          **(searched or {"alpha": None, "search_seconds": 0.0}))

@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 
 def run(cfg):
-    """Lazy wrapper so `import qresearch` stays fast (DESIGN rule 6)."""
+    """Lazy wrapper so `import qresearch` stays fast (heavy imports happen on first use)."""
     from .runner import run as _run
 
     return _run(cfg)

@@ -1,8 +1,6 @@
 """One run, as data flows: plan -> load -> (calibrate) -> method steps -> swap -> evaluate -> measure -> write/log."""
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import random
 import shutil
@@ -15,21 +13,29 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .config import Plan, plan
-from .data.tokens import cache_dir, calibration_ids, eval_tokens, tokenizer_fingerprint
+from .config import Plan, check_positions, plan
+from .data.tokens import calibration_ids, eval_streams
+from .errors import ConfigError
 from .eval.footprint import footprint, peak_memory, reset_peak_memory
+from .eval.kvcache import enable_kv_cache, kv_cache_report
 from .eval.ppl import perplexity, sliding_perplexity
-from .method import Context, QuantResult
+from .method import Context
 from .models.arch import arch_for
-from .models.load import load_model, resolve_dtype
+from .models.load import load_model, positions_of, resolve_dtype
 from .nn.swap import swap_linears
-from .quant.spec import ConfigError
-from .tracking.provenance import provenance
-from .tracking.store import append_index, atomic_write_json, config_hash, read_index, save_artifacts, write_csv
-from .tracking.summary import index_row, print_summary
-from .tracking.wandb_logger import WandbLogger
+from .records import QuantResult
+from .tracking.metrics import Footprint, Metrics, ModelInfo, PplResult, RunInfo, Timing, eval_signature
+from .tracking.provenance import commit_label, provenance
+from .tracking.store import append_index, atomic_write_json, completed_run, config_hash, read_metrics, write_csv
+from .tracking.summary import print_summary
+from .tracking.wandb_logger import make_logger
 
 log = logging.getLogger("qresearch")
+
+# where/how a run is written, not what it computes; the top-level quantization knobs act only through the method
+# steps they interpolate into (so fp16 at bits=3 and bits=4 is one config)
+HASH_EXCLUDE = ("out_dir", "paths", "logger", "skip_done", "bits", "group_size", "sym", "qformat", "act_bits",
+                "scale_bits", "scale_level2", "bits_map")
 
 
 def _output_dir(cfg: DictConfig) -> Path:
@@ -58,6 +64,10 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 def run(cfg: DictConfig) -> dict:
     """Run one configured experiment; returns its metrics. Bad input raises ConfigError before any loading."""
     out_dir = _output_dir(cfg)
@@ -68,13 +78,15 @@ def run(cfg: DictConfig) -> dict:
         raise
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
     chash = config_hash({k: v for k, v in cfg_dict.items() if k not in HASH_EXCLUDE})
-    done = _completed(Path(cfg_dict["paths"]["results"]), chash) if cfg.get("skip_done", False) else None
+    results_root = Path(cfg_dict["paths"]["results"])
+    done = completed_run(results_root / "runs" / "index.jsonl", chash) if cfg.skip_done else None
     if done is not None:
         _discard(out_dir)
-        print(f"== skipped (skip_done=true): {cfg.model.name} / {cfg.method.tag} already complete in {done}", flush=True)
-        return json.loads((done / "metrics.json").read_text())
+        print(f"== skipped (skip_done=true): {p.model.name} / {p.tag} already complete in {done}", flush=True)
+        return read_metrics(done)
     out_dir.mkdir(parents=True, exist_ok=True)
-    logger = _logger(cfg, out_dir)
+    logger = make_logger(cfg_dict["logger"], f"{p.model.name}/{p.tag}",
+                         [f"w{p.facts['bits']}", f"a{p.facts['act_bits']}", p.modules])
     try:
         metrics = execute(p, cfg_dict, chash, out_dir, logger)
     except BaseException as e:
@@ -83,43 +95,7 @@ def run(cfg: DictConfig) -> dict:
         logger.finish(exit_code=1)
         raise
     logger.finish()
-    return metrics
-
-
-# where/how a run is written, not what it computes; bits/group_size/sym act only through the method steps they
-# interpolate into (so fp16 at bits=3 and bits=4 is one config)
-HASH_EXCLUDE = ("out_dir", "paths", "logger", "skip_done", "bits", "group_size", "sym")
-
-
-def _completed(results_root: Path, chash: str) -> Path | None:
-    """Run dir of an earlier complete run (metrics.json present) with the same config hash, if any."""
-    for row in reversed(read_index(results_root / "runs" / "index.jsonl")):
-        d = Path(row["run_dir"])
-        if row.get("config_hash") == chash and (d / "metrics.json").is_file():
-            return d
-    return None
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _logger(cfg: DictConfig, out_dir: Path) -> WandbLogger | _NullLogger:
-    lg = cfg.logger
-    if lg.name != "wandb":
-        return _NullLogger()
-    return WandbLogger(project=lg.project, mode=lg.mode, entity=lg.entity, group=lg.group, tags=list(lg.tags),
-                       name=f"{cfg.model.name}/{cfg.method.tag}", dir=lg.dir, init_timeout=lg.init_timeout)
-
-
-class _NullLogger:
-    status = "off"
-
-    def start(self, config): ...
-    def summary(self, metrics): ...
-    def table(self, key, rows): ...
-    def log(self, data): ...
-    def finish(self, exit_code=0): ...
+    return metrics.to_dict()
 
 
 def _ppl_all(model, p: Plan, streams: dict, device, label: str) -> dict:
@@ -132,74 +108,78 @@ def _ppl_all(model, p: Plan, streams: dict, device, label: str) -> dict:
 
 
 def _baseline(model, p: Plan, streams: dict, device, tok) -> dict:
-    """FP perplexities, cached by model + protocol + text + tokenizer so a sweep pays once."""
-    key = json.dumps({"model": p.model.__dict__, "dtype": str(resolve_dtype(p.model, device)), "device": device.type,
-                      "seqlen": p.eval.seqlen, "max_chunks": p.eval.max_chunks, "protocol": p.eval.protocol,
-                      "stride": p.eval.stride, "tok": tokenizer_fingerprint(tok),
-                      "texts": {ds: src.sha256 for ds, (_, src) in streams.items()}}, sort_keys=True, default=str)
-    path = cache_dir() / "baselines" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
-    if path.is_file():
-        cached = json.loads(path.read_text())
-        if set(cached) >= set(streams):
-            return {ds: {**cached[ds], "cached": True} for ds in streams}
-    res = _ppl_all(model, p, streams, device, "fp")
-    atomic_write_json(path, res)
-    return res
+    """FP perplexities, cached and validated per dataset (eval/baseline_cache.py) so a sweep pays once."""
+    from .eval.baseline_cache import cached_baseline
+
+    protocol = {"dtype": str(resolve_dtype(p.model, device)), "device": device.type, "protocol": p.eval.protocol,
+                "seqlen": p.eval.seqlen, "stride": p.eval.stride, "max_chunks": p.eval.max_chunks,
+                "batch_size": p.eval.batch_size}
+    return cached_baseline(model, tok, streams, protocol, lambda sub: _ppl_all(model, p, sub, device, "fp"))
 
 
-def _quantize(p: Plan, model, arch, tok, device) -> tuple[QuantResult, dict | None, float]:
-    """Calibration data (if any step needs it), then each method step in order; returns result, calib provenance,
-    seconds."""
+def _quantize(p: Plan, model, arch, tok, device) -> tuple[QuantResult, list[dict], dict | None, float]:
+    """Calibration data (if any step needs it), then each method step in order; returns the merged result,
+    what each step used (its record + facts it reported), calibration provenance and seconds."""
     calib, calib_prov = None, None
     if p.needs_calibration:
         c = p.calib
         calib, calib_prov = calibration_ids(c["name"], tok, c["n_samples"], c["seqlen"], p.seed, c["root"], c["source"])
     t1 = time.perf_counter()
-    result = QuantResult()
+    result, records = QuantResult(), []
     for step in p.steps:
-        ctx = Context(calib=calib, arch=arch, device=device, seed=p.seed, prior=result)
-        result = result.merge(step.quantize(model, ctx))
-    return result, calib_prov, time.perf_counter() - t1
+        t = time.perf_counter()
+        step_result = step.quantize(model, Context(calib=calib, arch=arch, device=device, seed=p.seed, prior=result))
+        records.append({**step.record(), **step_result.info, "seconds": time.perf_counter() - t})
+        result = result.merge(step_result)
+    return result, records, calib_prov, time.perf_counter() - t1
 
 
 def _evaluate(p: Plan, model, tok, streams: dict, fp: dict, device) -> tuple[dict, dict | None, float]:
     """Perplexities (with their protocol, source and FP delta) and lm-eval tasks on the model as it is now."""
     t2 = time.perf_counter()
-    ppl = _ppl_all(model, p, streams, device, p.method_name) if streams else {}
+    raw = _ppl_all(model, p, streams, device, p.recipe) if streams else {}
     lm_eval = None
     if p.eval.lm_eval:
         from .eval.lm_eval_bridge import run_lm_eval
 
         le = p.eval.lm_eval
         lm_eval = run_lm_eval(model, tok, le["tasks"], p.eval.root, le["limit"], le["num_fewshot"], le["batch_size"],
-                              p.seed)
-    for ds, r in ppl.items():
+                              p.seed, le.get("include_path"), le.get("add_bos_token", "auto"))
+    ppl = {}
+    for ds, r in raw.items():
         _, src = streams[ds]
-        r.update(dataset=ds, split=src.split, origin=src.origin, text_sha256=src.sha256)
-        if ds in fp:
-            r.update(fp_ppl=fp[ds]["ppl"], delta_ppl=r["ppl"] - fp[ds]["ppl"])
+        fp_ppl = fp[ds]["ppl"] if ds in fp else None
+        ppl[ds] = PplResult(dataset=ds, split=src.split, origin=src.origin, text_sha256=src.sha256, fp_ppl=fp_ppl,
+                            delta_ppl=None if fp_ppl is None else r["ppl"] - fp_ppl, **r)
     return ppl, lm_eval, time.perf_counter() - t2
 
 
-def _extras(p: Plan, cfg_dict: dict, model, tok, kernels: dict, device, out_dir: Path) -> dict:
-    """Optional measurements: packed bytes as measured, latency, export."""
+def _extras(p: Plan, model, tok, kernels: dict, device, out_dir: Path) -> dict:
+    """Optional measurements: latency, export, per-layer kernels."""
     out = {}
-    if p.format == "packed":  # bytes the packed buffers really take, next to the bits/weight arithmetic
-        from .nn.packed import packed_weight_bytes
-
-        out["measured_packed_bytes"] = packed_weight_bytes(model)
+    if p.modules == "packed":
         out["kernels_by_layer"] = kernels
-    latency = cfg_dict["eval"].get("latency") or {}
-    if latency.get("enabled"):
+    if p.eval.latency:
         from .eval.latency import LatencyConfig, measure_latency
 
-        out["latency"] = measure_latency(model, device, LatencyConfig(**latency), p.seed)
+        out["latency"] = measure_latency(model, device, LatencyConfig(**p.eval.latency), p.seed)
     if p.export:
-        out["export"] = _export(model, tok, p.export, out_dir / "export")
+        from .export import export_model
+
+        out["export"] = export_model(p.export, model, tok, out_dir / "export")
     return out
 
 
-def execute(p: Plan, cfg_dict: dict, chash: str, out_dir: Path, logger) -> dict:
+def _footprint(p: Plan, model, result: QuantResult) -> Footprint:
+    fp = Footprint(**footprint(model, result))
+    if p.modules == "packed":  # bytes the packed buffers really take, next to the bits/weight arithmetic
+        from .nn.packed import packed_weight_bytes
+
+        fp.measured_packed_bytes = packed_weight_bytes(model)
+    return fp
+
+
+def execute(p: Plan, cfg_dict: dict, chash: str, out_dir: Path, logger) -> Metrics:
     _seed(p.seed)
     device = p.device
     reset_peak_memory(device)
@@ -207,61 +187,46 @@ def execute(p: Plan, cfg_dict: dict, chash: str, out_dir: Path, logger) -> dict:
     t0 = time.perf_counter()
     model, tok = load_model(p.model, device, p.seed)
     t_load = time.perf_counter() - t0
+    limit = positions_of(model.config.to_dict())
+    check_positions(p.model.name, limit, {"eval.seqlen": p.eval.seqlen} |
+                    ({"data.seqlen": p.calib["seqlen"]} if p.needs_calibration else {}))
+    model_info = ModelInfo(p.model.name, p.model.source, p.model.path, str(resolve_dtype(p.model, device)),
+                           p.model.weights_note, sum(x.numel() for x in model.parameters()), limit)
     arch = arch_for(model)
-    streams = {ds: eval_tokens(ds, split, p.eval.root, tok, p.eval.source) for ds, split in p.eval.datasets}
-    fp = _baseline(model, p, streams, device, tok) if p.eval.baseline and p.steps else {}
-    result, calib_prov, t_quant = _quantize(p, model, arch, tok, device)
-    kernels = swap_linears(model, result, p.format)
+    streams = eval_streams(p.eval.datasets, tok, p.eval.seqlen)
+    fp = _baseline(model, p, streams, device, tok) if p.eval.baseline and (p.steps or p.eval.kv_cache) else {}
+    result, records, calib_prov, t_quant = _quantize(p, model, arch, tok, device)
+    kernels = swap_linears(model, result, p.modules)
+    kv = enable_kv_cache(model, p.eval.kv_cache)
     ppl, lm_eval, t_eval = _evaluate(p, model, tok, streams, fp, device)
-    metrics = {
-        "run": {"model": p.model.name, "method": p.method_name, "tag": p.method_tag, "bits": p.bits,
-                "group_size": p.group_size, "sym": p.sym, "format": p.format, "config_hash": chash,
-                "steps": [{"name": s.name, **s.describe()} for s in p.steps], "time": _now()},
-        "model": {"dtype": str(resolve_dtype(p.model, device)), "weights_note": p.model.weights_note,
-                  "params": sum(x.numel() for x in model.parameters()), "source": p.model.source},
-        "ppl": ppl,
-        "footprint": footprint(model, result),
-        "memory": peak_memory(device),
-        "timing": {"load_seconds": t_load, "quantize_seconds": t_quant, "eval_seconds": t_eval},
-        "kernels": {k: sum(1 for v in kernels.values() if v == k) for k in sorted(set(kernels.values()))},
-        "calibration": calib_prov,
-        "wandb": logger.status,
-    }
-    if lm_eval is not None:
-        metrics["lm_eval"] = lm_eval
-    extras = _extras(p, cfg_dict, model, tok, kernels, device, out_dir)
-    if "measured_packed_bytes" in extras:
-        metrics["footprint"]["measured_packed_bytes"] = extras.pop("measured_packed_bytes")
-    metrics.update(extras)
-    _write(out_dir, cfg_dict, metrics, result, provenance(device, p.seed) | {"calibration": calib_prov}, logger)
+    prov = provenance(device, p.seed) | {"calibration": calib_prov}
+    run_info = RunInfo(model=p.model.name, method=p.recipe, tag=p.tag, **p.facts, modules=p.modules,
+                       config_hash=chash, seed=p.seed, time=_now(), steps=records, commit=commit_label(prov),
+                       eval_signature=eval_signature(ppl, lm_eval),
+                       calib_samples=None if calib_prov is None else calib_prov["n_samples"])
+    metrics = Metrics(run=run_info, model=model_info, ppl=ppl, footprint=_footprint(p, model, result),
+                      memory=peak_memory(device), timing=Timing(t_load, t_quant, t_eval),
+                      kernels={k: sum(1 for v in kernels.values() if v == k) for k in sorted(set(kernels.values()))},
+                      calibration=calib_prov, wandb=logger.status, lm_eval=lm_eval, wandb_run=logger.ref(),
+                      **_extras(p, model, tok, kernels, device, out_dir),
+                      kv_cache=kv_cache_report(kv, p.eval.kv_cache, p.eval.seqlen, limit))
+    _write(out_dir, cfg_dict, metrics, result, prov, logger)
     return metrics
 
 
-def _export(model, tok, kind: str, path: Path) -> dict:
-    """Write the packed model (qresearch-packed or compressed-tensors pack-quantized) next to the run's metrics."""
-    if kind == "qresearch":
-        from .export.packed import save_quantized
-
-        save_quantized(model, path, tok)
-    else:
-        from .export.compressed import save_compressed_tensors
-
-        save_compressed_tensors(model, path, tok)
-    size = sum(f.stat().st_size for f in path.rglob("*.safetensors"))
-    return {"format": kind, "path": str(path), "safetensors_bytes": size}
-
-
-def _write(out_dir: Path, cfg_dict: dict, metrics: dict, result: QuantResult, prov: dict, logger) -> None:
+def _write(out_dir: Path, cfg_dict: dict, metrics: Metrics, result: QuantResult, prov: dict, logger) -> None:
     """Per-layer table, provenance, config, then metrics.json last (its presence marks a complete run)."""
+    from .artifacts import save_artifacts
+
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg_dict))
     if result.stats:
         write_csv(out_dir / "layers.csv", result.stats)
     if result.artifacts:
         save_artifacts(out_dir / "artifacts.safetensors", result.artifacts)
     atomic_write_json(out_dir / "provenance.json", prov)
-    logger.summary(metrics)
+    data = metrics.to_dict()
+    logger.summary(data)
     logger.table("layers", result.stats)
-    atomic_write_json(out_dir / "metrics.json", metrics)
-    results_root = Path(cfg_dict["paths"]["results"])
-    append_index(results_root / "runs" / "index.jsonl", index_row(metrics, out_dir))
+    atomic_write_json(out_dir / "metrics.json", data)
+    append_index(Path(cfg_dict["paths"]["results"]) / "runs" / "index.jsonl", metrics.row(out_dir))
     print_summary(metrics, out_dir)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from qresearch.method import LayerResult
+from qresearch.records import LayerResult
 from qresearch.quant import quantize_tensor, weight_spec
 from qresearch.quant.packing import PackedMeta, pack_rows, pack_zeros
 
@@ -29,7 +29,8 @@ def rtn_layer(out_f, in_f, bits, group, sym, act_order=False, seed=0) -> LayerRe
     g_idx = None
     if act_order:
         g_idx = (torch.arange(in_f) // q.spec.group_for(in_f))[torch.randperm(in_f, generator=g)].to(torch.int32)
-    return fp16_exact(LayerResult(q, g_idx=g_idx))
+    q.g_idx = g_idx
+    return fp16_exact(LayerResult(q))
 
 
 def packed_args(res: LayerResult):
@@ -38,7 +39,7 @@ def packed_args(res: LayerResult):
     out_f, in_f = q.codes.shape
     meta = PackedMeta(q.spec.bits, q.spec.group_for(in_f), in_f, out_f, q.spec.sym)
     qz = None if q.spec.sym else pack_zeros(q.zero, q.spec.bits)
-    return meta, pack_rows(q.codes, q.spec.bits), q.scale.half(), qz, res.g_idx
+    return meta, pack_rows(q.codes, q.spec.bits), q.scale.half(), qz, q.g_idx
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:

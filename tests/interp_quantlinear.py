@@ -9,7 +9,7 @@ from torch import nn
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("run through tests/test_triton_interpreter.py", allow_module_level=True)
 
-from qresearch.method import ActQuant  # noqa: E402
+from qresearch.records import ActQuant  # noqa: E402
 from qresearch.nn.packed import QuantLinear  # noqa: E402
 from qresearch.quant import QuantSpec  # noqa: E402
 from tests._qhelpers import rel_err, rtn_layer  # noqa: E402

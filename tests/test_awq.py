@@ -5,10 +5,10 @@ import torch
 from methods.awq import AWQ, act_scales, awq_search_clip, awq_search_scales, clipped_qtensor, pseudo_quantize
 from qresearch.method import Context
 from qresearch.models.arch import arch_for, block_linears, blocks_of
-from qresearch.pipeline.fold import fold_scales, pair_channels
+from qresearch.calib.fold import fold_scales, pair_channels
 from qresearch.quant import weight_spec
 from qresearch.quant.spec import ConfigError
-from qresearch.tracking.store import save_artifacts
+from qresearch.artifacts import save_artifacts
 from tests.pipeline_helpers import TINY, tiny_model
 
 

@@ -16,33 +16,32 @@ def test_every_group_option_composes(group, option):
     cfg = compose_cfg([f"{group}={option}"])
     resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     assert resolved[group]["name"] == option
-    for key in ("bits", "group_size", "sym", "seed", "out_dir"):
+    for key in ("bits", "group_size", "sym", "qformat", "act_bits", "seed", "modules", "out_dir"):
         assert key in resolved
     if group == "method":
-        assert resolved["method"]["steps"], "a method has at least one step"
+        assert all(name in resolved["method"] for name in resolved["method"]["order"])
+        assert "-invalid" not in resolved["out_dir"], resolved["out_dir"]
 
 
 def test_top_level_knobs_interpolate_into_method():
     cfg = compose_cfg(["method=rtn", "bits=3", "group_size=-1", "sym=true"])
-    step = OmegaConf.to_container(cfg.method.steps[0], resolve=True)
+    step = OmegaConf.to_container(cfg.method.rtn, resolve=True)
     assert (step["bits"], step["group_size"], step["sym"]) == (3, -1, True)
-    assert cfg.method.tag == "rtn-w3g-1-sym"
     assert "/stories260k/" not in cfg.out_dir and "/rtn-w3g-1-sym/" in cfg.out_dir
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq_gptq"])
 def test_gptq_percdamp_reaches_the_step_and_the_tag(method):
-    default = compose_cfg([f"method={method}"])
-    assert "-d" not in default.method.tag.split("w4g128")[1]
-    cfg = compose_cfg([f"method={method}", "method.percdamp=0.1"])
-    step = OmegaConf.to_container(cfg.method.steps[-1], resolve=True)
-    assert step["percdamp"] == 0.1 and cfg.method.tag.endswith("-d0.1")
+    default = plan(compose_cfg([f"method={method}", "model=stories260k", f"data.root={DATA}"]))
+    assert "-d" not in default.tag.split("w4g128")[1]
+    p = plan(compose_cfg([f"method={method}", "method.gptq.percdamp=0.1", "model=stories260k", f"data.root={DATA}"]))
+    assert p.steps[-1].percdamp == 0.1 and "-d0.1" in p.tag.split("w4g128")[1]
 
 
 def test_plan_builds_typed_steps():
     p = plan(compose_cfg(["model=stories260k", "method=rtn", "bits=3", f"data.root={DATA}"]))
     assert p.steps[0].spec.bits == 3 and p.steps[0].spec.group_size == 128
-    assert p.eval.datasets == [("wikitext2", "test")] and p.eval.seqlen == 256
+    assert [(s.name, s.split) for s in p.eval.datasets] == [("wikitext2", "test")] and p.eval.seqlen == 256
 
 
 @pytest.mark.parametrize("overrides,needle", [
@@ -50,7 +49,30 @@ def test_plan_builds_typed_steps():
     (["bits=1"], "bits=1"),
     (["group_size=0"], "group_size=0"),
     (["group_size=-5"], "group_size=-5"),
-    (["format=int4"], "format='int4'"),
+    (["qformat=int4"], "qformat='int4'"),
+    (["modules=int4"], "modules='int4'"),
+    (["bits=abc"], "bits='abc'"),
+    (["group_size=abc"], "group_size='abc'"),
+    (["seed=-1"], "seed=-1"),
+    (["sym=no"], "sym='no'"),
+    (["sym=flase"], "sym='flase'"),
+    (["skip_done=maybe"], "skip_done='maybe'"),
+    (["method=gptq", "method.gptq.act_order=yes"], "method.gptq.act_order='yes'"),
+    (["method=gptq", "method.gptq.static_groups=1"], "method.gptq.static_groups=1"),
+    (["method=gptq", "method.gptq.true_sequential=no"], "true_sequential='no'"),
+    (["method=awq", "method.awq.clip=off"], "method.awq.clip='off'"),
+    (["method.rtn.act_static=sure"], "act_static='sure'"),
+    (["eval.baseline=nope"], "eval.baseline='nope'"),
+    (["eval.stride=0", "eval.protocol=sliding"], "eval.stride=0"),
+    (["eval.seqlen=100000"], "max_position_embeddings=512"),
+    (["method=gptq", "data.seqlen=4096"], "data.seqlen=4096"),
+    (["logger=wandb", "logger.mode=bogus"], "logger.mode='bogus'"),
+    (["method=fp16", "modules=packed", "export=qresearch"], "modules=packed needs quantized weights"),
+    (["bits=16", "modules=packed"], "modules=packed needs quantized weights"),
+    (["export=qresearch"], "modules=packed"),
+    (["method=gptq", "act_bits=8"], "no step of method 'gptq' quantizes activations"),
+    (["act_bits=9"], "act_bits=9"),
+    (["+method.gptq.bogus=1", "method=gptq"], "bogus is not an option"),
     (["device=tpu"], "device='tpu'"),
     (["eval.datasets=[wikitext3]"], "wikitext3"),
     (["data.root=/nonexistent/data", "data.source=local"], "/nonexistent/data"),

@@ -5,10 +5,13 @@ a different summation order; observed ~3e-7); bf16 activations 1e-2 (bf16 output
 a wrong zero point or scale gives errors of order 1).
 """
 import copy
+import gc
 import os
 import platform
 import subprocess
 import sys
+
+import weakref
 
 import pytest
 import torch
@@ -19,6 +22,7 @@ from qresearch.kernels import cpu_packed as cp
 from qresearch.kernels import dispatch
 from qresearch.kernels import reference as ref
 from qresearch.nn.packed import QuantLinear
+from qresearch.quant.packing import PackedMeta
 from tests._qhelpers import REPO, packed_args, rel_err, rtn_layer, shared_dir
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -29,6 +33,11 @@ SPECS = [(4, 128, False, False), (4, 64, True, False), (4, 32, False, True), (4,
          (3, 64, False, False), (2, 32, True, True), (5, 128, False, False), (6, -1, True, False),
          (7, 32, False, False)]
 SHAPES = [(40, 200), (48, 256)]  # 40 rows: not a multiple of 16; 200 columns: partial last groups, 200 % 16 != 0
+CPU = torch.device("cpu")
+
+
+def _key(meta, dtype, mode="none", has_gidx=False, device=CPU):
+    return dispatch.LayerKey(meta, dispatch.ActMode(mode, 8 if mode == "int8" else 16), device, dtype, has_gidx)
 
 
 def _cases():
@@ -37,7 +46,7 @@ def _cases():
             dtypes = (torch.float32, torch.bfloat16) if kind == "c_lowbit" else (torch.bfloat16,)
             for dt in dtypes:
                 meta = packed_args(rtn_layer(16, 256, bits, group, sym))[0]
-                if cp.SUPPORTS[kind](meta, "none", dt) is None:
+                if cp.WHY_NOT[kind](_key(meta, dt, has_gidx=ao)) is None:
                     yield pytest.param(kind, dt, bits, group, sym, ao, id=f"{kind}-{str(dt)[6:]}-w{bits}g{group}"
                                        f"{'s' if sym else 'a'}{'-ao' if ao else ''}")
 
@@ -53,7 +62,7 @@ def _layer(out_f, in_f, bits, group, sym, ao, dtype):
 def test_kernel_equals_reference_and_float64(kind, dtype, bits, group, sym, ao):
     for out_f, in_f in SHAPES:
         meta, bufs = _layer(out_f, in_f, bits, group, sym, ao, dtype)
-        assert cp.SUPPORTS[kind](meta, "none", dtype, bufs["g_idx"]) is None
+        assert cp.WHY_NOT[kind](_key(meta, dtype, has_gidx=ao)) is None
         w64 = ref.dequant_weight(meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["g_idx"]).double()
         for m in MS:
             x = torch.randn(m, in_f).to(dtype)
@@ -103,34 +112,57 @@ def test_prepared_layouts_hold_what_they_claim():
     assert p4.op_group == 64 and p4.weight.shape == (48, 128) and p4.scale_zero.shape == (4, 48, 2)
 
 
-def test_unsupported_cases_report_a_reason():
+def test_registry_order_and_reasons():
+    """Each CPU kernel names why it refuses a layer; choose() takes the first that runs, in priority order."""
+    assert [(k.name, k.backend) for k in dispatch.KERNELS if k.backend == "cpu"] == [(k, "cpu") for k in cp.KERNELS]
+    assert all(10 < k.priority < 100 for k in cp.CPU_KERNELS)
     meta, _ = _layer(16, 256, 5, 128, False, False, torch.bfloat16)
-    assert "bits=5" in cp.supports_int4(meta, "none", torch.bfloat16)
-    assert "group 128" in cp.supports_int8(meta, "none", torch.bfloat16)
+    assert "bits=5" in cp.why_not_int4(_key(meta, torch.bfloat16))
+    assert "group 128" in cp.why_not_int8(_key(meta, torch.bfloat16))
     meta4, _ = _layer(16, 300, 4, 100, False, False, torch.bfloat16)
-    assert "group 100" in cp.supports_int4(meta4, "none", torch.bfloat16)
-    assert "float32" in cp.supports_int4(meta4, "none", torch.float32)
-    assert "W8A8" in cp.supports_c(meta4, "int8", torch.float32)
-    assert "float64" in cp.supports_c(meta4, "none", torch.float64)
-    meta_g, _ = _layer(16, 256, 4, 128, False, False, torch.float32)
-    clean = (torch.arange(256) // 128).to(torch.int32)[torch.randperm(256)]  # 128 columns a group
-    assert cp.select(meta_g, "none", torch.float32, clean) == ("c_lowbit", "")
-    bad = torch.tensor([0] * 100 + [1] * 156, dtype=torch.int32)[torch.randperm(256)]  # 100 and 156 columns
-    kind, why = cp.select(meta_g, "none", torch.float32, bad)
-    assert kind is None and why.count("act-order g_idx") == 3
-    name, why = dispatch.choose(meta_g, dispatch.ActMode("none"), torch.device("cpu"), torch.float32, bad)
-    assert name == "torch_ref_w4a16" and "c_lowbit: act-order" in why
+    assert "group 100" in cp.why_not_int4(_key(meta4, torch.bfloat16))
+    assert "float32" in cp.why_not_int4(_key(meta4, torch.float32))
+    assert "float64" in cp.why_not_c(_key(meta4, torch.float64))
+    assert "device cuda" in cp.why_not_c(_key(meta4, torch.float32, device=torch.device("cuda")))
+    nf4 = PackedMeta(4, 64, 256, 16, True, qformat="nf4", lut_shape=(1, 1, 16))
+    assert all("qformat=nf4" in f(_key(nf4, torch.bfloat16)) for f in cp.WHY_NOT.values())
+    for dt, bits, group, want in [(torch.bfloat16, 4, 128, "aten_int4_w4a16"), (torch.bfloat16, 8, -1,
+                                  "aten_int8_w8a16"), (torch.float32, 4, 128, "c_lowbit_w4a16")]:
+        m = _layer(16, 256, bits, group, False, False, dt)[0]
+        kernel, why = dispatch.choose(_key(m, dt, has_gidx=True))
+        assert kernel.label(_key(m, dt)) == want, (want, why)
+    kernel, why = dispatch.choose(_key(nf4, torch.float32))
+    assert kernel.name == "torch_ref" and "c_lowbit_w4a16: qformat=nf4" in why
+    assert all(k.name == "torch_ref" for k in [dispatch.choose(_key(meta, torch.float32, "int8"))[0]])
+
+
+def test_unclean_act_order_is_refused_at_prepare():
+    meta, bufs = _layer(16, 256, 4, 128, False, False, torch.float32)
+    bufs["g_idx"] = (torch.arange(256) // 128).to(torch.int32)[torch.randperm(256)]  # 128 columns a group: runs
+    want = ref.wa16_ref(x := torch.randn(2, 256), meta, *(bufs[k] for k in ("qweight", "scales", "qzeros",
+                                                                           "g_idx", "bias")))
+    assert rel_err(cp.run("c_lowbit", x, meta, bufs), want) < 1e-5
+    bufs["g_idx"] = torch.tensor([0] * 100 + [1] * 156, dtype=torch.int32)[torch.randperm(256)]  # 100 / 156
+    with pytest.raises(ValueError, match="QRESEARCH_KERNELS=torch"):
+        cp.run("c_lowbit", x, meta, bufs)
 
 
 def test_forced_cpu_backend_refuses_w8a8(monkeypatch):
     monkeypatch.setenv("QRESEARCH_KERNELS", "cpu")
     meta, _ = _layer(16, 64, 8, -1, True, False, torch.float32)
-    assert dispatch.choose(meta, dispatch.ActMode("none"), torch.device("cpu"), torch.float32)[0] == "c_lowbit_w8a16"
+    kernel, _ = dispatch.choose(_key(meta, torch.float32))
+    assert kernel.label(_key(meta, torch.float32)) == "c_lowbit_w8a16"
     with pytest.raises(RuntimeError, match="QRESEARCH_KERNELS=cpu"):
-        dispatch.choose(meta, dispatch.ActMode("int8", 8), torch.device("cpu"), torch.float32)
+        dispatch.choose(_key(meta, torch.float32, "int8"))
 
 
-def test_quantlinear_prepares_once_and_keeps_state_dict(monkeypatch):
+def _reference(mod, x, monkeypatch):
+    with monkeypatch.context() as mp:
+        mp.setenv("QRESEARCH_KERNELS", "torch")
+        return mod(x)
+
+
+def test_quantlinear_prepares_once_and_follows_its_buffers(monkeypatch):
     res = rtn_layer(32, 96, 4, 32, False, act_order=True)
     mod = QuantLinear.from_result(nn.Linear(96, 32), res)
     before, stored = {k: v.clone() for k, v in mod.state_dict().items()}, mod.weight_bytes()
@@ -142,13 +174,17 @@ def test_quantlinear_prepares_once_and_keeps_state_dict(monkeypatch):
     assert len(calls) == 1 and torch.equal(y1, y2) and mod.kernel_name == "c_lowbit_w4a16"
     assert mod.state_dict().keys() == before.keys() and all(torch.equal(mod.state_dict()[k], v)
                                                             for k, v in before.items())
-    assert mod._prepared and mod.weight_bytes() == stored  # prepared tensors are not stored weight bytes
+    assert mod.qweight in cp._PREPARED and mod.weight_bytes() == stored  # prepared tensors: no stored bytes
     other = QuantLinear.from_result(nn.Linear(96, 32), rtn_layer(32, 96, 4, 32, False, act_order=True, seed=7))
-    mod.load_state_dict(other.state_dict())  # new buffers -> prepared again, output follows the new weights
-    monkeypatch.setenv("QRESEARCH_KERNELS", "torch")
-    want = other(x)
-    monkeypatch.delenv("QRESEARCH_KERNELS")
-    assert rel_err(mod(x), want) < 1e-5 and len(calls) == 2
+    mod.load_state_dict(other.state_dict())  # written in place -> prepared again, output follows the new weights
+    assert rel_err(mod(x), _reference(other, x, monkeypatch)) < 1e-5 and len(calls) == 2
+    mod.scales = mod.scales * 2  # a replaced buffer (as module.to / _apply does) -> prepared again
+    assert rel_err(mod(x), _reference(mod, x, monkeypatch)) < 1e-5 and len(calls) == 3
+    mod(x)
+    gone = weakref.ref(mod.qweight)
+    del mod, y1, y2
+    gc.collect()
+    assert gone() is None and len(calls) == 3  # the cache does not keep a layer's weights alive
 
 
 def test_input_gradient_matches_reference(monkeypatch):

@@ -4,7 +4,9 @@ import torch
 
 from tests.pipeline_helpers import TINY, stories260k, tiny_model
 from qresearch.models.arch import arch_for, block_linears, blocks_of
-from qresearch.pipeline.engine import EngineConfig, calibrate, capture_inputs, record_inputs
+from qresearch.calib.blockio import capture_inputs
+from qresearch.calib.engine import EngineConfig, calibrate
+from qresearch.calib.hooks import record_inputs
 from qresearch.quant.spec import ConfigError
 
 

@@ -8,7 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from qresearch.eval.footprint import footprint
 from qresearch.eval.lm_eval_bridge import check_tasks
 from qresearch.eval.ppl import chunk_ids, perplexity, sliding_perplexity, sliding_windows
-from qresearch.method import LayerResult, QuantResult
+from qresearch.records import LayerResult, QuantResult
 from qresearch.quant import ConfigError, QuantSpec, quantize_tensor
 
 

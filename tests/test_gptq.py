@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from methods.gptq import GPTQ, gptq_quantize
-from qresearch.method import Context, LayerResult
+from qresearch.method import Context
 from qresearch.models.arch import arch_for, blocks_of
-from qresearch.nn.fake import layer_weight
-from qresearch.pipeline.engine import capture_inputs, record_inputs
-from qresearch.pipeline.hessian import accumulate_hessian, output_rel_error
+from qresearch.calib.blockio import capture_inputs
+from qresearch.calib.hooks import record_inputs
+from qresearch.calib.stats import accumulate_hessian, output_rel_error
 from qresearch.quant import QTensor, QuantSpec, choose_qparams, quantize, quantize_tensor, weight_spec
 from qresearch.quant.spec import ConfigError
 from tests.pipeline_helpers import stories260k, tiny_model
@@ -39,7 +39,8 @@ def test_accumulate_hessian_matches_definition():
 def test_identity_hessian_gives_rtn(spec):
     """No cross-column correlation -> no error feedback: GPTQ must round exactly like RTN."""
     w = torch.randn(32, 200)
-    q, g_idx, _ = gptq_quantize(w, torch.eye(200), spec, blocksize=32)
+    q, _ = gptq_quantize(w, torch.eye(200), spec, blocksize=32)
+    g_idx = q.g_idx
     ref = quantize_tensor(w, spec)
     assert g_idx is None
     torch.testing.assert_close(q.scale, ref.scale)
@@ -63,8 +64,9 @@ def test_clamp_stats_count_weights_pushed_off_the_grid():
 def test_gptq_output_error_below_rtn_random(spec, act_order, static):
     x, w = _inputs(), torch.randn(48, 200)
     H, _ = accumulate_hessian(None, 0, x)
-    q, g_idx, loss = gptq_quantize(w, H, spec, blocksize=64, act_order=act_order, static_groups=static)
-    wq = layer_weight(LayerResult(q, g_idx=g_idx), torch.float32)
+    q, loss = gptq_quantize(w, H, spec, blocksize=64, act_order=act_order, static_groups=static)
+    g_idx = q.g_idx
+    wq = q.dequantize(torch.float32)
     rtn = quantize_tensor(w, spec).dequantize()
     assert _out_err(x, w, wq) < 0.9 * _out_err(x, w, rtn)
     assert loss > 0
@@ -84,12 +86,14 @@ def test_act_order_layout():
     """act_order alone: each group holds <= g columns, scale is per permuted group; static groups: min-max of W."""
     x, w, spec = _inputs(), torch.randn(16, 200), weight_spec(4, 64, False)
     H, _ = accumulate_hessian(None, 0, x)
-    q, g_idx, _ = gptq_quantize(w, H, spec, act_order=True)
+    q, _ = gptq_quantize(w, H, spec, act_order=True)
+    g_idx = q.g_idx
     counts = torch.bincount(g_idx.long(), minlength=4)
     assert counts.tolist() == [64, 64, 64, 8]  # partial last group stays the last in processing order
     perm = torch.argsort(torch.diag(H), descending=True)
     assert torch.equal(g_idx[perm[:64]], torch.zeros(64, dtype=torch.int32))
-    qs, gs, _ = gptq_quantize(w, H, spec, act_order=True, static_groups=True)
+    qs, _ = gptq_quantize(w, H, spec, act_order=True, static_groups=True)
+    gs = qs.g_idx
     assert gs is None
     torch.testing.assert_close(qs.scale, choose_qparams(w, spec)[0])
 
@@ -107,8 +111,8 @@ def test_gptq_below_rtn_on_real_captured_inputs():
         x = torch.cat(xs[name]).reshape(-1, xs[name][0].shape[-1])  # [tokens, in]
         w = block.get_submodule(name).weight.data
         H, _ = accumulate_hessian(None, 0, x)
-        q, g_idx, _ = gptq_quantize(w, H, spec)
-        wq = layer_weight(LayerResult(q, g_idx=g_idx), torch.float32)
+        q, _ = gptq_quantize(w, H, spec)
+        wq = q.dequantize(torch.float32)
         rtn = quantize_tensor(w, spec).dequantize()
         assert _out_err(x, w, wq) < _out_err(x, w, rtn), name
         assert abs(output_rel_error(w, wq, H) - _out_err(x, w, wq) / float((x @ w.T).norm())) < 1e-3
@@ -121,7 +125,7 @@ def test_gptq_method_on_tiny_model():
     before = {n: p.clone() for n, p in model.state_dict().items()}
     res = GPTQ(bits=3, group_size=32, act_order=True, true_sequential=True).quantize(model, ctx)
     assert len(res.layers) == 2 * 7 and len(res.stats) == 14
-    assert all(r.g_idx is not None and r.stats["out_rel_err"] < 1 for r in res.layers.values())
+    assert all(r.weight.g_idx is not None and r.stats["out_rel_err"] < 1 for r in res.layers.values())
     for n, p in model.state_dict().items():  # the FP model is left as it was
         torch.testing.assert_close(p, before[n], msg=n)
 
@@ -141,7 +145,8 @@ def test_fixed_qparams_are_kept_and_rounding_still_beats_rtn(act_order):
     x, w, spec = _inputs(), torch.randn(48, 200), weight_spec(3, 64, False)
     H, _ = accumulate_hessian(None, 0, x)
     grid = quantize_tensor(0.8 * w, spec)  # a clipped grid: ranges shrunk to 80%
-    q, g_idx, _ = gptq_quantize(w, H, spec, blocksize=64, act_order=act_order, qparams=(grid.scale, grid.zero))
+    q, _ = gptq_quantize(w, H, spec, blocksize=64, act_order=act_order, qparams=(grid.scale, grid.zero))
+    g_idx = q.g_idx
     assert g_idx is None
     assert torch.equal(q.scale, grid.scale) and torch.equal(q.zero, grid.zero)
     nearest = QTensor(quantize(w, grid.scale, grid.zero, spec), grid.scale, grid.zero, spec).dequantize()

@@ -4,7 +4,6 @@ import torch
 
 from tests._qhelpers import packed_args, rel_err, rtn_layer
 from qresearch.kernels import reference as ref
-from qresearch.nn.fake import layer_weight
 from qresearch.quant import QuantSpec, choose_qparams, quantize
 
 
@@ -14,14 +13,14 @@ from qresearch.quant import QuantSpec, choose_qparams, quantize
 def test_dequant_matches_primitives(bits, group, sym, act_order):
     res = rtn_layer(37, 200, bits, group, sym, act_order)  # 200 = 3 * 64 + 8: partial last group
     meta, qw, s, qz, gi = packed_args(res)
-    assert torch.equal(ref.dequant_weight(meta, qw, s, qz, gi), layer_weight(res, torch.float32))
+    assert torch.equal(ref.dequant_weight(meta, qw, s, qz, gi), res.weight.dequantize(torch.float32))
 
 
 def test_wa16_ref_is_linear_of_dequant():
     res = rtn_layer(19, 72, 4, 32, False)
     meta, qw, s, qz, gi = packed_args(res)
     x, b = torch.randn(5, 72, dtype=torch.float64), torch.randn(19, dtype=torch.float64)
-    want = x @ layer_weight(res, torch.float64).t() + b
+    want = x @ res.weight.dequantize(torch.float64).t() + b
     assert rel_err(ref.wa16_ref(x, meta, qw, s, qz, gi, b), want) < 1e-12
 
 
@@ -42,5 +41,5 @@ def test_w8a8_ref_close_to_fake_quant():
     meta, qw, s, _, _ = packed_args(res)
     x = torch.randn(7, 96)
     xq, sx = ref.act_quant_ref(x)
-    want = (xq.double() * sx.double()[:, None]) @ layer_weight(res, torch.float64).t()
+    want = (xq.double() * sx.double()[:, None]) @ res.weight.dequantize(torch.float64).t()
     assert rel_err(ref.w8a8_ref(x, meta, qw, s, None), want) < 1e-6

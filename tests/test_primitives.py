@@ -102,7 +102,7 @@ def test_sym_codes_are_centred():
 @pytest.mark.parametrize("fmt,fmax", [("fp8_e4m3", 448.0), ("fp8_e5m2", 57344.0)])
 def test_fp8_matches_torch_cast(fmt, fmax):
     x = torch.randn(4, 64) * 3
-    spec = QuantSpec(bits=8, fmt=fmt, granularity="channel")
+    spec = QuantSpec(bits=8, qformat=fmt, granularity="channel")
     scale, _ = choose_qparams(x, spec)
     assert torch.allclose(scale[:, 0], x.abs().amax(1) / fmax)
     dtype = torch.float8_e4m3fn if fmt == "fp8_e4m3" else torch.float8_e5m2
@@ -129,7 +129,7 @@ def test_error_shrinks_with_bits():
 
 @pytest.mark.parametrize("kw,msg", [(dict(bits=9), "bits=9"), (dict(bits=1), "bits=1"),
                                     (dict(group_size=0), "group_size=0"), (dict(group_size=-2), "group_size=-2"),
-                                    (dict(granularity="row"), "granularity='row'"), (dict(fmt="int4"), "format")])
+                                    (dict(granularity="row"), "granularity='row'"), (dict(qformat="int4"), "format")])
 def test_spec_rejects_bad_values(kw, msg):
     with pytest.raises(ConfigError, match=msg):
         QuantSpec(**kw)

@@ -1,16 +1,15 @@
-"""QuantLinear (format=packed) on CPU: equals the fake-quant layer, stores the bytes the arithmetic says,
+"""QuantLinear (modules=packed) on CPU: equals the fake-quant layer, stores the bytes the arithmetic says,
 and gives the fake format's perplexity on stories260K."""
 import pytest
 import torch
 from torch import nn
 
 from qresearch.eval.footprint import layer_bits
-from qresearch.method import ActQuant, QuantResult
-from qresearch.nn.fake import FakeQuantLinear, layer_weight
+from qresearch.records import ActQuant, QuantResult
+from qresearch.nn.fake import FakeQuantLinear
 from qresearch.nn.packed import QuantLinear, packed_weight_bytes
 from qresearch.nn.swap import swap_linears
 from qresearch.quant import QuantSpec, quantize_tensor, weight_spec
-from qresearch.quant.spec import ConfigError
 from tests._qhelpers import fp16_exact, rel_err, rtn_layer, shared_dir
 
 
@@ -18,7 +17,7 @@ def _pair(res, bias=True, seed=0):
     torch.manual_seed(seed)
     out_f, in_f = res.weight.codes.shape
     lin = nn.Linear(in_f, out_f, bias=bias)
-    fake = FakeQuantLinear(layer_weight(res, torch.float32), lin.bias.data if bias else None, res,
+    fake = FakeQuantLinear(res.weight.dequantize(torch.float32), lin.bias.data if bias else None, res,
                            fp_weight=lin.weight.data)
     return QuantLinear.from_result(lin, res), fake
 
@@ -69,16 +68,27 @@ def test_partial_rows_pad_at_most_one_word():
     assert 0 <= packed.weight_bytes() * 8 - arithmetic < 10 * 32 + 2 * 32  # < one word per row + per zero column
 
 
-def test_extra_repr_and_fp8_refused():
+def test_extra_repr():
     packed, _ = _pair(rtn_layer(8, 64, 4, 32, True, act_order=True))
     r = repr(packed)
     for part in ("bits=4", "group=32", "sym=True", "layout=int32_k", "act_order=True", "kernel=c_lowbit_w4a16"):
         assert part in r
-    q = quantize_tensor(torch.randn(8, 64), weight_spec(8, -1, True, fmt="fp8_e4m3"))
-    from qresearch.method import LayerResult
 
-    with pytest.raises(ConfigError):
-        QuantLinear.from_result(nn.Linear(64, 8), LayerResult(q))
+
+@pytest.mark.parametrize("qformat", ["fp8_e4m3", "fp8_e5m2"])
+def test_fp8_weights_pack_and_match_fake(qformat):
+    """Every format's codes pack the same way; the reference kernel decodes them through the format table."""
+    from qresearch.records import LayerResult
+
+    lin = nn.Linear(72, 8)
+    q = quantize_tensor(lin.weight.data, weight_spec(8, 32, True, qformat=qformat))
+    q.scale = q.scale.half().float()  # packed scales are fp16: compare at the stored precision
+    packed = QuantLinear.from_result(lin, LayerResult(q))
+    x = torch.randn(5, 72)
+    assert "qformat=" + qformat in repr(packed) and packed.kernel_name == "torch_ref_w8a16"
+    want = x @ q.dequantize().t() + lin.bias.data
+    torch.testing.assert_close(packed(x), want, rtol=1e-5, atol=1e-5)
+    assert packed.weight_bytes() * 8 == sum(layer_bits(LayerResult(q)).values())
 
 
 def _stories():

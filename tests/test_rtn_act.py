@@ -30,7 +30,7 @@ def test_dynamic_per_token_matches_primitive(model):
     w = lin.weight.detach().clone()
     swap_linears(model, res, "fake")
     mod = model.get_submodule(name)
-    assert isinstance(mod, FakeQuantLinear) and "act=w4gtoks-dynamic" in mod.extra_repr()
+    assert isinstance(mod, FakeQuantLinear) and "act=a4tok-dynamic" in mod.extra_repr()
     x = torch.randn(2, 5, 48)
     xq = fake_quantize(x, QuantSpec(bits=4, sym=True, granularity="token"))
     ref = xq @ res.layers[name].weight.dequantize().T

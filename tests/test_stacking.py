@@ -5,7 +5,8 @@ import torch
 from methods.awq import AWQ
 from methods.gptq import GPTQ
 from qresearch.config import plan
-from qresearch.method import Context, QuantResult
+from qresearch.method import Context
+from qresearch.records import QuantResult
 from qresearch.models.arch import arch_for
 from qresearch.quant.spec import ConfigError
 from tests.helpers import compose_cfg
@@ -16,20 +17,20 @@ from tests.pipeline_helpers import tiny_model
     ("gptq", [GPTQ], "gptq-w3g128"), ("awq", [AWQ], "awq-w3g128"), ("awq_gptq", [AWQ, GPTQ], "awq_gptq-w3g128-prior")])
 def test_method_configs(method, types, tag):
     p = plan(compose_cfg([f"method={method}", "model=stories260k", "bits=3", "logger=none"]))
-    assert [type(s) for s in p.steps] == types and p.needs_calibration and p.method_tag == tag
+    assert [type(s) for s in p.steps] == types and p.needs_calibration and p.tag == tag
 
 
 def test_gptq_variant_tags_and_flags():
-    p = plan(compose_cfg(["method=gptq", "model=stories260k", "logger=none", "method.act_order=true",
-                          "method.static_groups=true", "method.true_sequential=false"]))
+    p = plan(compose_cfg(["method=gptq", "model=stories260k", "logger=none", "method.gptq.act_order=true",
+                          "method.gptq.static_groups=true", "method.gptq.true_sequential=false"]))
     s = p.steps[0]
     assert (s.act_order, s.static_groups, s.true_sequential) == (True, True, False)
-    assert p.method_tag == "gptq-w4g128-ao-sg-nts"
+    assert p.tag == "gptq-w4g128-ao-sg-nts"
 
 
 def test_bad_engine_option_is_one_line_config_error():
     with pytest.raises(ConfigError, match="propagate='sideways'"):
-        plan(compose_cfg(["method=gptq", "model=stories260k", "logger=none", "method.steps.0.propagate=sideways"]))
+        plan(compose_cfg(["method=gptq", "model=stories260k", "logger=none", "method.gptq.propagate=sideways"]))
 
 
 def test_awq_then_gptq_stack():
@@ -66,7 +67,7 @@ def test_awq_clip_then_gptq_keeps_awq_grid():
 
 
 def test_awq_gptq_config_passes_options():
-    p = plan(compose_cfg(["method=awq_gptq", "model=stories260k", "logger=none", "method.clip=false",
-                          "method.qparams=minmax"]))
+    p = plan(compose_cfg(["method=awq_gptq", "model=stories260k", "logger=none", "method.awq.clip=false",
+                          "method.gptq.qparams=minmax"]))
     assert (p.steps[0].clip, p.steps[1].qparams) == (False, "minmax")
-    assert p.method_tag == "awq_gptq-w4g128-noclip-minmax"
+    assert p.tag == "awq_gptq-w4g128-noclip"

@@ -29,12 +29,16 @@ class LatencyConfig:
     warmup: int = 2
 
 
-def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> list[float]:
-    """Seconds per call of fn, `repeats` times after `warmup` untimed calls."""
+def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int,
+          before: Callable[[], object] | None = None) -> list[float]:
+    """Seconds per call of fn, `repeats` times after `warmup` untimed calls. `before` (e.g. an L2 flush) runs
+    ahead of every call, outside the timed region."""
     for _ in range(warmup):
         fn()
     out = []
     for _ in range(repeats):
+        if before is not None:
+            before()
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize(device)

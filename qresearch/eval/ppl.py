@@ -7,9 +7,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-
-class NumericalError(RuntimeError):
-    """NaN/inf where a number must be finite (loss, weights)."""
+from ..errors import NumericalError
 
 
 def chunk_ids(ids: torch.Tensor, seqlen: int, max_chunks: int | None = None) -> torch.Tensor:

@@ -7,82 +7,42 @@ Folder layout:
                       <name>.qzeros   int32 [ceil(out*bits/32), n_groups]   (asymmetric only)
                       <name>.g_idx    int32 [in]                        (act-order only)
                       <name>.bias, <name>.act_scale, <name>.outliers, <name>.fp_cols   (when present)
-                      tied tensors are stored once (safetensors.torch.save_model)
+                      tied tensors are stored once; metadata: "qresearch_layers" = the layer settings
+                      the tensors were written with (checked against config.json on load)
   config.json         the HF model config + "quantization_config": {"quant_method": "qresearch",
                       "format": "qresearch-packed", "version": 1, "layout": "int32_k",
                       "layers": {<name>: QuantLinear.config()}}
   tokenizer files     when a tokenizer is given
-Loading reads safetensors only (no pickle): load_quantized(path).
+Loading (qresearch/models/checkpoint.py) reads safetensors only (no pickle): load_quantized(path), after
+check_checkpoint(path) compares the config with the tensors key by key.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from ..nn.packed import QuantLinear
-from ..nn.swap import set_module
-
-FORMAT, VERSION = "qresearch-packed", 1
-
-
-def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+from ..models.checkpoint import FORMAT, LAYERS_KEY, VERSION, quantized_layers
+from ..models.st_writer import dedup_shared, write_safetensors
 
 
 def save_quantized(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
-    """Write `model` (already swapped to format=packed) to `path` in the qresearch-packed format."""
-    from safetensors.torch import save_model
-
+    """Write `model` (already swapped to modules=packed) to `path` in the qresearch-packed format. The same model
+    gives the same model.safetensors bytes in every process (st_writer)."""
     layers = quantized_layers(model)
     if not layers:
         raise ValueError("the model has no QuantLinear layers; swap_linears(model, result, 'packed') first")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(path / "model.safetensors"), metadata={"format": "pt", "qresearch_format": FORMAT})
+    tensors, alias = dedup_shared(model.state_dict())
+    layer_cfg = {n: m.config() for n, m in layers.items()}
+    meta = {"format": "pt", "qresearch_format": FORMAT, LAYERS_KEY: json.dumps(layer_cfg, sort_keys=True), **alias}
+    write_safetensors(path / "model.safetensors", tensors, meta)
     cfg = model.config.to_dict()
     cfg["quantization_config"] = {"quant_method": "qresearch", "format": FORMAT, "version": VERSION,
-                                  "layout": "int32_k", "layers": {n: m.config() for n, m in layers.items()}}
+                                  "layout": "int32_k", "layers": layer_cfg}
     (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
-
-
-def is_qresearch_checkpoint(path: str | Path) -> bool:
-    f = Path(path) / "config.json"
-    if not f.is_file():
-        return False
-    qc = json.loads(f.read_text()).get("quantization_config") or {}
-    return qc.get("quant_method") == "qresearch"
-
-
-def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the model from config.json, put empty QuantLinears where the config says, load the tensors."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    path = Path(path)
-    raw = json.loads((path / "config.json").read_text())
-    qc = raw.get("quantization_config") or {}
-    if qc.get("format") != FORMAT or qc.get("version") != VERSION:
-        raise ValueError(f"{path} is not a {FORMAT} v{VERSION} checkpoint (quantization_config: "
-                         f"{qc.get('quant_method')!r} / {qc.get('format')!r} v{qc.get('version')})")
-    config = AutoConfig.for_model(**{k: v for k, v in raw.items() if k != "quantization_config"})
-    dtype = getattr(torch, str(raw.get("dtype") or raw.get("torch_dtype") or "float32").removeprefix("torch."))
-    model = AutoModelForCausalLM.from_config(config).to(dtype)
-    for name, c in qc["layers"].items():
-        set_module(model, name, QuantLinear.from_config(c))
-    state = load_file(str(path / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    names_of: dict[int, list[str]] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        names_of.setdefault(id(p), []).append(n)
-    tied = {n for names in names_of.values() if len(names) > 1 for n in names}  # stored once by save_model
-    if unexpected or set(missing) - tied:
-        raise ValueError(f"{path}: tensors do not match the config: missing {sorted(set(missing) - tied)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
-    model.config.use_cache = False
-    return model.to(device).eval()

@@ -1,24 +1,26 @@
-"""The one dispatch point: Triton on CUDA when the layer's format, shape and dtype are supported; on CPU the
-low-bit kernels of cpu_packed (aten int4/int8 weight-packed ops, our C kernel); else the pure-torch reference.
-The choice is a name ("triton_w4a16", "c_lowbit_w4a16", "torch_ref_w8a8", ...) that QuantLinear exposes as
-`kernel_name` and the run records per layer (DESIGN rule 7: no silent fallbacks).
+"""Kernel registry and the one dispatch point for packed linears.
 
-QRESEARCH_KERNELS=torch forces the reference everywhere; =triton forces Triton (on CPU only under
-TRITON_INTERPRET=1, which is how the tests run the Triton kernels); =cpu forces the CPU kernels.
+Each `Kernel` says which layers it implements (`accepts`) and, for those, whether it can run here and why not
+(`why_not`: device, dtype, format, missing package). `choose` takes the first kernel in priority order that
+accepts the layer and can run; the name it returns ("triton_w4a16", "torch_ref_w8a8", ...) is recorded per layer,
+and the reasons the better kernels were skipped are logged (no silent fallbacks). A new kernel family is one
+`register(Kernel(...))` call.
+
+QRESEARCH_KERNELS=<backend> keeps only that backend's kernels (`torch` = the pure-torch reference; `triton` on CPU
+only under TRITON_INTERPRET=1, which is how the tests run the Triton kernels).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from ..method import ActQuant
 from ..quant.packing import PackedMeta
-from . import cpu_packed
+from ..records import ActQuant
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16)  # fp32 would go through TF32 tensor cores: not our reference
-BACKENDS = ("auto", "torch", "triton", "cpu")
 
 
 @dataclass(frozen=True)
@@ -31,92 +33,138 @@ class ActMode:
 
 
 def act_mode(meta: PackedMeta, act: ActQuant | None, has_gidx: bool) -> ActMode:
-    """Classify a layer's activation quantization; int8 only for sym per-channel 8-bit weights."""
+    """Classify a layer's activation quantization; int8 only for sym per-channel 8-bit integer weights."""
     if act is None:
         return ActMode("none")
     s = act.spec
-    w_ok = meta.bits == 8 and meta.sym and meta.n_groups == 1 and not has_gidx
-    a_ok = not s.is_fp8 and s.bits == 8 and (act.static_scale is not None or
-                                             (s.sym and s.granularity in ("token", "tensor")))
+    w_ok = meta.qformat == "int" and meta.bits == 8 and meta.sym and meta.n_groups == 1 and not has_gidx
+    a_ok = s.qformat == "int" and s.bits == 8 and act.static_zero is None and (
+        act.static_scale is not None or (s.sym and s.granularity in ("token", "tensor")))
     if w_ok and a_ok:
         return ActMode("int8", 8, act.static_scale is None and s.granularity == "tensor")
     return ActMode("fake", s.bits)
 
 
-def family(meta: PackedMeta, mode: ActMode) -> str:
-    return f"w{meta.bits}a{mode.bits}" if mode.kind != "int8" else "w8a8"
+@dataclass(frozen=True)
+class LayerKey:
+    """What a kernel's checks see of one call: the layer, its activation mode, the input's device and dtype."""
+
+    meta: PackedMeta
+    mode: ActMode
+    device: torch.device
+    dtype: torch.dtype
+    has_gidx: bool
+
+    @property
+    def family(self) -> str:
+        return f"w{self.meta.bits}a{self.mode.bits}" if self.mode.kind != "int8" else "w8a8"
+
+
+# run(x [M, K], meta, buffers, mode) -> y [M, N]; buffers: qweight, scales, qzeros, g_idx, bias, act_scale
+RunFn = Callable[[torch.Tensor, PackedMeta, dict, ActMode], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str  # recorded as f"{name}_{family}", e.g. triton_w4a16
+    backend: str  # what QRESEARCH_KERNELS selects: torch | triton | ...
+    priority: int  # lower is tried first
+    accepts: Callable[[LayerKey], bool]  # the layers this kernel implements at all
+    why_not: Callable[[LayerKey], str | None]  # None = can run here; else the reason
+    run: RunFn
+
+    def label(self, key: LayerKey) -> str:
+        return f"{self.name}_{key.family}"
+
+
+KERNELS: list[Kernel] = []
+
+
+def register(kernel: Kernel) -> Kernel:
+    """Add a kernel to the registry (kept sorted by priority; equal priorities keep registration order)."""
+    KERNELS.append(kernel)
+    KERNELS.sort(key=lambda k: k.priority)
+    return kernel
 
 
 def backend() -> str:
     b = os.environ.get("QRESEARCH_KERNELS", "auto")
-    if b not in BACKENDS:
-        raise ValueError(f"QRESEARCH_KERNELS={b!r} is unknown; allowed: {', '.join(BACKENDS)}")
+    allowed = ("auto", *sorted({k.backend for k in KERNELS}))
+    if b not in allowed:
+        raise ValueError(f"QRESEARCH_KERNELS={b!r} is unknown; allowed: {', '.join(allowed)}")
     return b
 
+
+def choose(key: LayerKey) -> tuple[Kernel, str]:
+    """(kernel, why better-priority kernels were skipped: '' when the first choice runs)."""
+    b = backend()
+    reasons = []
+    for k in KERNELS:
+        if not k.accepts(key):
+            continue
+        if b != "auto" and k.backend != b:
+            reasons.append(f"{k.label(key)}: QRESEARCH_KERNELS={b}")
+            continue
+        why = k.why_not(key)
+        if why is None:
+            return k, "; ".join(reasons)
+        reasons.append(f"{k.label(key)}: {why}")
+    raise RuntimeError(f"no kernel can run {key.family} (qformat={key.meta.qformat}) here: {'; '.join(reasons)}")
+
+
+def prepare_input(x: torch.Tensor, mode: ActMode, bufs: dict) -> torch.Tensor | None:
+    """The per-tensor activation scale of a call: static from the layer, or dynamic (absmax / 127) per call."""
+    if mode.dynamic_tensor:  # one scale for the whole tensor, absmax / 127 as the int format computes it
+        amax = x.detach().abs().amax().float()
+        return torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    return bufs.get("act_scale")
+
+
+# --- the built-in kernels -------------------------------------------------------------------------------------
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def triton_supports(meta: PackedMeta, mode: ActMode, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
-    """(supported, reason when not) for running this layer's Triton kernel."""
-    if mode.kind == "fake":
-        return False, f"activation quantization a{mode.bits} has no Triton kernel"
-    if device.type != "cuda" and not interpreting():
-        return False, f"device {device.type} (Triton needs CUDA, or TRITON_INTERPRET=1)"
-    if device.type == "cuda" and mode.kind != "int8" and dtype not in TRITON_DTYPES:
-        return False, f"activation dtype {dtype} (Triton kernels take fp16/bf16)"
-    if meta.layout != "int32_k":
-        return False, f"layout {meta.layout}"
+def _triton_why_not(key: LayerKey) -> str | None:
+    if key.meta.qformat != "int":
+        return f"qformat={key.meta.qformat} has no Triton kernel"
+    if key.meta.scale_coding.coded:
+        return f"two-level scales (scale_bits={key.meta.scale_bits}) have no Triton kernel"
+    if key.device.type != "cuda" and not interpreting():
+        return f"device {key.device.type} (Triton needs CUDA, or TRITON_INTERPRET=1)"
+    if key.device.type == "cuda" and key.mode.kind != "int8" and key.dtype not in TRITON_DTYPES:
+        return f"activation dtype {key.dtype} (Triton kernels take fp16/bf16)"
+    if key.meta.layout != "int32_k":
+        return f"layout {key.meta.layout}"
     try:
         import triton  # noqa: F401
     except ImportError:
-        return False, "triton is not installed"
-    return True, ""
+        return "triton is not installed"
+    return None
 
 
-def choose(meta: PackedMeta, mode: ActMode, device: torch.device, dtype: torch.dtype,
-           g_idx: torch.Tensor | None = None) -> tuple[str, str]:
-    """(kernel name, reason the reference was chosen or '')."""
-    fam = family(meta, mode)
-    b = backend()
-    if b == "torch":
-        return f"torch_ref_{fam}", "QRESEARCH_KERNELS=torch"
-    ok, why = (False, "QRESEARCH_KERNELS=cpu") if b == "cpu" else triton_supports(meta, mode, device, dtype)
-    if b == "triton" and not ok:
-        raise RuntimeError(f"QRESEARCH_KERNELS=triton but {fam} cannot run in Triton here: {why}")
-    if ok:
-        return f"triton_{fam}", ""
-    if device.type == "cpu":
-        kind, cpu_why = cpu_packed.select(meta, mode.kind, dtype, g_idx)
-        if kind is not None:
-            return f"{kind}_{fam}", ""
-        why = f"{why}; {cpu_why}"
-    if b == "cpu":
-        raise RuntimeError(f"QRESEARCH_KERNELS=cpu but {fam} cannot run in a CPU kernel here: {why}")
-    return f"torch_ref_{fam}", why
+def _run_triton_wq(x, meta, bufs, mode):
+    from .triton_wq import wq_linear
+
+    return wq_linear(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["g_idx"], bufs["bias"])
 
 
-def run(kernel: str, x: torch.Tensor, meta: PackedMeta, bufs: dict, mode: ActMode) -> torch.Tensor:
-    """y [M, N] = layer(x [M, K]) with the named kernel. `bufs`: qweight, scales, qzeros, g_idx, bias, act_scale,
-    and `prepared` (the layer's cache of CPU-kernel weights)."""
-    qw, s, z, gi, b = (bufs[k] for k in ("qweight", "scales", "qzeros", "g_idx", "bias"))
-    static = bufs.get("act_scale")
-    if mode.dynamic_tensor:  # one scale for the whole tensor, absmax / 127 as primitives computes it
-        amax = x.detach().abs().amax().float()
-        static = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    if kernel.startswith(cpu_packed.KERNELS):
-        return cpu_packed.run(kernel.rsplit("_", 1)[0], x, meta, bufs)
-    if kernel.startswith("triton_"):
-        if mode.kind == "int8":
-            from .triton_w8a8 import w8a8_linear
+def _run_triton_w8a8(x, meta, bufs, mode):
+    from .triton_w8a8 import w8a8_linear
 
-            return w8a8_linear(x, meta, qw, s, b, static)
-        from .triton_wq import wq_linear
+    return w8a8_linear(x, meta, bufs["qweight"], bufs["scales"], bufs["bias"], prepare_input(x, mode, bufs))
 
-        return wq_linear(x, meta, qw, s, z, gi, b)
+
+def _run_reference(x, meta, bufs, mode):
     from . import reference as ref
 
     if mode.kind == "int8":
-        return ref.w8a8_ref(x, meta, qw, s, b, static)
-    return ref.wa16_ref(x, meta, qw, s, z, gi, b)
+        return ref.w8a8_ref(x, meta, bufs["qweight"], bufs["scales"], bufs["bias"], prepare_input(x, mode, bufs))
+    return ref.wa16_ref(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["g_idx"], bufs["bias"],
+                        bufs.get("scale2"), bufs.get("lut"))
+
+
+register(Kernel("triton", "triton", 10, lambda k: k.mode.kind == "none", _triton_why_not, _run_triton_wq))
+register(Kernel("triton", "triton", 10, lambda k: k.mode.kind == "int8", _triton_why_not, _run_triton_w8a8))
+register(Kernel("torch_ref", "torch", 100, lambda k: True, lambda k: None, _run_reference))

@@ -2,6 +2,7 @@
 
 The Triton kernels compute the same math in the same order where it matters: weights are dequantized in fp32 as
 (q - zero) * scale, rounded once to the activation dtype, and multiplied with fp32 accumulation.
+Non-integer formats decode through the format table (quant/formats.py).
 """
 from __future__ import annotations
 
@@ -9,39 +10,56 @@ import torch
 import torch.nn.functional as F
 
 from ..quant.packing import PackedMeta, unpack_rows, unpack_zeros
+from ..quant.primitives import decode
+from ..quant.scales import decode_scales
 
 
 def weight_zeros(meta: PackedMeta, qzeros: torch.Tensor | None) -> torch.Tensor:
-    """Zero points [out, n_groups] float32 (2^(bits-1) for symmetric layers, which store none)."""
+    """Zero points [out, n_groups] float32 (the format's symmetric zero for layers that store none)."""
     if meta.sym or qzeros is None:
-        return torch.full((meta.out_features, meta.n_groups), float(2 ** (meta.bits - 1)))
+        spec = meta.spec
+        return torch.full((meta.out_features, meta.n_groups), spec.format.sym_zero(spec))
     return unpack_zeros(qzeros, meta.bits, meta.out_features)
 
 
-def dequant_weight(meta: PackedMeta, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
-                   g_idx: torch.Tensor | None = None) -> torch.Tensor:
+def weight_scales(meta: PackedMeta, scales: torch.Tensor | None, scale2: torch.Tensor | None) -> torch.Tensor:
+    """Effective group scales [out, n_groups] float32: stored floats, or decoded two-level codes; ones for codebooks."""
+    if scales is None:
+        return torch.ones(meta.out_features, meta.n_groups)
+    return decode_scales(scales, scale2, meta.scale_coding)
+
+
+def dequant_weight(meta: PackedMeta, qweight: torch.Tensor, scales: torch.Tensor | None, qzeros: torch.Tensor | None,
+                   g_idx: torch.Tensor | None = None, scale2: torch.Tensor | None = None,
+                   lut: torch.Tensor | None = None) -> torch.Tensor:
     """Packed buffers -> float32 weight [out, in]; column j uses group g_idx[j] (or j // group)."""
-    codes = unpack_rows(qweight, meta.bits, meta.in_features).float()  # [out, in]
+    spec = meta.spec
+    codes = unpack_rows(qweight, meta.bits, meta.in_features)  # [out, in] uint8
     zeros = weight_zeros(meta, qzeros).to(qweight.device)  # [out, n_groups]
+    s = weight_scales(meta, scales, scale2).to(qweight.device)  # [out, n_groups]
+    lut = None if lut is None else lut.float()
     if g_idx is not None:
         g = g_idx.long()
-        return (codes - zeros[:, g]) * scales.float()[:, g]  # [out, in]
+        lut = lut if lut is None or lut.shape[1] == 1 else lut[:, g]  # [out | 1, in, K]
+        return decode(codes, s[:, g], zeros[:, g], spec, lut)  # [out, in]
     n, k, gs = meta.out_features, meta.in_features, meta.group
     codes = F.pad(codes, (0, meta.n_groups * gs - k)).view(n, meta.n_groups, gs)  # [out, n_groups, group]
-    w = (codes - zeros[:, :, None]) * scales.float()[:, :, None]  # [out, n_groups, group]
+    lut = None if lut is None else lut[:, :, None, :]  # [out | 1, n_groups | 1, 1, K]
+    w = decode(codes, s[:, :, None], zeros[:, :, None], spec, lut)  # [out, n_groups, group]
     return w.reshape(n, -1)[:, :k]  # [out, in]
 
 
-def wa16_ref(x: torch.Tensor, meta: PackedMeta, qweight, scales, qzeros, g_idx, bias) -> torch.Tensor:
+def wa16_ref(x: torch.Tensor, meta: PackedMeta, qweight, scales, qzeros, g_idx, bias, scale2=None,
+             lut=None) -> torch.Tensor:
     """Weight-only quantized linear: y = x @ deq(W)^T + b in x's dtype."""
-    w = dequant_weight(meta, qweight, scales, qzeros, g_idx).to(x.dtype)
+    w = dequant_weight(meta, qweight, scales, qzeros, g_idx, scale2, lut).to(x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
 def act_quant_ref(x: torch.Tensor, static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 activation quantization: x [M, K] -> (q int8 [M, K], scale fp32 [M]).
 
-    Dynamic: one scale per token, absmax / 127 (1.0 for an all-zero row), as primitives.qparams_from_minmax does.
+    Dynamic: one scale per token, absmax / 127 (1.0 for an all-zero row), as the int format's qparams compute it.
     Static: the given per-tensor scale.
     """
     xf = x.float()
@@ -55,8 +73,8 @@ def act_quant_ref(x: torch.Tensor, static_scale: torch.Tensor | None = None) -> 
 
 
 def int8_weight(meta: PackedMeta, qweight: torch.Tensor) -> torch.Tensor:
-    """8-bit symmetric codes as signed int8 [out, in] (code - 128)."""
-    assert meta.bits == 8 and meta.sym, "int8 weights need bits=8, sym"
+    """8-bit symmetric integer codes as signed int8 [out, in] (code - 128)."""
+    assert meta.bits == 8 and meta.sym and meta.qformat == "int", "int8 weights need qformat=int, bits=8, sym"
     return (unpack_rows(qweight, 8, meta.in_features).to(torch.int16) - 128).to(torch.int8)
 
 

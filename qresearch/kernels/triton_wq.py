@@ -8,7 +8,7 @@ Weights are read in the int32_k layout (quant/packing.py) as whole words only: 3
 Contiguous groups that hold whole K tiles (GROUP % BLOCK_K == 0, e.g. g128 with BLOCK_K 64/128) load one row of
 scales/zeros per tile; act-order g_idx or smaller groups gather them per element. GROUP is a compile-time constant.
 experiments/compile_kernels.py compiles every config for sm_80 / sm_90 without a GPU (registers, spills, smem).
-Import only when a kernel is needed: importing triton is slow and CUDA-specific (DESIGN rule 6).
+Import only when a kernel is needed: importing triton is slow and CUDA-specific.
 """
 from __future__ import annotations
 

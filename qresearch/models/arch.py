@@ -1,4 +1,4 @@
-"""Architecture facts as data (DESIGN rule 3): where blocks are, what runs before them, which op feeds which linears.
+"""Architecture facts as data: where blocks are, what runs before them, which op feeds which linears.
 
 Adding a model family = adding an entry to ARCHS. Methods never branch on model classes.
 """
@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..quant.spec import ConfigError
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,12 @@ def block_linears(block: nn.Module, arch: ArchInfo) -> dict[str, nn.Linear]:
     return out
 
 
+def present_groups(block: nn.Module, arch: ArchInfo) -> list[list[str]]:
+    """The table's sequential groups, restricted to the linears this block has (empty groups dropped)."""
+    groups = [[n for n in grp if isinstance(get_module(block, n), nn.Linear)] for grp in arch.sequential]
+    return [g for g in groups if g]
+
+
 def quantizable_linears(model: nn.Module, arch: ArchInfo) -> dict[str, nn.Linear]:
     """All linears inside decoder blocks, by full module name. lm_head / embeddings are not included."""
     out = {}
@@ -144,3 +150,32 @@ def target_linears(model: nn.Module, arch: ArchInfo, lm_head: bool = False) -> d
     if lm_head and isinstance(get_module(model, head), nn.Linear):
         out[head] = get_module(model, head)
     return out
+
+
+def _heads_dim(c: dict) -> int:
+    return c["num_attention_heads"] * (c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"])
+
+
+# in_features of each block linear, from the HF config alone (pre-flight checks before a model loads)
+_IN_FEATURES = {
+    "llama": lambda c: {"self_attn.q_proj": c["hidden_size"], "self_attn.k_proj": c["hidden_size"],
+                        "self_attn.v_proj": c["hidden_size"], "self_attn.o_proj": _heads_dim(c),
+                        "mlp.gate_proj": c["hidden_size"], "mlp.up_proj": c["hidden_size"],
+                        "mlp.down_proj": c["intermediate_size"]},
+    "opt": lambda c: {"self_attn.q_proj": c["hidden_size"], "self_attn.k_proj": c["hidden_size"],
+                      "self_attn.v_proj": c["hidden_size"], "self_attn.out_proj": c["hidden_size"],
+                      "fc1": c["hidden_size"], "fc2": c["ffn_dim"]},
+    "gpt_neox": lambda c: {"attention.query_key_value": c["hidden_size"], "attention.dense": c["hidden_size"],
+                           "mlp.dense_h_to_4h": c["hidden_size"], "mlp.dense_4h_to_h": c["intermediate_size"]},
+    "phi3": lambda c: {"self_attn.qkv_proj": c["hidden_size"], "self_attn.o_proj": _heads_dim(c),
+                       "mlp.gate_up_proj": c["hidden_size"], "mlp.down_proj": c["intermediate_size"]},
+}
+_IN_FEATURES["mistral"] = _IN_FEATURES["qwen2"] = _IN_FEATURES["llama"]
+
+
+def linear_in_features(model_config: dict) -> dict[str, int]:
+    """{block linear (relative name): in_features} of an architecture in ARCHS, from its config dict."""
+    mt = model_config.get("model_type")
+    if mt not in _IN_FEATURES:
+        raise ConfigError(f"model_type={mt!r} is not in the table; supported: {', '.join(sorted(_IN_FEATURES))}")
+    return _IN_FEATURES[mt](model_config)

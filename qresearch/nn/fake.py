@@ -5,30 +5,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..method import ActQuant, LayerResult
 from ..quant.primitives import choose_qparams, dequantize, quantize
 from ..quant.spec import QuantSpec
+from ..records import ActQuant, LayerResult
+
+
+def act_qparams(x: torch.Tensor, act: ActQuant) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) for an activation [..., in]: the static ones, or dynamic from x."""
+    if act.static_scale is None:
+        return choose_qparams(x, act.spec)
+    scale = act.static_scale.to(x.device)
+    zero = act.static_zero.to(x.device) if act.static_zero is not None else \
+        torch.full_like(scale, act.spec.format.sym_zero(act.spec))
+    return scale, zero
 
 
 def fake_quant_act(x: torch.Tensor, act: ActQuant) -> torch.Tensor:
-    """Quantize-dequantize an activation [..., in]: dynamic per-token/per-tensor, or with a static scale."""
-    if act.static_scale is not None:
-        scale = act.static_scale.to(x.device)
-        zero = torch.full_like(scale, 2 ** (act.spec.bits - 1)) if not act.spec.is_fp8 else torch.zeros_like(scale)
-    else:
-        scale, zero = choose_qparams(x, act.spec)
+    """Quantize-dequantize an activation [..., in]: dynamic per-token/per-tensor, or with static qparams."""
+    scale, zero = act_qparams(x, act)
     return dequantize(quantize(x, scale, zero, act.spec), scale, zero, act.spec).to(x.dtype)
-
-
-def layer_weight(res: LayerResult, dtype: torch.dtype) -> torch.Tensor:
-    """Dequantized weight [out, in], honouring an act-order group index."""
-    w = res.weight
-    if res.g_idx is None:
-        return w.dequantize(dtype)
-    # act-order: column j uses qparams of group g_idx[j]
-    scale = w.scale[:, res.g_idx]  # [out, in]
-    zero = w.zero[:, res.g_idx]  # [out, in]
-    return ((w.codes.float() - zero) * scale).to(dtype)
 
 
 class FakeQuantLinear(nn.Module):
@@ -55,7 +50,14 @@ class FakeQuantLinear(nn.Module):
         return y + F.linear(x[..., self.outliers], self.fp_weight_cols)
 
     def extra_repr(self) -> str:
-        act = "none" if self.act is None else (self.act.spec.tag + ("-static" if self.act.static_scale is not None
-                                                                     else "-dynamic"))
+        act = "none" if self.act is None else (self.act.spec.act_tag + ("-static" if self.act.static_scale is not None
+                                                                         else "-dynamic"))
         return (f"in={self.in_features}, out={self.out_features}, w={self.spec.tag}, act={act}, "
                 f"outliers={0 if self.outliers is None else int(self.outliers.sum())}, kernel=fake")
+
+
+def build_fake(lin: nn.Linear, res: LayerResult) -> nn.Module:
+    """swap_linears builder for modules=fake."""
+    w = lin.weight.data
+    bias = None if lin.bias is None else lin.bias.data
+    return FakeQuantLinear(res.weight.dequantize(w.dtype).to(w.device), bias, res, fp_weight=w)

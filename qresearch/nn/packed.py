@@ -9,20 +9,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import dispatch
-from ..method import ActQuant, LayerResult
 from ..quant.packing import PackedMeta, pack_rows, pack_zeros, packed_words, scale_dtype_for
-from ..quant.spec import ConfigError, QuantSpec
+from ..quant.scales import encode_scales
+from ..quant.spec import QuantSpec
+from ..records import ActQuant, LayerResult
 from .fake import fake_quant_act
 
 log = logging.getLogger(__name__)
-WEIGHT_BUFFERS = ("qweight", "scales", "qzeros", "g_idx", "fp_cols")  # what counts as stored weight bytes
+WEIGHT_BUFFERS = ("qweight", "scales", "scale2", "qzeros", "lut", "g_idx", "fp_cols")  # stored weight bytes
+KERNEL_BUFFERS = ("qweight", "scales", "scale2", "qzeros", "lut", "g_idx", "bias", "act_scale")
 _REPORTED: set[tuple[str, str]] = set()  # (kernel, reason) pairs already logged
 
 
 class QuantLinear(nn.Module):
-    """Buffers only: qweight int32 [out, words(in)], scales [out, n_groups] fp16/bf16, qzeros int32
-    [words(out), n_groups] (asym),
-    g_idx int32 [in] (act-order), bias, static act scale, fp outlier columns (LLM.int8()-style)."""
+    """Buffers only: qweight int32 [out, words(in)], scales [out, n_groups] fp16/bf16 (or uint8 codes of two-level
+    scales, with scale2 fp32 [out | 1, 1]; none for codebook formats, which store lut fp16 [out | 1, n_groups | 1, K]),
+    qzeros int32 [words(out), n_groups] (asym), g_idx int32 [in] (act-order), bias, static act scale, fp outlier
+    columns (LLM.int8()-style)."""
 
     def __init__(self, meta: PackedMeta, dtype: torch.dtype, act: ActQuant | None = None, bias: bool = False,
                  g_idx: bool = False, n_outliers: int = 0):
@@ -31,7 +34,12 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = meta.in_features, meta.out_features
         n, k, g = meta.out_features, meta.in_features, meta.n_groups
         self.register_buffer("qweight", torch.zeros(n, packed_words(k, meta.bits), dtype=torch.int32))
-        self.register_buffer("scales", torch.zeros(n, g, dtype=scale_dtype_for(dtype)))
+        coding = meta.scale_coding
+        sdtype = torch.uint8 if coding.coded else scale_dtype_for(dtype)
+        self.register_buffer("scales", None if meta.lut_shape else torch.zeros(n, g, dtype=sdtype))
+        s2_rows = {"channel": n, "tensor": 1}.get(coding.level2)
+        self.register_buffer("scale2", torch.zeros(s2_rows, 1) if s2_rows else None)
+        self.register_buffer("lut", torch.zeros(meta.lut_shape, dtype=torch.float16) if meta.lut_shape else None)
         self.register_buffer("qzeros", None if meta.sym else torch.zeros(packed_words(n, meta.bits), g,
                                                                          dtype=torch.int32))
         self.register_buffer("g_idx", torch.zeros(k, dtype=torch.int32) if g_idx else None)
@@ -41,29 +49,34 @@ class QuantLinear(nn.Module):
         self.register_buffer("outliers", torch.zeros(k, dtype=torch.bool) if n_outliers else None)
         self.register_buffer("fp_cols", torch.zeros(n, n_outliers, dtype=dtype) if n_outliers else None)
         self.mode = dispatch.act_mode(meta, act, g_idx)
-        self._prepared: dict = {}  # CPU kernels' converted weights (built on first use; not buffers, not bytes)
+        self._chosen: dict[tuple, tuple[dispatch.Kernel, str]] = {}  # (device, dtype, backend) -> kernel, reason
 
     @classmethod
     def from_result(cls, lin: nn.Linear, res: LayerResult) -> "QuantLinear":
         """Pack one method result (codes + qparams) for `lin`; the float weight is only read for outlier columns."""
         q, spec = res.weight, res.weight.spec
-        if spec.is_fp8:
-            raise ConfigError(f"format=packed supports int weights, not {spec.fmt}; use format=fake")
         w = lin.weight.data
         out_f, in_f = w.shape
         scale, zero = q.scale, q.zero
         if spec.granularity == "tensor":  # one qparam for the whole matrix -> one per row
             scale, zero = scale.reshape(1, 1).expand(out_f, 1), zero.reshape(1, 1).expand(out_f, 1)  # [out, 1]
-        meta = PackedMeta(spec.bits, spec.group_for(in_f), in_f, out_f, spec.sym)
+        meta = PackedMeta(spec.format.code_bits(spec), spec.group_for(in_f), in_f, out_f, spec.sym,
+                          qformat=spec.qformat, scale_bits=spec.scale_bits, scale_level2=spec.scale_level2,
+                          lut_shape=None if q.lut is None else tuple(q.lut.shape))
         assert scale.shape == (out_f, meta.n_groups), f"scale {tuple(scale.shape)} != {(out_f, meta.n_groups)}"
         n_out = 0 if res.outliers is None else int(res.outliers.sum())
-        m = cls(meta, w.dtype, res.act, lin.bias is not None, res.g_idx is not None, n_out)
-        m.qweight.copy_(pack_rows(q.codes.reshape(out_f, in_f), spec.bits))  # codes [out, in] -> [out, words]
-        m.scales.copy_(scale)
+        m = cls(meta, w.dtype, res.act, lin.bias is not None, q.g_idx is not None, n_out)
+        m.qweight.copy_(pack_rows(q.codes.reshape(out_f, in_f), meta.bits))  # codes [out, in] -> [out, words]
+        if m.scales is not None:
+            m.scales.copy_(encode_scales(scale, q.scale2, meta.scale_coding))
+        if m.scale2 is not None:
+            m.scale2.copy_(q.scale2.expand_as(m.scale2))
+        if m.lut is not None:
+            m.lut.copy_(q.lut)
         if m.qzeros is not None:
-            m.qzeros.copy_(pack_zeros(zero, spec.bits))
+            m.qzeros.copy_(pack_zeros(zero, meta.bits))
         if m.g_idx is not None:
-            m.g_idx.copy_(res.g_idx)
+            m.g_idx.copy_(q.g_idx)
         if m.bias is not None:
             m.bias.copy_(lin.bias.data)
         if m.act_scale is not None:
@@ -73,18 +86,26 @@ class QuantLinear(nn.Module):
             m.fp_cols.copy_(w[:, res.outliers])
         return m.to(w.device)
 
+    def _key(self, device: torch.device, dtype: torch.dtype) -> dispatch.LayerKey:
+        return dispatch.LayerKey(self.meta, self.mode, device, dtype, self.g_idx is not None)
+
+    def _kernel(self, device: torch.device, dtype: torch.dtype) -> tuple[dispatch.Kernel, str]:
+        """The registry's choice for inputs on `device` in `dtype` (cached; reasons logged once)."""
+        cache_key = (device, dtype, dispatch.backend())
+        if cache_key not in self._chosen:
+            kernel, why = dispatch.choose(self._key(device, dtype))
+            if why and (kernel.name, why) not in _REPORTED:
+                log.info("packed layers use %s: %s", kernel.label(self._key(device, dtype)), why)
+                _REPORTED.add((kernel.name, why))
+            self._chosen[cache_key] = (kernel, why)
+        return self._chosen[cache_key]
+
     @property
     def kernel_name(self) -> str:
         """Kernel this layer runs with for inputs of its model dtype on its current device."""
-        name, _ = dispatch.choose(self.meta, self.mode, self.qweight.device, self.dtype, self.g_idx)
-        return name + ("+fp_outliers" if self.outliers is not None else "")
-
-    def _kernel_for(self, x: torch.Tensor) -> str:
-        name, why = dispatch.choose(self.meta, self.mode, x.device, x.dtype, self.g_idx)
-        if why and (name, why) not in _REPORTED:
-            log.info("packed layers use %s: %s", name, why)
-            _REPORTED.add((name, why))
-        return name
+        kernel, _ = self._kernel(self.qweight.device, self.dtype)
+        label = kernel.label(self._key(self.qweight.device, self.dtype))
+        return label + ("+fp_outliers" if self.outliers is not None else "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -93,9 +114,9 @@ class QuantLinear(nn.Module):
         if self.mode.kind == "fake":
             static = None if self.act_scale is None else self.act_scale.reshape(1, 1)  # [1, 1] per-tensor
             regular = fake_quant_act(regular, ActQuant(self.act.spec, static))
-        bufs = {k: getattr(self, k) for k in ("qweight", "scales", "qzeros", "g_idx", "bias", "act_scale")}
-        bufs["prepared"] = self._prepared
-        y = dispatch.run(self._kernel_for(x2), regular, self.meta, bufs, self.mode)  # [M, out]
+        bufs = {k: getattr(self, k) for k in KERNEL_BUFFERS}
+        kernel, _ = self._kernel(x2.device, x2.dtype)
+        y = kernel.run(regular, self.meta, bufs, self.mode)  # [M, out]
         if self.outliers is not None:
             y = y + F.linear(x2[:, self.outliers], self.fp_cols)
         return y.reshape(*lead, self.out_features)  # [..., out]
@@ -116,21 +137,26 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_config(cls, c: dict) -> "QuantLinear":
         """Empty module with the buffers `config()` describes (filled by load_state_dict)."""
-        meta = PackedMeta(c["bits"], c["group"], c["in_features"], c["out_features"], c["sym"], c["layout"])
+        lut = c.get("lut_shape")
+        meta = PackedMeta(c["bits"], c["group"], c["in_features"], c["out_features"], c["sym"], c["layout"],
+                          c.get("qformat", "int"), c.get("scale_bits"), c.get("scale_level2", "channel"),
+                          None if lut is None else tuple(lut))
         act = None
         if c["act"] is not None:
-            act = ActQuant(QuantSpec(**c["act"]["spec"]), torch.ones(1, 1) if c["act"]["static"] else None)
+            spec = {("qformat" if k == "fmt" else k): v for k, v in c["act"]["spec"].items()}  # v1 wrote "fmt"
+            act = ActQuant(QuantSpec(**spec), torch.ones(1, 1) if c["act"]["static"] else None)
         return cls(meta, getattr(torch, c["dtype"]), act, c["bias"], c["g_idx"], c["n_outliers"])
 
     def extra_repr(self) -> str:
         m = self.meta
         act = "a16" if self.act is None else f"a{self.act.spec.bits}-{'static' if self.act_scale is not None else 'dynamic'}"
-        return (f"in={m.in_features}, out={m.out_features}, bits={m.bits}, group={m.group}, sym={m.sym}, {act}, "
+        return (f"in={m.in_features}, out={m.out_features}, bits={m.bits}, qformat={m.qformat}, group={m.group}, "
+                f"sym={m.sym}, {act}, "
                 f"layout={m.layout}, act_order={self.g_idx is not None}, kernel={self.kernel_name}")
 
 
 def build_packed(lin: nn.Linear, res: LayerResult) -> nn.Module:
-    """swap_linears builder for format=packed."""
+    """swap_linears builder for modules=packed."""
     return QuantLinear.from_result(lin, res)
 
 

@@ -10,7 +10,8 @@ import math
 import torch
 
 from .primitives import group_minmax, qparams_from_minmax
-from .spec import ConfigError, QuantSpec
+from ..errors import ConfigError
+from .spec import QuantSpec
 
 OBSERVERS = ("minmax", "moving_average", "percentile", "mse", "kl")
 
@@ -81,7 +82,7 @@ class HistogramObserver:
         """Clip threshold T (|x| <= T is kept) by the configured method."""
         if self.edge == 0:
             raise RuntimeError("observer saw no data; run calibration batches through the model first")
-        levels = 2 ** (self.spec.bits - 1) - 1 if not self.spec.is_fp8 else 2**7  # positive levels
+        levels = self.spec.format.half_levels(self.spec)  # positive levels
         if self.method == "percentile":
             return percentile_threshold(self.hist, self.edge, self.percentile)
         if self.method == "mse":

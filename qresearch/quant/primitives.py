@@ -2,7 +2,9 @@
 
 Every granularity reduces to one layout: a 2-D view [rows, cols] cut into groups along the last dim,
 giving qparams [rows, n_groups]. A last partial group is legal; it is padded (for statistics only) by
-repeating its own last element, so its min/max are unchanged.
+repeating its own last element, so its min/max are unchanged (fitted formats give the padding weight 0).
+`fit_qparams` is the general entry (any format, optional clip and per-value weights); `choose_qparams` /
+`qparams_from_minmax` remain for range formats with single-level scales (activations, observers).
 """
 from __future__ import annotations
 
@@ -10,23 +12,59 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError
+from .format_base import LayerParams, QParams
 from .spec import QuantSpec
-
-FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
-FP8_MAX = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
 
 
 @dataclass
 class QTensor:
-    """Integer (or fp8) codes with their qparams; `shape` is the original tensor shape."""
+    """Codes (uint8, < 2^code_bits of the spec's format) with their qparams; `shape` is the source's shape.
 
-    codes: torch.Tensor  # same shape as the source, uint8 (int formats) or float8
+    `g_idx` [in] (act-order GPTQ) gives the group of each input column when groups are not contiguous; it
+    travels with the codes so every dequantization honours it. `lut` is a codebook format's palette
+    [rows | 1, n_groups | 1, K]; `scale2` the second-level scale of two-level scales [rows | 1, 1] (`scale` is then
+    the effective scale, exactly what the stored codes decode to).
+    """
+
+    codes: torch.Tensor  # same shape as the source, uint8
     scale: torch.Tensor  # [rows, n_groups] float32
-    zero: torch.Tensor  # [rows, n_groups] float32 holding integers (int formats), zeros (fp8)
+    zero: torch.Tensor  # [rows, n_groups] float32 (integer-valued for int formats)
     spec: QuantSpec
+    g_idx: torch.Tensor | None = None  # [in] int32 group of each column; None = contiguous groups
+    lut: torch.Tensor | None = None  # [rows | 1, n_groups | 1, K] float32 palette (codebook formats)
+    scale2: torch.Tensor | None = None  # [rows | 1, 1] float32 second-level scale (two-level scales)
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        return dequantize(self.codes, self.scale, self.zero, self.spec).to(dtype)
+        if self.g_idx is None:
+            return dequantize(self.codes, self.scale, self.zero, self.spec, self.lut).to(dtype)
+        g = self.g_idx.long()
+        lut = self.lut if self.lut is None or self.lut.shape[1] == 1 else self.lut[:, g]  # [rows | 1, in, K]
+        return decode(self.codes, self.scale[:, g], self.zero[:, g], self.spec, lut).to(dtype)
+
+
+def encode(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec,
+           lut: torch.Tensor | None = None) -> torch.Tensor:
+    """The format's encode (codebook formats also get their palette, broadcast as scale + [K])."""
+    if lut is None:
+        return spec.format.encode(x, scale, zero, spec)
+    return spec.format.encode(x, scale, zero, spec, lut=lut)
+
+
+def decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec,
+           lut: torch.Tensor | None = None) -> torch.Tensor:
+    """The format's decode (codebook formats also get their palette)."""
+    if lut is None:
+        return spec.format.decode(codes, scale, zero, spec)
+    return spec.format.decode(codes, scale, zero, spec, lut=lut)
+
+
+def saturated(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec,
+              lut: torch.Tensor | None = None) -> torch.Tensor:
+    """The format's saturation test (codebook formats also get their palette)."""
+    if lut is None:
+        return spec.format.saturated(x, scale, zero, spec)
+    return spec.format.saturated(x, scale, zero, spec, lut=lut)
 
 
 def as_2d(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -63,24 +101,43 @@ def group_minmax(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.
 
 
 def qparams_from_minmax(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point from a (possibly clipped) range. Asym ranges are widened to contain 0 so 0.0 is exact."""
-    xmin, xmax = xmin.float(), xmax.float()
-    if spec.is_fp8:
-        absmax = torch.maximum(xmin.abs(), xmax.abs())
-        scale = torch.where(absmax > 0, absmax / FP8_MAX[spec.fmt], torch.ones_like(absmax))
-        return scale, torch.zeros_like(scale)
-    qmax = 2**spec.bits - 1
-    if spec.sym:
-        absmax = torch.maximum(xmin.abs(), xmax.abs())
-        half = 2 ** (spec.bits - 1)
-        scale = absmax / (half - 1) if spec.bits > 2 else absmax / half  # 2-bit sym: levels {-2,-1,0,1}
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        return scale, torch.full_like(scale, float(half))
-    xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)
-    scale = (xmax - xmin) / qmax
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero = torch.round(-xmin / scale).clamp(0, qmax)
-    return scale, zero
+    """Scale and zero point from a (possibly clipped) range, by the spec's numeric format (range formats with
+    single-level scales; the others need fit_qparams, which also returns what they store besides)."""
+    fmt = spec.format
+    if fmt.fitted or fmt.scale_coding(spec).level2 is not None:
+        raise ConfigError(f"{spec.tag}: qparams need the values (fitted format or two-level scales); "
+                          f"use quant.primitives.fit_qparams")
+    return fmt.qparams(xmin, xmax, spec)
+
+
+def group_weights(weight: torch.Tensor | None, rows: int, cols: int, g: int) -> torch.Tensor | None:
+    """Per-column weights [cols] (or per-value [rows, cols]) -> [rows | 1, n_groups, g], 0 on the padding."""
+    if weight is None:
+        return None
+    w2 = weight.float().reshape(-1, cols)  # [1 | rows, cols]
+    pad = (-cols) % g
+    w2 = torch.nn.functional.pad(w2, (0, pad))  # padding weighs nothing
+    return w2.reshape(w2.shape[0], -1, g)  # [1 | rows, n_groups, g]
+
+
+def fit_qparams(x: torch.Tensor, spec: QuantSpec, weight: torch.Tensor | None = None,
+                clip: torch.Tensor | None = None, layer: LayerParams | None = None) -> tuple[QParams, LayerParams]:
+    """qparams of x under any format: groups of the 2-D view, each clamped to [-clip, clip] when `clip`
+    ([rows, n_groups]) is given, `weight` per column [cols] or per value (fitted formats; 0 = ignore). `layer`
+    (second-level scale / per-layer codebook) is computed from the clamped values unless given."""
+    x2 = as_2d(x, spec).float()
+    rows, cols = x2.shape
+    g = spec.group_for(cols)
+    xg = to_groups(x2, g)  # [rows, n_groups, g]
+    if clip is not None:
+        c = clip.float().to(xg.device)[..., None]  # [rows, n_groups, 1]
+        xg = torch.maximum(torch.minimum(xg, c), -c)
+    wg = group_weights(weight, rows, cols, g)
+    if wg is None and spec.format.fitted and cols % g:
+        wg = group_weights(torch.ones(cols, device=x2.device), rows, cols, g)
+    fmt = spec.format
+    layer = fmt.prepare_layer(xg, spec, wg) if layer is None else layer
+    return fmt.fit(xg, spec, wg, layer), layer
 
 
 def choose_qparams(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,39 +145,45 @@ def choose_qparams(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torc
     return qparams_from_minmax(*group_minmax(x, spec), spec)
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Codes for `x` (same shape): uint8 in [0, 2^bits - 1] for int formats, float8 for fp8."""
+def _lut_g(lut: torch.Tensor | None) -> torch.Tensor | None:
+    return None if lut is None else lut[..., None, :]  # [rows, n_groups, 1, K]: broadcast over a group's values
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec,
+             lut: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 codes for `x` (same shape), by the spec's numeric format."""
     x2 = as_2d(x, spec).float()
     rows, cols = x2.shape
-    g = spec.group_for(cols)
-    xg = to_groups(x2, g)  # [rows, n_groups, g]
-    s, z = scale.float()[..., None], zero.float()[..., None]  # [rows, n_groups, 1]
-    if spec.is_fp8:
-        q = (xg / s).clamp(-FP8_MAX[spec.fmt], FP8_MAX[spec.fmt]).to(FP8_DTYPES[spec.fmt])
-        return from_groups(q.float(), cols).to(FP8_DTYPES[spec.fmt]).reshape(x.shape)
-    q = torch.clamp(torch.round(xg / s) + z, 0, 2**spec.bits - 1)
-    return from_groups(q, cols).to(torch.uint8).reshape(x.shape)
+    xg = to_groups(x2, spec.group_for(cols))  # [rows, n_groups, g]
+    q = encode(xg, scale.float()[..., None], zero.float()[..., None], spec, _lut_g(lut))  # [rows, n_groups, g]
+    return from_groups(q, cols).reshape(x.shape)
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Float32 values (same shape as codes): (q - zero) * scale per group."""
-    q2 = as_2d(codes.float(), spec)
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec,
+               lut: torch.Tensor | None = None) -> torch.Tensor:
+    """Float32 values (same shape as codes), by the spec's numeric format."""
+    q2 = as_2d(codes, spec)
     rows, cols = q2.shape
     qg = to_groups(q2, spec.group_for(cols))  # [rows, n_groups, g]
-    x = (qg - zero.float()[..., None]) * scale.float()[..., None]
+    x = decode(qg, scale.float()[..., None], zero.float()[..., None], spec, _lut_g(lut))  # [rows, n_groups, g]
     return from_groups(x, cols).reshape(codes.shape)
 
 
-def quantize_tensor(x: torch.Tensor, spec: QuantSpec, scale=None, zero=None) -> QTensor:
-    """Quantize with given qparams, or min-max ones if none are given."""
-    if scale is None:
-        scale, zero = choose_qparams(x, spec)
-    return QTensor(quantize(x, scale, zero, spec), scale, zero, spec)
+def quantize_tensor(x: torch.Tensor, spec: QuantSpec, scale=None, zero=None, weight: torch.Tensor | None = None,
+                    clip: torch.Tensor | None = None) -> QTensor:
+    """Quantize with given (scale, zero) (single-level range formats), or with qparams fitted to x (any format;
+    `weight`, `clip` as in fit_qparams)."""
+    if scale is not None:
+        return QTensor(quantize(x, scale, zero, spec), scale, zero, spec)
+    qp, layer = fit_qparams(x, spec, weight, clip)
+    return QTensor(quantize(x, qp.scale, qp.zero, spec, qp.lut), qp.scale, qp.zero, spec, lut=qp.lut,
+                   scale2=layer.scale2)
 
 
 def fake_quantize(x: torch.Tensor, spec: QuantSpec, scale=None, zero=None) -> torch.Tensor:
     """Quantize-dequantize in x's dtype, with a straight-through estimator: d out / d x = 1."""
     if scale is None:
-        scale, zero = choose_qparams(x.detach(), spec)
-    xq = dequantize(quantize(x.detach(), scale, zero, spec), scale, zero, spec).to(x.dtype)
+        xq = quantize_tensor(x.detach(), spec).dequantize(x.dtype)
+    else:
+        xq = dequantize(quantize(x.detach(), scale, zero, spec), scale, zero, spec).to(x.dtype)
     return x + (xq - x).detach()

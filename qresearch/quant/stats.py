@@ -1,6 +1,8 @@
 """Per-layer error statistics (small pure functions)."""
 import torch
 
+from ..errors import NumericalError
+
 
 def rel_error(ref: torch.Tensor, approx: torch.Tensor) -> float:
     """||ref - approx||_F / ||ref||_F in float64."""
@@ -11,6 +13,4 @@ def rel_error(ref: torch.Tensor, approx: torch.Tensor) -> float:
 def check_finite(name: str, t: torch.Tensor) -> None:
     """Raise a one-line error if a quantized tensor holds NaN/inf."""
     if not torch.isfinite(t).all():
-        from ..eval.ppl import NumericalError
-
         raise NumericalError(f"{name}: quantized weights contain NaN/inf ({int((~torch.isfinite(t)).sum())} values)")

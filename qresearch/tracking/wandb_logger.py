@@ -4,6 +4,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from ..errors import ConfigError
+from .metrics import WandbRun
+
 log = logging.getLogger(__name__)
 MODES = ("online", "offline", "disabled")
 
@@ -27,8 +30,6 @@ class WandbLogger:
                  tags: list[str] | None = None, name: str | None = None, dir: str | None = None,
                  init_timeout: float = 60.0):
         if mode not in MODES:
-            from ..quant.spec import ConfigError
-
             raise ConfigError(f"logger.mode={mode!r} is unknown; allowed: {', '.join(MODES)}")
         self.kw = dict(project=project, entity=entity, group=group, tags=tags, name=name, dir=dir, mode=mode)
         self.init_timeout = init_timeout
@@ -47,13 +48,16 @@ class WandbLogger:
             self.status = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             log.warning("wandb could not start (%s); results are still written locally", self.status)
 
+    def ref(self) -> WandbRun | None:
+        """Project / group / id of the started run (what dashboards select runs by); None if it did not start."""
+        if self.run is None or self.kw["mode"] == "disabled":
+            return None
+        return WandbRun(project=self.run.project, entity=self.kw["entity"], group=self.kw["group"], id=self.run.id,
+                        name=self.run.name or "", mode=self.kw["mode"])
+
     def summary(self, metrics: dict) -> None:
         if self.run is not None:
             self.run.summary.update(flatten(metrics))
-
-    def log(self, data: dict) -> None:
-        if self.run is not None:
-            self.run.log(data)
 
     def table(self, key: str, rows: list[dict]) -> None:
         if self.run is None or not rows:
@@ -70,3 +74,23 @@ class WandbLogger:
         if self.run is not None:
             self.run.finish(exit_code=exit_code)
             self.run = None
+
+
+class NullLogger:
+    """logger=none: the same interface, doing nothing."""
+
+    status = "off"
+
+    def start(self, config): ...
+    def ref(self): return None
+    def summary(self, metrics): ...
+    def table(self, key, rows): ...
+    def finish(self, exit_code=0): ...
+
+
+def make_logger(lg: dict, name: str, tags: list[str]) -> "WandbLogger | NullLogger":
+    """The run's logger from the logger config group (tags: the group's plus those the runner adds)."""
+    if lg["name"] != "wandb":
+        return NullLogger()
+    return WandbLogger(project=lg["project"], mode=lg["mode"], entity=lg["entity"], group=lg["group"],
+                       tags=list(lg["tags"]) + tags, name=name, dir=lg["dir"], init_timeout=lg["init_timeout"])

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models.arch import ScalePair, get_module
-from ..quant.spec import ConfigError
+from ..errors import ConfigError
+from ..models.arch import ArchInfo, ScalePair, get_module
 
 
 def pair_channels(block: nn.Module, pair: ScalePair) -> int | None:
@@ -24,6 +24,11 @@ def pair_channels(block: nn.Module, pair: ScalePair) -> int | None:
     else:
         raise ConfigError(f"scale pair kind={pair.kind!r} is unknown; allowed: norm, linear")
     return n if n is not None and all(lin.in_features == n for lin in lins) else None
+
+
+def foldable_pairs(block: nn.Module, arch: ArchInfo) -> list[ScalePair]:
+    """The architecture's scale pairs that fold exactly in this block (shapes permitting)."""
+    return [p for p in arch.pairs if pair_channels(block, p) is not None]
 
 
 @torch.no_grad()

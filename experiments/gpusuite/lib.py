@@ -1,0 +1,144 @@
+"""The GPU suite's calls into qresearch internals, gathered in one file (two marked imports live elsewhere).
+
+The library is being refactored (kernel dispatch -> registry, QuantSpec format table, `format=fake|packed`
+renamed); each function below is one marked call site (`# LIBRARY:`), so adapting the suite means editing this
+file, plus the two other marked imports (qresearch.eval.latency in e2e.py and env.py) and the benchmark builders
+in experiments/bench_kernels.py (kernels.py). Nothing here imports triton at module level (the kernels do, when
+first launched).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import Counter
+
+import torch
+
+from methods.gptq import GPTQ  # LIBRARY: GPTQ method
+from qresearch.calib.blockio import capture_inputs  # LIBRARY: block-0 input capture
+from qresearch.calib.stats import input_stats  # LIBRARY: per-linear Hessians over a block's inputs
+from methods.rtn import RTN  # LIBRARY: round-to-nearest method (weights, optional int8 activations)
+from qresearch.kernels import reference as ref  # LIBRARY: pure-torch reference kernels
+from qresearch.method import Context  # LIBRARY: method interface
+from qresearch.models.arch import arch_for, blocks_of  # LIBRARY: architecture table
+from qresearch.nn.packed import QuantLinear  # LIBRARY: packed module (kernel_name, weight_bytes)
+from qresearch.nn.swap import swap_linears  # LIBRARY: result -> modules
+from qresearch.quant import quantize_tensor, weight_spec  # LIBRARY: RTN primitives
+from qresearch.quant.packing import PackedMeta, pack_rows, pack_zeros  # LIBRARY: int32_k storage layout
+
+PACKED_FORMAT = "packed"  # LIBRARY: swap_linears modules kind of the real-kernel modules
+KERNEL_ENV = "QRESEARCH_KERNELS"  # LIBRARY: dispatch override (auto | torch | triton)
+# e2e variants -> RTN settings (LIBRARY: RTN constructor arguments)
+RTN_VARIANTS = {"w4_g128": dict(bits=4, group_size=128, sym=False),
+                "w8a8": dict(bits=8, group_size=-1, sym=True, act_bits=8, act_granularity="token")}
+
+
+@contextlib.contextmanager
+def forced_kernels(backend: str):
+    """Run packed layers on `backend` ('torch' = the reference) inside the block; dispatch reads the variable per
+    call."""
+    old = os.environ.get(KERNEL_ENV)
+    os.environ[KERNEL_ENV] = backend
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(KERNEL_ENV, None)
+        else:
+            os.environ[KERNEL_ENV] = old
+
+
+def pack_random_layer(n: int, k: int, bits: int, group: int, sym: bool, act_order: bool, scale_dtype: torch.dtype,
+                      gen: torch.Generator) -> tuple[PackedMeta, dict]:
+    """RTN-quantize a random weight [n, k] and pack it: (meta, buffers qweight/scales/qzeros/g_idx) on the CPU.
+
+    act_order: every input column gets the group of a random permutation of the contiguous assignment.
+    """
+    w = torch.randn(n, k, generator=gen)
+    q = quantize_tensor(w, weight_spec(bits, group, sym))
+    meta = PackedMeta(bits, q.spec.group_for(k), k, n, sym)
+    g_idx = None
+    if act_order:
+        g_idx = (torch.arange(k) // meta.group)[torch.randperm(k, generator=gen)].to(torch.int32)  # [k]
+    bufs = {"qweight": pack_rows(q.codes, bits), "scales": q.scale.to(scale_dtype),
+            "qzeros": None if sym else pack_zeros(q.zero, bits), "g_idx": g_idx}
+    return meta, bufs
+
+
+def dequant_weight64(meta: PackedMeta, bufs: dict) -> torch.Tensor:
+    """The weight [n, k] the packed buffers encode, float64 (exact: codes times 16-bit scales)."""
+    return ref.dequant_weight(meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["g_idx"]).double()
+
+
+def wa16_reference(x, meta, bufs, bias):
+    return ref.wa16_ref(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["g_idx"], bias)
+
+
+def w8a8_reference(x, meta, bufs, bias, static):
+    return ref.w8a8_ref(x, meta, bufs["qweight"], bufs["scales"], bias, static)
+
+
+def w8a8_truth64(x, meta, bufs, bias, static) -> torch.Tensor:
+    """Exact W8A8 semantics in float64: the reference's int8 activations and scales, exact integer products."""
+    xq, sx = ref.act_quant_ref(x, static)
+    wq = ref.int8_weight(meta, bufs["qweight"])
+    y = (xq.double() @ wq.double().t()) * sx.double()[:, None] * bufs["scales"].double().reshape(1, -1)  # [M, N]
+    return y if bias is None else y + bias.double()
+
+
+def act_quant_reference(x):
+    return ref.act_quant_ref(x)
+
+
+def wq_kernel(x, meta, bufs, bias, block):
+    """The Triton W{2..8}A16 kernel with a fixed tile (block=None: the autotuned production launch)."""
+    from qresearch.kernels.triton_wq import wq_linear  # LIBRARY: Triton weight-only GEMM / split-K GEMV
+
+    return wq_linear(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["g_idx"], bias, block)
+
+
+def w8a8_kernel(x, meta, bufs, bias, static, block):
+    from qresearch.kernels.triton_w8a8 import w8a8_linear  # LIBRARY: Triton int8 GEMM
+
+    return w8a8_linear(x, meta, bufs["qweight"], bufs["scales"], bias, static, block)
+
+
+def act_quant_kernel(x):
+    from qresearch.kernels.triton_w8a8 import act_quant  # LIBRARY: Triton per-token int8 quantization
+
+    return act_quant(x)
+
+
+def rtn_packed(model, variant: str, device: torch.device) -> dict[str, str]:
+    """Quantize `model`'s block linears with RTN `variant` and swap in packed modules; {linear: kernel name}."""
+    ctx = Context(calib=None, arch=arch_for(model), device=device)
+    result = RTN(**RTN_VARIANTS[variant]).quantize(model, ctx)
+    used = swap_linears(model, result, PACKED_FORMAT)
+    del result
+    return used
+
+
+def kernel_counts(model) -> dict[str, int]:
+    """How many packed linears run each kernel (for inputs in the model's dtype on its device)."""
+    return dict(Counter(m.kernel_name for m in model.modules() if isinstance(m, QuantLinear)))
+
+
+def gptq_method(batch_size: int) -> GPTQ:
+    """GPTQ w4 g128 asym, everything on the compute device (offload off: one block fits)."""
+    return GPTQ(bits=4, group_size=128, sym=False, offload=False, batch_size=batch_size)
+
+
+def gptq_context(model, calib: torch.Tensor, device: torch.device) -> Context:
+    return Context(calib=calib, arch=arch_for(model), device=device)
+
+
+def capture_block0(model, calib: torch.Tensor, device: torch.device, batch_size: int):
+    """What block 0 receives for every calibration batch (hidden states + kwargs)."""
+    return capture_inputs(model, arch_for(model), calib, device, batch_size)
+
+
+def block0_hessians(model, io) -> dict[str, torch.Tensor]:
+    """H of the first linear of every input group of block 0 (q, o, gate, down on Llama) in one pass over `io`."""
+    arch = arch_for(model)
+    stats = input_stats(blocks_of(model, arch)[0], io, [grp[0] for grp in arch.sequential])
+    return {name: st.hessian for name, st in stats.items()}

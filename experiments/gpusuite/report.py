@@ -1,0 +1,227 @@
+"""The suite's report: goals vs reached (pure function of the state) and the markdown rendering."""
+from __future__ import annotations
+
+# (label, variant, shape, M, target, note): kernel speedups over fp16 torch.matmul, from the benchmark section
+KERNEL_GOALS = [("W4A16 g128 speedup at M=1, 4096x11008", "w4a16_g128", "4096x11008", 1, 3.5, "limit 3.88x"),
+                ("W4A16 g128 speedup at M=16, 4096x11008", "w4a16_g128", "4096x11008", 16, 2.5, ""),
+                ("W8A8 speedup at M=2048, 4096x11008", "w8a8", "4096x11008", 2048, 1.5, "")]
+DECODE_GOAL = ("decode tok/s, 7B-shaped, batch 1: packed W4 / fp16", 2.5)
+GRAPH_GOAL = ("decode tok/s, 7B-shaped, batch 1, CUDA-graph step: packed W4 / fp16", 2.5)
+
+
+def _why_missing(state: dict, section: str, quick: bool) -> str:
+    if quick:
+        return "CPU quick mode (tiny shapes, torch reference)"
+    sec = state["sections"].get(section, {})
+    return f"section {section} {sec.get('status', 'not run')}" + (f": {sec['reason']}" if sec.get("reason") else "")
+
+
+def _goal(label, target, value, kernel_ok: bool, note: str, why: str) -> dict:
+    if value is None:
+        return {"goal": label, "target": f">= {target}x", "reached": "-", "status": "NOT MEASURED", "note": why}
+    status = ("MET" if value >= target else "MISSED") if kernel_ok else "NOT A GPU KERNEL"
+    return {"goal": label, "target": f">= {target}x", "reached": f"{value:.2f}x", "status": status, "note": note}
+
+
+def goals(state: dict) -> list[dict]:
+    """One row per goal of the performance issue: MET / MISSED / NOT MEASURED (with the reason)."""
+    quick = state["meta"]["quick"]
+    rows = state["sections"].get("kernels", {}).get("rows", [])
+    out = []
+    for label, variant, shape, m, target, note in KERNEL_GOALS:
+        hit = [r for r in rows if (r["variant"], r["shape"], r["M"]) == (variant, shape, m)]
+        r = hit[0] if hit else None
+        if r is not None and variant == "w8a8":
+            others = [f"{o['shape']} {o['speedup']:.2f}x" for o in rows if o["variant"] == variant and o["M"] == m
+                      and o["shape"] != shape]
+            note = "other shapes: " + ", ".join(others) if others else note
+        if r is not None:
+            note = f"{note}; kernel {r['kernel']}".strip("; ")
+        out.append(_goal(label, target, r["speedup"] if r else None, bool(r and r["kernel"].startswith("triton_")),
+                         note, _why_missing(state, "kernels", quick)))
+    e2e = {(r["model"], r["variant"]): r for r in state["sections"].get("e2e", {}).get("rows", []) if "decode" in r}
+    fp, w4 = e2e.get(("llama2_7b", "fp16")), e2e.get(("llama2_7b", "w4_g128"))
+    value, note = None, ""
+    if fp and w4 and not quick:
+        value = w4["decode"]["1"] / fp["decode"]["1"]
+        note = (f"{w4['decode']['1']:.1f} vs {fp['decode']['1']:.1f} tok/s, {w4['layers']} layers, eager HF decode; "
+                f"W4 {w4['decode_ms_per_step']['1']:.1f} ms/step vs weight-read floor {w4['step_floor_ms']:.2f}; "
+                f"kernels {', '.join(w4['kernels'])}")
+    gpu_kernels = bool(w4 and all(k.startswith("triton_") for k in w4["kernels"]))
+    out.append(_goal(DECODE_GOAL[0], DECODE_GOAL[1], value, gpu_kernels, note, _why_missing(state, "e2e", quick)))
+    gfp, gw4 = ((r or {}).get("graph_decode", {}).get("1", {}) for r in (fp, w4))
+    value, note, why = None, "", _why_missing(state, "e2e", quick)
+    if "ms_per_step" in gfp and "ms_per_step" in gw4 and gw4.get("graph") and not quick:
+        value = gfp["ms_per_step"] / gw4["ms_per_step"]
+        note = (f"{gw4['tokens_per_s']:.1f} vs {gfp['tokens_per_s']:.1f} tok/s; W4 {gw4['ms_per_step']:.2f} ms/step "
+                f"vs weight-read floor {w4['step_floor_ms']:.2f}")
+    elif gfp.get("error") or gw4.get("error"):
+        why = f"graph decode failed: {gfp.get('error') or gw4.get('error')}"
+    out.append(_goal(GRAPH_GOAL[0], GRAPH_GOAL[1], value, gpu_kernels, note, why))
+    return out
+
+
+def _f(v, fmt=".3g"):
+    return "-" if v is None else format(v, fmt)
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+        ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+
+
+def _status_line(sec: dict) -> str:
+    s = f"status: **{sec.get('status', 'not run')}**"
+    if sec.get("seconds") is not None:
+        s += f", {sec['seconds']:.1f} s"
+    for k in ("reason", "error"):
+        if sec.get(k):
+            s += f"; {k}: {sec[k]}"
+    return s + ("; skipped parts: " + "; ".join(sec["skipped"]) if sec.get("skipped") else "")
+
+
+def _env(sec: dict) -> list[str]:
+    keys = ["device", "date", "commit", "commit_source", "driver_version", "cuda", "torch", "triton", "transformers",
+            "python", "capability", "sm_count", "memory_gib", "l2_mib", "clocks.sm", "clocks.max.sm", "power.limit",
+            "cpu", "cpu_count", "load_avg", "triton_interpret"]
+    lines = [f"- {k}: {sec[k]}" for k in keys if k in sec]
+    if "copy_bw_gbs" in sec:
+        lines.append(f"- measured device copy bandwidth: {sec['copy_bw_gbs']:.0f} GB/s (read + write)")
+    if "matmul_tflops" in sec:
+        lines.append(f"- measured matmul: {sec['matmul_tflops']:.1f} TFLOP/s ({sec['matmul_desc']})")
+    return lines
+
+
+def _correctness(sec: dict) -> list[str]:
+    rows = sec.get("rows", [])
+    lines = [f"{sum(r['status'] == 'PASS' for r in rows)} / {len(rows)} PASS (of {sec.get('n_cases', '?')} cases) "
+             f"on {sec.get('executor', '?')}. Error vs float64 truth of the packed buffers: max abs, and rel = "
+             f"||y - truth||_F / ||truth||_F; 'ref rel' = the torch reference's rel error in the same dtype. "
+             f"PASS: finite, right shape/dtype, rel <= tol ({sec.get('tolerances')}).", ""]
+    body = [[r["case"], r["path"], _f(r.get("max_abs")), _f(r.get("rel")), _f(r.get("ref_rel")), _f(r["tol"]),
+             r["status"], r.get("note", "")] for r in rows]
+    return lines + _table(["case", "path", "max abs", "rel", "ref rel", "tol", "status", "note"], body)
+
+
+def _kernels(sec: dict) -> list[str]:
+    lines = [f"Activations {sec.get('dtype')}; {sec.get('timing')}; {sec.get('repeats')} repeats after "
+             f"{sec.get('warmup')} warm-up calls (the warm-up compiles and autotunes). ms and speedup: CUDA-graph "
+             "replays where timing = cuda_graph (kernel time), else eager; eager speedup includes the host launch "
+             "overhead of every call. bw = (packed weight + qparam + activation bytes) / time / copy bandwidth; "
+             "limit = 16 / (bits + qparam bits per weight). ref err = rel. error of the kernel's output vs the "
+             f"torch reference on the same module (check: {sec.get('ref_check', '-')}).", ""]
+    body = [[r["shape"], r["M"], r["variant"], r["kernel"], f"{r['fp16_ms']:.4f}", f"{r['q_ms']:.4f}",
+             f"{r['speedup']:.2f}x", f"{r['eager_speedup']:.2f}x", f"{r['bw_frac']:.2f}", f"{r['fp16_bw_frac']:.2f}",
+             f"{r['limit']:.2f}x", _f(r.get("ref_rel_err"), ".1e"),
+             r["timing"] + (f" ({r['graph_error']})" if r.get("graph_error") else "")] for r in sec.get("rows", [])]
+    return lines + _table(["shape (out x in)", "M", "variant", "kernel", "fp16 ms", "quant ms", "speedup",
+                           "eager speedup", "bw / copy", "fp16 bw / copy", "limit", "ref err", "timing"], body)
+
+
+E2E_HEADER = ["model", "variant", "layers x hidden dtype", "kernels", "prefill ms (tokens)", "decode tok/s",
+              "decode vs fp16", "ms / step", "floor ms / step", "weights GiB", "peak GiB", "logits rel", "error"]
+
+
+def _e2e_row(r: dict, base: dict | None) -> list:
+    if "error" in r:
+        return [r["model"], r["variant"]] + ["-"] * (len(E2E_HEADER) - 3) + [f"ERROR {r['error']}"]
+    dec = r["decode"]
+    ratio = "-" if base is None or base is r else " / ".join(
+        f"b{k}: {v / base['decode'][k]:.2f}x" for k, v in dec.items() if k in base["decode"])
+    peak = r["peak_cuda_bytes"] / 2**30 if r.get("peak_cuda_bytes") else None
+    logits = _f(r.get("logits_rel_vs_ref"), ".1e") + (f" {r['logits_flag']}" if "logits_flag" in r else "")
+    return [r["model"], r["variant"], f"{r['layers']} x {r['hidden']} {r['dtype']}",
+            ", ".join(f"{k} x{v}" for k, v in r["kernels"].items()),
+            " / ".join(f"{k}: {v:.1f}" for k, v in r["prefill"].items()),
+            " / ".join(f"b{k}: {v:.1f}" for k, v in dec.items()), ratio,
+            " / ".join(f"b{k}: {v:.2f}" for k, v in r["decode_ms_per_step"].items()), f"{r['step_floor_ms']:.2f}",
+            f"{r['weight_bytes'] / 2**30:.2f}", _f(peak), logits, ""]
+
+
+def _e2e(sec: dict) -> list[str]:
+    rows = [r for r in sec.get("rows", []) if "decode" in r]
+    prompt = rows[0]["decode_prompt_tokens"] if rows else "?"
+    lines = [f"Weights: {sec.get('weights')}. Latency protocol: {sec.get('latency', {})}. Decode tok/s = batch x "
+             f"new tokens / time (after a {prompt}-token prompt); floor = all weight bytes / copy bandwidth (one "
+             "read per decode step); peak = CUDA allocator peak during the measurement; logits rel = packed "
+             "kernels vs torch reference, one 128-token forward."]
+    lines += [f"- note: {n}" for n in sec.get("notes", [])] + [""]
+    fp = {r["model"]: r for r in rows if r["variant"] == "fp16"}
+    return lines + _table(E2E_HEADER, [_e2e_row(r, fp.get(r["model"])) for r in sec.get("rows", [])]) + \
+        _graph_table(rows, fp)
+
+
+def _graph_table(rows: list[dict], fp: dict) -> list[str]:
+    """Static-cache decode with one CUDA graph per step (eager on CPU): tok/s and ratio to fp16 per batch."""
+    body = []
+    for r in rows:
+        for b, g in r.get("graph_decode", {}).items():
+            if "error" in g:
+                body.append([r["model"], r["variant"], b, "-", "-", "-", f"ERROR {g['error']}"])
+                continue
+            base = fp.get(r["model"], {}).get("graph_decode", {}).get(b, {})
+            ratio = f"{base['ms_per_step'] / g['ms_per_step']:.2f}x" if "ms_per_step" in base else "-"
+            body.append([r["model"], r["variant"], b, f"{g['tokens_per_s']:.1f}", f"{g['ms_per_step']:.3f}", ratio,
+                         "CUDA graph" if g["graph"] else "eager (no CUDA)"])
+    if not body:
+        return []
+    return ["", "Static KV cache, greedy decode after a 16-token prompt, one captured step replayed per token "
+            "(median of 3 runs):", ""] + _table(["model", "variant", "batch", "tok/s", "ms / step", "vs fp16",
+                                                 "mode"], body)
+
+
+def _gptq(sec: dict) -> list[str]:
+    if "method_total_s" not in sec and "capture_s" not in sec:
+        return []
+    lines = [f"{sec.get('model')}; calibration {sec.get('samples')} x {sec.get('seqlen')} tokens "
+             f"({sec.get('tokens')} hidden states), batch {sec.get('batch_size')}; {sec.get('method')}."]
+    if sec.get("note"):
+        lines.append(f"- note: {sec['note']}")
+    lines += ["", *_table(["step", "seconds"], [
+        ["capture block-0 inputs", _f(sec.get("capture_s"), ".2f")],
+        ["Hessians of q/o/gate/down inputs, one pass", _f(sec.get("hessians_s"), ".2f")],
+        ["GPTQ method total (true-sequential)", _f(sec.get("method_total_s"), ".2f")],
+        ["  of which solves (7 linears)", _f(sec.get("solve_total_s"), ".2f")],
+        ["  of which Hessians + block forwards + capture", _f(sec.get("other_s"), ".2f")]])]
+    if sec.get("solve_s"):
+        lines += ["", "Solve seconds per linear: " + ", ".join(f"{k} {v:.2f}" for k, v in sec["solve_s"].items())]
+    return lines
+
+
+SECTIONS = [("env", "1. Environment", _env), ("correctness", "2. Kernel correctness on the device", _correctness),
+            ("kernels", "3. Kernel benchmark, Llama-2-7B layer shapes", _kernels),
+            ("e2e", "4. End to end: prefill and decode", _e2e), ("gptq", "5. GPTQ calibration of one 7B block", _gptq)]
+
+
+def markdown(state: dict) -> str:
+    meta = state["meta"]
+    env = state["sections"].get("env", {})
+    title = f"# GPU suite on {env.get('device', meta.get('device', '?'))}"
+    lines = [title + (" (CPU quick mode)" if meta["quick"] and not meta["gpu"] else ""), ""]
+    if not meta["gpu"]:
+        lines += ["**CPU quick mode: tiny shapes; Triton kernels run by the interpreter (correctness only); the "
+                  "benchmark and end-to-end sections run the torch reference kernels. No number here is a GPU "
+                  "measurement; the goals are NOT measured.**", ""]
+    lines += [f"- command: `{meta['command']}`", f"- budget: {meta['budget_s']:.0f} s, used {meta['used_s']:.0f} s; "
+              f"finished: {meta['finished']}", "", "## Goals", "",
+              *_table(["goal", "target", "reached", "status", "note"],
+                      [list(g.values()) for g in goals(state)]), ""]
+    for key, heading, render in SECTIONS:
+        sec = state["sections"].get(key, {})
+        lines += [f"## {heading}", "", _status_line(sec), ""]
+        if sec.get("status") in ("done", "error", "interrupted", "running"):
+            lines += [*render(sec), ""]
+    return "\n".join(lines) + "\n"
+
+
+def short_summary(state: dict) -> str:
+    """Goals and section statuses in a few lines (printed last)."""
+    lines = ["== GPU suite summary =="]
+    for name, sec in state["sections"].items():
+        extra = sec.get("error") or sec.get("reason") or ""
+        if name == "correctness" and "rows" in sec:
+            extra = f"{sec.get('passed', '?')}/{len(sec['rows'])} PASS" + (f"; failed: {sec['failed'][:5]}"
+                                                                           if sec.get("failed") else "")
+        lines.append(f"{name:12} {sec.get('status', '?'):11} {sec.get('seconds', 0):6.1f} s  {extra}"[:300])
+    lines += [f"{g['status']:16} {g['reached']:>7} (target {g['target']}) {g['goal']}" for g in goals(state)]
+    return "\n".join(lines)

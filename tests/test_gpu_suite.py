@@ -1,0 +1,192 @@
+"""experiments/gpu_suite.py: the CPU quick mode end to end (with the packages the GPU image lacks made
+unimportable), its import graph, that its correctness check can fail, the budget, and the goals table."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+from tests._qhelpers import REPO
+
+BLOCKED = ("hydra", "omegaconf", "wandb", "lm_eval", "datasets", "gguf", "pandas", "pyarrow")
+# None in sys.modules: `import x` raises ImportError and importlib.util.find_spec(x) is None, as if not installed
+BLOCKER = f"import sys\nfor m in {BLOCKED!r}:\n    sys.modules[m] = None\n"
+
+
+def _py(code: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "QRESEARCH_KERNELS")}
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**env, "PYTHONUNBUFFERED": "1"},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_importing_the_suite_pulls_none_of_the_missing_packages():
+    code = ("import sys; sys.path.insert(0, '.')\nimport experiments.gpu_suite\n"
+            "from experiments.gpusuite import common, correctness, e2e, env, gptq_block, kernels, lib, report\n"
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {BLOCKED!r}))")
+    proc = _py(code)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_quick_mode_writes_every_section_without_the_missing_packages(tmp_path):
+    code = BLOCKER + (f"import runpy\nsys.argv = ['experiments/gpu_suite.py', '--quick', '--out', {str(tmp_path)!r}]\n"
+                      "runpy.run_path('experiments/gpu_suite.py', run_name='__main__')")
+    proc = _py(code)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    (js,) = tmp_path.glob("gpu_quick_*.json")
+    state = json.loads(js.read_text())
+    secs = state["sections"]
+    assert {k: v["status"] for k, v in secs.items()} == {k: "done" for k in
+                                                         ("env", "correctness", "kernels", "e2e", "gptq")}
+    corr = secs["correctness"]
+    assert corr["passed"] == corr["n_cases"] == len(corr["rows"]) and not corr["failed"]
+    assert {r["family"] for r in corr["rows"]} == {"wq", "w8a8", "act_quant"}
+    assert {r["path"] for r in corr["rows"] if r["family"] == "wq"} == {"gemv", "splitk", "prefill"}
+    assert {r["bits"] for r in corr["rows"] if r["family"] == "wq"} == set(range(2, 9))
+    assert all(r["kernel"].startswith("torch_ref_") for r in secs["kernels"]["rows"])
+    assert {(r["model"], r["variant"]) for r in secs["e2e"]["rows"] if "decode" in r} == {
+        (m, v) for m in ("llama2_7b", "smollm2_135m") for v in ("fp16", "w4_g128", "w8a8")}
+    assert secs["gptq"]["method_total_s"] > 0 and secs["gptq"]["solve_total_s"] > 0
+    assert [g["status"] for g in state["goals"]] == ["NOT MEASURED"] * 5
+    graph = [r["graph_decode"]["1"] for r in secs["e2e"]["rows"] if "decode" in r]
+    assert all(g["graph"] is False and g["ms_per_step"] > 0 for g in graph)  # the static-cache loop, eager on CPU
+    md = js.with_suffix(".md").read_text()
+    assert "CPU quick mode" in md.splitlines()[0] and "the goals are NOT measured" in md
+    for heading in ("## Goals", "## 1. Environment", "## 2. Kernel correctness", "## 3. Kernel benchmark",
+                    "## 4. End to end", "## 5. GPTQ"):
+        assert heading in md
+
+
+def _wq_case(m=3):
+    from experiments.gpusuite.correctness import QUICK_SHAPE, Case
+
+    return Case("wq", m, *QUICK_SHAPE, torch.float32, bits=4, group=128, sym=False)
+
+
+def _reference_kernel(transform):
+    """A stand-in for the Triton launch: the torch reference's output, passed through `transform`."""
+    from experiments.gpusuite import lib
+
+    def kernel(case, tile, meta, bufs, x, bias, static):
+        return transform(lib.wa16_reference(x, meta, bufs, bias))
+    return kernel
+
+
+def test_correctness_check_passes_the_reference_and_fails_wrong_outputs():
+    from experiments.gpusuite.correctness import QUICK_TILES, run_case
+
+    cpu = torch.device("cpu")
+    assert run_case(_wq_case(), cpu, QUICK_TILES, kernel=_reference_kernel(lambda y: y))["status"] == "PASS"
+    scaled = run_case(_wq_case(), cpu, QUICK_TILES, kernel=_reference_kernel(lambda y: y * 1.001))
+    assert scaled["status"] == "FAIL" and scaled["rel"] > scaled["tol"]
+
+    def one_nan(y):
+        y = y.clone()
+        y[0, 5] = float("nan")
+        return y
+    nan = run_case(_wq_case(), cpu, QUICK_TILES, kernel=_reference_kernel(one_nan))
+    assert nan["status"] == "FAIL" and nan["note"] == "non-finite output"
+    short = run_case(_wq_case(), cpu, QUICK_TILES, kernel=_reference_kernel(lambda y: y[:, :-1]))
+    assert short["status"] in ("FAIL", "ERROR")
+
+    def boom(*_):
+        raise RuntimeError("kernel crashed")
+    assert run_case(_wq_case(), cpu, QUICK_TILES, kernel=boom)["status"] == "ERROR"
+
+
+def test_act_quant_check_wants_bit_identical_codes():
+    from experiments.gpusuite import lib
+    from experiments.gpusuite.correctness import QUICK_TILES, Case, run_case
+
+    case = Case("act_quant", 5, 16, 64, torch.float32)
+
+    def off_by_one(case, tile, meta, bufs, x, bias, static):
+        q, s = lib.act_quant_reference(x)
+        q = q.clone()
+        q[0, 0] += 1 if q[0, 0] < 127 else -1
+        return q, s
+    row = run_case(case, torch.device("cpu"), QUICK_TILES, kernel=off_by_one)
+    assert row["status"] == "FAIL" and row["max_abs"] == 1
+
+
+class _Sleeper:
+    @staticmethod
+    def run(ctx, sec):
+        sec["started"] = True
+        time.sleep(5)
+
+
+class _Quick:
+    @staticmethod
+    def run(ctx, sec):
+        sec["ran"] = True
+
+
+def test_budget_skips_sections_and_interrupts_a_running_one():
+    import argparse
+
+    from experiments.gpu_suite import SECTION_NAMES, run_sections
+    from experiments.gpusuite.common import Budget, Ctx
+
+    args = argparse.Namespace(sections=list(SECTION_NAMES))
+    budget = Budget(1.5)  # enough for env (1 s in quick mode), not for correctness (5 s)
+    ctx = Ctx(torch.device("cpu"), True, budget)
+    state = {"sections": {}}
+    budget.arm()
+    try:
+        run_sections(args, ctx, state, {n: _Sleeper if n == "env" else _Quick for n in SECTION_NAMES})
+    finally:
+        budget.disarm()
+    secs = state["sections"]
+    assert secs["env"]["status"] == "interrupted" and secs["env"]["started"]
+    assert secs["env"]["seconds"] < 4
+    for n in SECTION_NAMES[1:]:
+        assert secs[n]["status"] == "skipped" and "budget left" in secs[n]["reason"] and "ran" not in secs[n]
+
+
+def _kernel_row(variant, shape, m, speedup, kernel):
+    return {"variant": variant, "shape": shape, "M": m, "speedup": speedup, "kernel": kernel}
+
+
+def test_goals_table_met_missed_not_measured():
+    from experiments.gpusuite.report import goals
+
+    rows = [_kernel_row("w4a16_g128", "4096x11008", 1, 3.6, "triton_w4a16"),
+            _kernel_row("w4a16_g128", "4096x11008", 16, 2.0, "triton_w4a16"),
+            _kernel_row("w8a8", "4096x11008", 2048, 1.7, "torch_ref_w8a8")]
+    state = {"meta": {"quick": False}, "sections": {"kernels": {"status": "done", "rows": rows},
+                                                    "e2e": {"status": "skipped", "reason": "no time"}}}
+    got = [g["status"] for g in goals(state)]
+    assert got == ["MET", "MISSED", "NOT A GPU KERNEL", "NOT MEASURED", "NOT MEASURED"]
+    assert "no time" in goals(state)[3]["note"]
+    e2e = [{"model": "llama2_7b", "variant": v, "layers": 32, "decode": {"1": tps}, "kernels": k,
+            "decode_ms_per_step": {"1": 1e3 / tps}, "step_floor_ms": 1.2}
+           for v, tps, k in (("fp16", 20.0, {"torch.nn.Linear (cuBLAS)": 224}), ("w4_g128", 45.0,
+                                                                              {"triton_w4a16": 224}))]
+    state["sections"]["e2e"] = {"status": "done", "rows": e2e}
+    decode = goals(state)[3]
+    assert decode["status"] == "MISSED" and decode["reached"] == "2.25x"
+    e2e[0]["graph_decode"] = {"1": {"ms_per_step": 4.0, "tokens_per_s": 250.0, "graph": True}}
+    e2e[1]["graph_decode"] = {"1": {"error": "RuntimeError: capture"}}
+    assert goals(state)[4]["status"] == "NOT MEASURED" and "capture" in goals(state)[4]["note"]
+    e2e[1]["graph_decode"] = {"1": {"ms_per_step": 1.25, "tokens_per_s": 800.0, "graph": True}}
+    assert goals(state)[4]["status"] == "MET" and goals(state)[4]["reached"] == "3.20x"
+
+
+def test_markdown_renders_partial_and_failed_states():
+    from experiments.gpusuite.report import markdown, short_summary
+
+    state = {"meta": {"quick": False, "gpu": True, "command": "x", "budget_s": 450, "used_s": 460,
+                      "finished": True},
+             "sections": {"env": {"status": "done", "device": "GPU"},
+                          "correctness": {"status": "interrupted", "reason": "budget", "rows": [
+                              {"case": "c", "path": "gemv", "tol": 2e-3, "status": "ERROR", "note": "boom"}]},
+                          "kernels": {"status": "error", "error": "RuntimeError: x"},
+                          "e2e": {"status": "running", "rows": [{"model": "llama2_7b", "variant": "w8a8",
+                                                                 "error": "OOM"}]},
+                          "gptq": {"status": "skipped", "reason": "no time"}}}
+    md = markdown(state)
+    assert "ERROR OOM" in md and "status: **skipped**" in md and "RuntimeError: x" in md
+    assert "interrupted" in short_summary(state)
