@@ -46,8 +46,9 @@ def kv_tag(kv: Any) -> str:
 
 
 def full_tag(recipe: str, steps: list[Method], modules: str, kv: Any = None) -> str:
-    """The run tag: what the steps do, plus -packed for packed modules (fake is the default), plus the KV cache."""
-    return run_tag(recipe, steps) + ("-packed" if modules == "packed" else "") + kv_tag(kv)
+    """The run tag: what the steps do, plus -packed / -integer for those modules (fake is the default), plus the KV
+    cache."""
+    return run_tag(recipe, steps) + ("" if modules == "fake" else f"-{modules}") + kv_tag(kv)
 
 
 def tag_of(method: DictConfig, modules: str, kv: Any = None) -> str:
@@ -296,7 +297,14 @@ def _check_steps(cfg: DictConfig, steps: list[Method], facts: dict) -> None:
     """Combinations of knobs and steps that would do something other than asked."""
     if cfg.act_bits != 16 and facts["act_bits"] == 16:
         raise ConfigError(f"act_bits={cfg.act_bits} but no step of method {cfg.method.name!r} quantizes "
-                          f"activations; steps that do: rtn (e.g. method=rtn act_bits={cfg.act_bits})")
+                          f"activations; steps that do: rtn (e.g. method=rtn act_bits={cfg.act_bits}), smoothquant, "
+                          f"llm_int8, zeroquant, integer")
+    if cfg.act_bits != 16 and facts["act_bits"] not in (16, cfg.act_bits):
+        raise ConfigError(f"act_bits={cfg.act_bits} but method {cfg.method.name!r} quantizes activations to "
+                          f"{facts['act_bits']} bits; set it on the step (method.<step>.act_bits={cfg.act_bits})")
+    if cfg.modules == "integer" and not any(getattr(s, "integer_io", False) for s in steps):
+        raise ConfigError(f"modules=integer needs static input and output qparams, which method={cfg.method.name} "
+                          f"does not produce; use method=integer or method=smoothquant_integer")
     if cfg.model.source in PREQUANTIZED and cfg.modules != "packed":
         raise ConfigError(f"model.source={cfg.model.source} loads packed weights; run it with modules=packed")
     if cfg.model.source in PREQUANTIZED and any(s.spec is not None for s in steps):

@@ -18,6 +18,7 @@ from .data.tokens import calibration_ids, eval_streams
 from .errors import ConfigError
 from .eval.footprint import footprint, peak_memory, reset_peak_memory
 from .eval.kvcache import enable_kv_cache, kv_cache_report
+from .eval.outliers import start_watch
 from .eval.ppl import perplexity, sliding_perplexity
 from .method import Context
 from .models.arch import arch_for
@@ -195,10 +196,14 @@ def execute(p: Plan, cfg_dict: dict, chash: str, out_dir: Path, logger) -> Metri
     arch = arch_for(model)
     streams = eval_streams(p.eval.datasets, tok, p.eval.seqlen)
     fp = _baseline(model, p, streams, device, tok) if p.eval.baseline and (p.steps or p.eval.kv_cache) else {}
+    watch = start_watch(p, model, arch, tok, device)  # activation outliers (runs that quantize activations)
     result, records, calib_prov, t_quant = _quantize(p, model, arch, tok, device)
+    if watch:
+        watch.after_steps(model, folded=any(getattr(s, "folds_scales", False) for s in p.steps))
     kernels = swap_linears(model, result, p.modules)
     kv = enable_kv_cache(model, p.eval.kv_cache)
     ppl, lm_eval, t_eval = _evaluate(p, model, tok, streams, fp, device)
+    activations = watch.finish(model, out_dir, logger) if watch else None
     prov = provenance(device, p.seed) | {"calibration": calib_prov}
     run_info = RunInfo(model=p.model.name, method=p.recipe, tag=p.tag, **p.facts, modules=p.modules,
                        config_hash=chash, seed=p.seed, time=_now(), steps=records, commit=commit_label(prov),
@@ -208,6 +213,7 @@ def execute(p: Plan, cfg_dict: dict, chash: str, out_dir: Path, logger) -> Metri
                       memory=peak_memory(device), timing=Timing(t_load, t_quant, t_eval),
                       kernels={k: sum(1 for v in kernels.values() if v == k) for k in sorted(set(kernels.values()))},
                       calibration=calib_prov, wandb=logger.status, lm_eval=lm_eval, wandb_run=logger.ref(),
+                      activations=activations,
                       **_extras(p, model, tok, kernels, device, out_dir),
                       kv_cache=kv_cache_report(kv, p.eval.kv_cache, p.eval.seqlen, limit))
     _write(out_dir, cfg_dict, metrics, result, prov, logger)

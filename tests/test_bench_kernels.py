@@ -14,7 +14,7 @@ def test_bench_script_writes_labelled_table(tmp_path):
     text = out.read_text()
     assert "NOT measured" in text and "CPU" in text.splitlines()[0]
     rows = [line for line in text.splitlines() if line.startswith("| 48x256")]
-    assert len(rows) == 2 * 3 and "c_lowbit_w4a16" in text and "torch_ref_w8a8" in text
+    assert len(rows) == 2 * 3 and "c_lowbit_w4a16" in text and "torch_int_mm_w8a8" in text  # CPU int8: torch._int_mm
     cand = [line for line in text.splitlines() if line.startswith("| w")]
     kernels = {line.split("|")[4].strip(" *") for line in cand}
     assert kernels == {"aten_int4", "aten_int8", "c_lowbit"} and len(cand) > len(bench.CPU_VARIANTS) * 2

@@ -39,7 +39,7 @@ def test_w8a8_layer_close_to_fake(granularity, static):
     res.act = ActQuant(QuantSpec(bits=8, sym=True, granularity=granularity),
                        torch.tensor([[0.03]]) if static else None)
     packed, fake = _pair(res)
-    assert packed.kernel_name == "torch_ref_w8a8"
+    assert packed.kernel_name == "torch_int_mm_w8a8"  # CPU: torch._int_mm (exact, same math as torch_ref)
     x = torch.randn(5, 96)
     assert rel_err(packed(x), fake(x)) < 1e-5
 

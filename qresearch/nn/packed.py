@@ -14,6 +14,7 @@ from ..quant.scales import encode_scales
 from ..quant.spec import QuantSpec
 from ..records import ActQuant, LayerResult
 from .fake import fake_quant_act
+from .outliers import OutlierCounter, outlier_columns, weight_columns
 
 log = logging.getLogger(__name__)
 WEIGHT_BUFFERS = ("qweight", "scales", "scale2", "qzeros", "lut", "g_idx", "fp_cols")  # stored weight bytes
@@ -49,6 +50,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("outliers", torch.zeros(k, dtype=torch.bool) if n_outliers else None)
         self.register_buffer("fp_cols", torch.zeros(n, n_outliers, dtype=dtype) if n_outliers else None)
         self.mode = dispatch.act_mode(meta, act, g_idx)
+        t = None if act is None else act.outlier_threshold
+        self.outlier_counter = None if t is None else OutlierCounter(meta.in_features)  # LLM.int8(), per call
         self._chosen: dict[tuple, tuple[dispatch.Kernel, str]] = {}  # (device, dtype, backend) -> kernel, reason
 
     @classmethod
@@ -105,18 +108,25 @@ class QuantLinear(nn.Module):
         """Kernel this layer runs with for inputs of its model dtype on its current device."""
         kernel, _ = self._kernel(self.qweight.device, self.dtype)
         label = kernel.label(self._key(self.qweight.device, self.dtype))
-        return label + ("+fp_outliers" if self.outliers is not None else "")
+        return label + ("+fp_outliers" if self.outliers is not None else "") + \
+            ("+dynamic_fp_outliers" if self.outlier_counter is not None else "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [M, in]
         regular = x2 if self.outliers is None else x2.masked_fill(self.outliers, 0)
+        dyn = None
+        if self.outlier_counter is not None:  # LLM.int8(): this call's outlier columns leave the int8 path
+            dyn = outlier_columns(x2, self.act.outlier_threshold, self.outlier_counter)
+            regular = regular.masked_fill(dyn, 0)
         if self.mode.kind == "fake":
             static = None if self.act_scale is None else self.act_scale.reshape(1, 1)  # [1, 1] per-tensor
             regular = fake_quant_act(regular, ActQuant(self.act.spec, static))
         bufs = {k: getattr(self, k) for k in KERNEL_BUFFERS}
         kernel, _ = self._kernel(x2.device, x2.dtype)
         y = kernel.run(regular, self.meta, bufs, self.mode)  # [M, out]
+        if dyn is not None and bool(dyn.any()):
+            y = y + F.linear(x2[:, dyn], weight_columns(self.meta, bufs, dyn).to(x2.dtype))
         if self.outliers is not None:
             y = y + F.linear(x2[:, self.outliers], self.fp_cols)
         return y.reshape(*lead, self.out_features)  # [..., out]
@@ -129,7 +139,8 @@ class QuantLinear(nn.Module):
         """JSON-able description used by export (enough to rebuild the module before loading its buffers)."""
         act = None
         if self.act is not None:
-            act = {"spec": asdict(self.act.spec), "static": self.act.static_scale is not None}
+            act = {"spec": asdict(self.act.spec), "static": self.act.static_scale is not None,
+                   "outlier_threshold": self.act.outlier_threshold}
         return {**asdict(self.meta), "dtype": str(self.dtype).removeprefix("torch."), "act": act,
                 "bias": self.bias is not None, "g_idx": self.g_idx is not None,
                 "n_outliers": 0 if self.fp_cols is None else self.fp_cols.shape[1]}
@@ -144,7 +155,8 @@ class QuantLinear(nn.Module):
         act = None
         if c["act"] is not None:
             spec = {("qformat" if k == "fmt" else k): v for k, v in c["act"]["spec"].items()}  # v1 wrote "fmt"
-            act = ActQuant(QuantSpec(**spec), torch.ones(1, 1) if c["act"]["static"] else None)
+            act = ActQuant(QuantSpec(**spec), torch.ones(1, 1) if c["act"]["static"] else None,
+                           outlier_threshold=c["act"].get("outlier_threshold"))
         return cls(meta, getattr(torch, c["dtype"]), act, c["bias"], c["g_idx"], c["n_outliers"])
 
     def extra_repr(self) -> str:

@@ -122,6 +122,7 @@ class Metrics:
     kernels_by_layer: dict[str, str] | None = None
     wandb_run: WandbRun | None = None
     kv_cache: dict[str, Any] | None = None  # KV-cache quantization: settings, calls, cache bytes per context
+    activations: dict[str, Any] | None = None  # outlier report summary (eval/outliers.py), runs with act quant
     schema: int = SCHEMA
 
     def to_dict(self) -> dict:
