@@ -43,7 +43,7 @@ def test_qresearch_format_reloads_identically(tmp_path):
     assert qc["layers"]["model.layers.1.mlp.down_proj"]["g_idx"] and qc["layout"] == "int32_k"
     again = load_quantized(tmp_path / "q")
     assert torch.equal(_logits(again), _logits(model))
-    assert "kernel=torch_ref_w4a16" in repr(again.get_submodule("model.layers.0.mlp.up_proj"))
+    assert "kernel=c_lowbit_w4a16" in repr(again.get_submodule("model.layers.0.mlp.up_proj"))
 
 
 def test_qresearch_loader_refuses_other_checkpoints(tmp_path):

@@ -126,7 +126,9 @@ def test_gptq_layout(tmp_path, bits, group, sym, act_order, fmt):
         assert torch.equal(got[name], w), name
         m = ours.get_submodule(name)
         assert (m.qzeros is None) == sym and (m.g_idx is not None) == act_order
-    assert torch.allclose(_logits(ours), _logits(ref), atol=1e-5)
+    # 1e-4: the packed layers' CPU kernel (c_lowbit) sums in another fp32 order than the reference's dequant +
+    # matmul (observed 2.8e-5 on logits of magnitude 0.7 for w8 g32 act-order; a wrong code or scale gives > 1e-2)
+    assert torch.allclose(_logits(ours), _logits(ref), atol=1e-4)
 
 
 def test_awq_gemm_layout(tmp_path):

@@ -17,8 +17,8 @@ def test_packed_run_records_kernels_bytes_latency_and_matches_fake(results_dir):
     runs = {m["run"]["modules"]: m for m in (json.loads((d / "metrics.json").read_text())
                                             for d in run_dirs(results_dir))}
     fake, packed = runs["fake"], runs["packed"]
-    assert packed["kernels"] == {"torch_ref_w4a16": 35} and fake["kernels"] == {"fake": 35}
-    assert set(packed["kernels_by_layer"].values()) == {"torch_ref_w4a16"}
+    assert packed["kernels"] == {"c_lowbit_w4a16": 35} and fake["kernels"] == {"fake": 35}
+    assert set(packed["kernels_by_layer"].values()) == {"c_lowbit_w4a16"}
     # fp16 scales (packed) vs fp32 scales (fake): equal to float tolerance, not bit-exact
     p_fake, p_packed = fake["ppl"]["wikitext2"]["ppl"], packed["ppl"]["wikitext2"]["ppl"]
     assert abs(p_packed - p_fake) / p_fake < 1e-3, (p_fake, p_packed)

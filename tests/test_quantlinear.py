@@ -28,7 +28,7 @@ def _pair(res, bias=True, seed=0):
 def test_packed_equals_fake(bits, group, sym, act_order):
     res = rtn_layer(33, 172, bits, group, sym, act_order)  # 172 = 128 + 44: partial last group
     packed, fake = _pair(res)
-    assert packed.kernel_name == f"torch_ref_w{bits}a16"
+    assert packed.kernel_name == f"c_lowbit_w{bits}a16"  # fp32 on CPU: our C kernel
     x = torch.randn(2, 7, 172)
     assert rel_err(packed(x), fake(x)) < 1e-6
 
@@ -48,7 +48,7 @@ def test_other_activation_bits_use_fake_act_reference():
     res = rtn_layer(16, 64, 4, 32, False)
     res.act = ActQuant(QuantSpec(bits=6, sym=False, granularity="token"))
     packed, fake = _pair(res)
-    assert packed.kernel_name == "torch_ref_w4a6"
+    assert packed.kernel_name == "c_lowbit_w4a6"
     x = torch.randn(3, 64)
     assert rel_err(packed(x), fake(x)) < 1e-6
 
@@ -71,7 +71,7 @@ def test_partial_rows_pad_at_most_one_word():
 def test_extra_repr():
     packed, _ = _pair(rtn_layer(8, 64, 4, 32, True, act_order=True))
     r = repr(packed)
-    for part in ("bits=4", "group=32", "sym=True", "layout=int32_k", "act_order=True", "kernel=torch_ref_w4a16"):
+    for part in ("bits=4", "group=32", "sym=True", "layout=int32_k", "act_order=True", "kernel=c_lowbit_w4a16"):
         assert part in r
 
 
@@ -124,7 +124,7 @@ def test_stories260k_packed_ppl_equals_fake():
     result = rtn_result(model)
     fake, packed = copy.deepcopy(model), model
     assert set(swap_linears(fake, result, "fake").values()) == {"fake"}
-    assert set(swap_linears(packed, result, "packed").values()) == {"torch_ref_w4a16"}
+    assert set(swap_linears(packed, result, "packed").values()) == {"c_lowbit_w4a16"}
     p_fake = perplexity(fake, ids, 256, torch.device("cpu"), batch_size=4)["ppl"]
     p_packed = perplexity(packed, ids, 256, torch.device("cpu"), batch_size=4)["ppl"]
     assert abs(p_packed - p_fake) / p_fake < 1e-5, (p_fake, p_packed)

@@ -1,0 +1,234 @@
+"""CPU low-bit kernels (qresearch/kernels/cpu_packed.py) vs the torch reference and the float64 dequant matmul.
+
+Tolerances (relative Frobenius error of the [M, out] output): fp32 activations 1e-5 (both paths are fp32 with
+a different summation order; observed ~3e-7); bf16 activations 1e-2 (bf16 output rounding alone is ~2e-3 rms;
+a wrong zero point or scale gives errors of order 1).
+"""
+import copy
+import gc
+import os
+import platform
+import subprocess
+import sys
+
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+from qresearch.kernels import cpu_lowbit
+from qresearch.kernels import cpu_packed as cp
+from qresearch.kernels import dispatch
+from qresearch.kernels import reference as ref
+from qresearch.nn.packed import QuantLinear
+from qresearch.quant.packing import PackedMeta
+from tests._qhelpers import REPO, packed_args, rel_err, rtn_layer, shared_dir
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+MS = (1, 5, 64, 300)  # 1: decode tile; 5, 64: multi-row tiles; 300: the C kernel's dequantize-once + dense matmul
+# (bits, group, sym, act_order): per-channel, g32/g64/g128, sym/asym, act-order, all bit widths 2..8
+SPECS = [(4, 128, False, False), (4, 64, True, False), (4, 32, False, True), (4, -1, False, False),
+         (4, -1, True, True), (8, -1, True, False), (8, -1, False, True), (8, 128, False, False),
+         (3, 64, False, False), (2, 32, True, True), (5, 128, False, False), (6, -1, True, False),
+         (7, 32, False, False)]
+SHAPES = [(40, 200), (48, 256)]  # 40 rows: not a multiple of 16; 200 columns: partial last groups, 200 % 16 != 0
+CPU = torch.device("cpu")
+
+
+def _key(meta, dtype, mode="none", has_gidx=False, device=CPU):
+    return dispatch.LayerKey(meta, dispatch.ActMode(mode, 8 if mode == "int8" else 16), device, dtype, has_gidx)
+
+
+def _cases():
+    for bits, group, sym, ao in SPECS:
+        for kind in cp.KERNELS:
+            dtypes = (torch.float32, torch.bfloat16) if kind == "c_lowbit" else (torch.bfloat16,)
+            for dt in dtypes:
+                meta = packed_args(rtn_layer(16, 256, bits, group, sym))[0]
+                if cp.WHY_NOT[kind](_key(meta, dt, has_gidx=ao)) is None:
+                    yield pytest.param(kind, dt, bits, group, sym, ao, id=f"{kind}-{str(dt)[6:]}-w{bits}g{group}"
+                                       f"{'s' if sym else 'a'}{'-ao' if ao else ''}")
+
+
+def _layer(out_f, in_f, bits, group, sym, ao, dtype):
+    """Packed buffers as a model of `dtype` stores them (bf16 models keep bf16 scales) + a random bias."""
+    meta, qw, s, qz, gi = packed_args(rtn_layer(out_f, in_f, bits, group, sym, ao, seed=out_f + bits))
+    s = s.to(torch.bfloat16) if dtype == torch.bfloat16 else s
+    return meta, {"qweight": qw, "scales": s, "qzeros": qz, "g_idx": gi, "bias": torch.randn(out_f).to(dtype)}
+
+
+@pytest.mark.parametrize("kind,dtype,bits,group,sym,ao", list(_cases()))
+def test_kernel_equals_reference_and_float64(kind, dtype, bits, group, sym, ao):
+    for out_f, in_f in SHAPES:
+        meta, bufs = _layer(out_f, in_f, bits, group, sym, ao, dtype)
+        assert cp.WHY_NOT[kind](_key(meta, dtype, has_gidx=ao)) is None
+        w64 = ref.dequant_weight(meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["g_idx"]).double()
+        for m in MS:
+            x = torch.randn(m, in_f).to(dtype)
+            y = cp.run(kind, x, meta, bufs)
+            assert y.dtype == dtype and y.shape == (m, out_f)
+            exact = x.double() @ w64.t() + bufs["bias"].double()  # [M, out]
+            want = ref.wa16_ref(x, meta, *(bufs[k] for k in ("qweight", "scales", "qzeros", "g_idx", "bias")))
+            assert rel_err(y, exact) < TOL[dtype], (out_f, in_f, m, rel_err(y, exact))
+            assert rel_err(y, want) < TOL[dtype], (out_f, in_f, m, rel_err(y, want))
+
+
+PORTABLE_CHECK = """
+import torch
+from qresearch.kernels import cpu_lowbit, cpu_packed as cp, reference as ref
+from tests._qhelpers import packed_args, rel_err, rtn_layer
+assert cpu_lowbit.load()[0] is not None, cpu_lowbit.load()[1]
+for bits, group, sym, ao in [(4, 64, False, True), (8, -1, True, False), (5, 32, False, False)]:
+    meta, qw, s, qz, gi = packed_args(rtn_layer(40, 200, bits, group, sym, ao))
+    bufs = {"qweight": qw, "scales": s, "qzeros": qz, "g_idx": gi, "bias": torch.randn(40)}
+    for m in (1, 5):
+        x = torch.randn(m, 200)
+        err = rel_err(cp.run("c_lowbit", x, meta, bufs), ref.wa16_ref(x, meta, qw, s, qz, gi, bufs["bias"]))
+        assert err < 1e-5, (bits, group, m, err)
+print("portable ok", cpu_lowbit.flags()[-1])
+"""
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="builds the C kernel for a generic x86-64 target")
+def test_portable_c_path_without_avx512(tmp_path):
+    """The non-AVX-512 loops of lowbit_cpu.c (what other CPUs run), built for x86-64-v2, in a fresh process."""
+    env = {**os.environ, "QRESEARCH_CPU_MARCH": "x86-64-v2", "QRESEARCH_CACHE": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", PORTABLE_CHECK], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "portable ok -march=x86-64-v2" in r.stdout, r.stderr[-2000:]
+
+
+def test_prepared_layouts_hold_what_they_claim():
+    meta, bufs = _layer(40, 200, 4, 64, False, True, torch.float32)
+    args = [bufs[k] for k in ("qweight", "scales", "qzeros", "g_idx")]
+    p = cp.prepare("c_lowbit", meta, *args, torch.float32)
+    w = cpu_lowbit.lowbit_dequant(p)  # [out, n_groups * gp] in the permuted column order
+    perm = cp.act_order_perm(bufs["g_idx"], meta)[0]
+    want = ref.dequant_weight(meta, *args)[:, perm]  # [out, in], groups contiguous
+    assert p.nibbles and p.gp == 64 and p.codes.shape == (40, 4, 32)
+    assert torch.equal(w[:, :200], want) and w.shape == (40, 256)  # exact dequant; columns 200+ meet zero x
+    p4 = cp.prepare("aten_int4", meta, *args, torch.bfloat16)
+    assert p4.op_group == 64 and p4.weight.shape == (48, 128) and p4.scale_zero.shape == (4, 48, 2)
+
+
+def test_registry_order_and_reasons():
+    """Each CPU kernel names why it refuses a layer; choose() takes the first that runs, in priority order."""
+    assert [(k.name, k.backend) for k in dispatch.KERNELS if k.backend == "cpu"] == [(k, "cpu") for k in cp.KERNELS]
+    assert all(10 < k.priority < 100 for k in cp.CPU_KERNELS)
+    meta, _ = _layer(16, 256, 5, 128, False, False, torch.bfloat16)
+    assert "bits=5" in cp.why_not_int4(_key(meta, torch.bfloat16))
+    assert "group 128" in cp.why_not_int8(_key(meta, torch.bfloat16))
+    meta4, _ = _layer(16, 300, 4, 100, False, False, torch.bfloat16)
+    assert "group 100" in cp.why_not_int4(_key(meta4, torch.bfloat16))
+    assert "float32" in cp.why_not_int4(_key(meta4, torch.float32))
+    assert "float64" in cp.why_not_c(_key(meta4, torch.float64))
+    assert "device cuda" in cp.why_not_c(_key(meta4, torch.float32, device=torch.device("cuda")))
+    nf4 = PackedMeta(4, 64, 256, 16, True, qformat="nf4", lut_shape=(1, 1, 16))
+    assert all("qformat=nf4" in f(_key(nf4, torch.bfloat16)) for f in cp.WHY_NOT.values())
+    for dt, bits, group, want in [(torch.bfloat16, 4, 128, "aten_int4_w4a16"), (torch.bfloat16, 8, -1,
+                                  "aten_int8_w8a16"), (torch.float32, 4, 128, "c_lowbit_w4a16")]:
+        m = _layer(16, 256, bits, group, False, False, dt)[0]
+        kernel, why = dispatch.choose(_key(m, dt, has_gidx=True))
+        assert kernel.label(_key(m, dt)) == want, (want, why)
+    kernel, why = dispatch.choose(_key(nf4, torch.float32))
+    assert kernel.name == "torch_ref" and "c_lowbit_w4a16: qformat=nf4" in why
+    assert dispatch.choose(_key(meta, torch.float32, "int8"))[0].name not in cp.KERNELS  # W8A8: not weight-only
+
+
+def test_unclean_act_order_is_refused_at_prepare():
+    meta, bufs = _layer(16, 256, 4, 128, False, False, torch.float32)
+    bufs["g_idx"] = (torch.arange(256) // 128).to(torch.int32)[torch.randperm(256)]  # 128 columns a group: runs
+    want = ref.wa16_ref(x := torch.randn(2, 256), meta, *(bufs[k] for k in ("qweight", "scales", "qzeros",
+                                                                           "g_idx", "bias")))
+    assert rel_err(cp.run("c_lowbit", x, meta, bufs), want) < 1e-5
+    bufs["g_idx"] = torch.tensor([0] * 100 + [1] * 156, dtype=torch.int32)[torch.randperm(256)]  # 100 / 156
+    with pytest.raises(ValueError, match="QRESEARCH_KERNELS=torch"):
+        cp.run("c_lowbit", x, meta, bufs)
+
+
+def test_forced_cpu_backend_refuses_w8a8(monkeypatch):
+    monkeypatch.setenv("QRESEARCH_KERNELS", "cpu")
+    meta, _ = _layer(16, 64, 8, -1, True, False, torch.float32)
+    kernel, _ = dispatch.choose(_key(meta, torch.float32))
+    assert kernel.label(_key(meta, torch.float32)) == "c_lowbit_w8a16"
+    with pytest.raises(RuntimeError, match="QRESEARCH_KERNELS=cpu"):
+        dispatch.choose(_key(meta, torch.float32, "int8"))
+
+
+def _reference(mod, x, monkeypatch):
+    with monkeypatch.context() as mp:
+        mp.setenv("QRESEARCH_KERNELS", "torch")
+        return mod(x)
+
+
+def test_quantlinear_prepares_once_and_follows_its_buffers(monkeypatch):
+    res = rtn_layer(32, 96, 4, 32, False, act_order=True)
+    mod = QuantLinear.from_result(nn.Linear(96, 32), res)
+    before, stored = {k: v.clone() for k, v in mod.state_dict().items()}, mod.weight_bytes()
+    calls = []
+    real = cp.PREPARE["c_lowbit"]
+    monkeypatch.setitem(cp.PREPARE, "c_lowbit", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(3, 96)
+    y1, y2 = mod(x), mod(x)
+    assert len(calls) == 1 and torch.equal(y1, y2) and mod.kernel_name == "c_lowbit_w4a16"
+    assert mod.state_dict().keys() == before.keys() and all(torch.equal(mod.state_dict()[k], v)
+                                                            for k, v in before.items())
+    assert mod.qweight in cp._PREPARED and mod.weight_bytes() == stored  # prepared tensors: no stored bytes
+    other = QuantLinear.from_result(nn.Linear(96, 32), rtn_layer(32, 96, 4, 32, False, act_order=True, seed=7))
+    mod.load_state_dict(other.state_dict())  # written in place -> prepared again, output follows the new weights
+    assert rel_err(mod(x), _reference(other, x, monkeypatch)) < 1e-5 and len(calls) == 2
+    mod.scales = mod.scales * 2  # a replaced buffer (as module.to / _apply does) -> prepared again
+    assert rel_err(mod(x), _reference(mod, x, monkeypatch)) < 1e-5 and len(calls) == 3
+    mod(x)
+    gone = weakref.ref(mod.qweight)
+    del mod, y1, y2
+    gc.collect()
+    assert gone() is None and len(calls) == 3  # the cache does not keep a layer's weights alive
+
+
+def test_input_gradient_matches_reference(monkeypatch):
+    mod = QuantLinear.from_result(nn.Linear(64, 24), rtn_layer(24, 64, 4, 32, False))
+    grads, names = [], []
+    for backend in ("auto", "torch"):
+        monkeypatch.setenv("QRESEARCH_KERNELS", backend)
+        x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        (mod(x) * torch.arange(24.0)).sum().backward()
+        grads.append(x.grad)
+        names.append(mod.kernel_name)
+    assert names == ["c_lowbit_w4a16", "torch_ref_w4a16"] and rel_err(grads[0], grads[1]) < 1e-6
+
+
+@pytest.mark.parametrize("dtype,bits,group,kernel", [(torch.bfloat16, 4, 128, "aten_int4_w4a16"),
+                                                     (torch.bfloat16, 8, -1, "aten_int8_w8a16"),
+                                                     (torch.float32, 3, 32, "c_lowbit_w3a16")])
+def test_stories260k_packed_matches_reference_and_fake(dtype, bits, group, kernel, monkeypatch):
+    """Whole model: CPU kernel vs the reference kernel on the same packed model, and vs the fake format."""
+    path = shared_dir() / "models" / "stories260K"
+    if not path.is_dir():
+        pytest.fail(f"stories260K not found at {path}; set QRESEARCH_SHARED")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qresearch.data.tokens import eval_tokens
+    from qresearch.eval.ppl import perplexity
+    from qresearch.nn.swap import swap_linears
+    from tests.test_quantlinear import rtn_result
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    ids, _ = eval_tokens("wikitext2", "test", str(shared_dir() / "data"), tok, "local", max_tokens=4 * 256)
+    result = rtn_result(model, bits=bits, group=group)
+    model = model.to(dtype)
+    fake, packed = copy.deepcopy(model), model
+    swap_linears(fake, result, "fake")
+    kernels = swap_linears(packed, result, "packed")
+    assert set(kernels.values()) == {kernel}, kernels  # stories260K: in 64/172, out 32/64/172 (padded where needed)
+    ppl = lambda m: perplexity(m, ids, 256, torch.device("cpu"), batch_size=2)["ppl"]  # noqa: E731
+    short = ids.reshape(-1)[:5].reshape(1, 5)  # 5 tokens: the few-row (decode-like) kernel path, not dequant-once
+    logits = torch.no_grad()(lambda m: m(input_ids=short).logits)
+    p_fake, p_kernel, l_fake, l_kernel = ppl(fake), ppl(packed), logits(fake), logits(packed)
+    monkeypatch.setenv("QRESEARCH_KERNELS", "torch")
+    p_ref, l_ref = ppl(packed), logits(packed)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the kernels keep fp32 weights, the reference bf16
+    assert abs(p_kernel - p_ref) / p_ref < tol and abs(p_kernel - p_fake) / p_fake < tol, (p_fake, p_kernel, p_ref)
+    assert rel_err(l_kernel, l_ref) < 3 * tol and rel_err(l_kernel, l_fake) < 3 * tol
