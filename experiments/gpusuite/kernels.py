@@ -20,7 +20,7 @@ from .common import Ctx, free_device_memory
 
 GPU_SHAPES, GPU_MS = bk.SHAPES, [1, 16, 256, 2048]  # SHAPES: 4096x4096, 11008x4096, 4096x11008 (out x in)
 QUICK_SHAPES, QUICK_MS = ["48x256", "64x384"], [1, 16]
-GPU_SHAPE_S, QUICK_SHAPE_S = 45.0, 3.0  # rough cost of one shape incl. compile + autotune (skip threshold)
+GPU_SHAPE_S, QUICK_SHAPE_S = 55.0, 3.0  # rough cost of one shape incl. compile + autotune (skip threshold)
 REF_TOL = {torch.float16: 3e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}  # kernel vs torch reference
 
 
@@ -37,6 +37,33 @@ def reference(mod, x):
     """The same packed module run by the torch reference kernel."""
     with lib.forced_kernels("torch"):
         return mod(x)
+
+
+GEMV_VARIANTS = ("w4a16_g128", "w8a16")
+
+
+@torch.no_grad()
+def gemv_rows(shape: str, ctx: Ctx, flush, repeats: int, warmup: int) -> list[dict]:
+    """M = 1 through the Triton GEMV (qresearch/kernels/triton_gemv.py, QRESEARCH_TRITON_GEMV=1) beside the same
+    fp16 matmul: rows labelled '<variant> gemv2', to compare with the default split-K rows above them."""
+    out_f, in_f = map(int, shape.split("x"))
+    w = (torch.randn(out_f, in_f, device=ctx.device) * 0.02).to(ctx.dtype)
+    x = torch.randn(1, in_f, device=ctx.device, dtype=ctx.dtype)
+    t_fp = bk.time_call(lambda: torch.matmul(x, w.t()), ctx.device, repeats, warmup, flush, ctx.gpu)
+    io = (in_f + out_f) * x.element_size()
+    rows = []
+    for v in GEMV_VARIANTS:
+        mod = bk.build(v, out_f, in_f, ctx.device, ctx.dtype)
+        bits, group, sym, _ = bk.VARIANTS[v]
+        with lib.gemv_path():
+            t = bk._row_times(t_fp, bk.time_call(lambda m=mod: m(x), ctx.device, repeats, warmup, flush, ctx.gpu))
+            err = bk.rel_err(mod(x), reference(mod, x))
+        rows.append({"shape": shape, "M": 1, "variant": f"{v} gemv2", "kernel": "triton_gemv", **t,
+                     "bw_frac": (mod.weight_bytes() + io) / (t["q_ms"] / 1e3) / ctx.copy_bw,
+                     "fp16_bw_frac": (w.numel() * w.element_size() + io) / (t["fp16_ms"] / 1e3) / ctx.copy_bw,
+                     "limit": bk.memory_bound_limit(bits, group, in_f, sym), "ref_rel_err": err})
+        del mod
+    return rows
 
 
 def run(ctx: Ctx, state: dict) -> None:
@@ -57,6 +84,8 @@ def run(ctx: Ctx, state: dict) -> None:
             continue
         state["rows"] += bk.bench_shape(shape, ms, ctx.device, ctx.dtype, repeats, warmup, ctx.copy_bw,
                                         before=flush, reference=reference, graphs=ctx.gpu)
+        if ctx.gpu:  # the Triton GEMV exists only on CUDA
+            state["rows"] += gemv_rows(shape, ctx, flush, repeats, warmup)
         free_device_memory(ctx.device)
         ctx.save()
     bad = [r for r in state["rows"] if not r.get("ref_rel_err", 0.0) <= REF_TOL[ctx.dtype]]

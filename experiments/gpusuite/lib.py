@@ -48,6 +48,20 @@ def forced_kernels(backend: str):
             os.environ[KERNEL_ENV] = old
 
 
+@contextlib.contextmanager
+def gemv_path():
+    """One-token calls of eligible layers go to the Triton GEMV (triton_gemv) inside the block."""
+    old = os.environ.get("QRESEARCH_TRITON_GEMV")
+    os.environ["QRESEARCH_TRITON_GEMV"] = "1"  # LIBRARY: read per call by kernels/dispatch.py
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("QRESEARCH_TRITON_GEMV", None)
+        else:
+            os.environ["QRESEARCH_TRITON_GEMV"] = old
+
+
 def pack_random_layer(n: int, k: int, bits: int, group: int, sym: bool, act_order: bool, scale_dtype: torch.dtype,
                       gen: torch.Generator) -> tuple[PackedMeta, dict]:
     """RTN-quantize a random weight [n, k] and pack it: (meta, buffers qweight/scales/qzeros/g_idx) on the CPU.
@@ -95,6 +109,13 @@ def wq_kernel(x, meta, bufs, bias, block):
     from qresearch.kernels.triton_wq import wq_linear  # LIBRARY: Triton weight-only GEMM / split-K GEMV
 
     return wq_linear(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["g_idx"], bias, block)
+
+
+def gemv_kernel(x, meta, bufs, bias, block):
+    """The Triton one-token GEMV with a fixed tile (block=None: tuned per shape)."""
+    from qresearch.kernels.triton_gemv import wq_gemv  # LIBRARY: Triton M = 1 GEMV
+
+    return wq_gemv(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bias, block)
 
 
 def w8a8_kernel(x, meta, bufs, bias, static, block):

@@ -154,14 +154,15 @@ def _e2e(sec: dict) -> list[str]:
 def _graph_table(rows: list[dict], fp: dict) -> list[str]:
     """Static-cache decode with one CUDA graph per step (eager on CPU): tok/s and ratio to fp16 per batch."""
     body = []
-    for r in rows:
-        for b, g in r.get("graph_decode", {}).items():
+    for r, key, label in [(r, k, r["variant"] + (" gemv2" if k.endswith("gemv") else "")) for r in rows
+                          for k in ("graph_decode", "graph_decode_gemv") if k in r]:
+        for b, g in r[key].items():
             if "error" in g:
-                body.append([r["model"], r["variant"], b, "-", "-", "-", f"ERROR {g['error']}"])
+                body.append([r["model"], label, b, "-", "-", "-", f"ERROR {g['error']}"])
                 continue
             base = fp.get(r["model"], {}).get("graph_decode", {}).get(b, {})
             ratio = f"{base['ms_per_step'] / g['ms_per_step']:.2f}x" if "ms_per_step" in base else "-"
-            body.append([r["model"], r["variant"], b, f"{g['tokens_per_s']:.1f}", f"{g['ms_per_step']:.3f}", ratio,
+            body.append([r["model"], label, b, f"{g['tokens_per_s']:.1f}", f"{g['ms_per_step']:.3f}", ratio,
                          "CUDA graph" if g["graph"] else "eager (no CUDA)"])
     if not body:
         return []

@@ -33,7 +33,7 @@ class Job:
     num_stages: int
 
     def config(self) -> str:
-        keys = [k for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "BLOCK") if k in self.constants]
+        keys = [k for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_KW", "SPLIT_K", "BLOCK") if k in self.constants]
         return " ".join(f"{k.replace('BLOCK_', 'B').replace('SPLIT_K', 'SK')}={self.constants[k]}" for k in keys) \
             + f" w={self.num_warps} s={self.num_stages}"
 
@@ -52,6 +52,27 @@ def wq_jobs(kind: str, variants: list[str]) -> list[Job]:
             if kind == "wq_decode":
                 sig["y_ptr"] = "*fp32"  # split-K accumulates into an fp32 buffer
             jobs.append(Job(kind, v, k.wq_matmul_kernel, sig, const, c.num_warps, c.num_stages))
+    return jobs
+
+
+def gemv_jobs(variants: list[str]) -> list[Job]:
+    """One job per (tile config, weight variant) of the M = 1 GEMV (2/4/8 bits, g128)."""
+    from qresearch.kernels import triton_gemv as k
+
+    ptrs = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*i32", "b_ptr": "*fp16",
+            "y_ptr": "*fp32"}
+    ints = ["N", "K", "stride_qw", "stride_s", "stride_z"]
+    jobs = []
+    for v in variants:
+        bits, sym, gidx = WQ_VARIANTS[v]
+        if gidx or 32 % bits:
+            continue
+        for c in k.CONFIGS:
+            kw = dict(c.kwargs)
+            const = dict(GROUP=128, BITS=bits, SYM=sym, HAS_BIAS=False, BLOCK_N=kw["BLOCK_N"],
+                         BLOCK_KW=kw["BLOCK_K_CODES"] * bits // 32, SPLIT_K=kw["SPLIT_K"])
+            sig = {**ptrs, **{n: "i32" for n in ints}, **{n: "constexpr" for n in const}}
+            jobs.append(Job("wq_gemv", v, k.wq_gemv_kernel, sig, const, c.num_warps, c.num_stages))
     return jobs
 
 

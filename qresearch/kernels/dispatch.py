@@ -144,8 +144,19 @@ def _triton_why_not(key: LayerKey) -> str | None:
     return None
 
 
+def gemv_enabled() -> bool:
+    """QRESEARCH_TRITON_GEMV=1 sends one-token calls of eligible layers to triton_gemv (not yet the default)."""
+    return os.environ.get("QRESEARCH_TRITON_GEMV") == "1"
+
+
 def _run_triton_wq(x, meta, bufs, mode):
     from .triton_wq import wq_linear
+
+    if x.shape[0] == 1 and gemv_enabled():
+        from .triton_gemv import supports, wq_gemv
+
+        if supports(meta, bufs["g_idx"] is not None, 1) is None:
+            return wq_gemv(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["bias"])
 
     return wq_linear(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["g_idx"], bufs["bias"])
 

@@ -1,0 +1,146 @@
+"""Triton GEMV for one token (M = 1) on weight-only packed layers, 2/4/8 bits, contiguous groups (no act-order).
+
+The split-K kernel of triton_wq.py unpacks each [BLOCK_K // PER, PER, BLOCK_N] word tile into a [BLOCK_K, BLOCK_N]
+code tile (a reshape that moves data between threads) and reduces over K at every step. Here a program holds a
+[BLOCK_N, BLOCK_KW] tile of whole int32 words (rows n, words along K: each thread reads consecutive words of one
+row) and never reshapes: code i of every word is `(word >> i * BITS) & mask`, multiplied by x at k = PER * w + i
+(x is a few KiB and stays in L1). Partial sums stay in a [BLOCK_N, BLOCK_KW] fp32 accumulator; the one reduction
+over K happens after the loop. With BLOCK_K = BLOCK_KW * PER dividing the group size, a tile lies in one group:
+    sum_k x_k s_n (q_nk - z_n) = s_n (sum_k x_k q_nk - z_n sum_k x_k)
+so scales and zeros are one [BLOCK_N, 1] column per tile. SPLIT_K > 1 adds fp32 partial sums with atomics.
+
+Not the default decode path yet (unmeasured on a GPU): QRESEARCH_TRITON_GEMV=1 routes one-token calls of eligible
+layers here (kernels/dispatch.py); the GPU suite times both paths side by side.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_wq import _codes
+
+
+@triton.jit
+def wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, stride_qw, stride_s, stride_z,
+                   GROUP: tl.constexpr, BITS: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr):
+    """y[N] (+)= deq(W)[N, K] @ x[K]; SPLIT_K > 1: y is a zeroed fp32 buffer updated with atomics."""
+    PER: tl.constexpr = 32 // BITS
+    BLOCK_K: tl.constexpr = BLOCK_KW * PER
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
+    k_span = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+    k_lo = pid_k * k_span
+    k_hi = tl.minimum(K, k_lo + k_span)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kw = k0 // PER + tl.arange(0, BLOCK_KW)  # word index [BLOCK_KW]
+        wmask = nmask[:, None] & (kw[None, :] * PER < K)
+        words = tl.load(qw_ptr + offs_n[:, None] * stride_qw + kw[None, :], mask=wmask, other=0)
+        words = words.to(tl.uint32, bitcast=True)  # [BLOCK_N, BLOCK_KW]
+        part = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
+        xsum = tl.zeros((1, BLOCK_KW), dtype=tl.float32)
+        for i in tl.static_range(PER):
+            k = kw * PER + i  # [BLOCK_KW]
+            xi = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)[None, :]  # [1, BLOCK_KW]
+            q = ((words >> (i * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+            part += q * xi
+            xsum += xi
+        grp = k0 // GROUP
+        s = tl.load(s_ptr + offs_n[:, None] * stride_s + grp, mask=nmask[:, None], other=0.0).to(tl.float32)
+        if SYM:
+            acc += s * (part - (1 << (BITS - 1)) * xsum)
+        else:  # qzeros [words(N), n_groups]: code n of column grp
+            z = _codes(z_ptr, grp, offs_n[:, None], stride_z, nmask[:, None], BITS).to(tl.float32)  # [BLOCK_N, 1]
+            acc += s * (part - z * xsum)
+    y = tl.sum(acc, axis=1)  # [BLOCK_N]
+    if HAS_BIAS:
+        y += tl.where(pid_k == 0, 1.0, 0.0) * tl.load(b_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    if SPLIT_K == 1:
+        tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=nmask)
+    else:
+        tl.atomic_add(y_ptr + offs_n, y, mask=nmask)
+
+
+def _cfg(bn, bkw_codes, sk, warps):
+    """bkw_codes: BLOCK_K in codes (BLOCK_KW = codes / PER is set per bit width at launch)."""
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K_CODES": bkw_codes, "SPLIT_K": sk}, num_warps=warps, num_stages=3)
+
+
+CONFIGS = [_cfg(bn, bk, sk, w) for bn, w in ((32, 4), (64, 4), (128, 4), (128, 8), (256, 8)) for bk in (64, 128)
+           for sk in (1, 2, 4, 8)]
+
+
+def supports(meta, has_gidx: bool, m: int) -> str | None:
+    """None when the GEMV handles this layer and batch; else why not."""
+    if m != 1:
+        return f"M={m} (the GEMV takes one token)"
+    if has_gidx:
+        return "act-order g_idx"
+    if 32 % meta.bits:
+        return f"bits={meta.bits} (2, 4 or 8: whole codes per word)"
+    if meta.group % 64 and meta.group != meta.in_features:
+        return f"group={meta.group} (a multiple of 64, or per channel)"
+    return None
+
+
+def _block_kw(block_k: int, bits: int, group: int, k: int) -> int | None:
+    """BLOCK_KW for a tile of block_k codes, or None when the tile would straddle a group (per channel: any)."""
+    if group != k and group % block_k:
+        return None
+    return block_k * bits // 32
+
+
+def _launch(x, meta, qweight, scales, qzeros, bias, y, cfg: dict, warps: int = 4) -> None:
+    bkw = _block_kw(cfg["BLOCK_K_CODES"], meta.bits, meta.group, meta.in_features)
+    grid = (triton.cdiv(meta.out_features, cfg["BLOCK_N"]), cfg["SPLIT_K"])
+    z = qzeros if qzeros is not None else qweight
+    wq_gemv_kernel[grid](x, qweight, scales, z, bias if bias is not None else scales, y, meta.out_features,
+                         meta.in_features, qweight.stride(0), scales.stride(0), z.stride(0), GROUP=meta.group,
+                         BITS=meta.bits, SYM=meta.sym or qzeros is None, HAS_BIAS=bias is not None,
+                         BLOCK_N=cfg["BLOCK_N"], BLOCK_KW=bkw, SPLIT_K=cfg["SPLIT_K"], num_warps=warps)
+
+
+_BEST: dict[tuple, tuple[dict, int]] = {}
+
+
+def _tune(x, meta, qweight, scales, qzeros, bias) -> tuple[dict, int]:
+    """Fastest config for this layer shape (timed once per (N, K, group, bits, sym, dtype); CUDA only)."""
+    key = (meta.out_features, meta.in_features, meta.group, meta.bits, meta.sym, x.dtype)
+    if key not in _BEST:
+        best = None
+        for c in CONFIGS:
+            cfg = dict(c.kwargs)
+            if _block_kw(cfg["BLOCK_K_CODES"], meta.bits, meta.group, meta.in_features) is None:
+                continue
+            y = torch.zeros(meta.out_features, device=x.device, dtype=torch.float32)
+            ms = triton.testing.do_bench(lambda y=y, cfg=cfg, w=c.num_warps: _launch(
+                x, meta, qweight, scales, qzeros, bias, y.zero_(), cfg, w), warmup=5, rep=20)  # ms, median
+            if best is None or ms < best[0]:
+                best = (ms, cfg, c.num_warps)
+        if best is None:
+            raise ValueError(f"no GEMV tile fits group={meta.group}, in={meta.in_features}")
+        _BEST[key] = best[1:]
+    return _BEST[key]
+
+
+def wq_gemv(x, meta, qweight, scales, qzeros, bias, block: dict | None = None) -> torch.Tensor:
+    """x [1, K] fp16/bf16 (fp32 under the interpreter) -> y [1, N] in x's dtype.
+
+    `block` = {"BLOCK_N", "BLOCK_K_CODES", "SPLIT_K"} fixes the tile (tests, interpreter); else tuned per shape.
+    """
+    assert x.shape == (1, meta.in_features), f"x {tuple(x.shape)}: the GEMV takes [1, {meta.in_features}]"
+    x = x.contiguous()
+    if block is None and os.environ.get("TRITON_INTERPRET") == "1":
+        block = {"BLOCK_N": 32, "BLOCK_K_CODES": 64, "SPLIT_K": 2}
+    cfg, warps = (block, 4) if block is not None else _tune(x, meta, qweight, scales, qzeros, bias)
+    if _block_kw(cfg["BLOCK_K_CODES"], meta.bits, meta.group, meta.in_features) is None:
+        raise ValueError(f"BLOCK_K_CODES={cfg['BLOCK_K_CODES']} straddles group={meta.group}")
+    y = torch.zeros(1, meta.out_features, device=x.device, dtype=torch.float32)
+    _launch(x, meta, qweight, scales, qzeros, bias, y, cfg, warps)
+    return y.to(x.dtype)

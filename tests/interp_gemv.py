@@ -1,0 +1,70 @@
+"""Cases for tests/test_triton_interpreter.py: the M = 1 GEMV (qresearch/kernels/triton_gemv.py) under the Triton
+interpreter, against the torch reference on the same packed buffers (bounds as in interp_kernels.py)."""
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1":  # triton reads it when first imported: needs a fresh process
+    pytest.skip("run through tests/test_triton_interpreter.py (sets TRITON_INTERPRET=1 before importing triton)",
+                allow_module_level=True)
+
+from qresearch.kernels import reference as ref  # noqa: E402
+from qresearch.kernels import triton_gemv as G  # noqa: E402
+from tests._qhelpers import packed_args, rel_err, rtn_layer  # noqa: E402
+
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.mark.parametrize("bits,sym", [(4, False), (4, True), (2, False), (8, True), (8, False)])
+@pytest.mark.parametrize("group,k,split", [(64, 256, 1), (128, 384, 2), (-1, 200, 3)])
+def test_gemv_matches_reference(bits, sym, group, k, split):
+    """Groups of 64 / 128 (one qparam column per tile) and per channel with K = 200 (a masked tail); odd N."""
+    res = rtn_layer(37, k, bits, group, sym, seed=bits + k)
+    meta, qw, s, qz, gi = packed_args(res)
+    x, b = torch.randn(1, k), torch.randn(37)
+    assert G.supports(meta, gi is not None, 1) is None
+    y = G.wq_gemv(x, meta, qw, s, qz, b, {"BLOCK_N": 16, "BLOCK_K_CODES": 64, "SPLIT_K": split})
+    assert y.shape == (1, 37) and y.dtype == x.dtype
+    assert rel_err(y, ref.wa16_ref(x, meta, qw, s, qz, gi, b)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gemv_half(dtype):
+    res = rtn_layer(48, 256, 4, 128, False, seed=3)
+    meta, qw, s, qz, gi = packed_args(res)
+    x = torch.randn(1, 256).to(dtype)
+    y = G.wq_gemv(x, meta, qw, s, qz, None, {"BLOCK_N": 32, "BLOCK_K_CODES": 128, "SPLIT_K": 1})
+    assert y.dtype == dtype and rel_err(y, ref.wa16_ref(x, meta, qw, s, qz, gi, None)) < TOL[dtype]
+
+
+def test_gemv_refuses_what_it_does_not_handle():
+    meta = packed_args(rtn_layer(16, 128, 3, 64, False, seed=1))[0]
+    assert "bits=3" in G.supports(meta, False, 1)
+    meta = packed_args(rtn_layer(16, 128, 4, 32, False, seed=1))[0]
+    assert "group=32" in G.supports(meta, False, 1)
+    assert "M=2" in G.supports(meta, False, 2) and "g_idx" in G.supports(meta, True, 1)
+    meta = packed_args(rtn_layer(16, 256, 4, 64, False, seed=1))[0]
+    with pytest.raises(ValueError, match="straddles"):
+        G.wq_gemv(torch.randn(1, 256), meta, *packed_args(rtn_layer(16, 256, 4, 64, False, seed=1))[1:4], None,
+                  {"BLOCK_N": 16, "BLOCK_K_CODES": 128, "SPLIT_K": 1})
+
+
+def test_dispatch_routes_one_token_calls_only_when_asked(monkeypatch):
+    from qresearch.kernels import dispatch
+
+    res = rtn_layer(40, 256, 4, 128, False, seed=5)
+    meta, qw, s, qz, gi = packed_args(res)
+    bufs = {"qweight": qw, "scales": s, "qzeros": qz, "g_idx": gi, "bias": None}
+    x = torch.randn(1, 256)
+    calls = []
+    real = G.wq_gemv
+    monkeypatch.setattr(G, "wq_gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    y_default = dispatch._run_triton_wq(x, meta, bufs, None)
+    assert not calls
+    monkeypatch.setenv("QRESEARCH_TRITON_GEMV", "1")
+    y_gemv = dispatch._run_triton_wq(x, meta, bufs, None)
+    dispatch._run_triton_wq(torch.randn(3, 256), meta, bufs, None)  # M = 3: the split-K kernel
+    assert calls == [1]
+    truth = ref.wa16_ref(x, meta, qw, s, qz, gi, None)
+    assert rel_err(y_gemv, truth) < TOL[torch.float32] and rel_err(y_default, truth) < TOL[torch.float32]
