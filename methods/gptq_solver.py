@@ -1,0 +1,256 @@
+"""The GPTQ solve (Frantar et al. 2022) for one weight given its input Hessian: column-by-column rounding with
+inverse-Hessian error feedback and lazy batch updates, act-order, static groups and fixed qparams.
+
+Arithmetic is that of the plain column loop (and of the reference implementation where both define the same
+thing), operation for operation, so codes and qparams are bit-identical to it on the same inputs and threads; only
+the work around it is arranged for speed:
+- inside a block, columns are rows of a transposed copy (contiguous vectors) and the feedback goes only to the
+  columns still to come; codes, dequantized values, losses and clamp statistics are computed once per block;
+- group qparams are computed once per group (static ones once per layer, as a [n_groups, out] table);
+- for the int format on CPU the column loop runs on numpy views of the same memory (a numpy ufunc costs a fraction
+  of a torch op's dispatch; both round IEEE-exactly: x / s, round half to even, + z, clamp, (q - z) s, (w - dq) / d,
+  w - e h); other formats and devices go through the format's encode / decode with torch;
+- the lazy batch update writes its product into a reused buffer (no fresh allocation of [out, rest] per block).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from qresearch.quant import QTensor, QuantSpec, group_minmax, qparams_from_minmax
+from qresearch.quant.formats import IntFormat
+
+
+def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + percdamp * mean(diag H) * I)^-1, the form GPTQ's updates use."""
+    H = H.clone()
+    idx = torch.arange(H.shape[0], device=H.device)
+    H[idx, idx] += percdamp * torch.diag(H).mean()
+    L, info = torch.linalg.cholesky_ex(H)
+    if info != 0:
+        raise torch.linalg.LinAlgError(f"GPTQ: dampened Hessian is not positive definite (percdamp={percdamp}); "
+                                       f"raise percdamp")
+    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+
+
+@dataclass
+class PreparedHessian:
+    """What the solve needs from an input Hessian, shared by every weight that reads that input (q/k/v, gate/up):
+    the dead input columns, the act-order permutation and the factor of the dampened inverse, in processing order."""
+
+    dead: torch.Tensor  # [in] bool: channels that never saw a non-zero input
+    perm: torch.Tensor | None  # [in] processing order (act_order), None = natural order
+    Hinv: torch.Tensor  # [in, in] upper Cholesky factor of (H + damp I)^-1, permuted
+    percdamp: float
+    act_order: bool
+
+
+def prepare_hessian(H: torch.Tensor, percdamp: float = 0.01, act_order: bool = False) -> PreparedHessian:
+    """Dead channels get H_jj = 1 (their weights are zeroed by the solve), then the order and the inverse factor."""
+    H = H.detach().float().clone()  # [in, in]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
+    if perm is not None:
+        H = H[perm][:, perm]
+    return PreparedHessian(dead, perm, inverse_hessian_cholesky(H, percdamp), percdamp, act_order)
+
+
+@dataclass
+class Block:
+    """One block of columns [i1, i2) in processing order, transposed: row i of WT is column i1 + i of W."""
+
+    i1: int
+    i2: int
+    WT: torch.Tensor  # [b, out] weights, updated in place by the feedback of earlier columns
+    H1: torch.Tensor  # [b, b] the block's part of the inverse-Hessian factor
+    d: list  # [b] its diagonal as 0-dim tensors (true division on every device; a Python float is not on CUDA)
+    QT: torch.Tensor  # [b, out] codes (float32 for the int fast path, uint8 otherwise)
+    ET: torch.Tensor  # [b, out] scaled errors (w - dq) / d
+    tmp: torch.Tensor  # [b, out] scratch for one rank-1 update
+
+
+def _columns_int_numpy(blk: Block, a: int, e: int, s: torch.Tensor, z: torch.Tensor, maxq: float) -> None:
+    """Quantize columns a..e-1 of the block with qparams s, z [out] (int format, CPU): numpy on the same memory."""
+    WT, QT, ET, H1, tmp = (t.numpy() for t in (blk.WT, blk.QT, blk.ET, blk.H1, blk.tmp))
+    s, z, b, d = s.numpy(), z.numpy(), WT.shape[0], np.diagonal(H1)
+    for i in range(a, e):
+        w, q, err = WT[i], QT[i], ET[i]
+        np.divide(w, s, out=q)
+        np.rint(q, out=q)  # round half to even, as torch.round
+        np.add(q, z, out=q)
+        np.maximum(q, 0, out=q)
+        np.minimum(q, maxq, out=q)
+        np.subtract(q, z, out=err)
+        np.multiply(err, s, out=err)  # dq
+        np.subtract(w, err, out=err)
+        np.divide(err, d[i], out=err)
+        if i + 1 < b:
+            n = b - i - 1
+            np.multiply(H1[i, i + 1:, None], err, out=tmp[:n])  # [n, out]
+            np.subtract(WT[i + 1:], tmp[:n], out=WT[i + 1:])
+
+
+def _columns_format(blk: Block, a: int, e: int, s: torch.Tensor, z: torch.Tensor, spec: QuantSpec) -> None:
+    """Quantize columns a..e-1 of the block with qparams s, z [out] through the spec's format (any format/device)."""
+    fmt, b = spec.format, blk.WT.shape[0]
+    for i in range(a, e):
+        w = blk.WT[i]
+        q = fmt.encode(w, s, z, spec)  # [out] uint8
+        blk.QT[i] = q
+        err = torch.div(w - fmt.decode(q, s, z, spec), blk.d[i], out=blk.ET[i])
+        if i + 1 < b:
+            n = b - i - 1
+            torch.mul(blk.H1[i, i + 1:, None], err, out=blk.tmp[:n])  # [n, out]
+            blk.WT[i + 1:].sub_(blk.tmp[:n])
+
+
+def _static_table(W: torch.Tensor, spec: QuantSpec, qparams, static_groups: bool):
+    """Fixed (scale, zero) tables [n_groups, out] of contiguous groups (given, or min-max of W), or None."""
+    out, cols = W.shape
+    n_groups = spec.n_groups(cols)
+    if qparams is not None:
+        scale, zero = (t.float().to(W.device) for t in qparams)
+        if scale.shape != (out, n_groups) or zero.shape != (out, n_groups):
+            raise ValueError(f"qparams shapes {tuple(scale.shape)} / {tuple(zero.shape)} do not fit W "
+                             f"{tuple(W.shape)} with group {spec.group_for(cols)}: expected {(out, n_groups)}")
+    elif static_groups:
+        scale, zero = qparams_from_minmax(*group_minmax(W, spec), spec)  # [out, n_groups]
+    else:
+        return None
+    return scale.T.contiguous(), zero.T.contiguous()  # [n_groups, out]
+
+
+def _group_qparams(W: torch.Tensor, blk: Block, i: int, g: int, Hinv: torch.Tensor, spec: QuantSpec):
+    """Min-max qparams [out] of the dynamic group starting at column c = blk.i1 + i, from its current weights: the
+    block's rows i..i+g-1, plus the columns past the block with the pending in-block updates applied."""
+    c, i1, i2 = blk.i1 + i, blk.i1, blk.i2
+    vals = blk.WT[i:i + g]  # [<= g, out]
+    lo, hi = vals.amin(dim=0), vals.amax(dim=0)
+    if c + g > i2 and i2 < W.shape[1]:
+        err = blk.ET[:i2 - i1].T.contiguous()  # [out, b], the layout the plain loop multiplies
+        ahead = W[:, i2:c + g] - err[:, :i] @ Hinv[i1:c, i2:c + g]  # [out, cols past this block]
+        lo, hi = torch.minimum(lo, ahead.amin(dim=1)), torch.maximum(hi, ahead.amax(dim=1))
+    return qparams_from_minmax(lo, hi, spec)
+
+
+@dataclass
+class Tally:
+    """Per-row loss sum [out] and clamp counts, accumulated block by block."""
+
+    losses: torch.Tensor
+    clamped: float = 0.0
+    clamped_loss: float = 0.0
+
+
+def _finish_block(blk: Block, groups: torch.Tensor, S: torch.Tensor, Z: torch.Tensor, spec: QuantSpec,
+                  codes: torch.Tensor, tally: Tally | None) -> None:
+    """Codes of the block into codes[:, i1:i2]; per-column losses (w - dq)^2 / d^2 / 2 and clamp statistics."""
+    b = blk.i2 - blk.i1
+    Q = blk.QT[:b]  # [b, out]
+    codes[:, blk.i1:blk.i2] = Q.T  # float codes of the int fast path are exact small integers
+    if tally is None:
+        return
+    s, z = S[groups], Z[groups]  # [b, out] each column's qparams
+    Qc = Q if Q.dtype == torch.uint8 else Q.to(torch.uint8)
+    W1 = blk.WT[:b]  # each column as it was when rounded
+    d = torch.diagonal(blk.H1)[:, None]  # [b, 1]
+    loss = (W1 - spec.format.decode(Qc, s, z, spec)) ** 2 / d**2 / 2  # [b, out]
+    tally.losses += loss.sum(0)
+    off = spec.format.saturated(W1, s, z, spec)
+    tally.clamped += float(off.sum())
+    tally.clamped_loss += float(loss[off].sum())
+
+
+def _column_groups(cols: int, g: int, perm: torch.Tensor | None, static: bool) -> list[int]:
+    """Group of each column in processing order: contiguous original groups when static, else by position."""
+    if static and perm is not None:
+        return (perm // g).tolist()
+    return [c // g for c in range(cols)]
+
+
+def gptq_quantize(W: torch.Tensor, H: "torch.Tensor | PreparedHessian", spec: QuantSpec, blocksize: int = 128, percdamp: float = 0.01,
+                  act_order: bool = False, static_groups: bool = False,
+                  qparams: tuple[torch.Tensor, torch.Tensor] | None = None, stats: dict | None = None
+                  ) -> tuple[QTensor, float]:
+    """Quantize W [out, in] given the input Hessian H [in, in] (or its `prepare_hessian`, computed once for all
+    weights that share the input). Returns (codes + qparams, loss).
+
+    Rounding goes through the spec's numeric format (any entry of the format table).
+    Without act_order, or with static_groups, groups are contiguous in the original column order (g_idx None).
+    With act_order alone, group k holds the k-th g columns in processing order: scale/zero are stored in that
+    order and the QTensor's g_idx[j] is the group of original column j.
+    loss = sum (w - q)^2 / (2 [H^-1]_jj^2), as in the paper.
+    `qparams` = fixed (scale, zero) [out, n_groups] of contiguous groups (e.g. AWQ's clipped ranges when
+    stacking): they are used as static groups, and only the rounding is GPTQ's.
+    `stats`, when given, receives "clamped": the fraction of weights that error feedback pushed off their group's
+    grid (beyond its range, so their rounding error exceeds rounding), and "clamped_loss": their
+    share of `loss`.
+    """
+    W = W.detach().float().clone()  # [out, in]
+    out, cols = W.shape
+    g, n_groups, dev = spec.group_for(cols), spec.n_groups(cols), W.device
+    prep = H if isinstance(H, PreparedHessian) else prepare_hessian(H.to(dev), percdamp, act_order)
+    if (prep.percdamp, prep.act_order) != (percdamp, act_order) or prep.Hinv.shape != (cols, cols):
+        raise ValueError(f"prepared Hessian (percdamp={prep.percdamp}, act_order={prep.act_order}, "
+                         f"{tuple(prep.Hinv.shape)}) does not fit this solve (percdamp={percdamp}, "
+                         f"act_order={act_order}, W {tuple(W.shape)})")
+    W[:, prep.dead] = 0
+    static = _static_table(W, spec, qparams, static_groups)
+    perm, Hinv = prep.perm, prep.Hinv
+    if perm is not None:
+        W = W[:, perm]
+    S, Z = static if static is not None else (torch.zeros(n_groups, out, device=dev) for _ in range(2))
+    fast = type(spec.format) is IntFormat and dev.type == "cpu"
+    groups = _column_groups(cols, g, perm, static is not None)
+    codes = torch.empty(out, cols, dtype=torch.uint8, device=dev)
+    tally = Tally(torch.zeros(out, device=dev))
+    _solve(W, Hinv, spec, blocksize, groups, static is None, S, Z, codes, tally, fast)
+    g_idx = None
+    if perm is not None:
+        inv = torch.argsort(perm)
+        codes = codes[:, inv]  # back to the original column order
+        if static is None:
+            g_idx = (torch.arange(cols, device=dev) // g)[inv].to(torch.int32)  # [in]
+    loss = float(tally.losses.sum())
+    if stats is not None:
+        stats.update(clamped=tally.clamped / W.numel(), clamped_loss=tally.clamped_loss / max(loss, 1e-30))
+    return QTensor(codes, S.T.contiguous(), Z.T.contiguous(), spec, g_idx), loss
+
+
+def _solve(W, Hinv, spec, blocksize, groups, dynamic, S, Z, codes, tally, fast) -> None:
+    """The block loop: round each block's columns (segments of one group), then the lazy batch update of the rest."""
+    out, cols = W.shape
+    bmax, dev = min(blocksize, cols), W.device
+    qdtype = torch.float32 if fast else torch.uint8
+    WT, ET, tmp = (torch.empty(bmax, out, device=dev) for _ in range(3))
+    QT = torch.empty(bmax, out, dtype=qdtype, device=dev)
+    gbuf = torch.empty(out * max(cols - bmax, 0), device=dev)  # the lazy update's product, reused
+    maxq = float(2**spec.bits - 1)
+    g = spec.group_for(cols)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        b = i2 - i1
+        WT[:b].copy_(W[:, i1:i2].T)
+        blk = Block(i1, i2, WT[:b], Hinv[i1:i2, i1:i2], [], QT[:b], ET[:b], tmp[:b])
+        blk.d = list(torch.diagonal(blk.H1).unbind()) if not fast else []
+        i = 0
+        while i < b:
+            k = groups[i1 + i]
+            if dynamic and (i1 + i) % g == 0:
+                S[k], Z[k] = _group_qparams(W, blk, i, g, Hinv, spec)
+            e = i + 1
+            while e < b and groups[i1 + e] == k:
+                e += 1
+            if fast:
+                _columns_int_numpy(blk, i, e, S[k], Z[k], maxq)
+            else:
+                _columns_format(blk, i, e, S[k], Z[k], spec)
+            i = e
+        _finish_block(blk, torch.tensor(groups[i1:i2], device=dev), S, Z, spec, codes, tally)
+        if i2 < cols:
+            n = cols - i2
+            prod = torch.matmul(ET[:b].T.contiguous(), Hinv[i1:i2, i2:], out=gbuf[:out * n].view(out, n))
+            W[:, i2:] -= prod
