@@ -138,30 +138,26 @@ def _group_qparams(W: torch.Tensor, blk: Block, i: int, g: int, Hinv: torch.Tens
 
 @dataclass
 class Tally:
-    """Per-row loss sum [out] and clamp counts, accumulated block by block."""
+    """Per-row loss sum [out], and clamp counts when asked for (`clamp`), accumulated block by block."""
 
     losses: torch.Tensor
+    clamp: bool
     clamped: float = 0.0
     clamped_loss: float = 0.0
 
 
 def _finish_block(blk: Block, groups: torch.Tensor, S: torch.Tensor, Z: torch.Tensor, spec: QuantSpec,
-                  codes: torch.Tensor, tally: Tally | None) -> None:
-    """Codes of the block into codes[:, i1:i2]; per-column losses (w - dq)^2 / d^2 / 2 and clamp statistics."""
+                  codes: torch.Tensor, tally: Tally) -> None:
+    """Codes of the block into codes[:, i1:i2]; per-column losses (w - dq)^2 / d^2 / 2 = err^2 / 2 from the scaled
+    errors of the loop; with `tally.clamp`, which weights lay beyond their group's grid and their loss."""
     b = blk.i2 - blk.i1
-    Q = blk.QT[:b]  # [b, out]
-    codes[:, blk.i1:blk.i2] = Q.T  # float codes of the int fast path are exact small integers
-    if tally is None:
-        return
-    s, z = S[groups], Z[groups]  # [b, out] each column's qparams
-    Qc = Q if Q.dtype == torch.uint8 else Q.to(torch.uint8)
-    W1 = blk.WT[:b]  # each column as it was when rounded
-    d = torch.diagonal(blk.H1)[:, None]  # [b, 1]
-    loss = (W1 - spec.format.decode(Qc, s, z, spec)) ** 2 / d**2 / 2  # [b, out]
+    codes[:, blk.i1:blk.i2] = blk.QT[:b].T  # float codes of the int fast path are exact small integers
+    loss = blk.ET[:b] ** 2 / 2  # [b, out]
     tally.losses += loss.sum(0)
-    off = spec.format.saturated(W1, s, z, spec)
-    tally.clamped += float(off.sum())
-    tally.clamped_loss += float(loss[off].sum())
+    if tally.clamp:
+        off = spec.format.saturated(blk.WT[:b], S[groups], Z[groups], spec)  # columns as they were when rounded
+        tally.clamped += float(off.sum())
+        tally.clamped_loss += float((loss * off).sum())
 
 
 def _column_groups(cols: int, g: int, perm: torch.Tensor | None, static: bool) -> list[int]:
@@ -206,7 +202,7 @@ def gptq_quantize(W: torch.Tensor, H: "torch.Tensor | PreparedHessian", spec: Qu
     fast = type(spec.format) is IntFormat and dev.type == "cpu"
     groups = _column_groups(cols, g, perm, static is not None)
     codes = torch.empty(out, cols, dtype=torch.uint8, device=dev)
-    tally = Tally(torch.zeros(out, device=dev))
+    tally = Tally(torch.zeros(out, device=dev), clamp=stats is not None)
     _solve(W, Hinv, spec, blocksize, groups, static is None, S, Z, codes, tally, fast)
     g_idx = None
     if perm is not None:

@@ -14,7 +14,7 @@ def _minmax(cols: torch.Tensor, spec: QuantSpec):
 
 
 def plain_gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int = 128, percdamp: float = 0.01,
-               act_order: bool = False, static_groups: bool = False, qparams=None) -> QTensor:
+               act_order: bool = False, static_groups: bool = False, qparams=None) -> tuple[QTensor, float]:
     W, H = W.float().clone(), H.float().clone()
     out, cols = W.shape
     g, n_groups, fmt = spec.group_for(cols), spec.n_groups(cols), spec.format
@@ -31,7 +31,7 @@ def plain_gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
     Hinv = inverse_hessian_cholesky(H, percdamp)
-    codes = torch.zeros(out, cols, dtype=torch.uint8)
+    codes, loss = torch.zeros(out, cols, dtype=torch.uint8), 0.0
     scale, zero = torch.zeros(out, n_groups), torch.zeros(out, n_groups)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -48,7 +48,9 @@ def plain_gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int
             w, d = W1[:, i], Hinv1[i, i]
             q = fmt.encode(w, s, z, spec)
             codes[:, c] = q
-            err = (w - fmt.decode(q, s, z, spec)) / d
+            dq = fmt.decode(q, s, z, spec)
+            loss += float(((w - dq) ** 2 / d**2 / 2).sum())  # the paper's loss
+            err = (w - dq) / d
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
@@ -61,4 +63,4 @@ def plain_gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int
         codes = codes[:, inv]
         if static is None:
             g_idx = (torch.arange(cols) // g)[inv].to(torch.int32)
-    return QTensor(codes, scale, zero, spec, g_idx)
+    return QTensor(codes, scale, zero, spec, g_idx), loss

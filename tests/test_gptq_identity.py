@@ -97,8 +97,10 @@ def _solve_both(cfg, H=None):
     if prior:
         grid = quantize_tensor(0.8 * W, spec)
         qp = (grid.scale, grid.zero)
-    fast, _ = gptq_quantize(W, H, spec, bs, 0.01, ao, sg, qp)
-    return fast, plain_gptq(W, H, spec, bs, 0.01, ao, sg, qp)
+    fast, loss = gptq_quantize(W, H, spec, bs, 0.01, ao, sg, qp)
+    plain, plain_loss = plain_gptq(W, H, spec, bs, 0.01, ao, sg, qp)
+    assert loss == pytest.approx(plain_loss, rel=1e-5)  # summed in another order: close, not bit-equal
+    return fast, plain
 
 
 def _same(a, b) -> bool:
