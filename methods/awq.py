@@ -18,17 +18,14 @@ from qresearch.calib.stats import input_stats
 from qresearch.errors import ConfigError
 from qresearch.method import Block, BlockMethod, Context, Recorder, TagFlag, require_weight_spec
 from qresearch.models.arch import get_module
-from qresearch.quant import QTensor, QuantSpec, group_minmax, qparams_from_minmax, quantize
-from qresearch.quant.primitives import dequantize, to_groups
+from qresearch.quant import QTensor, QuantSpec, quantize_tensor
+from qresearch.quant.primitives import to_groups
 
 
 def clipped_qtensor(W: torch.Tensor, spec: QuantSpec, max_val: torch.Tensor | None = None) -> QTensor:
-    """Min-max quantization of W [out, in] with each group's range clipped to [-max_val, max_val] ([out, n_groups])."""
-    xmin, xmax = group_minmax(W, spec)  # [out, n_groups]
-    if max_val is not None:
-        xmin, xmax = torch.maximum(xmin, -max_val), torch.minimum(xmax, max_val)
-    scale, zero = qparams_from_minmax(xmin, xmax, spec)
-    return QTensor(quantize(W, scale, zero, spec), scale, zero, spec)
+    """Quantization of W [out, in] by the spec's format with each group's values clipped to [-max_val, max_val]
+    ([out, n_groups]) for fitting its qparams (min-max formats: the clipped range)."""
+    return quantize_tensor(W, spec, clip=max_val)
 
 
 def pseudo_quantize(W: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -43,15 +40,17 @@ def act_scales(x_absmean: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def awq_search_scales(loss_fn: Callable[[list[torch.Tensor]], float], x_absmean: torch.Tensor,
-                      weights: list[torch.Tensor], spec: QuantSpec, n_grid: int = 20
+                      weights: list[torch.Tensor], spec: QuantSpec | list[QuantSpec], n_grid: int = 20
                       ) -> tuple[torch.Tensor, float, list[float]]:
-    """Grid alpha in {0, 1/n, ..., (n-1)/n}; for each, candidate weights Q(W * s) / s go to loss_fn.
-    Returns (best s [C], best alpha, loss per grid point). alpha = 0 is plain RTN, so the result is never worse."""
+    """Grid alpha in {0, 1/n, ..., (n-1)/n}; for each, candidate weights Q(W * s) / s go to loss_fn (`spec`: one for
+    all weights or one per weight). Returns (best s [C], best alpha, loss per grid point). alpha = 0 is plain RTN,
+    so the result is never worse."""
+    specs = spec if isinstance(spec, list) else [spec] * len(weights)
     losses, best = [], (math.inf, None, 0.0)
     for k in range(n_grid):
         alpha = k / n_grid
         s = act_scales(x_absmean, alpha).to(weights[0].device)
-        cand = [pseudo_quantize(w.float() * s, spec) / s for w in weights]
+        cand = [pseudo_quantize(w.float() * s, sp) / s for w, sp in zip(weights, specs)]
         loss = float(loss_fn(cand))
         losses.append(loss)
         if loss < best[0]:
@@ -78,7 +77,7 @@ def awq_search_clip(W: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, n_grid
     for k in range(int(max_shrink * n_grid)):
         mx = absmax * (1 - k / n_grid)
         q = clipped_qtensor(W, spec, mx)
-        D = Wg - to_groups(dequantize(q.codes, q.scale, q.zero, spec), g)  # [out, ng, g]
+        D = Wg - to_groups(q.dequantize(), g)  # [out, ng, g]
         err = torch.einsum("ong,ngh,onh->on", D, Gb, D)  # [out, ng]
         better = err < best_err
         best_err, best = torch.where(better, err, best_err), torch.where(better, mx, best)
@@ -90,13 +89,19 @@ class AWQ(BlockMethod):
 
     name = "awq"
     tag_flags = (TagFlag("clip", True, "noclip"), TagFlag("n_grid", 20, "grid{}"),
-                 TagFlag("search_samples", None, "n{}"), TagFlag("load_artifacts", None, "loaded"))
+                 TagFlag("search_samples", None, "n{}"), TagFlag("load_artifacts", None, "loaded"),
+                 TagFlag("bits_map", None, "bitsmap"))
 
     def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = False, qformat: str = "int",
+                 scale_bits: int | None = None, scale_level2: str = "channel", bits_map: str | None = None,
                  n_grid: int = 20, clip: bool = True, clip_grid: int = 20, max_shrink: float = 0.5,
                  search_samples: int | None = None, load_artifacts: str | None = None, propagate: str = "fp",
                  offload: bool = True, batch_size: int = 8):
-        self.spec = require_weight_spec(self.name, bits, group_size, sym, qformat)
+        self.spec = require_weight_spec(self.name, bits, group_size, sym, qformat, scale_bits, scale_level2)
+        self.use_bits_map(bits_map)
+        if clip and self.spec.granularity == "tensor":
+            raise ConfigError("awq clip searches a range per group / channel; with a per-layer palette "
+                              "(group_size=0) set method.awq.clip=false")
         if n_grid < 1 or clip_grid < 1 or not 0 <= max_shrink < 1:
             raise ConfigError(f"n_grid={n_grid} / clip_grid={clip_grid} / max_shrink={max_shrink} invalid; allowed: "
                               f"n_grid, clip_grid >= 1 and 0 <= max_shrink < 1")
@@ -131,8 +136,9 @@ class AWQ(BlockMethod):
             key = f"awq.{blk.prefix}{pair.prev}.scales"
             weights = [blk.linear(n).weight.data for n in pair.linears]
             found = {}
+            specs = [self.spec_for(blk.prefix + n) for n in pair.linears]
             s = self._artifact(key, lambda: found.setdefault("s", awq_search_scales(
-                self._loss(blk.module, pair, Hs[f], cache), stats[f].absmean, weights, self.spec, self.n_grid))[0])
+                self._loss(blk.module, pair, Hs[f], cache), stats[f].absmean, weights, specs, self.n_grid))[0])
             rec.result.artifacts[key] = s.float().cpu()
             for n in pair.linears:
                 searched[n] = {"alpha": found["s"][1] if found else None, "search_seconds": time.perf_counter() - t0}
@@ -156,12 +162,12 @@ class AWQ(BlockMethod):
 
     def _layer(self, blk: Block, name: str, H: torch.Tensor, rec: Recorder, searched: dict | None) -> torch.Tensor:
         t0, full = time.perf_counter(), blk.prefix + name
-        W = blk.linear(name).weight.data
+        W, spec = blk.linear(name).weight.data, self.spec_for(full)
         mx = None
         if self.clip and name not in blk.ctx.arch.no_clip:
             mx = self._artifact(f"awq.{full}.clip",
-                                lambda: awq_search_clip(W, H / 2, self.spec, self.clip_grid, self.max_shrink))
+                                lambda: awq_search_clip(W, H / 2, spec, self.clip_grid, self.max_shrink))
             rec.result.artifacts[f"awq.{full}.clip"] = mx.float().cpu()
-        q = clipped_qtensor(W.float(), self.spec, None if mx is None else mx.to(W.device))
+        q = clipped_qtensor(W.float(), spec, None if mx is None else mx.to(W.device))
         return rec.record(full, q, W, block=blk.index, H=H, t0=t0, clipped=mx is not None,
                           **(searched or {"alpha": None, "search_seconds": 0.0}))

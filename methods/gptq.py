@@ -19,6 +19,8 @@ from qresearch.calib.replay import Replay
 from qresearch.calib.stats import input_stats
 from qresearch.errors import ConfigError
 from qresearch.method import Block, BlockMethod, Context, Recorder, TagFlag, require_weight_spec
+from qresearch.quant import QTensor, QuantSpec
+from qresearch.quant.codebook import finetune_lut
 
 from .gptq_solver import PreparedHessian, gptq_quantize, inverse_hessian_cholesky, prepare_hessian
 
@@ -33,13 +35,20 @@ class GPTQ(BlockMethod):
     name = "gptq"
     tag_flags = (TagFlag("act_order", False, "ao"), TagFlag("static_groups", False, "sg"),
                  TagFlag("true_sequential", True, "nts"), TagFlag("percdamp", 0.01, "d{}"),
-                 TagFlag("qparams", "minmax", "{}"))
+                 TagFlag("qparams", "minmax", "{}"), TagFlag("weighted_fit", True, "uwfit"),
+                 TagFlag("lut_finetune", False, "lutft"), TagFlag("bits_map", None, "bitsmap"))
 
     def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = False, qformat: str = "int",
+                 scale_bits: int | None = None, scale_level2: str = "channel", bits_map: str | None = None,
                  blocksize: int = 128, percdamp: float = 0.01, act_order: bool = False, static_groups: bool = False,
-                 true_sequential: bool = True, qparams: str = "minmax", propagate: str = "quantized",
-                 offload: bool = True, batch_size: int = 8):
-        self.spec = require_weight_spec(self.name, bits, group_size, sym, qformat)
+                 true_sequential: bool = True, qparams: str = "minmax", weighted_fit: bool = True,
+                 lut_finetune: bool = False, propagate: str = "quantized", offload: bool = True, batch_size: int = 8):
+        self.spec = require_weight_spec(self.name, bits, group_size, sym, qformat, scale_bits, scale_level2)
+        self.use_bits_map(bits_map)
+        if lut_finetune and self.spec.qformat != "kmeans":
+            raise ConfigError(f"lut_finetune=true refits codebook entries; it needs qformat=kmeans "
+                              f"(got {self.spec.qformat})")
+        self.weighted_fit, self.lut_finetune = weighted_fit, lut_finetune
         if blocksize < 1 or not 0 <= percdamp < 1:
             raise ConfigError(f"blocksize={blocksize} / percdamp={percdamp} invalid; allowed: blocksize >= 1, "
                               f"0 <= percdamp < 1")
@@ -90,20 +99,22 @@ class GPTQ(BlockMethod):
                t0: float) -> torch.Tensor:
         full = blk.prefix + name
         W = blk.linear(name).weight.data
-        extra: dict = {}
-        q, loss = gptq_quantize(W, prep, self.spec, self.blocksize, self.percdamp, self.act_order, self.static_groups,
-                                self._prior_qparams(full), stats=extra)
+        spec, extra = self.spec_for(full), {}
+        q, loss = gptq_quantize(W, prep, spec, self.blocksize, self.percdamp, self.act_order, self.static_groups,
+                                self._prior_qparams(full, spec), stats=extra, weighted_fit=self.weighted_fit)
+        if self.lut_finetune:
+            q = finetune_lut(W, H, q)
         return rec.record(full, q, W, block=blk.index, H=H, t0=t0, gptq_loss=loss, gptq_clamped=extra["clamped"],
                           gptq_clamped_loss=extra["clamped_loss"])
 
-    def _prior_qparams(self, full: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(scale, zero) of the earlier step's result for this linear when qparams=prior."""
+    def _prior_qparams(self, full: str, spec: QuantSpec) -> QTensor | None:
+        """The earlier step's result for this linear when qparams=prior (its scale, zero, palette, scale2)."""
         if self._prior is None:
             return None
         prev = self._prior.layers.get(full)
-        if prev is None or prev.weight.g_idx is not None or prev.weight.spec != self.spec:
+        if prev is None or prev.weight.g_idx is not None or prev.weight.spec != spec:
             why = "no result" if prev is None else "act-order groups" if prev.weight.g_idx is not None else \
                 f"spec {prev.weight.spec}"
             raise ConfigError(f"gptq qparams=prior: the earlier step left {why} for {full}; it needs contiguous "
-                              f"groups with the same bits/group_size/sym ({self.spec})")
-        return prev.weight.scale, prev.weight.zero
+                              f"groups with the same bits/group_size/sym ({spec})")
+        return prev.weight

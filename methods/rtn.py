@@ -8,7 +8,7 @@ from qresearch.calib.observe import observe_inputs
 from qresearch.errors import ConfigError
 from qresearch.method import Context, Method, Recorder, TagFlag
 from qresearch.models.arch import target_linears
-from qresearch.quant import QuantSpec, quantize_tensor, weight_spec
+from qresearch.quant import QuantSpec, get_format, quantize_tensor, weight_spec
 from qresearch.quant.observers import OBSERVERS, make_observer
 from qresearch.records import ActQuant, QuantResult
 
@@ -23,6 +23,11 @@ def act_spec(bits: int, granularity: str, qformat: str = "int") -> QuantSpec | N
         raise ConfigError(f"act_granularity={granularity!r} is unknown; allowed: {', '.join(ACT_GRANULARITIES)}")
     if not 2 <= bits <= 8:
         raise ConfigError(f"act_bits={bits} is out of range; allowed: 2..8, or 16 for full-precision activations")
+    if not get_format(qformat).act_ok:
+        from qresearch.quant import FORMATS
+
+        ok = ", ".join(n for n, f in FORMATS.items() if f.act_ok)
+        raise ConfigError(f"act_qformat={qformat} cannot quantize activations dynamically; allowed: {ok}")
     return QuantSpec(bits=bits, sym=True, granularity=granularity, qformat=qformat)
 
 
@@ -36,12 +41,14 @@ class RTN(Method):
 
     name = "rtn"
     tag_flags = (TagFlag("lm_head", False, "head"), TagFlag("act_static", False, "static"),
-                 TagFlag("act_observer", "minmax", "{}"))
+                 TagFlag("act_observer", "minmax", "{}"), TagFlag("bits_map", None, "bitsmap"))
 
     def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = False, qformat: str = "int",
+                 scale_bits: int | None = None, scale_level2: str = "channel", bits_map: str | None = None,
                  lm_head: bool = False, act_bits: int = 16, act_granularity: str = "token", act_static: bool = False,
                  act_observer: str = "minmax", act_qformat: str = "int"):
-        self.spec = weight_spec(bits, group_size, sym, qformat)  # None when bits == 16
+        self.spec = weight_spec(bits, group_size, sym, qformat, scale_bits, scale_level2)  # None when bits == 16
+        self.use_bits_map(bits_map)
         self.lm_head = lm_head
         self.act = act_spec(act_bits, act_granularity, act_qformat)
         self.act_static, self.act_observer = act_static, act_observer
@@ -69,6 +76,9 @@ class RTN(Method):
         result = QuantResult()
         if self.spec is None:
             return result
+        used = self.resolve_bits_map(model, ctx)
+        if used is not None:
+            result.info["bits_map"] = used
         rec = Recorder(self.name, result)
         linears = target_linears(model, ctx.arch, self.lm_head)
         acts = self._act_quant(model, linears, ctx)
@@ -76,5 +86,6 @@ class RTN(Method):
             t0 = time.perf_counter()
             act = acts.get(name)
             extra = {"act_static_scale": float(act.static_scale)} if act and act.static_scale is not None else {}
-            rec.record(name, quantize_tensor(lin.weight.data, self.spec), lin.weight.data, act=act, t0=t0, **extra)
+            rec.record(name, quantize_tensor(lin.weight.data, self.spec_for(name)), lin.weight.data, act=act, t0=t0,
+                       **extra)
         return result

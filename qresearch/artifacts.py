@@ -30,3 +30,37 @@ def load_artifacts(path: str | Path) -> dict[str, torch.Tensor]:
     if not Path(path).is_file():
         raise ConfigError(f"artifacts file {path} does not exist; point to a run dir's artifacts.safetensors")
     return load_file(str(path))
+
+
+BITS_PREFIX = "bits."  # a per-layer bit-width map stored as artifacts: bits.<layer> = int tensor [1]
+
+
+def bits_map_artifacts(bits: dict[str, int]) -> dict[str, torch.Tensor]:
+    """{layer: bits} as artifact tensors (saved with the run, reloadable as a bits map)."""
+    return {f"{BITS_PREFIX}{k}": torch.tensor([int(v)], dtype=torch.int32) for k, v in bits.items()}
+
+
+def bits_map_from_artifacts(artifacts: dict[str, torch.Tensor]) -> dict[str, int]:
+    return {k[len(BITS_PREFIX):]: int(v.reshape(-1)[0]) for k, v in artifacts.items() if k.startswith(BITS_PREFIX)}
+
+
+def load_bits_map(path: str | Path) -> dict[str, int]:
+    """A per-layer bits map from a run's artifacts.safetensors (bits.<layer>) or a JSON file {layer: bits} (or
+    {"bits": {layer: bits}, ...})."""
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"bits_map={path} does not exist; allowed: a .json {{layer: bits}}, a run's "
+                          f"artifacts.safetensors, or 'prior'")
+    if p.suffix == ".json":
+        raw = json.loads(p.read_text())
+        raw = raw.get("bits", raw) if isinstance(raw, dict) else raw
+        if not isinstance(raw, dict) or not all(isinstance(v, int) for v in raw.values()):
+            raise ConfigError(f"bits_map={path}: expected {{layer: int bits}}")
+        return {str(k): int(v) for k, v in raw.items()}
+    found = bits_map_from_artifacts(load_artifacts(p))
+    if not found:
+        raise ConfigError(f"bits_map={path} holds no {BITS_PREFIX}<layer> artifacts (was it written by a "
+                          f"method=mixed_* run?)")
+    return found

@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .data.text import EVAL_SETS, check_available
+from .data.sets import EvalSet, parse_eval_sets
+from .data.text import check_calibration
 from .errors import ConfigError
 from .method import Method, run_facts, run_tag
-from .models.load import ModelSpec, max_positions, resolve_path
+from .models.load import PREQUANTIZED, ModelSpec, config_dict, max_positions, resolve_path
 from .nn.swap import MODULES
 from .quant.formats import FORMATS
 
@@ -36,15 +37,24 @@ def model_name(preset: str, preset_path: str, path: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(path).rstrip("/")).name) or preset
 
 
-def full_tag(recipe: str, steps: list[Method], modules: str) -> str:
-    """The run tag: what the steps do, plus -packed for packed modules (fake is the default)."""
-    return run_tag(recipe, steps) + ("-packed" if modules == "packed" else "")
+def kv_tag(kv: Any) -> str:
+    """Tag fragment of KV-cache quantization: -kv8, -kv4-sym, -kv8-fp8_e4m3 ('' when off)."""
+    if kv is None or kv.get("bits", 16) == 16:
+        return ""
+    fmt = kv.get("qformat", "int")
+    return f"-kv{kv['bits']}{'-sym' if kv.get('sym') and fmt == 'int' else ''}{'' if fmt == 'int' else '-' + fmt}"
 
 
-def tag_of(method: DictConfig, modules: str) -> str:
+def full_tag(recipe: str, steps: list[Method], modules: str, kv: Any = None) -> str:
+    """The run tag: what the steps do, plus -packed / -integer for those modules (fake is the default), plus the KV
+    cache."""
+    return run_tag(recipe, steps) + ("" if modules == "fake" else f"-{modules}") + kv_tag(kv)
+
+
+def tag_of(method: DictConfig, modules: str, kv: Any = None) -> str:
     """Run tag of a method node (for the run dir, resolved by Hydra before run(); errors surface in plan())."""
     try:
-        return full_tag(method.name, build_steps(method), modules)
+        return full_tag(method.name, build_steps(method), modules, kv)
     except Exception:  # noqa: BLE001 - plan() reports the error properly; the dir is then discarded
         return f"{method.get('name', 'method')}-invalid"
 
@@ -78,16 +88,17 @@ def _type_ok(value: Any, hint: Any) -> bool:
     return True  # containers and other types: the constructor checks them
 
 
+_PHRASES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+
+
 def _type_name(hint: Any) -> str:
-    args = typing.get_args(hint)
-    if args:
-        return " or ".join("null" if a is type(None) else a.__name__ for a in args)
-    return "true/false" if hint is bool else getattr(hint, "__name__", str(hint))
+    args = typing.get_args(hint) or (hint,)
+    return " or ".join(_PHRASES.get(a, getattr(a, "__name__", str(a))) for a in args)
 
 
 def check_value(where: str, value: Any, hint: Any) -> None:
     if not _type_ok(value, hint):
-        raise ConfigError(f"{where}={value!r} is not a {_type_name(hint)}")
+        raise ConfigError(f"{where}={value!r} must be {_type_name(hint)}")
 
 
 def _step_class(target: str, where: str) -> type:
@@ -145,7 +156,7 @@ def build_steps(method: DictConfig) -> list[Method]:
 
 @dataclass
 class EvalPlan:
-    datasets: list[tuple[str, str]]  # (dataset, split)
+    datasets: list[EvalSet]  # built-in splits and own texts (data/sets.py)
     root: str
     source: str
     seqlen: int
@@ -156,6 +167,7 @@ class EvalPlan:
     stride: int | None = None
     lm_eval: dict[str, Any] | None = None  # tasks, limit, num_fewshot, batch_size
     latency: dict[str, Any] | None = None  # LatencyConfig fields when enabled
+    kv_cache: dict[str, Any] | None = None  # bits, qformat, sym, contexts when enabled (eval/kvcache.py)
 
 
 @dataclass
@@ -180,19 +192,23 @@ class Plan:
 
 
 TOP_LEVEL = {"bits": int, "group_size": int, "sym": bool, "qformat": str, "act_bits": int, "seed": int,
-             "modules": str, "device": str, "export": str | None, "skip_done": bool}
+             "modules": str, "device": str, "export": str | None, "skip_done": bool, "scale_bits": int | None,
+             "scale_level2": str, "bits_map": str | None}
 
 
 def check_top_level(cfg: DictConfig) -> None:
     """Types and ranges of the top-level knobs (before anything interpolates them into a step)."""
     for key, hint in TOP_LEVEL.items():
         check_value(key, cfg.get(key), hint)
-    if not (2 <= cfg.bits <= 8 or cfg.bits == 16):
-        raise ConfigError(f"bits={cfg.bits} is out of range; allowed: 2..8, or 16 for no quantization")
-    if cfg.group_size == 0 or cfg.group_size < -1:
-        raise ConfigError(f"group_size={cfg.group_size} is invalid; allowed: -1 (per-channel) or a positive int")
     if cfg.qformat not in FORMATS:
         raise ConfigError(f"qformat={cfg.qformat!r} is unknown; allowed: {', '.join(FORMATS)}")
+    low = min(FORMATS[cfg.qformat].bits_allowed)
+    if not (low <= cfg.bits <= 8 or cfg.bits == 16):
+        raise ConfigError(f"bits={cfg.bits} is out of range; allowed: {max(low, 2)}..8 (1: qformat=binary), "
+                          f"or 16 for no quantization")
+    if cfg.group_size < -1 or (cfg.group_size == 0 and cfg.qformat != "kmeans"):
+        raise ConfigError(f"group_size={cfg.group_size} is invalid; allowed: -1 (per-channel) or a positive int "
+                          f"(0: a per-layer palette, qformat=kmeans)")
     if not (2 <= cfg.act_bits <= 8 or cfg.act_bits == 16):
         raise ConfigError(f"act_bits={cfg.act_bits} is out of range; allowed: 2..8, or 16 for full precision")
     if not 0 <= cfg.seed < 2**32:
@@ -227,13 +243,7 @@ def _eval_plan(e: DictConfig) -> EvalPlan:
     for key, hint in {"seqlen": int, "max_chunks": int | None, "batch_size": int, "baseline": bool,
                       "protocol": str, "stride": int | None}.items():
         check_value(f"eval.{key}", e.get(key), hint)
-    sets = []
-    for ds in e.datasets:
-        if ds not in EVAL_SETS:
-            raise ConfigError(f"eval dataset={ds!r} is unknown; allowed: {', '.join(EVAL_SETS)}")
-        split = e.splits.get(ds)
-        check_available(ds, split, e.root, e.source)
-        sets.append((ds, split))
+    sets = parse_eval_sets(e.datasets, e.splits, e.root, e.source)
     if e.seqlen < 2:
         raise ConfigError(f"eval.seqlen={e.seqlen} is too small; allowed: >= 2")
     if e.max_chunks is not None and e.max_chunks < 1:
@@ -247,20 +257,26 @@ def _eval_plan(e: DictConfig) -> EvalPlan:
         raise ConfigError(f"eval.stride={stride} is invalid; allowed: 1..eval.seqlen ({e.seqlen})")
     lm = OmegaConf.to_container(e.lm_eval, resolve=True) if e.get("lm_eval") else None
     if lm and lm["tasks"]:
-        from .eval.lm_eval_bridge import check_tasks
+        from .eval.lm_eval_bridge import check_lm_eval
 
-        check_tasks(lm["tasks"], e.root)
+        check_lm_eval(lm, e.root)
     lat = OmegaConf.to_container(e.latency, resolve=True) if e.get("latency") else None
     return EvalPlan(sets, e.root, e.source, int(e.seqlen), e.max_chunks, int(e.batch_size), e.baseline, e.protocol,
                     stride if e.protocol == "sliding" else None, lm if lm and lm["tasks"] else None,
-                    lat if lat and lat.get("enabled") else None)
+                    lat if lat and lat.get("enabled") else None, _kv_plan(e))
+
+
+def _kv_plan(e: DictConfig) -> dict[str, Any] | None:
+    """eval.kv_cache checked (types, supported bits / format) -> its settings, or None when off."""
+    from .eval.kvcache import check_kv_settings
+
+    return check_kv_settings(OmegaConf.to_container(e.kv_cache, resolve=True) if e.get("kv_cache") else None)
 
 
 def _calib(cfg: DictConfig, needed: bool) -> dict[str, Any]:
     calib = {k: cfg.data[k] for k in ("name", "root", "source", "n_samples", "seqlen")}
     if needed:
-        if calib["name"] == "c4":
-            check_available("c4", "validation", calib["root"], calib["source"])
+        check_calibration(calib["name"], calib["root"], calib["source"])
         for key in ("n_samples", "seqlen"):
             check_value(f"data.{key}", calib[key], int)
         if calib["n_samples"] < 1 or calib["seqlen"] < 2:
@@ -281,12 +297,45 @@ def _check_steps(cfg: DictConfig, steps: list[Method], facts: dict) -> None:
     """Combinations of knobs and steps that would do something other than asked."""
     if cfg.act_bits != 16 and facts["act_bits"] == 16:
         raise ConfigError(f"act_bits={cfg.act_bits} but no step of method {cfg.method.name!r} quantizes "
-                          f"activations; steps that do: rtn (e.g. method=rtn act_bits={cfg.act_bits})")
-    if cfg.model.source == "qresearch" and cfg.modules != "packed":
-        raise ConfigError("model.source=qresearch loads packed weights; run it with modules=packed")
-    if cfg.modules == "packed" and cfg.model.source != "qresearch" and not any(s.spec is not None for s in steps):
+                          f"activations; steps that do: rtn (e.g. method=rtn act_bits={cfg.act_bits}), smoothquant, "
+                          f"llm_int8, zeroquant, integer")
+    if cfg.act_bits != 16 and facts["act_bits"] not in (16, cfg.act_bits):
+        raise ConfigError(f"act_bits={cfg.act_bits} but method {cfg.method.name!r} quantizes activations to "
+                          f"{facts['act_bits']} bits; set it on the step (method.<step>.act_bits={cfg.act_bits})")
+    if cfg.modules == "integer" and not any(getattr(s, "integer_io", False) for s in steps):
+        raise ConfigError(f"modules=integer needs static input and output qparams, which method={cfg.method.name} "
+                          f"does not produce; use method=integer or method=smoothquant_integer")
+    if cfg.model.source in PREQUANTIZED and cfg.modules != "packed":
+        raise ConfigError(f"model.source={cfg.model.source} loads packed weights; run it with modules=packed")
+    if cfg.model.source in PREQUANTIZED and any(s.spec is not None for s in steps):
+        raise ConfigError(f"model.source={cfg.model.source} is already quantized; evaluate it with method=fp16 "
+                          f"(got method={cfg.method.name})")
+    if cfg.modules == "packed" and cfg.model.source not in PREQUANTIZED and not any(s.spec is not None for s in steps):
         raise ConfigError(f"modules=packed needs quantized weights, but method={cfg.method.name} at bits="
                           f"{facts['bits']} quantizes none; use modules=fake")
+
+
+def _check_export(kind: str, spec: ModelSpec, steps: list[Method], facts: dict) -> None:
+    """What the chosen export cannot express, refused before any model loads (when the model's config can be
+    read without loading it; otherwise the export itself refuses per layer after quantizing)."""
+    from .export.check import check_exportable
+
+    if kind == "compressed_tensors":
+        from .export.compressed import step_refusal
+
+        for s in steps:
+            why = step_refusal(s.spec, s.act is not None,
+                               getattr(s, "act_order", False) and not getattr(s, "static_groups", False))
+            if why:
+                raise ConfigError(f"export=compressed_tensors cannot hold method.{s.name}'s weights: {why}; "
+                                  f"use export=qresearch")
+    model_config = config_dict(spec)
+    if model_config is None or facts["bits"] == 16:
+        return
+    weight_step = next(s for s in reversed(steps) if s.spec is not None)
+    check_exportable(kind, model_config, facts["group_size"], bool(getattr(weight_step, "act_order", False)),
+                     bool(getattr(weight_step, "static_groups", False)), facts["act_bits"],
+                     weight_step.spec.format.code_bits(weight_step.spec), bool(getattr(weight_step, "lm_head", False)))
 
 
 def plan(cfg: DictConfig) -> Plan:
@@ -304,5 +353,7 @@ def plan(cfg: DictConfig) -> Plan:
     calib = _calib(cfg, needs_calib)
     seqlens = {"eval.seqlen": ev.seqlen} | ({"data.seqlen": calib["seqlen"]} if needs_calib else {})
     check_positions(spec.name, max_positions(spec), seqlens)
-    return Plan(spec, steps, cfg.method.name, full_tag(cfg.method.name, steps, cfg.modules), facts, ev, calib, _device(cfg.device),
-                cfg.seed, cfg.modules, cfg.export)
+    if cfg.export is not None:
+        _check_export(cfg.export, spec, steps, facts)
+    return Plan(spec, steps, cfg.method.name, full_tag(cfg.method.name, steps, cfg.modules, ev.kv_cache), facts, ev, calib,
+                _device(cfg.device), cfg.seed, cfg.modules, cfg.export)

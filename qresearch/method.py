@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, is_dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, is_dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from .artifacts import bits_map_from_artifacts, load_bits_map
 from .calib.blockio import BlockIO
 from .calib.engine import EngineConfig, calibrate
 from .calib.stats import output_rel_error
@@ -65,6 +67,49 @@ class Method(ABC):
     spec: QuantSpec | None = None
     act: QuantSpec | None = None
     tag_flags: tuple[TagFlag, ...] = ()
+    bits_map: str | None = None  # per-layer bits: a .json / artifacts.safetensors path, or 'prior' (an earlier step's)
+    _bits: dict[str, int] | None = None
+
+    def use_bits_map(self, source: str | None) -> None:
+        """Take per-layer bits from `source` (checked now when it is a file; 'prior' is resolved in quantize)."""
+        self.bits_map = source
+        if source is not None and source != "prior":
+            self._check_bits(load_bits_map(source), source)
+
+    def _check_bits(self, bits: dict[str, int], source: str) -> dict[str, int]:
+        if self.spec is None:
+            raise ConfigError(f"{self.name}: bits_map={source} needs a quantizing step (bits != 16)")
+        bad = sorted({b for b in bits.values() if b not in self.spec.format.bits_allowed})
+        if bad:
+            raise ConfigError(f"bits_map={source}: bits {bad} do not fit qformat={self.spec.qformat}; allowed: "
+                              f"{', '.join(map(str, self.spec.format.bits_allowed))}")
+        return bits
+
+    def resolve_bits_map(self, model: nn.Module, ctx: "Context") -> dict[str, Any] | None:
+        """Load the bits map for this run (before quantizing); returns what was used, for the step's record."""
+        if self.bits_map is None:
+            self._bits = None
+            return None
+        if self.bits_map == "prior":
+            found = bits_map_from_artifacts(ctx.prior.artifacts) if ctx.prior is not None else {}
+            if not found:
+                raise ConfigError(f"{self.name} bits_map=prior needs an earlier step that allocated bits (e.g. "
+                                  f"method=mixed_{self.name})")
+            bits = self._check_bits(found, "prior")
+        else:
+            bits = self._check_bits(load_bits_map(self.bits_map), self.bits_map)
+        linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        unknown = sorted(set(bits) - linears)
+        if unknown:
+            raise ConfigError(f"bits_map={self.bits_map} names layers the model does not have: {unknown[:3]}")
+        self._bits = bits
+        return {"source": self.bits_map, "layers": len(bits), "histogram": dict(sorted(Counter(bits.values()).items()))}
+
+    def spec_for(self, layer: str) -> QuantSpec | None:
+        """The weight spec of one linear: the step's, at the bits map's width for that layer when there is one."""
+        if self.spec is None or not self._bits or layer not in self._bits:
+            return self.spec
+        return replace(self.spec, bits=self._bits[layer])
 
     @abstractmethod
     def quantize(self, model: nn.Module, ctx: Context) -> QuantResult:
@@ -91,9 +136,10 @@ class Method(ABC):
                 "act_granularity": a.granularity if a else None, "settings": self.settings()}
 
 
-def require_weight_spec(method: str, bits: int, group_size: int, sym: bool, qformat: str = "int") -> QuantSpec:
+def require_weight_spec(method: str, bits: int, group_size: int, sym: bool, qformat: str = "int",
+                        scale_bits: int | None = None, scale_level2: str = "channel") -> QuantSpec:
     """The weight spec of a step that must quantize weights (bits=16 is refused with a one-line error)."""
-    spec = weight_spec(bits, group_size, sym, qformat)
+    spec = weight_spec(bits, group_size, sym, qformat, scale_bits, scale_level2)
     if spec is None:
         raise ConfigError(f"{method} with bits=16 quantizes nothing; allowed bits: 2..8 (use method=fp16 instead)")
     return spec
@@ -187,8 +233,11 @@ class BlockMethod(Method):
 
     def quantize(self, model: nn.Module, ctx: Context) -> QuantResult:
         require_calibration(self.name, ctx)
+        used = self.resolve_bits_map(model, ctx)
         self.prepare(model, ctx)
         result = QuantResult()
+        if used is not None:
+            result.info["bits_map"] = used
         rec = Recorder(self.name, result)
 
         def process(i: int, block: nn.Module, io: BlockIO) -> dict[str, torch.Tensor]:

@@ -5,7 +5,7 @@ methods all read these records; none of them needs anything above.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -21,10 +21,17 @@ class ActQuant:
     spec: QuantSpec  # granularity 'token' (dynamic per-token) or 'tensor'
     static_scale: torch.Tensor | None = None  # [1, 1] for static per-tensor; None = dynamic
     static_zero: torch.Tensor | None = None  # [1, 1]; None = the format's symmetric zero
+    # LLM.int8() decomposition: in each call, input columns whose |x| reaches this in any row stay in float
+    outlier_threshold: float | None = None
+    # integer-only inference (modules=integer): static per-tensor qparams of the output [1, 1], requantized
+    out_spec: QuantSpec | None = None
+    out_scale: torch.Tensor | None = None
+    out_zero: torch.Tensor | None = None
 
     @property
     def tag(self) -> str:
-        return self.spec.act_tag + ("-static" if self.static_scale is not None else "")
+        return self.spec.act_tag + ("-static" if self.static_scale is not None else "") + \
+            (f"-t{self.outlier_threshold:g}" if self.outlier_threshold is not None else "")
 
 
 @dataclass
@@ -49,6 +56,12 @@ class QuantResult:
 
     def merge(self, later: "QuantResult") -> "QuantResult":
         """Stack steps: a later step's layers replace earlier ones; artifacts and stats accumulate (each step's
-        `info` is recorded by the runner before merging)."""
-        return QuantResult({**self.layers, **later.layers}, {**self.artifacts, **later.artifacts},
-                           self.stats + later.stats)
+        `info` is recorded by the runner before merging). A later weight-only layer keeps the earlier layer's
+        activation quantization (e.g. smoothquant then gptq: GPTQ's weights, SmoothQuant's activations)."""
+        layers = dict(self.layers)
+        for name, res in later.layers.items():
+            prev = self.layers.get(name)
+            if res.act is None and prev is not None and prev.act is not None:
+                res = replace(res, act=prev.act)
+            layers[name] = res
+        return QuantResult(layers, {**self.artifacts, **later.artifacts}, self.stats + later.stats)

@@ -1,33 +1,61 @@
 """Reports from the local results index: markdown table per model (FP row first) + Pareto plots as PNG.
 
-    python -m qresearch.report                      # reads results/runs/index.jsonl, writes results/report*
+    python -m qresearch.report                      # reads $QRESEARCH_RESULTS (else results/)/runs/index.jsonl
     python -m qresearch.report --out results/sweep_stories --models stories260k --wandb offline
+
+A damaged index line, metrics.json or provenance.json is skipped with a warning naming the file.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 from collections import defaultdict
 from pathlib import Path
 
 from .config import ROOT
 from .tracking.metrics import Metrics
-from .tracking.store import read_index
+from .tracking.store import read_index, read_metrics
+
+log = logging.getLogger(__name__)
 
 LATENCY_KEY = "latency_decode_1_ms_per_step"  # decode ms/token at batch 1 (eval.latency), plotted when present
 
 
 def latest_complete(rows: list[dict]) -> list[dict]:
-    """One row per config hash: the newest whose run dir still holds metrics.json, rebuilt from that file."""
+    """One row per config hash: the newest whose run dir still holds a readable metrics.json, rebuilt from it."""
     best: dict[str, dict] = {}
     for r in rows:
-        f = Path(r["run_dir"]) / "metrics.json"
-        if not f.is_file():
+        d = Path(r["run_dir"])
+        m = read_metrics(d)
+        if m is None:
             continue
-        r = Metrics.from_dict(json.loads(f.read_text()), str(f)).row(r["run_dir"])
+        r = Metrics.from_dict(m, str(d / "metrics.json")).row(d)
+        r["max_chunks"] = _max_chunks(d)
         if r["config_hash"] not in best or r["time"] >= best[r["config_hash"]]["time"]:
             best[r["config_hash"]] = r
     return list(best.values())
+
+
+def _max_chunks(run_dir: Path):
+    """eval.max_chunks of a run (its config.yaml): a number means the perplexities cover a subset of the text."""
+    try:
+        from omegaconf import OmegaConf
+
+        return OmegaConf.select(OmegaConf.load(run_dir / "config.yaml"), "eval.max_chunks")
+    except Exception:  # config.yaml absent or damaged: the subset is unknown, said so in the label
+        return "?"
+
+
+def eval_label(rows: list[dict], dataset: str | None = None) -> str:
+    """Protocol and subset of a group of rows, e.g. 'wikitext2/test gptq_chunks L256 1024 tok; first 4 chunks'."""
+    sigs = sorted({r.get("eval", "?") for r in rows})
+    if dataset:
+        sigs = sorted({p for s in sigs for p in s.split("; ") if p.startswith(dataset)}) or sigs
+    subset = sorted({str(r.get("max_chunks")) for r in rows if r.get("max_chunks") is not None})
+    note = f"; subset: first {'/'.join(subset)} chunks (eval.max_chunks)" if subset else "; full split"
+    return " | ".join(sigs) + note
 
 
 def _fp_row(rows: list[dict], datasets: list[str]) -> dict | None:
@@ -85,20 +113,52 @@ def provenance_lines(rows: list[dict]) -> list[str]:
     commits, versions, protocols = set(), set(), set()
     for r in rows:
         d = Path(r["run_dir"])
-        prov = json.loads((d / "provenance.json").read_text())
+        try:
+            prov = json.loads((d / "provenance.json").read_text())
+        except (ValueError, OSError) as e:
+            log.warning("%s is missing or damaged (%s); its provenance is left out", d / "provenance.json",
+                        type(e).__name__)
+            continue
         commits.add(f"{(prov.get('git_commit') or '?')[:10]}{'+dirty' if prov.get('git_dirty') else ''}")
         v = prov.get("versions", {})
         versions.add(f"torch {v.get('torch')}, transformers {v.get('transformers')}, lm-eval {v.get('lm_eval')}, "
                       f"device {prov.get('gpu') or prov.get('device')}")
-        for ds, p in json.loads((d / "metrics.json").read_text()).get("ppl", {}).items():
+        for ds, p in (read_metrics(d) or {}).get("ppl", {}).items():
             protocols.add(f"{ds}/{p['split']} {p['protocol']} seqlen {p['seqlen']}, {p['n_tokens']} tokens, "
                           f"{p['origin']}")
     return (["", "Provenance:", ""] + [f"- code: {', '.join(sorted(commits))}"] +
             [f"- {v}" for v in sorted(versions)] + [f"- eval: {p}" for p in sorted(protocols)])
 
 
-def plot(rows_by_model: dict[str, list[dict]], x_key: str, x_label: str, path: Path, dataset: str) -> bool:
-    """Scatter ppl vs x per model, labelled by tag; returns False if no row has x."""
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points no other point beats on both axes (lower x and lower y are better), sorted by x."""
+    front, best_y = [], float("inf")
+    for x, y in sorted(points, key=lambda p: (p[0], p[1])):
+        if y < best_y:
+            front.append((x, y))
+            best_y = y
+    return front
+
+
+def _log_ticks(ax, values: list[float]) -> None:
+    """Plain-number labels on a log y axis: 1-2-5 steps over wide spans, 1-1.5-2-3-5-7 over a few-fold span,
+    evenly chosen values over a narrow one (where a log locator would label nothing)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    lo, hi = min(values), max(values)
+    if hi / lo > 30:
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    elif hi / lo > 2.5:
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+    else:
+        ticks = [t for t in MaxNLocator(nbins=6).tick_values(lo / 1.02, hi * 1.02) if t > 0]
+        ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def plot(rows_by_model: dict[str, list[dict]], x_key: str, x_label: str, path: Path, dataset: str) -> str | None:
+    """ppl vs x per series with its Pareto frontier drawn; None when drawn, else why it was not."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,25 +167,36 @@ def plot(rows_by_model: dict[str, list[dict]], x_key: str, x_label: str, path: P
     pts = {m: [r for r in rows if r.get(x_key) is not None and r.get(f"ppl_{dataset}") is not None]
            for m, rows in rows_by_model.items()}
     if not any(pts.values()):
-        return False
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        with_ppl = any(r.get(f"ppl_{dataset}") is not None for rows in rows_by_model.values() for r in rows)
+        return f"no run has {x_key}" if with_ppl else f"no run has {dataset} perplexity (--dataset)"
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    ys_all = []
     for model, rows in pts.items():
         if not rows:
             continue
         xs, ys = [r[x_key] for r in rows], [r[f"ppl_{dataset}"] for r in rows]
-        ax.scatter(xs, ys, label=model)
+        ys_all += ys
+        dots = ax.scatter(xs, ys, label=model, alpha=0.8)
+        front = pareto_front(list(zip(xs, ys)))
+        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color=dots.get_facecolor()[0],
+                linewidth=1.2)
         for r, x, y in zip(rows, xs, ys):
             ax.annotate(r["tag"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    all_rows = [r for rows in pts.values() for r in rows]
+    ax.set_title(f"{dataset}: {eval_label(all_rows, dataset)}", fontsize=8, wrap=True)
     ax.set_xlabel(x_label)
-    ax.set_ylabel(f"{dataset} perplexity (lower is better)")
+    ax.set_ylabel(f"{dataset} perplexity (log scale, lower is better)")
     ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    _log_ticks(ax, ys_all)
+    ax.grid(alpha=0.3, which="both")
+    handles, labels = ax.get_legend_handles_labels()
+    handles.append(matplotlib.lines.Line2D([], [], color="gray", drawstyle="steps-post"))
+    ax.legend(handles, labels + ["Pareto frontier (per series: no point is both smaller and better)"], fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True
+    return None
 
 
 def build(results: Path, out: Path, models: list[str] | None = None, dataset: str = "wikitext2",
@@ -143,20 +214,27 @@ def build(results: Path, out: Path, models: list[str] | None = None, dataset: st
     if command:
         lines += ["Reproduce:", "", "```", command, "```", ""]
     for (m, ev) in sorted(by_group):
-        lines += model_table(m, by_group[(m, ev)], ev) + [""]
+        lines += model_table(m, by_group[(m, ev)], eval_label(by_group[(m, ev)])) + [""]
+    written, not_drawn = {}, {}
+    series = {(m if sum(1 for g in by_group if g[0] == m) == 1 else f"{m} [{ev.split(';')[0].split(' ', 1)[-1]}]"): rs
+              for (m, ev), rs in by_group.items()}
+    for key, label, name in (("bits_per_weight", "bits per weight (as stored)", "ppl_vs_bits"),
+                             (LATENCY_KEY, "decode latency, ms/token, batch 1", "ppl_vs_latency")):
+        png = out.with_name(f"{out.name}_{name}.png")
+        why = plot(series, key, label, png, dataset)
+        if why is None:
+            written[name] = png
+        else:
+            if name == "ppl_vs_latency" and why.startswith("no run has"):
+                why = "latency was not measured in these runs (run them with eval.latency.enabled=true)"
+            not_drawn[name] = why
+            png.unlink(missing_ok=True)  # never leave an older plot that looks like this report's
+    lines += [f"Plot {n} not drawn: {why}." for n, why in not_drawn.items()] + [""] if not_drawn else []
     lines += provenance_lines(rows)
     out.parent.mkdir(parents=True, exist_ok=True)
     md = out.with_suffix(".md")
     md.write_text("\n".join(lines) + "\n")
-    written = {"markdown": md}
-    for key, label, name in (("bits_per_weight", "bits per weight (as stored)", "ppl_vs_bits"),
-                             (LATENCY_KEY, "decode latency, ms/token, batch 1", "ppl_vs_latency")):
-        png = out.with_name(f"{out.name}_{name}.png")
-        series = {(m if sum(1 for g in by_group if g[0] == m) == 1 else f"{m} [{ev.split(';')[0]}]"): rs
-                  for (m, ev), rs in by_group.items()}
-        if plot(series, key, label, png, dataset):
-            written[name] = png
-    return written
+    return {"markdown": md, **written, **({"not_drawn": not_drawn} if not_drawn else {})}
 
 
 def log_to_wandb(written: dict, mode: str, project: str = "qresearch") -> None:
@@ -164,25 +242,32 @@ def log_to_wandb(written: dict, mode: str, project: str = "qresearch") -> None:
     import wandb
 
     run = wandb.init(project=project, job_type="report", mode=mode, dir=str(ROOT / "results"))
-    run.log({k: wandb.Image(str(v)) for k, v in written.items() if str(v).endswith(".png")})
+    run.log({k: wandb.Image(str(v)) for k, v in written.items() if isinstance(v, Path) and v.suffix == ".png"})
     run.log({"report": wandb.Html("<pre>" + Path(written["markdown"]).read_text() + "</pre>")})
     run.finish()
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--results", type=Path, default=ROOT / "results", help="results root (holds runs/index.jsonl)")
-    ap.add_argument("--out", type=Path, default=ROOT / "results" / "report", help="output path stem")
+    default = Path(os.environ.get("QRESEARCH_RESULTS") or ROOT / "results")
+    ap.add_argument("--results", type=Path, default=default,
+                    help="results root holding runs/index.jsonl (default: $QRESEARCH_RESULTS, where run.py writes, "
+                         "else results/)")
+    ap.add_argument("--out", type=Path, help="output path stem (default: <results>/report)")
     ap.add_argument("--models", nargs="*", help="only these models")
     ap.add_argument("--dataset", default="wikitext2", help="perplexity dataset for the plots")
     ap.add_argument("--wandb", choices=["online", "offline"], help="also log the report to wandb")
     ap.add_argument("--command", help="the command(s) that produced the runs, printed in the report")
     a = ap.parse_args(argv)
-    written = build(a.results, a.out, a.models, a.dataset, a.command)
+    written = build(a.results, a.out or a.results / "report", a.models, a.dataset, a.command)
     if a.wandb:
         log_to_wandb(written, a.wandb)
     for k, v in written.items():
-        print(f"{k}: {v}")
+        if k == "not_drawn":
+            for name, why in v.items():
+                print(f"{name}: not drawn: {why}")
+        else:
+            print(f"{k}: {v}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,6 @@
 """One run, as data flows: plan -> load -> (calibrate) -> method steps -> swap -> evaluate -> measure -> write/log."""
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import random
 import shutil
@@ -16,18 +14,20 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .config import Plan, check_positions, plan
-from .data.tokens import cache_dir, calibration_ids, eval_tokens, tokenizer_fingerprint
+from .data.tokens import calibration_ids, eval_streams
 from .errors import ConfigError
 from .eval.footprint import footprint, peak_memory, reset_peak_memory
+from .eval.kvcache import enable_kv_cache, kv_cache_report
+from .eval.outliers import start_watch
 from .eval.ppl import perplexity, sliding_perplexity
 from .method import Context
 from .models.arch import arch_for
 from .models.load import load_model, positions_of, resolve_dtype
 from .nn.swap import swap_linears
 from .records import QuantResult
-from .tracking.metrics import Footprint, Metrics, ModelInfo, PplResult, RunInfo, Timing
-from .tracking.provenance import provenance
-from .tracking.store import append_index, atomic_write_json, completed_run, config_hash, write_csv
+from .tracking.metrics import Footprint, Metrics, ModelInfo, PplResult, RunInfo, Timing, eval_signature
+from .tracking.provenance import commit_label, provenance
+from .tracking.store import append_index, atomic_write_json, completed_run, config_hash, read_metrics, write_csv
 from .tracking.summary import print_summary
 from .tracking.wandb_logger import make_logger
 
@@ -35,7 +35,8 @@ log = logging.getLogger("qresearch")
 
 # where/how a run is written, not what it computes; the top-level quantization knobs act only through the method
 # steps they interpolate into (so fp16 at bits=3 and bits=4 is one config)
-HASH_EXCLUDE = ("out_dir", "paths", "logger", "skip_done", "bits", "group_size", "sym", "qformat", "act_bits")
+HASH_EXCLUDE = ("out_dir", "paths", "logger", "skip_done", "bits", "group_size", "sym", "qformat", "act_bits",
+                "scale_bits", "scale_level2", "bits_map")
 
 
 def _output_dir(cfg: DictConfig) -> Path:
@@ -83,7 +84,7 @@ def run(cfg: DictConfig) -> dict:
     if done is not None:
         _discard(out_dir)
         print(f"== skipped (skip_done=true): {p.model.name} / {p.tag} already complete in {done}", flush=True)
-        return json.loads((done / "metrics.json").read_text())
+        return read_metrics(done)
     out_dir.mkdir(parents=True, exist_ok=True)
     logger = make_logger(cfg_dict["logger"], f"{p.model.name}/{p.tag}",
                          [f"w{p.facts['bits']}", f"a{p.facts['act_bits']}", p.modules])
@@ -108,19 +109,13 @@ def _ppl_all(model, p: Plan, streams: dict, device, label: str) -> dict:
 
 
 def _baseline(model, p: Plan, streams: dict, device, tok) -> dict:
-    """FP perplexities, cached by model + protocol + text + tokenizer so a sweep pays once."""
-    key = json.dumps({"model": p.model.__dict__, "dtype": str(resolve_dtype(p.model, device)), "device": device.type,
-                      "seqlen": p.eval.seqlen, "max_chunks": p.eval.max_chunks, "protocol": p.eval.protocol,
-                      "stride": p.eval.stride, "tok": tokenizer_fingerprint(tok),
-                      "texts": {ds: src.sha256 for ds, (_, src) in streams.items()}}, sort_keys=True, default=str)
-    path = cache_dir() / "baselines" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
-    if path.is_file():
-        cached = json.loads(path.read_text())
-        if set(cached) >= set(streams):
-            return {ds: cached[ds] for ds in streams}
-    res = _ppl_all(model, p, streams, device, "fp")
-    atomic_write_json(path, res)
-    return res
+    """FP perplexities, cached and validated per dataset (eval/baseline_cache.py) so a sweep pays once."""
+    from .eval.baseline_cache import cached_baseline
+
+    protocol = {"dtype": str(resolve_dtype(p.model, device)), "device": device.type, "protocol": p.eval.protocol,
+                "seqlen": p.eval.seqlen, "stride": p.eval.stride, "max_chunks": p.eval.max_chunks,
+                "batch_size": p.eval.batch_size}
+    return cached_baseline(model, tok, streams, protocol, lambda sub: _ppl_all(model, p, sub, device, "fp"))
 
 
 def _quantize(p: Plan, model, arch, tok, device) -> tuple[QuantResult, list[dict], dict | None, float]:
@@ -150,7 +145,7 @@ def _evaluate(p: Plan, model, tok, streams: dict, fp: dict, device) -> tuple[dic
 
         le = p.eval.lm_eval
         lm_eval = run_lm_eval(model, tok, le["tasks"], p.eval.root, le["limit"], le["num_fewshot"], le["batch_size"],
-                              p.seed)
+                              p.seed, le.get("include_path"), le.get("add_bos_token", "auto"))
     ppl = {}
     for ds, r in raw.items():
         _, src = streams[ds]
@@ -199,19 +194,29 @@ def execute(p: Plan, cfg_dict: dict, chash: str, out_dir: Path, logger) -> Metri
     model_info = ModelInfo(p.model.name, p.model.source, p.model.path, str(resolve_dtype(p.model, device)),
                            p.model.weights_note, sum(x.numel() for x in model.parameters()), limit)
     arch = arch_for(model)
-    streams = {ds: eval_tokens(ds, split, p.eval.root, tok, p.eval.source) for ds, split in p.eval.datasets}
-    fp = _baseline(model, p, streams, device, tok) if p.eval.baseline and p.steps else {}
+    streams = eval_streams(p.eval.datasets, tok, p.eval.seqlen)
+    fp = _baseline(model, p, streams, device, tok) if p.eval.baseline and (p.steps or p.eval.kv_cache) else {}
+    watch = start_watch(p, model, arch, tok, device)  # activation outliers (runs that quantize activations)
     result, records, calib_prov, t_quant = _quantize(p, model, arch, tok, device)
+    if watch:
+        watch.after_steps(model, folded=any(getattr(s, "folds_scales", False) for s in p.steps))
     kernels = swap_linears(model, result, p.modules)
+    kv = enable_kv_cache(model, p.eval.kv_cache)
     ppl, lm_eval, t_eval = _evaluate(p, model, tok, streams, fp, device)
+    activations = watch.finish(model, out_dir, logger) if watch else None
+    prov = provenance(device, p.seed) | {"calibration": calib_prov}
     run_info = RunInfo(model=p.model.name, method=p.recipe, tag=p.tag, **p.facts, modules=p.modules,
-                       config_hash=chash, seed=p.seed, time=_now(), steps=records)
+                       config_hash=chash, seed=p.seed, time=_now(), steps=records, commit=commit_label(prov),
+                       eval_signature=eval_signature(ppl, lm_eval),
+                       calib_samples=None if calib_prov is None else calib_prov["n_samples"])
     metrics = Metrics(run=run_info, model=model_info, ppl=ppl, footprint=_footprint(p, model, result),
                       memory=peak_memory(device), timing=Timing(t_load, t_quant, t_eval),
                       kernels={k: sum(1 for v in kernels.values() if v == k) for k in sorted(set(kernels.values()))},
-                      calibration=calib_prov, wandb=logger.status, lm_eval=lm_eval,
-                      **_extras(p, model, tok, kernels, device, out_dir))
-    _write(out_dir, cfg_dict, metrics, result, provenance(device, p.seed) | {"calibration": calib_prov}, logger)
+                      calibration=calib_prov, wandb=logger.status, lm_eval=lm_eval, wandb_run=logger.ref(),
+                      activations=activations,
+                      **_extras(p, model, tok, kernels, device, out_dir),
+                      kv_cache=kv_cache_report(kv, p.eval.kv_cache, p.eval.seqlen, limit))
+    _write(out_dir, cfg_dict, metrics, result, prov, logger)
     return metrics
 
 

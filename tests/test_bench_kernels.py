@@ -13,5 +13,5 @@ def test_bench_script_writes_labelled_table(tmp_path):
     text = out.read_text()
     assert "NOT measured" in text and "CPU" in text.splitlines()[0]
     rows = [line for line in text.splitlines() if line.startswith("| 48x256")]
-    assert len(rows) == 2 * 3 and "torch_ref_w4a16" in text and "torch_ref_w8a8" in text
+    assert len(rows) == 2 * 3 and "torch_ref_w4a16" in text and "torch_int_mm_w8a8" in text  # CPU int8: torch._int_mm
     assert abs(bench.memory_bound_limit(4, 128, 4096, True) - 16 / (4 + 16 / 128)) < 1e-12  # 3.88x

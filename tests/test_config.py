@@ -41,7 +41,7 @@ def test_gptq_percdamp_reaches_the_step_and_the_tag(method):
 def test_plan_builds_typed_steps():
     p = plan(compose_cfg(["model=stories260k", "method=rtn", "bits=3", f"data.root={DATA}"]))
     assert p.steps[0].spec.bits == 3 and p.steps[0].spec.group_size == 128
-    assert p.eval.datasets == [("wikitext2", "test")] and p.eval.seqlen == 256
+    assert [(s.name, s.split) for s in p.eval.datasets] == [("wikitext2", "test")] and p.eval.seqlen == 256
 
 
 @pytest.mark.parametrize("overrides,needle", [

@@ -4,7 +4,6 @@ import torch
 
 from methods.gptq import GPTQ, gptq_quantize
 from qresearch.method import Context
-from qresearch.records import LayerResult
 from qresearch.models.arch import arch_for, blocks_of
 from qresearch.calib.blockio import capture_inputs
 from qresearch.calib.hooks import record_inputs
@@ -113,7 +112,6 @@ def test_gptq_below_rtn_on_real_captured_inputs():
         w = block.get_submodule(name).weight.data
         H, _ = accumulate_hessian(None, 0, x)
         q, _ = gptq_quantize(w, H, spec)
-        g_idx = q.g_idx
         wq = q.dequantize(torch.float32)
         rtn = quantize_tensor(w, spec).dequantize()
         assert _out_err(x, w, wq) < _out_err(x, w, rtn), name

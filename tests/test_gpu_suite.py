@@ -49,7 +49,9 @@ def test_quick_mode_writes_every_section_without_the_missing_packages(tmp_path):
     assert {(r["model"], r["variant"]) for r in secs["e2e"]["rows"] if "decode" in r} == {
         (m, v) for m in ("llama2_7b", "smollm2_135m") for v in ("fp16", "w4_g128", "w8a8")}
     assert secs["gptq"]["method_total_s"] > 0 and secs["gptq"]["solve_total_s"] > 0
-    assert [g["status"] for g in state["goals"]] == ["NOT MEASURED"] * 4
+    assert [g["status"] for g in state["goals"]] == ["NOT MEASURED"] * 5
+    graph = [r["graph_decode"]["1"] for r in secs["e2e"]["rows"] if "decode" in r]
+    assert all(g["graph"] is False and g["ms_per_step"] > 0 for g in graph)  # the static-cache loop, eager on CPU
     md = js.with_suffix(".md").read_text()
     assert "CPU quick mode" in md.splitlines()[0] and "the goals are NOT measured" in md
     for heading in ("## Goals", "## 1. Environment", "## 2. Kernel correctness", "## 3. Kernel benchmark",
@@ -157,7 +159,7 @@ def test_goals_table_met_missed_not_measured():
     state = {"meta": {"quick": False}, "sections": {"kernels": {"status": "done", "rows": rows},
                                                     "e2e": {"status": "skipped", "reason": "no time"}}}
     got = [g["status"] for g in goals(state)]
-    assert got == ["MET", "MISSED", "NOT A GPU KERNEL", "NOT MEASURED"]
+    assert got == ["MET", "MISSED", "NOT A GPU KERNEL", "NOT MEASURED", "NOT MEASURED"]
     assert "no time" in goals(state)[3]["note"]
     e2e = [{"model": "llama2_7b", "variant": v, "layers": 32, "decode": {"1": tps}, "kernels": k,
             "decode_ms_per_step": {"1": 1e3 / tps}, "step_floor_ms": 1.2}
@@ -166,6 +168,11 @@ def test_goals_table_met_missed_not_measured():
     state["sections"]["e2e"] = {"status": "done", "rows": e2e}
     decode = goals(state)[3]
     assert decode["status"] == "MISSED" and decode["reached"] == "2.25x"
+    e2e[0]["graph_decode"] = {"1": {"ms_per_step": 4.0, "tokens_per_s": 250.0, "graph": True}}
+    e2e[1]["graph_decode"] = {"1": {"error": "RuntimeError: capture"}}
+    assert goals(state)[4]["status"] == "NOT MEASURED" and "capture" in goals(state)[4]["note"]
+    e2e[1]["graph_decode"] = {"1": {"ms_per_step": 1.25, "tokens_per_s": 800.0, "graph": True}}
+    assert goals(state)[4]["status"] == "MET" and goals(state)[4]["reached"] == "3.20x"
 
 
 def test_markdown_renders_partial_and_failed_states():

@@ -5,7 +5,7 @@ import torch
 from qresearch.quant.packing import pack_rows, pack_zeros, packed_words, unpack_rows, unpack_zeros
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize("cols", [1, 7, 31, 32, 33, 64, 172, 200])
 def test_pack_roundtrip_exact(bits, cols):
     g = torch.Generator().manual_seed(bits * 1000 + cols)
@@ -29,7 +29,7 @@ def test_pack_rejects_bad_input():
     with pytest.raises(AssertionError):
         pack_rows(torch.tensor([[16]], dtype=torch.uint8), 4)
     with pytest.raises(ValueError):
-        pack_rows(torch.zeros(1, 4, dtype=torch.uint8), 1)
+        pack_rows(torch.zeros(1, 4, dtype=torch.uint8), 9)  # 1..8 bits are packable (1: binary weights)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

@@ -1,4 +1,4 @@
-"""QuantLinear (format=packed) on CPU: equals the fake-quant layer, stores the bytes the arithmetic says,
+"""QuantLinear (modules=packed) on CPU: equals the fake-quant layer, stores the bytes the arithmetic says,
 and gives the fake format's perplexity on stories260K."""
 import pytest
 import torch
@@ -10,7 +10,6 @@ from qresearch.nn.fake import FakeQuantLinear
 from qresearch.nn.packed import QuantLinear, packed_weight_bytes
 from qresearch.nn.swap import swap_linears
 from qresearch.quant import QuantSpec, quantize_tensor, weight_spec
-from qresearch.quant.spec import ConfigError
 from tests._qhelpers import fp16_exact, rel_err, rtn_layer, shared_dir
 
 
@@ -40,7 +39,7 @@ def test_w8a8_layer_close_to_fake(granularity, static):
     res.act = ActQuant(QuantSpec(bits=8, sym=True, granularity=granularity),
                        torch.tensor([[0.03]]) if static else None)
     packed, fake = _pair(res)
-    assert packed.kernel_name == "torch_ref_w8a8"
+    assert packed.kernel_name == "torch_int_mm_w8a8"  # CPU: torch._int_mm (exact, same math as torch_ref)
     x = torch.randn(5, 96)
     assert rel_err(packed(x), fake(x)) < 1e-5
 

@@ -27,7 +27,7 @@ def test_stories260k_bits_sweep_orders_fp_w8_w4_w3(results_dir):
     fp = runs[4]["ppl"]["wikitext2"]["fp_ppl"]
     assert fp <= ppl[8] * 1.001 < ppl[4] < ppl[3], (fp, ppl)
     w = runs[4]["ppl"]["wikitext2"]
-    assert w["split"] == "test" and w["seqlen"] == 256 and w["n_chunks"] > 3000 and w["origin"].startswith("local:")
+    assert w["split"] == "test" and w["seqlen"] == 256 and w["n_chunks"] > 3000 and w["origin"] == "local:wikitext2/wiki.test.raw"
     assert w["n_tokens"] == w["n_chunks"] * 256
     assert 100 < fp < 200  # a trained model on real text: a sanity band, not a reference value
     fpt = runs[4]["footprint"]
@@ -62,6 +62,12 @@ def test_cfg_job_prints_composed_config(results_dir):
     (["group_size=0"], "group_size=0 is invalid"),
     (["data.root=/nonexistent", "data.source=local"], "/nonexistent"),
     (["model.path=/nonexistent/model"], "does not exist"),
+    (["sym=no"], "sym='no' must be true or false"),
+    (["bits=abc"], "bits='abc' must be an integer"),
+    (["seed=-1"], "seed=-1 is out of range"),
+    (["logger=wandb", "logger.mode=bogus"], "logger.mode='bogus' is unknown"),
+    (["eval.protocol=sliding", "eval.stride=0"], "eval.stride=0 is invalid"),
+    (["method=fp16", "modules=packed", "export=qresearch"], "modules=packed needs quantized weights"),
 ])
 def test_cli_bad_input_fails_fast_and_leaves_nothing(results_dir, args, needle):
     r = run_cli("model=stories260k", "logger=none", *args)

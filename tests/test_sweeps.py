@@ -30,8 +30,8 @@ def test_resume_skips_finished_runs(results_dir):
 def test_crashed_run_leaves_failure_record_and_sweep_continues(results_dir):
     require_shared()
     r = run_cli("-m", *TINY, "method.rtn._target_=methods.rtn.RTN,tests.crash_method.Crash")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "deliberate crash" in r.stderr
+    assert r.returncode == 1, r.stderr[-2000:]  # a sweep with a failed run says so in its exit status
+    assert "deliberate crash" in r.stderr and "== sweep: 2 jobs: 1 done, 0 skipped, 1 failed" in r.stdout
     failures = list((results_dir / "runs").rglob("failure.json"))
     assert len(failures) == 1 and not (failures[0].parent / "metrics.json").exists()
     assert "RuntimeError: deliberate crash" in json.loads(failures[0].read_text())["error"]
@@ -49,6 +49,7 @@ def test_joblib_launcher(results_dir):
     require_shared()
     r = run_cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY, "method=rtn", "bits=3,4")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "== sweep: 2 jobs: 2 done, 0 skipped, 0 failed" in r.stdout  # outcomes recorded by worker processes
     assert sorted(m["bits"] for m in _index(results_dir)) == [3, 4]
 
 
@@ -95,3 +96,12 @@ def test_wandb_offline_config_summary_and_table(results_dir):
                 "memory.peak_rss_bytes"):
         assert key in run["summary"], key
     assert "layers.nrows" in run["summary"] and json.loads(run["summary"]["layers.nrows"]) == 5 * 7
+
+
+def test_sweep_of_refused_runs_exits_nonzero_with_summary(results_dir):
+    """The issue's example: every job refused -> summary names each with its error, status 1, nothing written."""
+    r = run_cli("-m", "model=stories260k", "method=rtn", "bits=0,1", "logger=none")
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "== sweep: 2 jobs: 0 done, 0 skipped, 2 failed" in r.stdout
+    assert "bits=0 is out of range" in r.stdout and "bits=1 is out of range" in r.stdout
+    assert not run_dirs(results_dir) and not list((results_dir / "runs").rglob("failure.json"))

@@ -15,6 +15,7 @@ from qresearch.eval.latency import LatencyConfig, measure_latency  # LIBRARY: la
 
 from . import lib
 from .common import Ctx, build_causal_lm, free_device_memory, module_bytes, sync
+from .graph_decode import graph_decode
 
 LLAMA2_7B = dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
@@ -68,6 +69,18 @@ def logits_check(model, device: torch.device, vocab: int) -> float:
     return float((y - y_ref).norm() / y_ref.norm().clamp_min(1e-30))
 
 
+def graph_rows(model, ctx: Ctx, vocab: int) -> dict:
+    """Static-cache decode, one CUDA graph per step (eager on CPU), per batch size; errors recorded per batch."""
+    out = {}
+    for b in (1, 16) if ctx.full else (1,):
+        try:
+            out[str(b)] = graph_decode(model, ctx.device, b, prompt=16, steps=32 if ctx.full else 2, vocab=vocab)
+        except Exception as exc:  # noqa: BLE001 - recorded; the eager numbers stand
+            out[str(b)] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        free_device_memory(ctx.device)
+    return out
+
+
 def run_variant(name: str, cfg: dict, variant: str, ctx: Ctx) -> dict:
     t0 = time.perf_counter()
     model = build_causal_lm(cfg, ctx.dtype, ctx.device)
@@ -96,6 +109,7 @@ def run_variant(name: str, cfg: dict, variant: str, ctx: Ctx) -> dict:
                decode_prompt_tokens=next(iter(lat["decode"].values()))["prompt_tokens"],
                peak_cuda_bytes=lat["peak_memory"].get("peak_cuda_bytes"), protocol={
                    k: lat[k] for k in ("timer", "repeats", "warmup", "dtype", "max_positions")})
+    row["graph_decode"] = graph_rows(model, ctx, cfg["vocab_size"])
     del model
     free_device_memory(ctx.device)
     return row

@@ -6,6 +6,7 @@ KERNEL_GOALS = [("W4A16 g128 speedup at M=1, 4096x11008", "w4a16_g128", "4096x11
                 ("W4A16 g128 speedup at M=16, 4096x11008", "w4a16_g128", "4096x11008", 16, 2.5, ""),
                 ("W8A8 speedup at M=2048, 4096x11008", "w8a8", "4096x11008", 2048, 1.5, "")]
 DECODE_GOAL = ("decode tok/s, 7B-shaped, batch 1: packed W4 / fp16", 2.5)
+GRAPH_GOAL = ("decode tok/s, 7B-shaped, batch 1, CUDA-graph step: packed W4 / fp16", 2.5)
 
 
 def _why_missing(state: dict, section: str, quick: bool) -> str:
@@ -48,6 +49,15 @@ def goals(state: dict) -> list[dict]:
                 f"kernels {', '.join(w4['kernels'])}")
     gpu_kernels = bool(w4 and all(k.startswith("triton_") for k in w4["kernels"]))
     out.append(_goal(DECODE_GOAL[0], DECODE_GOAL[1], value, gpu_kernels, note, _why_missing(state, "e2e", quick)))
+    gfp, gw4 = ((r or {}).get("graph_decode", {}).get("1", {}) for r in (fp, w4))
+    value, note, why = None, "", _why_missing(state, "e2e", quick)
+    if "ms_per_step" in gfp and "ms_per_step" in gw4 and gw4.get("graph") and not quick:
+        value = gfp["ms_per_step"] / gw4["ms_per_step"]
+        note = (f"{gw4['tokens_per_s']:.1f} vs {gfp['tokens_per_s']:.1f} tok/s; W4 {gw4['ms_per_step']:.2f} ms/step "
+                f"vs weight-read floor {w4['step_floor_ms']:.2f}")
+    elif gfp.get("error") or gw4.get("error"):
+        why = f"graph decode failed: {gfp.get('error') or gw4.get('error')}"
+    out.append(_goal(GRAPH_GOAL[0], GRAPH_GOAL[1], value, gpu_kernels, note, why))
     return out
 
 
@@ -137,7 +147,27 @@ def _e2e(sec: dict) -> list[str]:
              "kernels vs torch reference, one 128-token forward."]
     lines += [f"- note: {n}" for n in sec.get("notes", [])] + [""]
     fp = {r["model"]: r for r in rows if r["variant"] == "fp16"}
-    return lines + _table(E2E_HEADER, [_e2e_row(r, fp.get(r["model"])) for r in sec.get("rows", [])])
+    return lines + _table(E2E_HEADER, [_e2e_row(r, fp.get(r["model"])) for r in sec.get("rows", [])]) + \
+        _graph_table(rows, fp)
+
+
+def _graph_table(rows: list[dict], fp: dict) -> list[str]:
+    """Static-cache decode with one CUDA graph per step (eager on CPU): tok/s and ratio to fp16 per batch."""
+    body = []
+    for r in rows:
+        for b, g in r.get("graph_decode", {}).items():
+            if "error" in g:
+                body.append([r["model"], r["variant"], b, "-", "-", "-", f"ERROR {g['error']}"])
+                continue
+            base = fp.get(r["model"], {}).get("graph_decode", {}).get(b, {})
+            ratio = f"{base['ms_per_step'] / g['ms_per_step']:.2f}x" if "ms_per_step" in base else "-"
+            body.append([r["model"], r["variant"], b, f"{g['tokens_per_s']:.1f}", f"{g['ms_per_step']:.3f}", ratio,
+                         "CUDA graph" if g["graph"] else "eager (no CUDA)"])
+    if not body:
+        return []
+    return ["", "Static KV cache, greedy decode after a 16-token prompt, one captured step replayed per token "
+            "(median of 3 runs):", ""] + _table(["model", "variant", "batch", "tok/s", "ms / step", "vs fp16",
+                                                 "mode"], body)
 
 
 def _gptq(sec: dict) -> list[str]:

@@ -46,3 +46,38 @@ def fold_scales(block: nn.Module, pair: ScalePair, s: torch.Tensor) -> None:
     for name in pair.linears:
         lin = get_module(block, name)
         lin.weight.mul_(s.to(lin.weight)[None, :])  # [out, in] columns
+
+
+# relative output error of the block above which a fold counts as not exact, by the block's dtype
+FOLD_TOL = {torch.float64: 1e-8, torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 5e-2}
+
+
+def block_rel_error(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
+    num = sum(float((o.double() - r.double()).pow(2).sum()) for o, r in zip(outs, refs))
+    den = sum(float(r.double().pow(2).sum()) for r in refs)
+    return (num / max(den, 1e-300)) ** 0.5
+
+
+@torch.no_grad()
+def checked_fold(block: nn.Module, pair: ScalePair, s: torch.Tensor, run, refs: list[torch.Tensor],
+                 tol: float | None = None) -> tuple[bool, float]:
+    """Fold s for `pair`, then compare the block's outputs `run()` with the FP outputs `refs`. A fold whose
+    relative error exceeds `tol` (default by dtype, FOLD_TOL) is not exact here (e.g. a post-LN norm whose output
+    also feeds the residual, or a non-homogeneous activation between two linears): it is undone.
+    Returns (kept, relative error)."""
+    prev = get_module(block, pair.prev)
+    saved = [t.detach().clone() for t in _fold_params(block, pair)]
+    fold_scales(block, pair, s)
+    err = block_rel_error(run(), refs)
+    tol = FOLD_TOL.get(prev.weight.dtype, 5e-2) if tol is None else tol
+    if err <= tol:
+        return True, err
+    for t, old in zip(_fold_params(block, pair), saved):
+        t.copy_(old)
+    return False, err
+
+
+def _fold_params(block: nn.Module, pair: ScalePair) -> list[torch.Tensor]:
+    prev = get_module(block, pair.prev)
+    out = [prev.weight] + ([prev.bias] if getattr(prev, "bias", None) is not None else [])
+    return out + [get_module(block, n).weight for n in pair.linears]

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from .text import C4_CALIB_DOCS, CALIB_SETS, Source, eval_text, read_documents
+from .text import C4_CALIB_DOCS, CALIB_SETS, Source, hub_reachable, read_documents
 
 log = logging.getLogger(__name__)
 
@@ -36,24 +36,78 @@ def _tokenize(tok, text: str) -> torch.Tensor:
     return torch.tensor([tok(text).input_ids], dtype=torch.long)
 
 
+TOKEN_CACHE_VERSION = "2"
+
+
 def eval_tokens(dataset: str, split: str, root: str, tok, source: str = "auto",
                 max_tokens: int | None = None) -> tuple[torch.Tensor, Source]:
-    """Token ids [1, N] of an eval split under the GPTQ protocol, cached by (text hash, tokenizer)."""
-    text, src = eval_text(dataset, split, root, source)
-    key = f"{dataset}-{split}-{src.sha256[:16]}-{tokenizer_fingerprint(tok)}"
-    path = cache_dir() / "tokens" / f"{key}.pt"
-    if path.is_file():
-        ids = torch.load(path, weights_only=True)
-    else:
-        log.info("tokenizing %s/%s (%d chars)", dataset, split, len(text))
+    """Token ids [1, N] of a built-in eval split under the GPTQ protocol (cached; see set_tokens)."""
+    from .sets import EvalSet
+
+    return set_tokens(EvalSet(dataset, split, "builtin", root=root, source=source), tok, max_tokens)
+
+
+def eval_streams(sets: list, tok, seqlen: int | None = None) -> dict[str, tuple[torch.Tensor, Source]]:
+    """{name: (ids [1, N], Source)} for the run's EvalSets; a text shorter than one chunk of `seqlen` is a
+    one-line ConfigError (before the FP baseline)."""
+    out = {s.name: set_tokens(s, tok) for s in sets}
+    short = {n: ids.shape[1] for n, (ids, _) in out.items() if seqlen is not None and ids.shape[1] < seqlen}
+    if short:
+        n, k = next(iter(short.items()))
+        raise ConfigError(f"eval dataset {n!r} has {k} tokens, fewer than one chunk of eval.seqlen={seqlen}; "
+                          f"give a longer text or lower eval.seqlen")
+    return out
+
+
+def set_tokens(s, tok, max_tokens: int | None = None) -> tuple[torch.Tensor, Source]:
+    """Token ids [1, N] of an EvalSet, tokenized once and cached by (text hash, tokenizer); the cache entry records
+    what it was computed from and is checked on every read (a damaged or mismatched entry is rebuilt, with a
+    warning naming the file)."""
+    from .sets import set_text
+
+    text, src = set_text(s)
+    tok_fp = tokenizer_fingerprint(tok)
+    expect = {"version": TOKEN_CACHE_VERSION, "text_sha256": src.sha256, "tokenizer": tok_fp}
+    path = cache_dir() / "tokens" / f"{s.name}-{s.split}-{src.sha256[:16]}-{tok_fp}.safetensors"
+    ids = _read_token_cache(path, expect) if path.is_file() else None
+    if ids is None:
+        log.info("tokenizing %s/%s (%d chars)", s.name, s.split, len(text))
         ids = _tokenize(tok, text)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(ids, tmp)
-        os.replace(tmp, path)
+        _write_token_cache(path, ids, expect)
     if max_tokens is not None:
         ids = ids[:, :max_tokens]
     return ids, src
+
+
+def _write_token_cache(path: Path, ids: torch.Tensor, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({"ids": ids.contiguous()}, str(tmp),
+              metadata={**meta, "n_tokens": str(ids.shape[1]), "ids_sha256": hash_ids(ids)})
+    os.replace(tmp, path)
+
+
+def _read_token_cache(path: Path, expect: dict) -> torch.Tensor | None:
+    """The cached ids if the entry is whole and was computed from `expect`; None (after a warning) otherwise."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta, ids = f.metadata() or {}, f.get_tensor("ids")
+    except Exception as e:  # SafetensorError (truncated header or data), missing tensor, OSError
+        log.warning("token cache %s is damaged (%s); rebuilding it", path, str(e).splitlines()[0][:120])
+        return None
+    bad = [k for k, v in expect.items() if meta.get(k) != v]
+    if ids.dtype != torch.long or ids.dim() != 2 or ids.shape[0] != 1:
+        bad.append(f"tensor {ids.dtype} {tuple(ids.shape)}")
+    elif meta.get("n_tokens") != str(ids.shape[1]) or meta.get("ids_sha256") != hash_ids(ids):
+        bad.append(f"{ids.shape[1]} tokens do not match the recorded count/hash")
+    if bad:
+        log.warning("token cache %s does not match what it claims to be (%s); rebuilding it", path, ", ".join(bad))
+        return None
+    return ids
 
 
 def calibration_ids(dataset: str, tok, n_samples: int, seqlen: int, seed: int, root: str,
@@ -68,13 +122,13 @@ def calibration_ids(dataset: str, tok, n_samples: int, seqlen: int, seed: int, r
     if dataset == "random":
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, len(tok), (n_samples, seqlen), generator=g)
-        return ids, {"dataset": "random", "seed": seed, "hash": hash_ids(ids)}
+        return ids, {"dataset": "random", "n_samples": n_samples, "seqlen": seqlen, "seed": seed, "hash": hash_ids(ids)}
     if dataset == "c4":
         docs, origin = read_documents("c4", "validation", root, source)
         lo, hi = C4_CALIB_DOCS
         docs, doc_range = docs[lo:hi], [lo, hi]
     else:  # wikitext2: only its train split is fair to calibrate on
-        if source == "local" or (source == "auto" and not _hub_allowed()):
+        if source == "local" or not hub_reachable():
             raise ConfigError("calibration on wikitext2 needs its train split, which is not available offline; "
                               "use data=c4 (calibration) or data=random")
         docs, origin = read_documents("wikitext2", "train", root, "hub")
@@ -92,7 +146,3 @@ def calibration_ids(dataset: str, tok, n_samples: int, seqlen: int, seed: int, r
     prov = {"dataset": dataset, "origin": origin, "doc_range": doc_range, "eligible_docs": len(encoded),
             "n_samples": n_samples, "seqlen": seqlen, "seed": seed, "hash": hash_ids(ids)}
     return ids, prov
-
-
-def _hub_allowed() -> bool:
-    return os.environ.get("HF_DATASETS_OFFLINE") != "1" and os.environ.get("HF_HUB_OFFLINE") != "1"

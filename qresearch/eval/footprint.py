@@ -14,13 +14,16 @@ OUTLIER_BITS = 16  # full-precision outlier columns (LLM.int8())
 
 
 def layer_bits(res: LayerResult) -> dict[str, int]:
-    """Storage bits of one quantized linear by its numeric format: codes, scales, zeros, extras."""
+    """Storage bits of one quantized linear by its numeric format: codes, group scales, their second-level scales,
+    zeros, codebook entries, extras."""
     q = res.weight
     fmt, spec = q.spec.format, q.spec
     out, inp = q.codes.shape
     n_qp = q.scale.numel()
     return {"codes": out * inp * fmt.code_bits(spec), "scales": n_qp * fmt.scale_bits(spec),
-            "zeros": n_qp * fmt.zero_bits(spec), "g_idx": 0 if q.g_idx is None else inp * GIDX_BITS,
+            "scale2": 0 if q.scale2 is None else q.scale2.numel() * fmt.scale2_bits(),
+            "zeros": n_qp * fmt.zero_bits(spec), "lut": 0 if q.lut is None else q.lut.numel() * fmt.lut_bits(),
+            "g_idx": 0 if q.g_idx is None else inp * GIDX_BITS,
             "outliers": 0 if res.outliers is None else int(res.outliers.sum()) * out * OUTLIER_BITS}
 
 
@@ -36,10 +39,11 @@ def footprint(model: nn.Module, result: QuantResult, fp_bits: int = 16) -> dict:
         other_params += p.numel()
     q_bits = sum(sum(layer_bits(r).values()) for r in result.layers.values())
     q_weights = sum(r.weight.codes.numel() for r in result.layers.values())
-    # packed modules the model already held (a reloaded quantized checkpoint): their measured buffer bytes
+    # packed modules the model already held (a reloaded quantized checkpoint): the bytes the checkpoint stored
+    # (`stored_bytes`, set when another tool's format was converted) or else their buffer bytes
     for name, m in model.named_modules():
         if name not in quantized and hasattr(m, "weight_bytes") and hasattr(m, "in_features"):
-            q_bits += 8 * m.weight_bytes()
+            q_bits += 8 * (getattr(m, "stored_bytes", None) or m.weight_bytes())
             q_weights += m.in_features * m.out_features
     total_bits = q_bits + other_params * fp_bits
     fp_total_bits = (q_weights + other_params) * fp_bits

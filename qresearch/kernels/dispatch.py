@@ -129,6 +129,8 @@ def interpreting() -> bool:
 def _triton_why_not(key: LayerKey) -> str | None:
     if key.meta.qformat != "int":
         return f"qformat={key.meta.qformat} has no Triton kernel"
+    if key.meta.scale_coding.coded:
+        return f"two-level scales (scale_bits={key.meta.scale_bits}) have no Triton kernel"
     if key.device.type != "cuda" and not interpreting():
         return f"device {key.device.type} (Triton needs CUDA, or TRITON_INTERPRET=1)"
     if key.device.type == "cuda" and key.mode.kind != "int8" and key.dtype not in TRITON_DTYPES:
@@ -159,9 +161,25 @@ def _run_reference(x, meta, bufs, mode):
 
     if mode.kind == "int8":
         return ref.w8a8_ref(x, meta, bufs["qweight"], bufs["scales"], bufs["bias"], prepare_input(x, mode, bufs))
-    return ref.wa16_ref(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["g_idx"], bufs["bias"])
+    return ref.wa16_ref(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["g_idx"], bufs["bias"],
+                        bufs.get("scale2"), bufs.get("lut"))
+
+
+def _int_mm_why_not(key: LayerKey) -> str | None:
+    if key.device.type != "cpu":  # CUDA: torch._int_mm needs M > 16 per call (decode breaks it); Triton serves
+        return f"device {key.device.type} (torch._int_mm serves CPU here; CUDA int8 layers use Triton)"
+    from .int_mm import int_mm_why_not
+
+    return int_mm_why_not(key.device, 1, key.meta.in_features, key.meta.out_features)
+
+
+def _run_int_mm(x, meta, bufs, mode):
+    from .int_mm import w8a8_int_mm
+
+    return w8a8_int_mm(x, meta, bufs["qweight"], bufs["scales"], bufs["bias"], prepare_input(x, mode, bufs))
 
 
 register(Kernel("triton", "triton", 10, lambda k: k.mode.kind == "none", _triton_why_not, _run_triton_wq))
 register(Kernel("triton", "triton", 10, lambda k: k.mode.kind == "int8", _triton_why_not, _run_triton_w8a8))
+register(Kernel("torch_int_mm", "torch_int", 50, lambda k: k.mode.kind == "int8", _int_mm_why_not, _run_int_mm))
 register(Kernel("torch_ref", "torch", 100, lambda k: True, lambda k: None, _run_reference))

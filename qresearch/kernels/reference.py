@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from ..quant.packing import PackedMeta, unpack_rows, unpack_zeros
+from ..quant.primitives import decode
+from ..quant.scales import decode_scales
 
 
 def weight_zeros(meta: PackedMeta, qzeros: torch.Tensor | None) -> torch.Tensor:
@@ -20,25 +22,37 @@ def weight_zeros(meta: PackedMeta, qzeros: torch.Tensor | None) -> torch.Tensor:
     return unpack_zeros(qzeros, meta.bits, meta.out_features)
 
 
-def dequant_weight(meta: PackedMeta, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
-                   g_idx: torch.Tensor | None = None) -> torch.Tensor:
+def weight_scales(meta: PackedMeta, scales: torch.Tensor | None, scale2: torch.Tensor | None) -> torch.Tensor:
+    """Effective group scales [out, n_groups] float32: stored floats, or decoded two-level codes; ones for codebooks."""
+    if scales is None:
+        return torch.ones(meta.out_features, meta.n_groups)
+    return decode_scales(scales, scale2, meta.scale_coding)
+
+
+def dequant_weight(meta: PackedMeta, qweight: torch.Tensor, scales: torch.Tensor | None, qzeros: torch.Tensor | None,
+                   g_idx: torch.Tensor | None = None, scale2: torch.Tensor | None = None,
+                   lut: torch.Tensor | None = None) -> torch.Tensor:
     """Packed buffers -> float32 weight [out, in]; column j uses group g_idx[j] (or j // group)."""
     spec = meta.spec
-    fmt = spec.format
     codes = unpack_rows(qweight, meta.bits, meta.in_features)  # [out, in] uint8
     zeros = weight_zeros(meta, qzeros).to(qweight.device)  # [out, n_groups]
+    s = weight_scales(meta, scales, scale2).to(qweight.device)  # [out, n_groups]
+    lut = None if lut is None else lut.float()
     if g_idx is not None:
         g = g_idx.long()
-        return fmt.decode(codes, scales.float()[:, g], zeros[:, g], spec)  # [out, in]
+        lut = lut if lut is None or lut.shape[1] == 1 else lut[:, g]  # [out | 1, in, K]
+        return decode(codes, s[:, g], zeros[:, g], spec, lut)  # [out, in]
     n, k, gs = meta.out_features, meta.in_features, meta.group
     codes = F.pad(codes, (0, meta.n_groups * gs - k)).view(n, meta.n_groups, gs)  # [out, n_groups, group]
-    w = fmt.decode(codes, scales.float()[:, :, None], zeros[:, :, None], spec)  # [out, n_groups, group]
+    lut = None if lut is None else lut[:, :, None, :]  # [out | 1, n_groups | 1, 1, K]
+    w = decode(codes, s[:, :, None], zeros[:, :, None], spec, lut)  # [out, n_groups, group]
     return w.reshape(n, -1)[:, :k]  # [out, in]
 
 
-def wa16_ref(x: torch.Tensor, meta: PackedMeta, qweight, scales, qzeros, g_idx, bias) -> torch.Tensor:
+def wa16_ref(x: torch.Tensor, meta: PackedMeta, qweight, scales, qzeros, g_idx, bias, scale2=None,
+             lut=None) -> torch.Tensor:
     """Weight-only quantized linear: y = x @ deq(W)^T + b in x's dtype."""
-    w = dequant_weight(meta, qweight, scales, qzeros, g_idx).to(x.dtype)
+    w = dequant_weight(meta, qweight, scales, qzeros, g_idx, scale2, lut).to(x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 

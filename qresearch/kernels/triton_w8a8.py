@@ -58,7 +58,7 @@ def int8_matmul_kernel(xq_ptr, w_ptr, sx_ptr, sw_ptr, b_ptr, y_ptr, M, N, K, str
         wb = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None],
                      mask=(offs_n[None, :] < N) & (offs_k[:, None] < K), other=128)  # [BLOCK_K, BLOCK_N] uint8
         b = (wb ^ 0x80).to(tl.int8, bitcast=True)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
     sx = tl.load(sx_ptr + offs_m, mask=offs_m < M, other=0.0)
     sw = tl.load(sw_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
     y = acc.to(tl.float32) * sx[:, None] * sw[None, :]

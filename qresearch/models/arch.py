@@ -150,3 +150,32 @@ def target_linears(model: nn.Module, arch: ArchInfo, lm_head: bool = False) -> d
     if lm_head and isinstance(get_module(model, head), nn.Linear):
         out[head] = get_module(model, head)
     return out
+
+
+def _heads_dim(c: dict) -> int:
+    return c["num_attention_heads"] * (c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"])
+
+
+# in_features of each block linear, from the HF config alone (pre-flight checks before a model loads)
+_IN_FEATURES = {
+    "llama": lambda c: {"self_attn.q_proj": c["hidden_size"], "self_attn.k_proj": c["hidden_size"],
+                        "self_attn.v_proj": c["hidden_size"], "self_attn.o_proj": _heads_dim(c),
+                        "mlp.gate_proj": c["hidden_size"], "mlp.up_proj": c["hidden_size"],
+                        "mlp.down_proj": c["intermediate_size"]},
+    "opt": lambda c: {"self_attn.q_proj": c["hidden_size"], "self_attn.k_proj": c["hidden_size"],
+                      "self_attn.v_proj": c["hidden_size"], "self_attn.out_proj": c["hidden_size"],
+                      "fc1": c["hidden_size"], "fc2": c["ffn_dim"]},
+    "gpt_neox": lambda c: {"attention.query_key_value": c["hidden_size"], "attention.dense": c["hidden_size"],
+                           "mlp.dense_h_to_4h": c["hidden_size"], "mlp.dense_4h_to_h": c["intermediate_size"]},
+    "phi3": lambda c: {"self_attn.qkv_proj": c["hidden_size"], "self_attn.o_proj": _heads_dim(c),
+                       "mlp.gate_up_proj": c["hidden_size"], "mlp.down_proj": c["intermediate_size"]},
+}
+_IN_FEATURES["mistral"] = _IN_FEATURES["qwen2"] = _IN_FEATURES["llama"]
+
+
+def linear_in_features(model_config: dict) -> dict[str, int]:
+    """{block linear (relative name): in_features} of an architecture in ARCHS, from its config dict."""
+    mt = model_config.get("model_type")
+    if mt not in _IN_FEATURES:
+        raise ConfigError(f"model_type={mt!r} is not in the table; supported: {', '.join(sorted(_IN_FEATURES))}")
+    return _IN_FEATURES[mt](model_config)

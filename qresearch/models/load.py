@@ -5,6 +5,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,16 +13,20 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from .files import check_gguf, check_weights, read_config
 
 log = logging.getLogger(__name__)
-SOURCES = ("hub", "local", "gguf", "tiny", "qresearch")  # qresearch = a checkpoint written by export=qresearch
+# qresearch = a checkpoint written by export=qresearch; compressed_tensors / gptq / awq = quantized by other tools
+FOREIGN_SOURCES = ("compressed_tensors", "gptq", "awq")
+SOURCES = ("hub", "local", "gguf", "tiny", "qresearch", *FOREIGN_SOURCES)
+PREQUANTIZED = ("qresearch", *FOREIGN_SOURCES)  # sources whose linears load as packed QuantLinears
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
 class ModelSpec:
     name: str
-    source: str  # hub | local | gguf | tiny
+    source: str  # one of SOURCES
     path: str = ""  # hub id, local dir, or (gguf) a dir / 'pkg:<python package>'
     gguf_file: str | None = None
     tokenizer: str | None = None  # defaults to path
@@ -58,20 +63,30 @@ def resolve_path(spec: ModelSpec) -> str:
         path = list(found.submodule_search_locations)[0]
     if not Path(path).is_dir():
         raise ConfigError(f"model {spec.name}: folder {path!r} does not exist; set model.path to a local HF folder")
-    if spec.source == "gguf" and not (Path(path) / (spec.gguf_file or "")).is_file():
-        raise ConfigError(f"model {spec.name}: GGUF file {spec.gguf_file!r} not found in {path}")
+    what = f"model {spec.name}"
+    if spec.source == "gguf":
+        if not (Path(path) / (spec.gguf_file or "")).is_file():
+            raise ConfigError(f"{what}: GGUF file {spec.gguf_file!r} not found in {path}")
+        check_gguf(Path(path) / spec.gguf_file, what)
+        return path
+    read_config(path, what)
     if spec.source == "qresearch":
-        from .checkpoint import is_qresearch_checkpoint
+        from .checkpoint import check_checkpoint, is_qresearch_checkpoint
 
         if not is_qresearch_checkpoint(path):
-            raise ConfigError(f"model {spec.name}: {path} is not a qresearch-packed checkpoint (export=qresearch)")
-    if spec.source == "local" and not (Path(path) / "config.json").is_file():
-        raise ConfigError(f"model {spec.name}: {path} has no config.json; it is not a Hugging Face model folder")
+            raise ConfigError(f"{what}: {path} is not a qresearch-packed checkpoint (export=qresearch)")
+        check_checkpoint(path)  # config.json against the tensors, key by key
+    elif spec.source in FOREIGN_SOURCES:
+        from .foreign import quant_config
+
+        quant_config(path, spec.source)
+    else:
+        check_weights(path, what)
     return path
 
 
 def _gguf_cache(spec: ModelSpec, path: str) -> Path:
-    """Where the converted HF folder of a GGUF file lives (keyed by the file's size and mtime)."""
+    """Where the converted HF folder of a GGUF file lives (keyed by file name, size and mtime)."""
     from ..data.tokens import cache_dir
 
     f = Path(path) / spec.gguf_file
@@ -83,10 +98,16 @@ def _gguf_converted(spec: ModelSpec, path: str) -> str:
     """GGUF dequantization is slow (~30 s for 135M): convert once to a safetensors HF folder in the cache."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    f = Path(path) / spec.gguf_file
     out = _gguf_cache(spec, path)
+    if (out / "config.json").is_file():
+        try:
+            read_config(out, "converted GGUF cache")
+            check_weights(out, "converted GGUF cache")
+        except ConfigError as e:
+            log.warning("%s; converting again", e)
+            shutil.rmtree(out, ignore_errors=True)
     if not (out / "config.json").is_file():
-        log.info("converting %s to a cached HF folder %s (once)", f.name, out)
+        log.info("converting %s to a cached HF folder %s (once)", spec.gguf_file, out)
         model = AutoModelForCausalLM.from_pretrained(path, gguf_file=spec.gguf_file, dtype=torch.float32)
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
         # the weights are plain float tensors now; drop the GGUF loader marker so they can be saved
@@ -100,15 +121,21 @@ def _gguf_converted(spec: ModelSpec, path: str) -> str:
 
 
 def config_dict(spec: ModelSpec) -> dict | None:
-    """The model's HF config as a dict when it can be read without loading weights or the network, else None."""
+    """The model's HF config as a dict without loading weights (pre-flight checks such as export.check_exportable
+    or position limits); None when it cannot be had cheaply (a Hub model not in the local cache, GGUF not yet
+    converted)."""
     if spec.source == "tiny":
         return dict(spec.config)
-    if spec.source == "hub":
-        return None
     path = resolve_path(spec)
-    folder = _gguf_cache(spec, path) if spec.source == "gguf" else Path(path)
+    if spec.source in ("local", "qresearch"):
+        return read_config(path, f"model {spec.name}")
+    if spec.source == "gguf":
+        out = _gguf_cache(spec, path)
+        return json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else None
     try:
-        return json.loads((folder / "config.json").read_text())
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(path, local_files_only=True).to_dict()
     except (OSError, ValueError):
         return None
 
@@ -146,6 +173,10 @@ def load_model(spec: ModelSpec, device: torch.device, seed: int = 0):
         from .checkpoint import load_quantized
 
         model = load_quantized(path, device)
+    elif spec.source in FOREIGN_SOURCES:
+        from .foreign import load_foreign
+
+        model = load_foreign(path, spec.source, dtype)
     elif spec.source == "tiny":
         cfg = dict(spec.config)
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)

@@ -8,6 +8,7 @@ from torch import nn
 from ..quant.primitives import choose_qparams, dequantize, quantize
 from ..quant.spec import QuantSpec
 from ..records import ActQuant, LayerResult
+from .outliers import OutlierCounter, outlier_columns
 
 
 def act_qparams(x: torch.Tensor, act: ActQuant) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,8 +40,12 @@ class FakeQuantLinear(nn.Module):
         self.spec: QuantSpec = res.weight.spec
         self.register_buffer("outliers", res.outliers)  # [in] bool or None
         self.register_buffer("fp_weight_cols", None if res.outliers is None else fp_weight[:, res.outliers])
+        t = None if self.act is None else self.act.outlier_threshold
+        self.outlier_counter = None if t is None else OutlierCounter(self.in_features)  # LLM.int8(), per call
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.outlier_counter is not None:
+            return self._decomposed(x)
         if self.outliers is None:
             xq = fake_quant_act(x, self.act) if self.act is not None else x
             return F.linear(xq, self.weight, self.bias)
@@ -48,6 +53,14 @@ class FakeQuantLinear(nn.Module):
         xq = fake_quant_act(regular, self.act) if self.act is not None else regular
         y = F.linear(xq, self.weight.masked_fill(self.outliers, 0), self.bias)
         return y + F.linear(x[..., self.outliers], self.fp_weight_cols)
+
+    def _decomposed(self, x: torch.Tensor) -> torch.Tensor:
+        """LLM.int8(): columns with |x| >= threshold in this call through a float matmul, the rest fake-quantized."""
+        x2 = x.reshape(-1, self.in_features)  # [M, in]
+        cols = outlier_columns(x2, self.act.outlier_threshold, self.outlier_counter)
+        y = F.linear(fake_quant_act(x2.masked_fill(cols, 0), self.act), self.weight, self.bias)
+        y = y + F.linear(x2[:, cols], self.weight[:, cols])  # dequantized weight columns, float activations
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         act = "none" if self.act is None else (self.act.spec.act_tag + ("-static" if self.act.static_scale is not None

@@ -10,19 +10,23 @@ from torch import nn
 
 from ..kernels import dispatch
 from ..quant.packing import PackedMeta, pack_rows, pack_zeros, packed_words, scale_dtype_for
+from ..quant.scales import encode_scales
 from ..quant.spec import QuantSpec
 from ..records import ActQuant, LayerResult
 from .fake import fake_quant_act
+from .outliers import OutlierCounter, outlier_columns, weight_columns
 
 log = logging.getLogger(__name__)
-WEIGHT_BUFFERS = ("qweight", "scales", "qzeros", "g_idx", "fp_cols")  # what counts as stored weight bytes
+WEIGHT_BUFFERS = ("qweight", "scales", "scale2", "qzeros", "lut", "g_idx", "fp_cols")  # stored weight bytes
+KERNEL_BUFFERS = ("qweight", "scales", "scale2", "qzeros", "lut", "g_idx", "bias", "act_scale")
 _REPORTED: set[tuple[str, str]] = set()  # (kernel, reason) pairs already logged
 
 
 class QuantLinear(nn.Module):
-    """Buffers only: qweight int32 [out, words(in)], scales [out, n_groups] fp16/bf16, qzeros int32
-    [words(out), n_groups] (asym),
-    g_idx int32 [in] (act-order), bias, static act scale, fp outlier columns (LLM.int8()-style)."""
+    """Buffers only: qweight int32 [out, words(in)], scales [out, n_groups] fp16/bf16 (or uint8 codes of two-level
+    scales, with scale2 fp32 [out | 1, 1]; none for codebook formats, which store lut fp16 [out | 1, n_groups | 1, K]),
+    qzeros int32 [words(out), n_groups] (asym), g_idx int32 [in] (act-order), bias, static act scale, fp outlier
+    columns (LLM.int8()-style)."""
 
     def __init__(self, meta: PackedMeta, dtype: torch.dtype, act: ActQuant | None = None, bias: bool = False,
                  g_idx: bool = False, n_outliers: int = 0):
@@ -31,7 +35,12 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = meta.in_features, meta.out_features
         n, k, g = meta.out_features, meta.in_features, meta.n_groups
         self.register_buffer("qweight", torch.zeros(n, packed_words(k, meta.bits), dtype=torch.int32))
-        self.register_buffer("scales", torch.zeros(n, g, dtype=scale_dtype_for(dtype)))
+        coding = meta.scale_coding
+        sdtype = torch.uint8 if coding.coded else scale_dtype_for(dtype)
+        self.register_buffer("scales", None if meta.lut_shape else torch.zeros(n, g, dtype=sdtype))
+        s2_rows = {"channel": n, "tensor": 1}.get(coding.level2)
+        self.register_buffer("scale2", torch.zeros(s2_rows, 1) if s2_rows else None)
+        self.register_buffer("lut", torch.zeros(meta.lut_shape, dtype=torch.float16) if meta.lut_shape else None)
         self.register_buffer("qzeros", None if meta.sym else torch.zeros(packed_words(n, meta.bits), g,
                                                                          dtype=torch.int32))
         self.register_buffer("g_idx", torch.zeros(k, dtype=torch.int32) if g_idx else None)
@@ -41,6 +50,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("outliers", torch.zeros(k, dtype=torch.bool) if n_outliers else None)
         self.register_buffer("fp_cols", torch.zeros(n, n_outliers, dtype=dtype) if n_outliers else None)
         self.mode = dispatch.act_mode(meta, act, g_idx)
+        t = None if act is None else act.outlier_threshold
+        self.outlier_counter = None if t is None else OutlierCounter(meta.in_features)  # LLM.int8(), per call
         self._chosen: dict[tuple, tuple[dispatch.Kernel, str]] = {}  # (device, dtype, backend) -> kernel, reason
 
     @classmethod
@@ -53,12 +64,18 @@ class QuantLinear(nn.Module):
         if spec.granularity == "tensor":  # one qparam for the whole matrix -> one per row
             scale, zero = scale.reshape(1, 1).expand(out_f, 1), zero.reshape(1, 1).expand(out_f, 1)  # [out, 1]
         meta = PackedMeta(spec.format.code_bits(spec), spec.group_for(in_f), in_f, out_f, spec.sym,
-                          qformat=spec.qformat)
+                          qformat=spec.qformat, scale_bits=spec.scale_bits, scale_level2=spec.scale_level2,
+                          lut_shape=None if q.lut is None else tuple(q.lut.shape))
         assert scale.shape == (out_f, meta.n_groups), f"scale {tuple(scale.shape)} != {(out_f, meta.n_groups)}"
         n_out = 0 if res.outliers is None else int(res.outliers.sum())
         m = cls(meta, w.dtype, res.act, lin.bias is not None, q.g_idx is not None, n_out)
         m.qweight.copy_(pack_rows(q.codes.reshape(out_f, in_f), meta.bits))  # codes [out, in] -> [out, words]
-        m.scales.copy_(scale)
+        if m.scales is not None:
+            m.scales.copy_(encode_scales(scale, q.scale2, meta.scale_coding))
+        if m.scale2 is not None:
+            m.scale2.copy_(q.scale2.expand_as(m.scale2))
+        if m.lut is not None:
+            m.lut.copy_(q.lut)
         if m.qzeros is not None:
             m.qzeros.copy_(pack_zeros(zero, meta.bits))
         if m.g_idx is not None:
@@ -91,18 +108,25 @@ class QuantLinear(nn.Module):
         """Kernel this layer runs with for inputs of its model dtype on its current device."""
         kernel, _ = self._kernel(self.qweight.device, self.dtype)
         label = kernel.label(self._key(self.qweight.device, self.dtype))
-        return label + ("+fp_outliers" if self.outliers is not None else "")
+        return label + ("+fp_outliers" if self.outliers is not None else "") + \
+            ("+dynamic_fp_outliers" if self.outlier_counter is not None else "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [M, in]
         regular = x2 if self.outliers is None else x2.masked_fill(self.outliers, 0)
+        dyn = None
+        if self.outlier_counter is not None:  # LLM.int8(): this call's outlier columns leave the int8 path
+            dyn = outlier_columns(x2, self.act.outlier_threshold, self.outlier_counter)
+            regular = regular.masked_fill(dyn, 0)
         if self.mode.kind == "fake":
             static = None if self.act_scale is None else self.act_scale.reshape(1, 1)  # [1, 1] per-tensor
             regular = fake_quant_act(regular, ActQuant(self.act.spec, static))
-        bufs = {k: getattr(self, k) for k in ("qweight", "scales", "qzeros", "g_idx", "bias", "act_scale")}
+        bufs = {k: getattr(self, k) for k in KERNEL_BUFFERS}
         kernel, _ = self._kernel(x2.device, x2.dtype)
         y = kernel.run(regular, self.meta, bufs, self.mode)  # [M, out]
+        if dyn is not None and bool(dyn.any()):
+            y = y + F.linear(x2[:, dyn], weight_columns(self.meta, bufs, dyn).to(x2.dtype))
         if self.outliers is not None:
             y = y + F.linear(x2[:, self.outliers], self.fp_cols)
         return y.reshape(*lead, self.out_features)  # [..., out]
@@ -115,7 +139,8 @@ class QuantLinear(nn.Module):
         """JSON-able description used by export (enough to rebuild the module before loading its buffers)."""
         act = None
         if self.act is not None:
-            act = {"spec": asdict(self.act.spec), "static": self.act.static_scale is not None}
+            act = {"spec": asdict(self.act.spec), "static": self.act.static_scale is not None,
+                   "outlier_threshold": self.act.outlier_threshold}
         return {**asdict(self.meta), "dtype": str(self.dtype).removeprefix("torch."), "act": act,
                 "bias": self.bias is not None, "g_idx": self.g_idx is not None,
                 "n_outliers": 0 if self.fp_cols is None else self.fp_cols.shape[1]}
@@ -123,12 +148,15 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_config(cls, c: dict) -> "QuantLinear":
         """Empty module with the buffers `config()` describes (filled by load_state_dict)."""
+        lut = c.get("lut_shape")
         meta = PackedMeta(c["bits"], c["group"], c["in_features"], c["out_features"], c["sym"], c["layout"],
-                          c.get("qformat", "int"))
+                          c.get("qformat", "int"), c.get("scale_bits"), c.get("scale_level2", "channel"),
+                          None if lut is None else tuple(lut))
         act = None
         if c["act"] is not None:
             spec = {("qformat" if k == "fmt" else k): v for k, v in c["act"]["spec"].items()}  # v1 wrote "fmt"
-            act = ActQuant(QuantSpec(**spec), torch.ones(1, 1) if c["act"]["static"] else None)
+            act = ActQuant(QuantSpec(**spec), torch.ones(1, 1) if c["act"]["static"] else None,
+                           outlier_threshold=c["act"].get("outlier_threshold"))
         return cls(meta, getattr(torch, c["dtype"]), act, c["bias"], c["g_idx"], c["n_outliers"])
 
     def extra_repr(self) -> str:

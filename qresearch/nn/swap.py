@@ -8,10 +8,12 @@ from torch import nn
 from ..errors import ConfigError
 from ..records import LayerResult, QuantResult
 from .fake import build_fake
+from .integer import build_integer
 from .packed import build_packed
 
 # modules kind -> builder(linear, layer_result) -> module
-BUILDERS: dict[str, Callable[[nn.Linear, LayerResult], nn.Module]] = {"fake": build_fake, "packed": build_packed}
+BUILDERS: dict[str, Callable[[nn.Linear, LayerResult], nn.Module]] = {"fake": build_fake, "packed": build_packed,
+                                                                      "integer": build_integer}
 MODULES = tuple(BUILDERS)
 
 
@@ -22,7 +24,7 @@ def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def swap_linears(model: nn.Module, result: QuantResult, modules: str = "fake") -> dict[str, str]:
-    """Replace every linear named in `result` by a `modules` module (fake | packed).
+    """Replace every linear named in `result` by a `modules` module (fake | packed | integer).
     Returns {module name: kernel used}."""
     if modules not in BUILDERS:
         raise ConfigError(f"modules={modules!r} is unknown; allowed: {', '.join(BUILDERS)}")

@@ -4,14 +4,17 @@ Layout "int32_k" (the only storage layout; the Triton kernels read it directly):
   each row of unsigned codes is one dense little-endian bit stream along its columns; code j of a row occupies
   bits [j*b, j*b + b) of the stream, word w holds stream bits [32w, 32w + 32). A row of C codes takes
   ceil(C * b / 32) int32 words, so storage is exactly b bits per code up to the row's last word.
-  For b in {2, 4, 8} no code straddles a word (32 / b codes per word); for b = 3 (and 5..7) some codes span two
+  For b in {1, 2, 4, 8} no code straddles a word (32 / b codes per word); for b = 3 (and 5..7) some codes span two
   words. This is bit-for-bit the compressed-tensors "pack-quantized" weight_packed layout (codes stored unsigned,
   i.e. signed value + 2^(b-1)), so export is a copy.
 
 Codes of every numeric format are unsigned integers < 2^code_bits (quant/formats.py), so every format packs the
 same way; `PackedMeta.qformat` says how to decode them.
-Scales are stored in fp16 (bf16 for bf16 models) as [out, n_groups]; asymmetric zero points are packed with the
-same bit stream along the out dim, [ceil(out * b / 32), n_groups]; symmetric layers store no zeros (2^(b-1)).
+Scales are stored in fp16 (bf16 for bf16 models) as [out, n_groups], or as uint8 codes of a two-level scale coding
+(quant/scales.py) with an fp32 `scale2` [out | 1, 1]; asymmetric zero points are packed with the same bit stream
+along the out dim, [ceil(out * b / 32), n_groups]; symmetric layers store no zeros (2^(b-1)). Codebook formats store
+their palette `lut` [out | 1, n_groups | 1, K] in fp16 and no scales. For 4-bit codes the stream's bytes are
+compressed-tensors' nvfp4 / mxfp4 `weight_packed` (two codes per byte, low nibble first).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import torch
 from .spec import QuantSpec
 
 LAYOUT = "int32_k"
-PACK_BITS = (2, 3, 4, 5, 6, 7, 8)
+PACK_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,9 @@ class PackedMeta:
     sym: bool
     layout: str = LAYOUT
     qformat: str = "int"
+    scale_bits: int | None = None  # QuantSpec.scale_bits (None = the format's default scale storage)
+    scale_level2: str = "channel"
+    lut_shape: tuple[int, ...] | None = None  # codebook formats: palette shape [out | 1, n_groups | 1, K]
 
     @property
     def n_groups(self) -> int:
@@ -45,7 +51,13 @@ class PackedMeta:
     def spec(self) -> QuantSpec:
         """The weight spec these codes decode with (contiguous groups of `group` columns)."""
         return QuantSpec(bits=self.bits, group_size=self.group, sym=self.sym, granularity="group",
-                         qformat=self.qformat)
+                         qformat=self.qformat, scale_bits=self.scale_bits, scale_level2=self.scale_level2)
+
+    @property
+    def scale_coding(self):
+        """How the scales buffer stores group scales (quant/scales.py)."""
+        spec = self.spec
+        return spec.format.scale_coding(spec)
 
 
 def packed_words(cols: int, bits: int) -> int:

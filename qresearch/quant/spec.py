@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from .formats import NumericFormat, get_format
+from .scales import LEVEL2
 
 GRANULARITIES = ("tensor", "channel", "group", "token")
 
@@ -18,7 +19,9 @@ class QuantSpec:
     Convention: a weight is [out, in]; qparams are [out, ceil(in / group_size)]. group_size = -1 means
     per-channel (one group spans the whole row). Per-tensor and per-token are named granularities:
     per-tensor = one group over everything, per-token = one group per row of a [tokens, hidden] view.
-    `qformat` names an entry of the numeric-format table (quant/formats.py).
+    `qformat` names an entry of the numeric-format table (quant/formats.py). `scale_bits` chooses how group scales
+    are stored (quant/scales.py): None = the format's default, 16 = floats, 2..8 = integer scales against a
+    per-`scale_level2` (channel | tensor) fp32 scale (two-level, VS-Quant style).
     """
 
     bits: int = 4
@@ -26,8 +29,12 @@ class QuantSpec:
     sym: bool = False
     granularity: str = "group"  # tensor | channel | group | token
     qformat: str = "int"
+    scale_bits: int | None = None
+    scale_level2: str = "channel"
 
     def __post_init__(self):
+        if self.scale_level2 not in LEVEL2:
+            raise ConfigError(f"scale_level2={self.scale_level2!r} is unknown; allowed: {', '.join(LEVEL2)}")
         fmt = get_format(self.qformat)
         fmt.validate(self)
         if self.granularity not in GRANULARITIES:
@@ -56,7 +63,7 @@ class QuantSpec:
         g = {"tensor": "t", "token": "tok", "channel": "-1"}.get(self.granularity, str(self.group_size))
         sym = "-sym" if self.sym and not self.format.sym_only else ""
         fmt = "" if self.qformat == "int" else f"-{self.qformat}"
-        return f"w{self.bits}g{g}{sym}{fmt}"
+        return f"w{self.bits}g{g}{sym}{fmt}{self.format.scale_coding(self).tag}"
 
     @property
     def act_tag(self) -> str:

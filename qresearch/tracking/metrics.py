@@ -40,6 +40,9 @@ class RunInfo:
     seed: int
     time: str
     steps: list[dict[str, Any]] = field(default_factory=list)  # per step: what it used, its settings and cost
+    commit: str | None = None  # git commit of the code that ran ('+dirty' when tracked files had changes)
+    eval_signature: str | None = None  # what was evaluated (eval_signature()); dashboards filter on it
+    calib_samples: int | None = None  # calibration windows the steps used (None: no step calibrated)
 
 
 @dataclass
@@ -91,6 +94,18 @@ class Timing:
 
 
 @dataclass
+class WandbRun:
+    """Where the run went in wandb (None in Metrics when wandb was off or failed to start)."""
+
+    project: str
+    entity: str | None
+    group: str | None
+    id: str
+    name: str
+    mode: str  # online | offline
+
+
+@dataclass
 class Metrics:
     run: RunInfo
     model: ModelInfo
@@ -105,6 +120,9 @@ class Metrics:
     latency: dict[str, Any] | None = None
     export: dict[str, Any] | None = None
     kernels_by_layer: dict[str, str] | None = None
+    wandb_run: WandbRun | None = None
+    kv_cache: dict[str, Any] | None = None  # KV-cache quantization: settings, calls, cache bytes per context
+    activations: dict[str, Any] | None = None  # outlier report summary (eval/outliers.py), runs with act quant
     schema: int = SCHEMA
 
     def to_dict(self) -> dict:
@@ -121,6 +139,8 @@ class Metrics:
         d["ppl"] = {k: _build(PplResult, v, f"{where}.ppl.{k}") for k, v in (d.get("ppl") or {}).items()}
         d["footprint"] = _build(Footprint, d.get("footprint"), f"{where}.footprint")
         d["timing"] = _build(Timing, d.get("timing"), f"{where}.timing")
+        if d.get("wandb_run") is not None:
+            d["wandb_run"] = _build(WandbRun, d["wandb_run"], f"{where}.wandb_run")
         return _build(cls, d, where)
 
     def row(self, run_dir: Path | str) -> dict:
@@ -128,7 +148,7 @@ class Metrics:
         r, fp = self.run, self.footprint
         row = {"run_dir": str(run_dir), "model": r.model, "method": r.method, "tag": r.tag, "bits": r.bits,
                "group_size": r.group_size, "sym": r.sym, "qformat": r.qformat, "act_bits": r.act_bits,
-               "modules": r.modules, "config_hash": r.config_hash, "seed": r.seed, "time": r.time,
+               "modules": r.modules, "config_hash": r.config_hash, "seed": r.seed, "time": r.time, "commit": r.commit,
                "bits_per_weight": fp.bits_per_weight, "weight_bytes": fp.weight_bytes,
                "quantize_seconds": self.timing.quantize_seconds,
                "peak_rss_bytes": self.memory.get("peak_rss_bytes"), "peak_cuda_bytes": self.memory.get("peak_cuda_bytes"),
@@ -137,6 +157,8 @@ class Metrics:
             row[f"ppl_{ds}"] = p.ppl
             if p.fp_ppl is not None:
                 row[f"fp_ppl_{ds}"] = p.fp_ppl
+        if self.kv_cache:
+            row["kv_bits"], row["kv_qformat"] = self.kv_cache["bits"], self.kv_cache["qformat"]
         for key, val in _flat(self.latency or {}, "latency_").items():
             if isinstance(val, (int, float)) and not isinstance(val, bool):
                 row[key] = val
@@ -148,11 +170,24 @@ class Metrics:
 
     def eval_signature(self) -> str:
         """What was evaluated, in one string: runs with different signatures never share a table."""
-        le = self.lm_eval or {}
-        parts = [f"{ds}/{p.split} {p.protocol} L{p.seqlen} {p.n_tokens} tok" for ds, p in sorted(self.ppl.items())]
-        parts += [f"lm-eval {t} n={v['n_samples']} {le['protocol']['num_fewshot']}-shot"
-                  for t, v in sorted(le.get("tasks", {}).items())]
-        return "; ".join(parts)
+        return eval_signature(self.ppl, self.lm_eval)
+
+
+def eval_signature(ppl: dict[str, PplResult], lm_eval: dict[str, Any] | None) -> str:
+    """'<dataset>/<split> <protocol> L<seqlen> <n> tok; lm-eval <task> n=<k> <f>-shot' for the evaluations given
+    (an own text's label carries its hash)."""
+    le = lm_eval or {}
+    parts = [f"{_text_label(ds, p)} {p.protocol} L{p.seqlen} {p.n_tokens} tok" for ds, p in sorted(ppl.items())]
+    parts += [f"lm-eval {t} n={v['n_samples']} {le['protocol']['num_fewshot']}-shot"
+              for t, v in sorted(le.get("tasks", {}).items())]
+    return "; ".join(parts)
+
+
+def _text_label(ds: str, p: PplResult) -> str:
+    """'wikitext2/test'; an own text also carries its hash ('tinystories/file#1a2b3c4d'): one name, one text."""
+    from ..data.text import EVAL_SETS
+
+    return f"{ds}/{p.split}" + (f"#{p.text_sha256[:8]}" if ds not in EVAL_SETS else "")
 
 
 def _flat(d: dict, prefix: str) -> dict:

@@ -43,3 +43,10 @@ def provenance(device: torch.device, seed: int) -> dict:
     return {"git_commit": _git("rev-parse", "HEAD"), "git_dirty": bool(status) if status is not None else None,
             "python": platform.python_version(), "platform": platform.platform(), "versions": versions(),
             **device_info(device), "seed": seed}
+
+
+def commit_label(prov: dict) -> str | None:
+    """'<commit>' or '<commit>+dirty' from a provenance dict (None outside a git checkout)."""
+    if not prov.get("git_commit"):
+        return None
+    return prov["git_commit"] + ("+dirty" if prov.get("git_dirty") else "")

@@ -5,10 +5,15 @@ import csv
 import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
 from pathlib import Path
 from typing import Any
+
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
 
 
 def _clean(obj: Any) -> Any:
@@ -56,23 +61,59 @@ def append_index(index: Path, row: dict) -> None:
     index = Path(index)
     index.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(_clean(row), sort_keys=True) + "\n"
-    with open(index, "a") as f:
+    with open(index, "ab+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
-        f.write(line)
+        f.seek(0, os.SEEK_END)
+        if f.tell() > 0:  # a writer killed mid-line left no newline: end that line so this row stays whole
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write(line.encode())
+        f.flush()
         fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def read_index(index: Path) -> list[dict]:
+    """Rows of the results index; a damaged line (truncated, not a JSON object with a run_dir) is skipped with a
+    warning naming the file and line, so one bad line never blocks resume or reports."""
     index = Path(index)
     if not index.is_file():
         return []
-    return [json.loads(ln) for ln in index.read_text().splitlines() if ln.strip()]
+    rows = []
+    for i, ln in enumerate(index.read_text(errors="replace").splitlines(), 1):
+        if not ln.strip():
+            continue
+        try:
+            row = json.loads(ln)
+        except json.JSONDecodeError as e:
+            row = e
+        if not isinstance(row, dict) or not isinstance(row.get("run_dir"), str):
+            log.warning("%s line %d is damaged (%s); skipped", index, i,
+                        row.msg if isinstance(row, json.JSONDecodeError) else "not a run row")
+            continue
+        rows.append(row)
+    return rows
+
+
+def read_metrics(run_dir: Path) -> dict | None:
+    """metrics.json of a run dir, or None when absent; a damaged file (not JSON, not a run record) counts as absent
+    and is reported with its path, so its config can be rerun."""
+    f = Path(run_dir) / "metrics.json"
+    if not f.is_file():
+        return None
+    try:
+        m = json.loads(f.read_text())
+        Metrics.from_dict(m, str(f))  # a complete, typed run record
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        log.warning("%s is damaged (%s); the run counts as not complete", f, str(e).splitlines()[0][:200])
+        return None
+    return m
 
 
 def completed_run(index: Path, chash: str) -> Path | None:
-    """Run dir of an earlier complete run (metrics.json present) with the same config hash, if any."""
+    """Run dir of an earlier complete run (a readable metrics.json) with the same config hash, if any."""
     for row in reversed(read_index(index)):
         d = Path(row["run_dir"])
-        if row.get("config_hash") == chash and (d / "metrics.json").is_file():
+        if row.get("config_hash") == chash and read_metrics(d) is not None:
             return d
     return None

@@ -23,6 +23,10 @@ def summary_lines(m: Metrics, run_dir: Path) -> list[str]:
                      f"{_fmt(p.fp_ppl):>10} {_fmt(p.ppl):>10} {_fmt(p.delta_ppl):>9}")
     lines.append(f"   weights: {fpt.weight_bytes / 2**20:.3f} MiB stored ({fpt.bits_per_weight:.3f} bits/weight "
                  f"on quantized linears; fp16 {fpt.weight_bytes_fp16 / 2**20:.3f} MiB, x{fpt.compression:.2f})")
+    if m.kv_cache:
+        kv, last = m.kv_cache, m.kv_cache["cache"][-1]
+        lines.append(f"   kv cache: {kv['qformat']}{kv['bits']} per token and head ({last['bits_per_value']:.2f} bits/value); "
+                     f"{last['bytes'] / 2**20:.2f} MiB at {last['context']} tokens (fp16 {last['fp16_bytes'] / 2**20:.2f})")
     t = m.timing
     lines.append(f"   time: load {t.load_seconds:.1f}s, quantize {t.quantize_seconds:.1f}s, "
                  f"eval {t.eval_seconds:.1f}s; peak RSS {m.memory['peak_rss_bytes'] / 2**30:.2f} GiB; wandb: {m.wandb}")

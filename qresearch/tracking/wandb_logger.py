@@ -5,6 +5,7 @@ import logging
 from typing import Any
 
 from ..errors import ConfigError
+from .metrics import WandbRun
 
 log = logging.getLogger(__name__)
 MODES = ("online", "offline", "disabled")
@@ -47,6 +48,13 @@ class WandbLogger:
             self.status = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             log.warning("wandb could not start (%s); results are still written locally", self.status)
 
+    def ref(self) -> WandbRun | None:
+        """Project / group / id of the started run (what dashboards select runs by); None if it did not start."""
+        if self.run is None or self.kw["mode"] == "disabled":
+            return None
+        return WandbRun(project=self.run.project, entity=self.kw["entity"], group=self.kw["group"], id=self.run.id,
+                        name=self.run.name or "", mode=self.kw["mode"])
+
     def summary(self, metrics: dict) -> None:
         if self.run is not None:
             self.run.summary.update(flatten(metrics))
@@ -74,6 +82,7 @@ class NullLogger:
     status = "off"
 
     def start(self, config): ...
+    def ref(self): return None
     def summary(self, metrics): ...
     def table(self, key, rows): ...
     def finish(self, exit_code=0): ...
