@@ -53,8 +53,18 @@ def _param_bytes(m: nn.Module) -> int:
         b.numel() * b.element_size() for b in m.buffers())
 
 
+@dataclass
+class BlockResult:
+    """What `process` may return instead of the bare weights: the weights and the block's outputs on its inputs
+    computed with them (the method already ran that forward, so the engine does not run it again)."""
+
+    weights: dict[str, torch.Tensor]
+    outputs: list[torch.Tensor]
+
+
 # process(i, block, io) quantizes block i (it may fold scales in place) and returns {linear name: quantized W}
-BlockFn = Callable[[int, nn.Module, BlockIO], dict[str, torch.Tensor]]
+# (or a BlockResult with the quantized block's outputs too)
+BlockFn = Callable[[int, nn.Module, BlockIO], "dict[str, torch.Tensor] | BlockResult"]
 
 
 def _place(model: nn.Module, arch: ArchInfo, device: torch.device, offload: bool) -> None:
@@ -80,6 +90,9 @@ def calibrate(model: nn.Module, arch: ArchInfo, calib: torch.Tensor, device: tor
         block.to(device)
         fp_out = run_block(block, io) if cfg.propagate == "fp" else None
         qweights = process(i, block, io)
+        if isinstance(qweights, BlockResult):
+            fp_out = qweights.outputs if fp_out is None else fp_out
+            qweights = qweights.weights
         if fp_out is None:
             with swapped_weights(block, qweights):
                 fp_out = run_block(block, io)

