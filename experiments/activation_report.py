@@ -87,7 +87,7 @@ def model_table(cells: dict, rows: dict) -> list[str]:
         if c is None:
             lines.append(f"| {section} | {label} | n/a (not run / failed) |" + " |" * 9)
             continue
-        rel = 100 * (c["ppl"] / c["fp_ppl"] - 1)
+        rel = 100 * (c["ppl"] / (c["fp_ppl"] or c["ppl"]) - 1)  # the FP run records no separate FP ppl
         kern = ", ".join(f"{k} x{n}" for k, n in c["kernels"].items())
         mx, ch = _outl(c)
         lines.append(f"| {section} | {label} | {c['ppl']:.3f} | {rel:+.1f}% | {_mib(c['weight_bytes'])} | "
