@@ -117,7 +117,7 @@ def main() -> None:
             shutil.copy(pic, REPO / "results" / f"activation_outliers_{model}.png")
     cmds = {m: {k: shlex.join(command(m, k)) for k in args.rows} for m in args.models}
     notes = args.notes.read_text() if args.notes else ""
-    md, js = render(results, ROWS, MODELS, cmds, REPO, notes, shlex.join(["python", *sys.argv]))
+    md, js = render(results, ROWS, MODELS, cmds, REPO, notes, shlex.join(["python", *(a for a in sys.argv if a != "--collect-only")]))
     (REPO / "results" / "activation_methods.json").write_text(json.dumps(js, indent=1, default=str))
     (REPO / "results" / "activation_methods.md").write_text(md)
     print(md)

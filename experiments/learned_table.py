@@ -159,7 +159,7 @@ def main() -> None:
         cmd = shlex.join(command(model, section, row, col)).replace(str(REPO) + "/", "")
         results.append({"model": model, "section": section, "row": row, "col": col, "command": cmd, "metrics": m,
                         "run_dir": str(run_dir(model, section, row, col))})
-    md, data = render(results, SECTIONS, MODELS, findings, shlex.join(["python", *sys.argv]))
+    md, data = render(results, SECTIONS, MODELS, findings, shlex.join(["python", *(a for a in sys.argv if a != "--collect-only")]))
     out = REPO / "results"
     (out / "learned_methods.json").write_text(json.dumps(data, indent=1, default=str))
     (out / "learned_methods.md").write_text(md)
