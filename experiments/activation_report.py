@@ -3,6 +3,7 @@ numbers (holds / does NOT hold), outlier facts, and every command."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 HEADER = """# Activation quantization: naive W8A8, SmoothQuant, LLM.int8(), ZeroQuant (+LKD), integer-only (issue 12)
@@ -10,7 +11,7 @@ HEADER = """# Activation quantization: naive W8A8, SmoothQuant, LLM.int8(), Zero
 wikitext2 test perplexity, GPTQ protocol (joined text, non-overlapping chunks of the model's seqlen: 256 for
 stories260K, 512 for SmolLM2; `eval.max_chunks` per model below). Calibration: random C4 windows (validation docs
 1100..2000), seed 0, sizes per model below; never the eval text. CPU, float32 models, one torch thread per run
-(`OMP_NUM_THREADS=1`) on a 2-core machine shared with other jobs (load average 4-10 while these ran): the seconds and
+(`OMP_NUM_THREADS=1`) on a 2-core machine shared with other jobs (load averages in the provenance line): the seconds and
 latencies are single measurements under load; compare latencies within one model's table only, as ratios.
 SmolLM2-135M's weights were stored as GGUF Q4_1 and dequantized to float on load: "FP" means those dequantized weights.
 
@@ -86,7 +87,7 @@ def model_table(cells: dict, rows: dict) -> list[str]:
         if c is None:
             lines.append(f"| {section} | {label} | n/a (not run / failed) |" + " |" * 9)
             continue
-        rel = 100 * (c["ppl"] / c["fp_ppl"] - 1)
+        rel = 100 * (c["ppl"] / (c["fp_ppl"] or c["ppl"]) - 1)  # the FP run records no separate FP ppl
         kern = ", ".join(f"{k} x{n}" for k, n in c["kernels"].items())
         mx, ch = _outl(c)
         lines.append(f"| {section} | {label} | {c['ppl']:.3f} | {rel:+.1f}% | {_mib(c['weight_bytes'])} | "
@@ -149,9 +150,10 @@ def outlier_lines(cells: dict) -> list[str]:
     return out
 
 
-def render(results: dict, rows: dict, models: dict, cmds: dict, repo: Path) -> tuple[str, dict]:
+def render(results: dict, rows: dict, models: dict, cmds: dict, repo: Path, notes: str = "",
+           argv: str = "") -> tuple[str, dict]:
     js = {m: {k: (summarize(c) if c else None) for k, c in cells.items()} for m, cells in results.items()}
-    lines = [HEADER, _provenance(results), ""]
+    lines = [HEADER, _provenance(results), "", notes, ""]
     for model, cells in js.items():
         any_cell = next((c for c in cells.values() if c), None)
         if any_cell is None:
@@ -166,7 +168,8 @@ def render(results: dict, rows: dict, models: dict, cmds: dict, repo: Path) -> t
             lines += [f"![outliers {model}](activation_outliers_{model}.png)", "",
                       "Per-channel max |x| (log10) of every linear input on calibration windows, before (top) and "
                       "after (bottom) SmoothQuant's folds (run sq_o3).", ""]
-    lines += ["## Commands", "", "Regenerate: `python experiments/activation_table.py` (resumable; `--collect-only` "
+    lines += ["## Commands", "", f"Regenerate: `{argv or 'python experiments/activation_table.py'}` (resumable; "
+              "`--collect-only` "
               "tabulates finished runs). Each cell is one run:", "", "```",
               *[c.replace(str(repo) + "/", "") for m in cmds.values() for c in m.values()], "```", ""]
     return "\n".join(lines), js
@@ -174,14 +177,18 @@ def render(results: dict, rows: dict, models: dict, cmds: dict, repo: Path) -> t
 
 def _provenance(results: dict) -> str:
     """Code commits (dirty flag), library versions and machine of the runs in the table."""
-    commits, versions = set(), set()
+    commits, versions, loads = set(), set(), []
     for cells in results.values():
         for m in cells.values():
             if not m:
                 continue
             prov = json.loads((Path(m["_run_dir"]) / "provenance.json").read_text())
+            load = Path(m["_run_dir"]) / "load.json"
+            loads += list(json.loads(load.read_text()).values()) if load.is_file() else []
             commits.add(f"{(prov.get('git_commit') or '?')[:10]}{'+dirty' if prov.get('git_dirty') else ''}")
             v = prov.get("versions", {})
             versions.add(f"torch {v.get('torch')}, transformers {v.get('transformers')}, "
                          f"device {prov.get('gpu') or prov.get('device')}")
-    return f"Provenance: code {', '.join(sorted(commits))}; {'; '.join(sorted(versions))}."
+    load = (f"1-min load average at cell start / end {min(loads):.1f} .. {max(loads):.1f} on {os.cpu_count()} cores"
+            if loads else "load average not recorded")
+    return f"Provenance: code {', '.join(sorted(commits))}; {'; '.join(sorted(versions))}; {load}."

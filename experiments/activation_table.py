@@ -88,7 +88,9 @@ def run_cell(model: str, key: str) -> dict | None:
         cmd = command(model, key)
         print("$", shlex.join(cmd), flush=True)
         env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+        load = os.getloadavg()[0]
         r = subprocess.run(cmd, cwd=REPO, env=env)
+        (out / "load.json").write_text(json.dumps({"before": load, "after": os.getloadavg()[0]}))
         if r.returncode != 0:
             print(f"FAILED ({r.returncode}): {model} {key}", flush=True)
             return None
@@ -102,6 +104,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     ap.add_argument("--collect-only", action="store_true", help="only tabulate runs that already finished")
+    ap.add_argument("--notes", type=Path, help="markdown file with findings / scope notes, put under the header")
     args = ap.parse_args()
     results: dict = {}
     for model in args.models:
@@ -113,7 +116,8 @@ def main() -> None:
         if pic.is_file():
             shutil.copy(pic, REPO / "results" / f"activation_outliers_{model}.png")
     cmds = {m: {k: shlex.join(command(m, k)) for k in args.rows} for m in args.models}
-    md, js = render(results, ROWS, MODELS, cmds, REPO)
+    notes = args.notes.read_text() if args.notes else ""
+    md, js = render(results, ROWS, MODELS, cmds, REPO, notes, shlex.join(["python", *(a for a in sys.argv if a != "--collect-only")]))
     (REPO / "results" / "activation_methods.json").write_text(json.dumps(js, indent=1, default=str))
     (REPO / "results" / "activation_methods.md").write_text(md)
     print(md)

@@ -3,6 +3,7 @@ metrics.json and layers.csv, then markdown sections per model with commands, ste
 from __future__ import annotations
 
 import csv
+import os
 import platform
 from pathlib import Path
 
@@ -73,7 +74,16 @@ def summarize(m: dict, run_dir: Path) -> dict:
     return {"ppl": ppl["ppl"], "fp_ppl": ppl["fp_ppl"], "n_tokens": ppl["n_tokens"], "seqlen": ppl["seqlen"],
             "tag": m["run"]["tag"], "quantize_seconds": m["timing"]["quantize_seconds"], "steps": steps,
             "calibration": {k: (m.get("calibration") or {}).get(k) for k in ("n_samples", "seqlen", "hash")},
-            "weights_note": m["model"]["weights_note"], "layers": layer_summary(run_dir), **provenance(run_dir)}
+            "weights_note": m["model"]["weights_note"], "layers": layer_summary(run_dir), **provenance(run_dir),
+            "load": _load(run_dir)}
+
+
+def _load(run_dir: Path) -> dict | None:
+    """1-min load average before / after the run, as the table script wrote it (None for older cells)."""
+    import json
+
+    path = run_dir / "load.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _fmt_cell(c: dict | None) -> str:
@@ -137,7 +147,13 @@ def section_md(model: str, section: str, cols: dict, rows: dict, cells: dict) ->
     return lines + ["", *notes, ""]
 
 
-def render(results: list[dict], sections: dict, models: dict, findings: str = "") -> tuple[str, dict]:
+def _load_range(done: list[dict]) -> str:
+    loads = [v for c in done if c.get("load") for v in c["load"].values()]
+    return (f"1-min load average at cell start / end {min(loads):.1f} .. {max(loads):.1f} on {os.cpu_count()} cores"
+            if loads else "load average not recorded")
+
+
+def render(results: list[dict], sections: dict, models: dict, findings: str = "", argv: str = "") -> tuple[str, dict]:
     data: dict = {}
     for r in results:
         run_dir = Path(r["run_dir"])
@@ -158,12 +174,12 @@ def render(results: list[dict], sections: dict, models: dict, findings: str = ""
                    f"{first['weights_note']}", "",
                    "Cells ran at commits " + ", ".join(f"{k} ({v} cells)" for k, v in _count(
                        c["commit"] for c in done).items()) + "; torch threads " + ", ".join(
-                       str(k) for k in _count(c["torch_threads"] for c in done)) + ".", ""]
+                       str(k) for k in _count(c["torch_threads"] for c in done)) + "; " + _load_range(done) + ".", ""]
         for section, entries in secs.items():
             cols, rows, _ = (*sections[section], None)
             cells = {(e["row"], e["col"]): e.get("result") for e in entries}
             md += [f"### {model}: {section}", "", *section_md(model, section, cols, rows, cells)]
-    md += ["## Commands", "", "Each cell is one run (`python experiments/learned_table.py` reruns missing cells; "
-           "`--collect-only` tabulates):", "", "```"]
+    md += ["## Commands", "", f"Table: `{argv or 'python experiments/learned_table.py'}` (reruns missing cells; "
+           "`--collect-only` tabulates). Each cell is one run:", "", "```"]
     md += [e["command"] for secs in data.values() for es in secs.values() for e in es] + ["```", ""]
     return "\n".join(md), data

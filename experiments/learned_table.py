@@ -135,7 +135,10 @@ def run_cell(model: str, section: str, row: str, col: str, collect_only: bool) -
             return None
         cmd = command(model, section, row, col)
         print("$", shlex.join(cmd), flush=True)
-        r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "WANDB_MODE": "disabled"})
+        # one torch thread per run, as the table states (two threads on a shared 2-core box ran AdaRound ~15x slower)
+        load = os.getloadavg()[0]
+        r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"})
+        (out / "load.json").write_text(json.dumps({"before": load, "after": os.getloadavg()[0]}))
         if r.returncode != 0:
             print(f"FAILED ({r.returncode}): {model} {section} {row} {col}", flush=True)
             return None
@@ -147,14 +150,16 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
     ap.add_argument("--collect-only", action="store_true", help="only tabulate runs that already finished")
+    ap.add_argument("--notes", type=Path, help="markdown file with findings / scope notes, put under the header")
     args = ap.parse_args()
+    findings = args.notes.read_text() if args.notes else FINDINGS
     results = []
     for model, section, row, col in cells(args.models, args.sections):
         m = run_cell(model, section, row, col, args.collect_only)
         cmd = shlex.join(command(model, section, row, col)).replace(str(REPO) + "/", "")
         results.append({"model": model, "section": section, "row": row, "col": col, "command": cmd, "metrics": m,
                         "run_dir": str(run_dir(model, section, row, col))})
-    md, data = render(results, SECTIONS, MODELS, FINDINGS)
+    md, data = render(results, SECTIONS, MODELS, findings, shlex.join(["python", *(a for a in sys.argv if a != "--collect-only")]))
     out = REPO / "results"
     (out / "learned_methods.json").write_text(json.dumps(data, indent=1, default=str))
     (out / "learned_methods.md").write_text(md)
