@@ -3,6 +3,8 @@ LKD (layer-by-layer knowledge distillation): block by block, the quantized block
 fake-quantized with straight-through estimators) is trained to reproduce the FP block's outputs on the FP block's
 calibration inputs (MSE). Only the linears' latent weights train; the FP model itself is left as it was, and the
 trained weights are quantized into the result. The optimizer steps go through accelerate (CPU or GPU alike).
+keep_best (default on): a block whose output MSE on the calibration batches is higher after LKD than before keeps
+the weights it started from (the paper has no such guard; each block's before / after / kept is recorded).
 """
 from __future__ import annotations
 
@@ -70,18 +72,19 @@ class ZeroQuant(BlockMethod):
     """Group-wise weights + token-wise dynamic activations; `lkd` trains each quantized block against the FP one."""
 
     name = "zeroquant"
-    tag_flags = (TagFlag("lkd", True, "nolkd"), TagFlag("steps", 100, "s{}"), TagFlag("lr", 1e-4, "lr{}"))
+    tag_flags = (TagFlag("lkd", True, "nolkd"), TagFlag("steps", 100, "s{}"), TagFlag("lr", 1e-4, "lr{}"),
+                 TagFlag("keep_best", True, "nokeep"))
 
     def __init__(self, bits: int = 8, group_size: int = 128, sym: bool = True, act_bits: int = 8, lkd: bool = True,
-                 steps: int = 100, lr: float = 1e-4, batch_size: int = 4, propagate: str = "fp",
-                 offload: bool = True):
+                 steps: int = 100, lr: float = 1e-4, keep_best: bool = True, batch_size: int = 4,
+                 propagate: str = "fp", offload: bool = True):
         self.spec = require_weight_spec(self.name, bits, group_size, sym)
         if not 2 <= act_bits <= 8:
             raise ConfigError(f"zeroquant act_bits={act_bits} is out of range; allowed: 2..8")
         if steps < 1 or not lr > 0:
             raise ConfigError(f"zeroquant steps={steps} / lr={lr} invalid; allowed: steps >= 1, lr > 0")
         self.act = QuantSpec(bits=act_bits, sym=True, granularity="token")
-        self.lkd, self.steps, self.lr = lkd, int(steps), float(lr)
+        self.lkd, self.steps, self.lr, self.keep_best = lkd, int(steps), float(lr), keep_best
         self.engine = EngineConfig(batch_size, offload, propagate)
         self._accelerator = None
         self._seed = 0
@@ -106,27 +109,34 @@ class ZeroQuant(BlockMethod):
             for n in names:
                 set_module(blk.module, n, ste[n])
             before = block_mse(blk.module, blk.io, refs)
+            start = {n: m.weight.detach().clone() for n, m in ste.items()}
             curve = lkd_train(blk.module, blk.io, refs, [m.weight for m in ste.values()], self.steps, self.lr,
                               self._accelerator, self._seed + blk.index) if self.lkd else []
             after = block_mse(blk.module, blk.io, refs) if self.lkd else before
+            kept = not (self.lkd and self.keep_best and after > before)
+            if not kept:  # training made the block's own objective worse: keep the weights it started from
+                with torch.no_grad():
+                    for n, m in ste.items():
+                        m.weight.copy_(start[n])
         finally:
             for n in names:
                 set_module(blk.module, n, fp[n])
             for p in frozen:
                 p.requires_grad_(True)
-        self._log(blk, rec, before, after, curve)
+        self._log(blk, rec, before, after, curve, kept)
         act = ActQuant(self.act)
         return {n: rec.record(blk.prefix + n, quantize_tensor(ste[n].weight.detach().to(fp[n].weight.dtype), self.spec),
                               fp[n].weight.data, block=blk.index, act=act, t0=t0, lkd_mse_before=before,
-                              lkd_mse_after=after) for n in names}
+                              lkd_mse_after=after, lkd_kept=kept) for n in names}
 
-    def _log(self, blk: Block, rec: Recorder, before: float, after: float, curve: list[float]) -> None:
+    def _log(self, blk: Block, rec: Recorder, before: float, after: float, curve: list[float], kept: bool) -> None:
         """Loss curve into the artifacts (run dir) and the step's info (metrics.json, wandb), one log line."""
         info = rec.result.info.setdefault("lkd", {"enabled": self.lkd, "steps": self.steps, "lr": self.lr,
                                                    "blocks": []})
-        info["blocks"].append({"block": blk.index, "mse_before": before, "mse_after": after,
+        info["blocks"].append({"block": blk.index, "mse_before": before, "mse_after": after, "kept": kept,
                                "curve": curve[:: max(1, len(curve) // 50)]})
         if curve:
             rec.result.artifacts[f"zeroquant.lkd.{blk.prefix}loss"] = torch.tensor(curve)
-        log.info("zeroquant block %d: block output MSE %.4g -> %.4g%s", blk.index, before, after,
-                 f" ({len(curve)} LKD steps, lr {self.lr})" if curve else " (no LKD)")
+        log.info("zeroquant block %d: block output MSE %.4g -> %.4g%s%s", blk.index, before, after,
+                 f" ({len(curve)} LKD steps, lr {self.lr})" if curve else " (no LKD)",
+                 "" if kept else "; worse than before training: the block keeps its untrained weights (keep_best)")

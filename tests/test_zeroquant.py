@@ -62,6 +62,24 @@ def test_lkd_lowers_block_and_model_error():
     assert errs[True] < errs[False], errs
 
 
+def test_keep_best_restores_a_block_that_lkd_made_worse():
+    """A learning rate far too high makes LKD raise the block error: keep_best keeps the untrained (RTN) weights,
+    recorded as kept: false; keep_best=false keeps what training left."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    ctx = Context(calib=ids, arch=arch_for(model), device=torch.device("cpu"))
+    kw = dict(bits=4, group_size=32, steps=5, lr=1.0, batch_size=4)
+    plain = ZeroQuant(lkd=False, **kw).quantize(model, ctx)
+    guarded = ZeroQuant(**kw).quantize(model, ctx)
+    raw = ZeroQuant(keep_best=False, **kw).quantize(model, ctx)
+    blocks = guarded.info["lkd"]["blocks"]
+    assert all(b["mse_after"] > b["mse_before"] and b["kept"] is False for b in blocks)
+    for name, layer in plain.layers.items():
+        assert torch.equal(guarded.layers[name].weight.codes, layer.weight.codes)
+    assert any(not torch.equal(raw.layers[n].weight.codes, plain.layers[n].weight.codes) for n in plain.layers)
+    assert all(b["kept"] is True for b in raw.info["lkd"]["blocks"])
+
+
 @pytest.mark.parametrize("override,needle", [
     ("method.zeroquant.act_bits=1", "act_bits=1 is out of range; allowed: 2..8"),
     ("method.zeroquant.act_bits=12", "act_bits=12 is out of range"),
