@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from experiments import cells as table_cells  # noqa: E402
 from experiments.activation_report import render  # noqa: E402
 
 RUNS = REPO / "results" / "runs" / "activation"
@@ -84,18 +83,9 @@ def command(model: str, key: str) -> list[str]:
 
 def run_cell(model: str, key: str) -> dict | None:
     out = cell_dir(model, key)
-    if not (out / "metrics.json").is_file():
-        cmd = command(model, key)
-        print("$", shlex.join(cmd), flush=True)
-        env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-        load = os.getloadavg()[0]
-        r = subprocess.run(cmd, cwd=REPO, env=env)
-        (out / "load.json").write_text(json.dumps({"before": load, "after": os.getloadavg()[0]}))
-        if r.returncode != 0:
-            print(f"FAILED ({r.returncode}): {model} {key}", flush=True)
-            return None
-    m = json.loads((out / "metrics.json").read_text())
-    m["_run_dir"] = str(out)
+    m = table_cells.run_cell(out, command(model, key), f"{model} {key}", one_thread=True, record_load=True)
+    if m is not None:
+        m["_run_dir"] = str(out)
     return m
 
 

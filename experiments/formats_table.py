@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from experiments import cells as table_cells  # noqa: E402
 from qresearch.tracking.metrics import Metrics  # noqa: E402
 
 RUNS = REPO / "results" / "runs" / "formats"
@@ -94,17 +93,8 @@ def command(model: str, label: str, recipe: str, over: list[str]) -> list[str]:
 
 
 def run_cell(model: str, label: str, recipe: str, over: list[str], collect_only: bool) -> dict | None:
-    out = cell_dir(model, label)
-    if not (out / "metrics.json").is_file():
-        if collect_only:
-            return None
-        cmd = command(model, label, recipe, over)
-        print("$", shlex.join(cmd), flush=True)
-        r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "WANDB_MODE": "disabled"})
-        if r.returncode != 0:
-            print(f"FAILED ({r.returncode}): {model} {label}", flush=True)
-            return None
-    return json.loads((out / "metrics.json").read_text())
+    return table_cells.run_cell(cell_dir(model, label), command(model, label, recipe, over), f"{model} {label}",
+                          collect_only)
 
 
 def _mean_col(run_dir: Path, col: str) -> float | None:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from experiments import cells as table_cells  # noqa: E402
 from qresearch.tracking.metrics import Metrics  # noqa: E402
 
 RUNS = REPO / "results" / "runs" / "gptq_awq"
@@ -77,15 +76,7 @@ def command(model: str, row: str, bits: str, extra: list[str]) -> list[str]:
 
 
 def run_cell(model: str, row: str, bits: str, extra: list[str]) -> dict | None:
-    out = cell_dir(model, row, bits)
-    if not (out / "metrics.json").is_file():
-        cmd = command(model, row, bits, extra)
-        print("$", shlex.join(cmd), flush=True)
-        r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "WANDB_MODE": "disabled"})
-        if r.returncode != 0:
-            print(f"FAILED ({r.returncode}): {model} {row} {bits}", flush=True)
-            return None
-    return json.loads((out / "metrics.json").read_text())
+    return table_cells.run_cell(cell_dir(model, row, bits), command(model, row, bits, extra), f"{model} {row} {bits}")
 
 
 def summarize(data: dict) -> dict:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from experiments import cells as table_cells  # noqa: E402
 from experiments.learned_report import render  # noqa: E402
 
 RUNS = REPO / "results" / "runs" / "learned"
@@ -129,20 +128,9 @@ def cells(models: list[str], sections: list[str]):
 
 
 def run_cell(model: str, section: str, row: str, col: str, collect_only: bool) -> dict | None:
-    out = run_dir(model, section, row, col)
-    if not (out / "metrics.json").is_file():
-        if collect_only:
-            return None
-        cmd = command(model, section, row, col)
-        print("$", shlex.join(cmd), flush=True)
-        # one torch thread per run, as the table states (two threads on a shared 2-core box ran AdaRound ~15x slower)
-        load = os.getloadavg()[0]
-        r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"})
-        (out / "load.json").write_text(json.dumps({"before": load, "after": os.getloadavg()[0]}))
-        if r.returncode != 0:
-            print(f"FAILED ({r.returncode}): {model} {section} {row} {col}", flush=True)
-            return None
-    return json.loads((out / "metrics.json").read_text())
+    # one torch thread per run, as the table states (two threads on a shared 2-core box ran AdaRound ~15x slower)
+    return table_cells.run_cell(run_dir(model, section, row, col), command(model, section, row, col),
+                          f"{model} {section} {row} {col}", collect_only, one_thread=True, record_load=True)
 
 
 def main() -> None:
