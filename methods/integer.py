@@ -7,8 +7,8 @@ from __future__ import annotations
 import time
 
 import torch
-from tqdm.auto import tqdm
 
+from qresearch.calib.observe import feed_calibration
 from qresearch.errors import ConfigError
 from qresearch.method import Context, Method, Recorder, TagFlag, require_calibration
 from qresearch.models.arch import target_linears
@@ -29,12 +29,7 @@ def observe_io_range(model, linears: dict, calib: torch.Tensor, device, batch_si
         return fn
 
     handles = [lin.register_forward_hook(hook(n)) for n, lin in linears.items()]
-    try:
-        for i in tqdm(range(0, len(calib), batch_size), desc="observe io", leave=False, disable=None):
-            model(input_ids=calib[i:i + batch_size].to(device))
-    finally:
-        for h in handles:
-            h.remove()
+    feed_calibration(model, handles, calib, device, batch_size, desc="observe io")
     return rng
 
 

@@ -39,7 +39,9 @@ def device_info(device: torch.device) -> dict:
 
 
 def provenance(device: torch.device, seed: int) -> dict:
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    """Commit, dirty flag (tracked changes outside results/: tables a script is writing are outputs, not code),
+    library versions, device, seed."""
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!results")
     return {"git_commit": _git("rev-parse", "HEAD"), "git_dirty": bool(status) if status is not None else None,
             "python": platform.python_version(), "platform": platform.platform(), "versions": versions(),
             **device_info(device), "seed": seed}
