@@ -9,7 +9,6 @@ results/activation_methods.{md,json} and the outlier pictures results/activation
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import shutil
@@ -90,12 +89,7 @@ def run_cell(model: str, key: str) -> dict | None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
-    ap.add_argument("--collect-only", action="store_true", help="only tabulate runs that already finished")
-    ap.add_argument("--notes", type=Path, help="markdown file with findings / scope notes, put under the header")
-    args = ap.parse_args()
+    args = table_cells.table_parser(MODELS, "rows", ROWS).parse_args()
     results: dict = {}
     for model in args.models:
         for key in args.rows:

@@ -3,6 +3,7 @@ read, not rerun) and run with skip_done=false, so an identical finished run else
 stand in for the cell and leave its folder empty."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
@@ -31,3 +32,14 @@ def run_cell(out: Path, cmd: list[str], label: str, collect_only: bool = False, 
             print(f"FAILED ({r.returncode}): {label}", flush=True)
             return None
     return json.loads((out / "metrics.json").read_text())
+
+
+def table_parser(models, axis: str, choices, notes: bool = True) -> argparse.ArgumentParser:
+    """--models, --<axis> (rows / sections), --collect-only and optionally --notes: the options every table shares."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=list(models), choices=list(models))
+    ap.add_argument(f"--{axis}", nargs="+", default=list(choices), choices=list(choices))
+    ap.add_argument("--collect-only", action="store_true", help="only tabulate runs that already finished")
+    if notes:
+        ap.add_argument("--notes", type=Path, help="markdown file with findings / scope notes, put under the header")
+    return ap

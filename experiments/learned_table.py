@@ -10,7 +10,6 @@ same training settings share). Writes results/learned_methods.{md,json}.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import sys
@@ -134,12 +133,7 @@ def run_cell(model: str, section: str, row: str, col: str, collect_only: bool) -
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
-    ap.add_argument("--collect-only", action="store_true", help="only tabulate runs that already finished")
-    ap.add_argument("--notes", type=Path, help="markdown file with findings / scope notes, put under the header")
-    args = ap.parse_args()
+    args = table_cells.table_parser(MODELS, "sections", SECTIONS).parse_args()
     findings = args.notes.read_text() if args.notes else FINDINGS
     results = []
     for model, section, row, col in cells(args.models, args.sections):
