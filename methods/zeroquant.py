@@ -109,11 +109,12 @@ class ZeroQuant(BlockMethod):
             for n in names:
                 set_module(blk.module, n, ste[n])
             before = block_mse(blk.module, blk.io, refs)
-            start = {n: m.weight.detach().clone() for n, m in ste.items()}
+            guard = self.lkd and self.keep_best
+            start = {n: m.weight.detach().clone() for n, m in ste.items()} if guard else {}
             curve = lkd_train(blk.module, blk.io, refs, [m.weight for m in ste.values()], self.steps, self.lr,
                               self._accelerator, self._seed + blk.index) if self.lkd else []
             after = block_mse(blk.module, blk.io, refs) if self.lkd else before
-            kept = not (self.lkd and self.keep_best and after > before)
+            kept = not (guard and after > before)
             if not kept:  # training made the block's own objective worse: keep the weights it started from
                 with torch.no_grad():
                     for n, m in ste.items():
