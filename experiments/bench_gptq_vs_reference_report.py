@@ -10,21 +10,31 @@ def _solver(meta: dict) -> list[str]:
     lines = ["## Solver: same weight and Hessian", "",
              "`gptq_quantize` vs the reference's `GPTQ.fasterquant`, w4 g128 asym, blocksize 128, percdamp 0.01; "
              "W ~ N(0, 0.02^2), H = M^T M + diag (rank-256 correlation, uneven channel scales). Seconds are the best "
-             "of the alternating runs. *Identical*: our codes, scales and zeros equal the integer codes and "
-             "(scale, zero) the reference rounds with (recorded through its `quantize` in one more untimed run), "
-             "and our dequantized weight equals its output, bit for bit. *Inverse factor*: the Cholesky, inverse "
-             "and Cholesky both run with the same LAPACK calls (measured apart, once): no reordering of ours can "
-             "win that part back without changing the last bits, so it bounds the ratio on wide inputs.", "",
-             "| layer | W [out x in] | act-order | ours s | reference s | reference / ours | inverse factor s | "
-             "identical |", "|---|---|---|---|---|---|---|---|"]
+             "of the alternating runs (ours exact, ours fast, reference). *Identical* (ours, `inverse=exact`, the "
+             "default): our codes, scales and zeros equal the integer codes and (scale, zero) the reference rounds "
+             "with (recorded through its `quantize` in one more untimed run), and our dequantized weight equals its "
+             "output, bit for bit. *Fast* (`method.gptq.inverse=fast`): the inverse-Hessian factor from one "
+             "Cholesky of the reversed H and a triangular inverse (half the flops of the reference's Cholesky, "
+             "inverse, Cholesky); the same matrix in exact arithmetic but other last bits, so a few codes differ: "
+             "*fast codes differ* is their share, *fast loss* GPTQ's objective tr(dW H dW^T) of the fast result over "
+             "the reference's (1 = as good).", "",
+             "| layer | W [out x in] | act-order | ours s | reference s | reference / ours | identical | fast s | "
+             "reference / fast | fast codes differ (max step) | fast loss |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in meta["solver"]:
         same = r["identical"]
         ok = "yes" if all(same.values()) else "NO: " + ", ".join(k for k, v in same.items() if not v) + \
             f" ({r['codes_differing']} codes)"
-        in_f = r["shape"].split("x")[1]
         lines.append(f"| {r['layer']} | {r['shape']} | {'on' if r['act_order'] else 'off'} | {r['ours_s']:.3f} | "
-                     f"{r['reference_s']:.3f} | **{r['reference_s'] / r['ours_s']:.2f}x** | "
-                     f"{meta['lapack'][in_f]:.3f} | {ok} |")
+                     f"{r['reference_s']:.3f} | **{r['reference_s'] / r['ours_s']:.2f}x** | {ok} | {r['fast_s']:.3f} | "
+                     f"**{r['reference_s'] / r['fast_s']:.2f}x** | {r['fast_codes_differing']:.3%} "
+                     f"({r['fast_max_code_step']}) | {r['fast_loss_vs_reference']:.5f} |")
+    lines += ["", "The inverse factor alone (one run each): the exact path runs the reference's LAPACK calls, so it "
+              "bounds the exact ratio on wide inputs; relative error against the float64 factor.", "",
+              "| in features | exact s | fast s | exact / fast | exact rel. error | fast rel. error |",
+              "|---|---|---|---|---|---|"]
+    for in_f, r in meta["lapack"].items():
+        lines.append(f"| {in_f} | {r['exact_s']:.3f} | {r['fast_s']:.3f} | {r['exact_s'] / r['fast_s']:.2f}x | "
+                     f"{r['exact_err']:.2e} | {r['fast_err']:.2e} |")
     return lines + [""]
 
 
@@ -33,8 +43,8 @@ def _job(meta: dict) -> list[str]:
     c, e = job["calibration"], job["eval"]
     lines = ["## Whole SmolLM2-135M GPTQ job", "",
              f"SmolLM2-135M-Instruct (weights stored as GGUF Q4_1, dequantized to float32), w4 g128 asym, "
-             f"true-sequential, calibration {c['dataset']} {c['n_samples']} x {c['seqlen']} (seed {c['seed']}, ids "
-             f"hash {c['hash']}), perplexity on {e['dataset']}, first {e['chunks']} chunks of {e['seqlen']}. "
+             f"true-sequential, calibration {c['dataset']} {c['n_samples']} x {c['seqlen']} (one row per seed), "
+             f"perplexity on {e['dataset']}, first {e['chunks']} chunks of {e['seqlen']}. "
              f"FP perplexity {job['fp_ppl']:.3f}.", "",
              "*Ours*: `methods/gptq.py` (batch 8 block forwards, one Hessian and one inverse factor per input group, "
              "replayed outputs of final submodules, the last group forward gives the block output). *Reference-style*:"
@@ -42,15 +52,28 @@ def _job(meta: dict) -> list[str]:
              "of every sample feeding one Hessian per linear, its `fasterquant` per linear, then one more batch-1 "
              "forward of every sample), on the same model, windows and threads. The two Hessians sum the same tokens "
              "in a different order (batches of 8 vs 1, tokens vs samples in the running mean), so the codes are "
-             "not bit-identical: the perplexities are compared.", "",
-             "| act-order | ours s | reference-style s | reference-style / ours | ours ppl | reference-style ppl | "
-             "replay peak MiB |", "|---|---|---|---|---|---|---|"]
+             "not bit-identical: the perplexities are compared, across calibration seeds.", "",
+             "| act-order | seed (ids hash) | ours s | reference-style s | reference-style / ours | ours ppl | "
+             "reference-style ppl | replay peak MiB |", "|---|---|---|---|---|---|---|---|"]
     for r in job["rows"]:
         mib = (r["replay_peak_bytes"] or 0) / 2**20
-        lines.append(f"| {'on' if r['act_order'] else 'off'} | {r['ours_s']:.0f} | {r['reference_style_s']:.0f} | "
+        lines.append(f"| {'on' if r['act_order'] else 'off'} | {r.get('seed', 0)} ({r.get('calib_hash', '-')}) | "
+                     f"{r['ours_s']:.0f} | {r['reference_style_s']:.0f} | "
                      f"**{r['reference_style_s'] / r['ours_s']:.2f}x** | {r['ours_ppl']:.3f} | "
                      f"{r['reference_style_ppl']:.3f} | {mib:.0f} |")
+    rows = job["rows"]
+    if len(rows) > 1:
+        lines += ["", _spread("ours", [r["ours_ppl"] for r in rows]) + "; " +
+                  _spread("reference-style", [r["reference_style_ppl"] for r in rows]) + "; time ratio " +
+                  _spread("", [r["reference_style_s"] / r["ours_s"] for r in rows]).strip()]
     return lines + [""]
+
+
+def _spread(name: str, v: list[float]) -> str:
+    """'name mean +- sd (min..max)' over the seeds."""
+    mean = sum(v) / len(v)
+    sd = (sum((x - mean) ** 2 for x in v) / max(len(v) - 1, 1)) ** 0.5
+    return f"{name} {mean:.3f} +- {sd:.3f} ({min(v):.3f}..{max(v):.3f}, {len(v)} seeds)"
 
 
 def markdown(meta: dict) -> str:

@@ -22,7 +22,7 @@ from qresearch.method import Block, BlockMethod, Context, Recorder, TagFlag, req
 from qresearch.quant import QTensor, QuantSpec
 from qresearch.quant.codebook import finetune_lut
 
-from .gptq_solver import PreparedHessian, gptq_quantize, inverse_hessian_cholesky, prepare_hessian
+from .gptq_solver import INVERSES, PreparedHessian, gptq_quantize, inverse_hessian_cholesky, prepare_hessian
 
 QPARAMS = ("minmax", "prior")  # prior = the previous stacked step's scale/zero (e.g. AWQ's clipped ranges)
 __all__ = ["GPTQ", "PreparedHessian", "gptq_quantize", "inverse_hessian_cholesky", "prepare_hessian"]
@@ -36,13 +36,15 @@ class GPTQ(BlockMethod):
     tag_flags = (TagFlag("act_order", False, "ao"), TagFlag("static_groups", False, "sg"),
                  TagFlag("true_sequential", True, "nts"), TagFlag("percdamp", 0.01, "d{}"),
                  TagFlag("qparams", "minmax", "{}"), TagFlag("weighted_fit", True, "uwfit"),
-                 TagFlag("lut_finetune", False, "lutft"), TagFlag("bits_map", None, "bitsmap"))
+                 TagFlag("lut_finetune", False, "lutft"), TagFlag("bits_map", None, "bitsmap"),
+                 TagFlag("inverse", "exact", "inv{}"))
 
     def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = False, qformat: str = "int",
                  scale_bits: int | None = None, scale_level2: str = "channel", bits_map: str | None = None,
                  blocksize: int = 128, percdamp: float = 0.01, act_order: bool = False, static_groups: bool = False,
                  true_sequential: bool = True, qparams: str = "minmax", weighted_fit: bool = True,
-                 lut_finetune: bool = False, propagate: str = "quantized", offload: bool = True, batch_size: int = 8):
+                 lut_finetune: bool = False, propagate: str = "quantized", offload: bool = True, batch_size: int = 8,
+                 inverse: str = "exact"):
         self.spec = require_weight_spec(self.name, bits, group_size, sym, qformat, scale_bits, scale_level2)
         self.use_bits_map(bits_map)
         if lut_finetune and self.spec.qformat != "kmeans":
@@ -52,9 +54,11 @@ class GPTQ(BlockMethod):
         if blocksize < 1 or not 0 <= percdamp < 1:
             raise ConfigError(f"blocksize={blocksize} / percdamp={percdamp} invalid; allowed: blocksize >= 1, "
                               f"0 <= percdamp < 1")
+        if inverse not in INVERSES:
+            raise ConfigError(f"gptq inverse={inverse!r} is unknown; allowed: {', '.join(INVERSES)}")
         if qparams not in QPARAMS:
             raise ConfigError(f"gptq qparams={qparams!r} is unknown; allowed: {', '.join(QPARAMS)}")
-        self.blocksize, self.percdamp, self.qparams = int(blocksize), float(percdamp), qparams
+        self.blocksize, self.percdamp, self.qparams, self.inverse = int(blocksize), float(percdamp), qparams, inverse
         self.act_order, self.static_groups, self.true_sequential = act_order, static_groups, true_sequential
         self.engine = EngineConfig(int(batch_size), offload, propagate)
         self._prior = None
@@ -77,7 +81,7 @@ class GPTQ(BlockMethod):
                     stats = input_stats(blk.module, blk.io, [grp[0]], stop=True)
                 self._note_replay(rec, replay)
             t0, H = time.perf_counter(), stats[grp[0]].hessian
-            prep = prepare_hessian(H, self.percdamp, self.act_order)  # once for the whole group
+            prep = prepare_hessian(H, self.percdamp, self.act_order, self.inverse)  # once for the whole group
             for name in grp:
                 qweights[name] = self._layer(blk, name, H, prep, rec, t0)
                 t0 = time.perf_counter()

@@ -30,16 +30,54 @@ from qresearch.quant.scales import ScaleCoding
 from .gptq_qparams import GroupQP, fit_cols, fixed_groups, layer_params, stack_qparams
 
 
-def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + percdamp * mean(diag H) * I)^-1, the form GPTQ's updates use."""
+INVERSES = ("exact", "fast")
+
+
+def _lower_inverse(L: torch.Tensor) -> torch.Tensor:
+    """L^-1 of a lower-triangular L [n, n]: LAPACK trtri on CPU (n^3 / 3 flops), a triangular solve elsewhere."""
+    if L.device.type == "cpu":
+        from scipy.linalg import lapack
+
+        fn = lapack.strtri if L.dtype == torch.float32 else lapack.dtrtri
+        inv, info = fn(L.numpy(), lower=1)
+        if info != 0:
+            raise torch.linalg.LinAlgError(f"GPTQ: trtri failed (info={info})")
+        return torch.from_numpy(inv).tril()
+    return torch.linalg.solve_triangular(L, torch.eye(L.shape[0], dtype=L.dtype, device=L.device), upper=False)
+
+
+def inverse_factor_exact(H: torch.Tensor) -> torch.Tensor:
+    """Upper U with U^T U = H^-1 as the reference computes it (Cholesky, Cholesky inverse, upper Cholesky:
+    4 n^3 / 3 flops): bit-identical to it on the same LAPACK and threads."""
+    L, info = torch.linalg.cholesky_ex(H)
+    if info != 0:
+        raise torch.linalg.LinAlgError("not positive definite")
+    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+
+
+def inverse_factor_fast(H: torch.Tensor) -> torch.Tensor:
+    """The same U with half the flops: with J the reversal, J H J = R R^T (lower R) gives H^-1 = (J R^-1 J)^T
+    (J R^-1 J), and J R^-1 J is upper triangular. Same matrix in exact arithmetic, not the same last bits (measured
+    closer to the float64 factor than the exact path's, experiments/bench_gptq_vs_reference.py)."""
+    R, info = torch.linalg.cholesky_ex(H.flip(0, 1))
+    if info != 0:
+        raise torch.linalg.LinAlgError("not positive definite")
+    return _lower_inverse(R).flip(0, 1).contiguous()  # [n, n] upper
+
+
+def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float, inverse: str = "exact") -> torch.Tensor:
+    """Upper Cholesky factor of (H + percdamp * mean(diag H) * I)^-1, the form GPTQ's updates use. `inverse`:
+    exact (the reference's arithmetic) | fast (inverse_factor_fast)."""
+    if inverse not in INVERSES:
+        raise ValueError(f"GPTQ inverse={inverse!r} is unknown; allowed: {', '.join(INVERSES)}")
     H = H.clone()
     idx = torch.arange(H.shape[0], device=H.device)
     H[idx, idx] += percdamp * torch.diag(H).mean()
-    L, info = torch.linalg.cholesky_ex(H)
-    if info != 0:
+    try:
+        return (inverse_factor_exact if inverse == "exact" else inverse_factor_fast)(H)
+    except torch.linalg.LinAlgError as e:
         raise torch.linalg.LinAlgError(f"GPTQ: dampened Hessian is not positive definite (percdamp={percdamp}); "
-                                       f"raise percdamp")
-    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+                                       f"raise percdamp") from e
 
 
 @dataclass
@@ -54,9 +92,11 @@ class PreparedHessian:
     Hinv: torch.Tensor  # [in, in] upper Cholesky factor of (H + damp I)^-1, permuted
     percdamp: float
     act_order: bool
+    inverse: str = "exact"
 
 
-def prepare_hessian(H: torch.Tensor, percdamp: float = 0.01, act_order: bool = False) -> PreparedHessian:
+def prepare_hessian(H: torch.Tensor, percdamp: float = 0.01, act_order: bool = False,
+                    inverse: str = "exact") -> PreparedHessian:
     """Dead channels get H_jj = 1 (their weights are zeroed by the solve), then the order and the inverse factor."""
     H = H.detach().float().clone()  # [in, in]
     dead = torch.diag(H) == 0
@@ -65,7 +105,8 @@ def prepare_hessian(H: torch.Tensor, percdamp: float = 0.01, act_order: bool = F
     perm = torch.argsort(diag, descending=True) if act_order else None
     if perm is not None:
         H = H[perm][:, perm]
-    return PreparedHessian(dead, diag, perm, inverse_hessian_cholesky(H, percdamp), percdamp, act_order)
+    return PreparedHessian(dead, diag, perm, inverse_hessian_cholesky(H, percdamp, inverse), percdamp, act_order,
+                           inverse)
 
 
 @dataclass
@@ -191,7 +232,7 @@ def _column_groups(cols: int, g: int, perm: torch.Tensor | None, n_fixed: int | 
 def gptq_quantize(W: torch.Tensor, H: "torch.Tensor | PreparedHessian", spec: QuantSpec, blocksize: int = 128,
                   percdamp: float = 0.01, act_order: bool = False, static_groups: bool = False,
                   qparams: "tuple[torch.Tensor, torch.Tensor] | QTensor | None" = None, stats: dict | None = None,
-                  weighted_fit: bool = True) -> tuple[QTensor, float]:
+                  weighted_fit: bool = True, inverse: str = "exact") -> tuple[QTensor, float]:
     """Quantize W [out, in] given the input Hessian H [in, in] (or its `prepare_hessian`, computed once for all
     weights that share the input). Returns (codes + qparams, loss).
 
@@ -205,6 +246,7 @@ def gptq_quantize(W: torch.Tensor, H: "torch.Tensor | PreparedHessian", spec: Qu
     loss = sum (w - q)^2 / (2 [H^-1]_jj^2), as in the paper.
     `qparams` = fixed (scale, zero) [out, n_groups] of contiguous groups, or an earlier step's QTensor (e.g.
     AWQ's clipped ranges when stacking): they are used as static groups, and only the rounding is GPTQ's.
+    `inverse`: how the inverse-Hessian factor is computed when H is a plain tensor (inverse_hessian_cholesky).
     `stats`, when given, receives "clamped": the fraction of weights that error feedback pushed off their group's
     grid (beyond its range, so their rounding error exceeds rounding), and "clamped_loss": their
     share of `loss`.
@@ -212,7 +254,7 @@ def gptq_quantize(W: torch.Tensor, H: "torch.Tensor | PreparedHessian", spec: Qu
     W = W.detach().float().clone()  # [out, in]
     out, cols = W.shape
     g, dev = spec.group_for(cols), W.device
-    prep = H if isinstance(H, PreparedHessian) else prepare_hessian(H.to(dev), percdamp, act_order)
+    prep = H if isinstance(H, PreparedHessian) else prepare_hessian(H.to(dev), percdamp, act_order, inverse)
     if (prep.percdamp, prep.act_order) != (percdamp, act_order) or prep.Hinv.shape != (cols, cols):
         raise ValueError(f"prepared Hessian (percdamp={prep.percdamp}, act_order={prep.act_order}, "
                          f"{tuple(prep.Hinv.shape)}) does not fit this solve (percdamp={percdamp}, "
