@@ -5,7 +5,7 @@
 
 One process, one model load; every variant gets the same seeded prompt and protocol (measure_latency: batch 1,
 a 16-token prompt, then `--tokens` greedy steps with the KV cache, median of `--repeats` after `--warmup`):
-  dense fp32, packed RTN w4 g128 (asym) and w8 per-channel (sym) in fp32 (dispatch's CPU kernel), the same three
+  dense fp32, packed RTN w4 g128 (asym), w8 per-channel (sym) and W8A8 (w8 + per-token int8 activations) in fp32 (dispatch's CPU kernel), the same four
   in bf16, and the packed w4 g128 fp32 model on the torch reference (QRESEARCH_KERNELS=torch: the path packed CPU
   inference took before the CPU kernels) with `--ref-tokens` steps. Writes results/decode_cpu_<model>.md.
 """
@@ -34,7 +34,8 @@ from qresearch.models.load import ModelSpec, load_model  # noqa: E402
 from qresearch.nn.packed import QuantLinear, packed_weight_bytes  # noqa: E402
 from qresearch.nn.swap import swap_linears  # noqa: E402
 
-QUANT = {"w4_g128": (4, 128, False), "w8_perchannel": (8, -1, True)}  # name -> (bits, group, sym)
+# name -> (bits, group, sym, act_bits): RTN weights; act_bits 8 = W8A8 with per-token dynamic int8 activations
+QUANT = {"w4_g128": (4, 128, False, 16), "w8_perchannel": (8, -1, True, 16), "w8a8_pertoken": (8, -1, True, 8)}
 
 
 def load(name: str):
@@ -78,8 +79,8 @@ def main(argv=None) -> Path:
     args = ap.parse_args(argv)
     load_start = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     base, args.weights_note = load(args.model)
-    results = {q: RTN(b, g, s).quantize(base, Context(None, arch_for(base), torch.device("cpu")))
-               for q, (b, g, s) in QUANT.items()}
+    results = {q: RTN(b, g, s, act_bits=a).quantize(base, Context(None, arch_for(base), torch.device("cpu")))
+               for q, (b, g, s, a) in QUANT.items()}
     cfg = LatencyConfig(enabled=True, prompt_lengths=[], decode_tokens=args.tokens, batch_sizes=[1],
                         repeats=args.repeats, warmup=args.warmup)
     ref_cfg = LatencyConfig(enabled=True, prompt_lengths=[], decode_tokens=args.ref_tokens, batch_sizes=[1],

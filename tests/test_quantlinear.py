@@ -44,6 +44,24 @@ def test_w8a8_layer_close_to_fake(granularity, static):
     assert rel_err(packed(x), fake(x)) < 1e-5
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_w8a8_int_mm_equals_reference_bitwise_and_follows_new_weights(static):
+    from qresearch.kernels import reference as ref
+
+    res = rtn_layer(40, 96, 8, -1, True)
+    res.act = ActQuant(QuantSpec(bits=8, sym=True, granularity="token"), torch.tensor([[0.03]]) if static else None)
+    packed, _ = _pair(res)
+    x = torch.randn(5, 96)
+
+    def want():
+        return ref.w8a8_ref(x, packed.meta, packed.qweight, packed.scales, packed.bias,
+                            packed.act_scale if static else None)
+
+    assert torch.equal(packed(x), want())  # integer product exact on both sides, same float rescale order
+    packed.qweight.copy_(torch.roll(packed.qweight, 1, dims=0))  # in place: the cached int8 weight is stale
+    assert torch.equal(packed(x), want())
+
+
 def test_other_activation_bits_use_fake_act_reference():
     res = rtn_layer(16, 64, 4, 32, False)
     res.act = ActQuant(QuantSpec(bits=6, sym=False, granularity="token"))

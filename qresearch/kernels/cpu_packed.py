@@ -30,6 +30,7 @@ from . import cpu_aten, cpu_lowbit
 from . import reference as ref
 from .cpu_aten import INT4_GROUPS, int4_op_group
 from .dispatch import Kernel, LayerKey, register
+from .int_mm import prepare_int8_weight
 from .reference import weight_zeros
 
 FAST_ATEN_DTYPES = (torch.bfloat16,)
@@ -111,7 +112,8 @@ def prepare(kind: str, meta: PackedMeta, qweight, scales, qzeros, g_idx, dtype: 
 
 
 PREPARE = {"aten_int4": cpu_aten.prepare_int4, "aten_int8": cpu_aten.prepare_int8,
-           "c_lowbit": cpu_lowbit.prepare_lowbit}  # (meta, codes, scales, zeros, perm, dtype) -> prepared
+           "c_lowbit": cpu_lowbit.prepare_lowbit,  # (meta, codes, scales, zeros, perm, dtype) -> prepared
+           "int_mm": prepare_int8_weight}  # the W8A8 layers' int8 weight (dispatch's torch_int_mm kernel)
 LINEAR = {"aten_int4": cpu_aten.int4_linear, "aten_int8": cpu_aten.int8_linear,
           "c_lowbit": cpu_lowbit.lowbit_linear}  # (x, prepared, bias) -> y
 

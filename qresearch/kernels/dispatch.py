@@ -185,9 +185,11 @@ def _int_mm_why_not(key: LayerKey) -> str | None:
 
 
 def _run_int_mm(x, meta, bufs, mode):
+    from .cpu_packed import prepared_for
     from .int_mm import w8a8_int_mm
 
-    return w8a8_int_mm(x, meta, bufs["qweight"], bufs["scales"], bufs["bias"], prepare_input(x, mode, bufs))
+    wq = prepared_for("int_mm", meta, bufs, torch.int8)  # int8 [out, in], unpacked once per layer
+    return w8a8_int_mm(x, wq, bufs["scales"], bufs["bias"], prepare_input(x, mode, bufs))
 
 
 register(Kernel("triton", "triton", 10, lambda k: k.mode.kind == "none", _triton_why_not, _run_triton_wq))

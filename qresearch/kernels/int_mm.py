@@ -37,14 +37,21 @@ def int8_matmul(a: torch.Tensor, b_t: torch.Tensor) -> tuple[torch.Tensor, str]:
     return int8_matmul_emulated(a, b_t), f"emulated: {why}"
 
 
-def w8a8_int_mm(x: torch.Tensor, meta: PackedMeta, qweight: torch.Tensor, scales: torch.Tensor,
-                bias: torch.Tensor | None, static_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """The W8A8 layer of kernels/reference.w8a8_ref with torch._int_mm as the integer product (same math)."""
-    from .reference import act_quant_ref, int8_weight
+def prepare_int8_weight(meta: PackedMeta, codes: torch.Tensor, scales, zeros, perm, dtype) -> torch.Tensor:
+    """uint8 codes [out, in] of a sym 8-bit layer -> signed int8 [out, in] (code - 128), made once per layer
+    (cpu_packed.prepared_for keeps it while the layer's buffers are unchanged)."""
+    assert meta.bits == 8 and meta.sym and meta.qformat == "int" and perm is None, "W8A8 needs sym int8, no g_idx"
+    return (codes.to(torch.int16) - 128).to(torch.int8).contiguous()
+
+
+def w8a8_int_mm(x: torch.Tensor, wq: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                static_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The W8A8 layer of kernels/reference.w8a8_ref with torch._int_mm as the integer product (same math);
+    wq: the layer's int8 weight [out, in] (prepare_int8_weight)."""
+    from .reference import act_quant_ref
 
     xq, sx = act_quant_ref(x, static_scale)  # [M, K] int8, [M]
-    wq = int8_weight(meta, qweight)  # [N, K] int8
-    acc = torch._int_mm(xq, wq.t())  # [M, N] int32
+    acc = torch._int_mm(xq, wq.t())  # [M, N] int32; the transposed view is the fast layout for the CPU op
     y = acc.float() * sx[:, None] * scales.float().reshape(1, -1)
     if bias is not None:
         y = y + bias.float()
