@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from experiments import learned_table as lt  # noqa: E402
 
-TEMPS = [round(0.8 + 0.05 * i, 2) for i in range(17)]  # 0.8 .. 1.6
+TEMPS = [round(0.8 + 0.05 * i, 2) for i in range(65)]  # 0.8 .. 4.0
 CELLS = [("weight_only", "RTN", "w3 g128"), ("weight_only", "GPTQ", "w3 g128"), ("weight_only", "AWQ", "w3 g128"),
          ("weight_only", "AdaRound", "w3 g128"), ("weight_only", "AWQ + AdaRound (AWQ grid)", "w3 g128"),
          ("weight_only", "AWQ + AdaRound (AWQ grid)", "w2 g64"), ("dfq", "RTN per-tensor (naive)", "w6 per-tensor")]
@@ -112,7 +112,8 @@ def markdown(model: str, rows: list[dict]) -> str:
     n = fp["n_predicted"]
     lines = [f"# Temperature diagnostic: {model}, wikitext2 (learned-methods table cells)", "",
              f"Each model's eval-chunk logits (the table's protocol: {n} predicted tokens) scored at softmax "
-             f"temperature T (logits / T), T on a grid {TEMPS[0]}..{TEMPS[-1]} step 0.05. *ppl* is the table's "
+             f"temperature T (logits / T), T on a grid {TEMPS[0]}..{TEMPS[-1]} step 0.05 (a best T at the grid's "
+             "edge would be marked). *ppl* is the table's "
              "number (T = 1), *best T* / *ppl at best T* the grid's minimum (T fitted on the eval text itself: a "
              "diagnostic, not a protocol), *entropy* the mean predictive entropy (nats) at T = 1. Quantized models "
              f"rebuilt in this process from each cell's run arguments; one torch thread. Commit "
@@ -122,7 +123,8 @@ def markdown(model: str, rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         label = "FP" if r["section"] == "fp" else f"{r['row']} ({r['col']})"
-        lines.append(f"| {label} | {r['ppl_t1']:.2f} | {r['ppl_t1'] / fp['ppl_t1'] - 1:+.1%} | {r['best_t']} | "
+        edge = " (grid edge)" if r["best_t"] in (TEMPS[0], TEMPS[-1]) else ""
+        lines.append(f"| {label} | {r['ppl_t1']:.2f} | {r['ppl_t1'] / fp['ppl_t1'] - 1:+.1%} | {r['best_t']}{edge} | "
                      f"{r['ppl_best_t']:.2f} | {r['ppl_best_t'] / fp['ppl_best_t'] - 1:+.1%} | {r['entropy']:.3f} |")
     lines += ["", "Commands of the cells: " + "; ".join(f"`{r['command']}`" for r in rows[1:]), ""]
     return "\n".join(lines)
