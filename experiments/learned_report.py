@@ -43,6 +43,9 @@ def layer_summary(run_dir: Path) -> dict:
         vals = [r.get(key) for r in rows if r.get("method") == "adaround"]
         if any(vals):
             out[f"adaround_{key}"] = _mean(vals)
+    kept = [r.get("kept_rtn") for r in rows if r.get("method") == "adaround" and r.get("kept_rtn") not in (None, "")]
+    if kept:
+        out["adaround_kept_rtn"] = sum(k in ("True", "true", "1") for k in kept) / len(kept)
     clips = [(r.get("act_clip"), r.get("act_clip_init")) for r in rows if r.get("act_clip")]
     if clips:
         out["act_clip_over_init"] = _mean(float(a) / float(b) for a, b in clips)
@@ -106,7 +109,9 @@ def _train_note(c: dict) -> str:
     if "adaround_block_rel_mse" in ly:
         notes.append(f"AdaRound block rel. MSE {ly['adaround_block_rel_mse']:.4f} vs RTN "
                      f"{ly['adaround_block_rel_mse_rtn']:.4f} (calibration windows), "
-                     f"{100 * ly['adaround_changed_vs_rtn']:.1f}% of weights rounded differently from RTN")
+                     f"{100 * ly['adaround_changed_vs_rtn']:.1f}% of weights rounded differently from RTN"
+                     + (f"; RTN's rounding kept (keep_best: learned one worse on the calibration windows) for "
+                        f"{100 * ly['adaround_kept_rtn']:.0f}% of the linears" if ly.get("adaround_kept_rtn") else ""))
     if "act_clip_over_init" in ly:
         notes.append(f"mean clip / min-max clip {ly['act_clip_over_init']:.2f}")
     for s in c["steps"]:

@@ -48,12 +48,12 @@ class AdaRound(BlockMethod):
 
     name = "adaround"
     tag_flags = (TagFlag("objective", "block", "{}"), TagFlag("iters", 200, "i{}"), TagFlag("reg_weight", 1.0, "l{}"),
-                 TagFlag("qparams", "minmax", "{}"))
+                 TagFlag("qparams", "minmax", "{}"), TagFlag("keep_best", True, "nokeep"))
 
     def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = False, qformat: str = "int",
                  iters: int = 200, lr: float = 0.3, reg_weight: float = 1.0, beta_start: float = 20.0,
                  beta_end: float = 2.0, warmup: float = 0.2, objective: str = "block", qparams: str = "minmax",
-                 propagate: str = "quantized", offload: bool = True, batch_size: int = 4):
+                 propagate: str = "quantized", offload: bool = True, batch_size: int = 4, keep_best: bool = True):
         self.spec = require_weight_spec(self.name, bits, group_size, sym, qformat)
         check_uniform_grid(self.name, self.spec)
         if objective not in OBJECTIVES:
@@ -62,6 +62,7 @@ class AdaRound(BlockMethod):
             raise ConfigError(f"adaround qparams={qparams!r} is unknown; allowed: {', '.join(QPARAMS)}")
         self.cfg = AdaRoundConfig(iters, lr, reg_weight, beta_start, beta_end, warmup)
         self.iters, self.reg_weight, self.objective, self.qparams = iters, reg_weight, objective, qparams
+        self.keep_best = keep_best
         self.engine = EngineConfig(batch_size, offload, propagate)
         self._prior = None
 
@@ -115,12 +116,15 @@ class AdaRound(BlockMethod):
         err = block_error(blk.module, blk.io, targets, hard)
         secs = (time.perf_counter() - t0) / len(names)
         self._progress(blk.index, err, err_rtn)
+        kept_rtn = self.keep_best and err > err_rtn  # learned rounding worse than RTN on these windows: keep RTN
+        if kept_rtn:
+            qs = {n: grids[n][0].hard(grids[n][1]) for n in names}  # the initial V rounds as RTN does
         out = {}
         for n in names:
-            flips = float((hard[n] != rtn[n]).float().mean())
+            flips = 0.0 if kept_rtn else float((hard[n] != rtn[n]).float().mean())
             out[n] = rec.record(blk.prefix + n, qs[n], Ws[n], block=blk.index, H=H[n], seconds=secs,
                                 rtn_out_rel_err=output_rel_error(Ws[n], rtn[n], H[n]), block_rel_mse=err,
-                                block_rel_mse_rtn=err_rtn, changed_vs_rtn=flips)
+                                block_rel_mse_rtn=err_rtn, changed_vs_rtn=flips, kept_rtn=kept_rtn)
         return out
 
     def _progress(self, i: int, err: float, err_rtn: float) -> None:

@@ -1,5 +1,7 @@
 """AdaRound: the rectified sigmoid and its initialisation, the beta schedule, hard rounding within one step of RTN
 with a lower reconstruction error on a fixed layer, the block objective end to end, stacking after AWQ."""
+import copy
+
 import pytest
 import torch
 
@@ -72,6 +74,22 @@ def test_block_objective_end_to_end_lowers_block_error_and_records_stats():
         W = model.get_submodule(name).weight.data
         s, z = choose_qparams(W, r.weight.spec)
         assert (r.weight.codes.int() - quantize(W, s, z, r.weight.spec).int()).abs().max() <= 1
+
+
+def test_keep_best_keeps_rtn_where_learned_rounding_is_worse():
+    model, ids = tiny_model("llama"), torch.randint(0, 128, (8, 32))
+    ctx = Context(calib=ids, arch=arch_for(model), device=torch.device("cpu"))
+    # a wild lr without the regularizer flips roundings at random: worse than RTN on every block
+    bad = dict(bits=3, group_size=32, iters=5, lr=50.0, reg_weight=0.0, warmup=0.0, batch_size=4)
+    raw = AdaRound(**bad, keep_best=False).quantize(copy.deepcopy(model), ctx)
+    assert all(r["block_rel_mse"] > r["block_rel_mse_rtn"] and not r["kept_rtn"] for r in raw.stats)
+    kept = AdaRound(**bad).quantize(copy.deepcopy(model), ctx)
+    assert all(r["kept_rtn"] and r["changed_vs_rtn"] == 0 for r in kept.stats)
+    for name, r in kept.layers.items():
+        W = model.get_submodule(name).weight.data
+        s, z = choose_qparams(W, r.weight.spec)
+        assert torch.equal(r.weight.codes, quantize(W, s, z, r.weight.spec))  # exactly RTN's codes
+        assert not torch.equal(raw.layers[name].weight.codes, r.weight.codes)
 
 
 def test_after_awq_it_rounds_on_awqs_grid():
