@@ -162,7 +162,7 @@ def render(results: list[dict], sections: dict, models: dict, findings: str = ""
     data: dict = {}
     for r in results:
         run_dir = Path(r["run_dir"])
-        summ = summarize(r["metrics"], run_dir) if r["metrics"] else None
+        summ = r.get("summary") or (summarize(r["metrics"], run_dir) if r["metrics"] else None)
         data.setdefault(r["model"], {}).setdefault(r["section"], []).append(
             {"row": r["row"], "col": r["col"], "command": r["command"], **({"result": summ} if summ else {})})
     md = [HEADER.format(machine=machine()), findings, ""]

@@ -132,10 +132,22 @@ def run_cell(model: str, section: str, row: str, col: str, collect_only: bool) -
                           f"{model} {section} {row} {col}", collect_only, one_thread=True, record_load=True)
 
 
+def kept_rows(path: Path, running: list[str]) -> list[dict]:
+    """Rows of an earlier table (its JSON) for the models not in `running`, already summarized."""
+    old = json.loads(path.read_text())
+    return [{"model": model, "section": section, "row": e["row"], "col": e["col"], "command": e["command"],
+             "metrics": None, "summary": e.get("result"), "run_dir": ""}
+            for model, secs in old.items() if model not in running for section, es in secs.items() for e in es]
+
+
 def main() -> None:
-    args = table_cells.table_parser(MODELS, "sections", SECTIONS).parse_args()
+    ap = table_cells.table_parser(MODELS, "sections", SECTIONS)
+    ap.add_argument("--keep-models-from", type=Path, default=None,
+                    help="a previous learned_methods.json: its rows of the models not run now are kept as they are "
+                         "(their commits stay in the table)")
+    args = ap.parse_args()
     findings = args.notes.read_text() if args.notes else FINDINGS
-    results = []
+    results = kept_rows(args.keep_models_from, args.models) if args.keep_models_from else []
     for model, section, row, col in cells(args.models, args.sections):
         m = run_cell(model, section, row, col, args.collect_only)
         cmd = shlex.join(command(model, section, row, col)).replace(str(REPO) + "/", "")
