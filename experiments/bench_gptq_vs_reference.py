@@ -155,8 +155,10 @@ def job_rows(ref, args) -> dict:
 
 
 def machine(args) -> dict:
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    from qresearch.tracking.provenance import commit_label, provenance
+
+    label = commit_label(provenance(torch.device("cpu"), 0)) or "?"  # +dirty: code changes, not results/
+    commit = label.split("+")[0][:12] + ("+dirty" if label.endswith("+dirty") else "")
     ref_commit = args.reference_commit
     if (Path(args.reference) / ".git").exists():
         ref_commit = subprocess.run(["git", "log", "-1", "--format=%H"], capture_output=True, text=True,
