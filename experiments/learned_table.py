@@ -72,7 +72,10 @@ MODELS = {
                     "columns": None},
     "smollm2_135m": {"common": ["eval.max_chunks=20", "data.n_samples=64", "data.seqlen=256"],
                      "awq": ["method.awq.search_samples=8"],
-                     "adaround": ["method.adaround.iters=100", "method.adaround.batch_size=2"],
+                     # lr 0.01, not the stories260K-tuned 0.3: on SmolLM2's first blocks 0.3 / 0.1 / 0.03 rounded
+                     # worse than RTN at 100 iterations (experiments/probe_adaround_lr.py)
+                     "adaround": ["method.adaround.iters=100", "method.adaround.batch_size=2",
+                                  "method.adaround.lr=0.01"],
                      "qat": ["method.qat.steps=200", "method.qat.batch_size=1"],
                      "regularize": ["method.regularize.steps=60", "method.regularize.batch_size=1"],
                      "columns": {"dfq": ["w6 per-tensor"]}},
