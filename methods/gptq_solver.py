@@ -62,7 +62,7 @@ def inverse_factor_fast(H: torch.Tensor) -> torch.Tensor:
     R, info = torch.linalg.cholesky_ex(H.flip(0, 1))
     if info != 0:
         raise torch.linalg.LinAlgError("not positive definite")
-    return _lower_inverse(R).flip(0, 1).contiguous()  # [n, n] upper
+    return _lower_inverse(R).flip(0, 1)  # [n, n] upper (flip copies: contiguous)
 
 
 def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float, inverse: str = "exact") -> torch.Tensor:

@@ -41,7 +41,9 @@ def prepare_int8_weight(meta: PackedMeta, codes: torch.Tensor, scales, zeros, pe
     """uint8 codes [out, in] of a sym 8-bit layer -> signed int8 [out, in] (code - 128), made once per layer
     (cpu_packed.prepared_for keeps it while the layer's buffers are unchanged)."""
     assert meta.bits == 8 and meta.sym and meta.qformat == "int" and perm is None, "W8A8 needs sym int8, no g_idx"
-    return (codes.to(torch.int16) - 128).to(torch.int8).contiguous()
+    from .reference import int8_from_codes
+
+    return int8_from_codes(codes).contiguous()
 
 
 def w8a8_int_mm(x: torch.Tensor, wq: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,

@@ -72,10 +72,15 @@ def act_quant_ref(x: torch.Tensor, static_scale: torch.Tensor | None = None) -> 
     return q, s
 
 
+def int8_from_codes(codes: torch.Tensor) -> torch.Tensor:
+    """Unsigned 8-bit symmetric codes [out, in] -> signed int8 (code - 128)."""
+    return (codes.to(torch.int16) - 128).to(torch.int8)
+
+
 def int8_weight(meta: PackedMeta, qweight: torch.Tensor) -> torch.Tensor:
     """8-bit symmetric integer codes as signed int8 [out, in] (code - 128)."""
     assert meta.bits == 8 and meta.sym and meta.qformat == "int", "int8 weights need qformat=int, bits=8, sym"
-    return (unpack_rows(qweight, 8, meta.in_features).to(torch.int16) - 128).to(torch.int8)
+    return int8_from_codes(unpack_rows(qweight, 8, meta.in_features))
 
 
 def w8a8_ref(x: torch.Tensor, meta: PackedMeta, qweight, scales, bias, static_scale=None) -> torch.Tensor:
