@@ -50,21 +50,32 @@ def test_gemv_refuses_what_it_does_not_handle():
                   {"BLOCK_N": 16, "BLOCK_K_CODES": 128, "SPLIT_K": 1})
 
 
-def test_dispatch_routes_one_token_calls_only_when_asked(monkeypatch):
+@pytest.mark.parametrize("path,gemv_calls,small_calls", [("gemv", 1, 0), ("splitk", 0, 0), ("small", 0, 2)])
+def test_dispatch_routes_small_m_calls_by_path(monkeypatch, path, gemv_calls, small_calls):
+    """QRESEARCH_SMALL_M picks the kernel of M <= 16 calls: gemv (M = 1 only), split-K, or triton_small (both)."""
     from qresearch.kernels import dispatch
+    from qresearch.kernels import triton_small as S
 
     res = rtn_layer(40, 256, 4, 128, False, seed=5)
     meta, qw, s, qz, gi = packed_args(res)
     bufs = {"qweight": qw, "scales": s, "qzeros": qz, "g_idx": gi, "bias": None}
     x = torch.randn(1, 256)
-    calls = []
-    real = G.wq_gemv
-    monkeypatch.setattr(G, "wq_gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
-    y_default = dispatch._run_triton_wq(x, meta, bufs, None)
-    assert not calls
-    monkeypatch.setenv("QRESEARCH_TRITON_GEMV", "1")
-    y_gemv = dispatch._run_triton_wq(x, meta, bufs, None)
-    dispatch._run_triton_wq(torch.randn(3, 256), meta, bufs, None)  # M = 3: the split-K kernel
-    assert calls == [1]
-    truth = ref.wa16_ref(x, meta, qw, s, qz, gi, None)
-    assert rel_err(y_gemv, truth) < TOL[torch.float32] and rel_err(y_default, truth) < TOL[torch.float32]
+    calls = {"gemv": 0, "small": 0}
+    real_g, real_s = G.wq_gemv, S.small_m_linear
+    monkeypatch.setattr(G, "wq_gemv", lambda *a, **k: calls.__setitem__("gemv", calls["gemv"] + 1) or real_g(*a, **k))
+    monkeypatch.setattr(S, "small_m_linear",
+                        lambda *a, **k: calls.__setitem__("small", calls["small"] + 1) or real_s(*a, **k))
+    monkeypatch.setenv("QRESEARCH_SMALL_M", path)
+    y = dispatch._run_triton_wq(x, meta, bufs, None)
+    y3 = dispatch._run_triton_wq(torch.randn(3, 256), meta, bufs, None)
+    dispatch._run_triton_wq(torch.randn(17, 256), meta, bufs, None)  # M = 17: the prefill tiles on every path
+    assert calls == {"gemv": gemv_calls, "small": small_calls}
+    assert y3.shape == (3, 40) and rel_err(y, ref.wa16_ref(x, meta, qw, s, qz, gi, None)) < TOL[torch.float32]
+
+
+def test_unknown_small_m_path_is_refused(monkeypatch):
+    from qresearch.kernels import dispatch
+
+    monkeypatch.setenv("QRESEARCH_SMALL_M", "fastest")
+    with pytest.raises(ValueError, match="QRESEARCH_SMALL_M='fastest' is unknown; allowed: small, gemv, splitk"):
+        dispatch.small_m_path()

@@ -110,9 +110,9 @@ def run_variant(name: str, cfg: dict, variant: str, ctx: Ctx) -> dict:
                peak_cuda_bytes=lat["peak_memory"].get("peak_cuda_bytes"), protocol={
                    k: lat[k] for k in ("timer", "repeats", "warmup", "dtype", "max_positions")})
     row["graph_decode"] = graph_rows(model, ctx, cfg["vocab_size"])
-    if variant == "w4_g128" and ctx.gpu:  # the same model with one-token calls on the Triton GEMV
-        with lib.gemv_path():
-            row["graph_decode_gemv"] = graph_rows(model, ctx, cfg["vocab_size"])
+    if variant == "w4_g128" and ctx.gpu:  # the same model with M <= 16 calls on the split-K tiles
+        with lib.small_m_path("splitk"):
+            row["graph_decode_splitk"] = graph_rows(model, ctx, cfg["vocab_size"])
     del model
     free_device_memory(ctx.device)
     return row

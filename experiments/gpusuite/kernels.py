@@ -39,30 +39,35 @@ def reference(mod, x):
         return mod(x)
 
 
-GEMV_VARIANTS = ("w4a16_g128", "w8a16")
+ALT_VARIANTS = ("w4a16_g128", "w8a16")
+ALT_PATHS = {1: ("gemv", "splitk"), 16: ("splitk",)}  # the small-M kernels the default path replaced, per M
 
 
 @torch.no_grad()
-def gemv_rows(shape: str, ctx: Ctx, flush, repeats: int, warmup: int) -> list[dict]:
-    """M = 1 through the Triton GEMV (qresearch/kernels/triton_gemv.py, QRESEARCH_TRITON_GEMV=1) beside the same
-    fp16 matmul: rows labelled '<variant> gemv2', to compare with the default split-K rows above them."""
+def alt_path_rows(shape: str, ctx: Ctx, flush, repeats: int, warmup: int) -> list[dict]:
+    """M = 1 / 16 through the kernels the default small-M path (qresearch/kernels/triton_small.py) replaced
+    (QRESEARCH_SMALL_M=gemv | splitk), beside the same fp16 matmul: rows labelled '<variant> <path>'."""
     out_f, in_f = map(int, shape.split("x"))
     w = (torch.randn(out_f, in_f, device=ctx.device) * 0.02).to(ctx.dtype)
-    x = torch.randn(1, in_f, device=ctx.device, dtype=ctx.dtype)
-    t_fp = bk.time_call(lambda: torch.matmul(x, w.t()), ctx.device, repeats, warmup, flush, ctx.gpu)
-    io = (in_f + out_f) * x.element_size()
     rows = []
-    for v in GEMV_VARIANTS:
-        mod = bk.build(v, out_f, in_f, ctx.device, ctx.dtype)
-        bits, group, sym, _ = bk.VARIANTS[v]
-        with lib.gemv_path():
-            t = bk._row_times(t_fp, bk.time_call(lambda m=mod: m(x), ctx.device, repeats, warmup, flush, ctx.gpu))
-            err = bk.rel_err(mod(x), reference(mod, x))
-        rows.append({"shape": shape, "M": 1, "variant": f"{v} gemv2", "kernel": "triton_gemv", **t,
-                     "bw_frac": (mod.weight_bytes() + io) / (t["q_ms"] / 1e3) / ctx.copy_bw,
-                     "fp16_bw_frac": (w.numel() * w.element_size() + io) / (t["fp16_ms"] / 1e3) / ctx.copy_bw,
-                     "limit": bk.memory_bound_limit(bits, group, in_f, sym), "ref_rel_err": err})
-        del mod
+    for m, paths in ALT_PATHS.items():
+        x = torch.randn(m, in_f, device=ctx.device, dtype=ctx.dtype)
+        t_fp = bk.time_call(lambda: torch.matmul(x, w.t()), ctx.device, repeats, warmup, flush, ctx.gpu)
+        io = (in_f + out_f) * m * x.element_size()
+        for v in ALT_VARIANTS:
+            mod = bk.build(v, out_f, in_f, ctx.device, ctx.dtype)
+            bits, group, sym, _ = bk.VARIANTS[v]
+            for path in paths:
+                with lib.small_m_path(path):
+                    t = bk._row_times(t_fp, bk.time_call(lambda m=mod: m(x), ctx.device, repeats, warmup, flush,
+                                                         ctx.gpu))
+                    err = bk.rel_err(mod(x), reference(mod, x))
+                    kernel = mod.kernel_name
+                rows.append({"shape": shape, "M": m, "variant": f"{v} {path}", "kernel": kernel, **t,
+                             "bw_frac": (mod.weight_bytes() + io) / (t["q_ms"] / 1e3) / ctx.copy_bw,
+                             "fp16_bw_frac": (w.numel() * w.element_size() + io) / (t["fp16_ms"] / 1e3) / ctx.copy_bw,
+                             "limit": bk.memory_bound_limit(bits, group, in_f, sym), "ref_rel_err": err})
+            del mod
     return rows
 
 
@@ -84,8 +89,8 @@ def run(ctx: Ctx, state: dict) -> None:
             continue
         state["rows"] += bk.bench_shape(shape, ms, ctx.device, ctx.dtype, repeats, warmup, ctx.copy_bw,
                                         before=flush, reference=reference, graphs=ctx.gpu)
-        if ctx.gpu:  # the Triton GEMV exists only on CUDA
-            state["rows"] += gemv_rows(shape, ctx, flush, repeats, warmup)
+        if ctx.gpu:  # the alternative Triton paths exist only on CUDA
+            state["rows"] += alt_path_rows(shape, ctx, flush, repeats, warmup)
         free_device_memory(ctx.device)
         ctx.save()
     bad = [r for r in state["rows"] if not r.get("ref_rel_err", 0.0) <= REF_TOL[ctx.dtype]]

@@ -49,17 +49,17 @@ def forced_kernels(backend: str):
 
 
 @contextlib.contextmanager
-def gemv_path():
-    """One-token calls of eligible layers go to the Triton GEMV (triton_gemv) inside the block."""
-    old = os.environ.get("QRESEARCH_TRITON_GEMV")
-    os.environ["QRESEARCH_TRITON_GEMV"] = "1"  # LIBRARY: read per call by kernels/dispatch.py
+def small_m_path(path: str):
+    """Calls of M <= 16 tokens take `path` (splitk | gemv | small) inside the block."""
+    old = os.environ.get("QRESEARCH_SMALL_M")
+    os.environ["QRESEARCH_SMALL_M"] = path  # LIBRARY: read per call by kernels/dispatch.py
     try:
         yield
     finally:
         if old is None:
-            os.environ.pop("QRESEARCH_TRITON_GEMV", None)
+            os.environ.pop("QRESEARCH_SMALL_M", None)
         else:
-            os.environ["QRESEARCH_TRITON_GEMV"] = old
+            os.environ["QRESEARCH_SMALL_M"] = old
 
 
 def pack_random_layer(n: int, k: int, bits: int, group: int, sym: bool, act_order: bool, scale_dtype: torch.dtype,

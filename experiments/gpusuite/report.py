@@ -154,8 +154,8 @@ def _e2e(sec: dict) -> list[str]:
 def _graph_table(rows: list[dict], fp: dict) -> list[str]:
     """Static-cache decode with one CUDA graph per step (eager on CPU): tok/s and ratio to fp16 per batch."""
     body = []
-    for r, key, label in [(r, k, r["variant"] + (" gemv2" if k.endswith("gemv") else "")) for r in rows
-                          for k in ("graph_decode", "graph_decode_gemv") if k in r]:
+    for r, key, label in [(r, k, r["variant"] + (" splitk" if k.endswith("splitk") else "")) for r in rows
+                          for k in ("graph_decode", "graph_decode_splitk") if k in r]:
         for b, g in r[key].items():
             if "error" in g:
                 body.append([r["model"], label, b, "-", "-", "-", f"ERROR {g['error']}"])

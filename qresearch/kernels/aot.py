@@ -33,7 +33,8 @@ class Job:
     num_stages: int
 
     def config(self) -> str:
-        keys = [k for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_KW", "SPLIT_K", "BLOCK") if k in self.constants]
+        keys = [k for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_KW", "NG", "SUB", "SPLIT_K", "XPERM", "BLOCK")
+                if k in self.constants]
         return " ".join(f"{k.replace('BLOCK_', 'B').replace('SPLIT_K', 'SK')}={self.constants[k]}" for k in keys) \
             + f" w={self.num_warps} s={self.num_stages}"
 
@@ -73,6 +74,37 @@ def gemv_jobs(variants: list[str]) -> list[Job]:
                          BLOCK_KW=kw["BLOCK_K_CODES"] * bits // 32, SPLIT_K=kw["SPLIT_K"])
             sig = {**ptrs, **{n: "i32" for n in ints}, **{n: "constexpr" for n in const}}
             jobs.append(Job("wq_gemv", v, k.wq_gemv_kernel, sig, const, c.num_warps, c.num_stages))
+    return jobs
+
+
+def small_jobs(variants: list[str]) -> list[Job]:
+    """One job per (tile config, weight variant) of the small-M kernels (triton_small.py; 2/4/8 bits, g128)."""
+    from qresearch.kernels import triton_small as k
+    from qresearch.quant.packing import PackedMeta
+
+    ptrs = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*i32", "b_ptr": "*fp16",
+            "y_ptr": "*fp16"}
+    jobs = []
+    for v in variants:
+        bits, sym, gidx = WQ_VARIANTS[v]
+        if gidx or 32 % bits:
+            continue
+        meta = PackedMeta(bits=bits, group=128, in_features=4096, out_features=4096, sym=sym)
+        for kernel in ("wide", "dot"):
+            if k.supports(meta, False, 1 if kernel == "wide" else 16) is not None:
+                continue
+            for c in k.configs(kernel, meta):
+                a = k._wide_args(meta, c) if kernel == "wide" else k._dot_args(meta, c)
+                warps, stages = (c[3], 3) if kernel == "wide" else (c[2], c[3])
+                const = dict(GROUP=128, BITS=bits, SYM=sym, HAS_BIAS=False, **a)
+                ints = ["N", "K", "stride_xp", "stride_qw", "stride_s", "stride_z"] if kernel == "wide" else \
+                    ["M", "N", "K", "stride_xi", "stride_xm", "stride_qw", "stride_s", "stride_z", "stride_ym"]
+                x_t = "*fp32" if kernel == "wide" and a["XPERM"] else "*fp16"
+                sig = {**ptrs, "x_ptr": x_t, "y_ptr": "*fp32" if a["SPLIT_K"] > 1 else "*fp16",
+                       **{n: "i32" for n in ints},
+                       **{n: "constexpr" for n in const}}
+                fn = k.gemv_wide_kernel if kernel == "wide" else k.skinny_dot_kernel
+                jobs.append(Job(f"small_{kernel}", v, fn, sig, const, warps, stages))
     return jobs
 
 

@@ -144,15 +144,30 @@ def _triton_why_not(key: LayerKey) -> str | None:
     return None
 
 
-def gemv_enabled() -> bool:
-    """QRESEARCH_TRITON_GEMV=1 sends one-token calls of eligible layers to triton_gemv (not yet the default)."""
-    return os.environ.get("QRESEARCH_TRITON_GEMV") == "1"
+SMALL_M_PATHS = ("small", "gemv", "splitk")
+SMALL_M_DEFAULT = "small"  # H100 measurement: results/tune_small_m_*.md
+
+
+def small_m_path() -> str:
+    """Which Triton kernel takes calls of M <= 16 tokens (QRESEARCH_SMALL_M): 'small' (triton_small: wide GEMV
+    at M = 1, tensor-core skinny GEMM at 2..16), 'gemv' (triton_gemv at M = 1, split-K above), 'splitk'
+    (triton_wq's split-K tiles for every M <= 16). Layers a kernel does not take go to triton_wq."""
+    p = os.environ.get("QRESEARCH_SMALL_M", SMALL_M_DEFAULT)
+    if p not in SMALL_M_PATHS:
+        raise ValueError(f"QRESEARCH_SMALL_M={p!r} is unknown; allowed: {', '.join(SMALL_M_PATHS)}")
+    return p
 
 
 def _run_triton_wq(x, meta, bufs, mode):
     from .triton_wq import wq_linear
 
-    if x.shape[0] == 1 and gemv_enabled():
+    m, path = x.shape[0], small_m_path()
+    if path == "small" and m <= 16:
+        from .triton_small import small_m_linear, supports
+
+        if supports(meta, bufs["g_idx"] is not None, m) is None:
+            return small_m_linear(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["bias"])
+    if path == "gemv" and m == 1:
         from .triton_gemv import supports, wq_gemv
 
         if supports(meta, bufs["g_idx"] is not None, 1) is None:

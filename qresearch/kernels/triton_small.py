@@ -1,0 +1,311 @@
+"""Triton kernels for few tokens (M <= 16) on weight-only packed layers: 2/4/8 bits, contiguous groups.
+
+Both read whole int32 words of the int32_k layout as [rows n, words along K] tiles (each thread reads consecutive
+words of one row) and never reshape a tile: code i of every word is `(word >> i * BITS) & mask`, paired with the
+activations at k = PER * word + i (PER = 32 / BITS). Codes become floats without integer-to-float conversions
+(a quarter-rate instruction on sm_80 / sm_90, which bounded the first GEMV at ~25% of the copy bandwidth):
+  fp32: bits(2^23) | q is the float 2^23 + q, so q = that - 2^23 (exact, full-rate logic + add);
+  fp16: bits(1024.0) | q is the half 1024 + q, so q - z = that - (1024 + z) (exact for |q - z| < 1024).
+
+gemv_wide_kernel (M = 1, FMA): a program holds [BLOCK_N, NG, WPG] words: NG sub-chunks of SUB = WPG * PER codes
+  along K, each inside one group, so a tile may span several groups (wide rows: more bytes in flight per load)
+  and its scales / zeros are one [BLOCK_N, NG, 1] load:
+      sum_k x_k s (q_k - z) = s (sum_k x_k q_k - z sum_k x_k)   per (row, sub-chunk)
+  fp32 partial sums stay per element; one reduction over K after the loop. SPLIT_K > 1 adds atomics.
+skinny_dot_kernel (2 <= M <= 16, tensor cores): per step one group slice of SUB codes; for each code position i
+  a tl.dot of x[:, PER * w + i] [16, WPG] with (q - z)[n, w] in fp16 [WPG, BLOCK_N], then one scale per row:
+      acc[m, n] += s_n * sum_k x_mk (q_nk - z_n)
+
+Tiles are chosen per layer shape by timing every config once (CUDA; `TUNED` keeps the times, for reports);
+`block` fixes one (tests, interpreter). experiments/tune_small_m.py compares them with the split-K kernel.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_wq import _codes
+
+F32_MAGIC = tl.constexpr(0x4B000000)  # float32 bits of 2^23
+F16_MAGIC = tl.constexpr(0x6400)  # float16 bits of 1024.0
+
+
+@triton.jit
+def _qparams3(s_ptr, z_ptr, grp, n3, mask3, stride_s, stride_z, BITS: tl.constexpr, SYM: tl.constexpr):
+    """Scale and zero (fp32) of groups `grp` for rows n3, broadcast shapes."""
+    s = tl.load(s_ptr + n3 * stride_s + grp, mask=mask3, other=0.0).to(tl.float32)
+    if SYM:
+        z = tl.full(s.shape, 1 << (BITS - 1), tl.float32)
+    else:  # qzeros [words(N), n_groups]: code n of column grp
+        z = _codes(z_ptr, grp, n3, stride_z, mask3, BITS).to(tl.float32)
+    return s, z
+
+
+@triton.jit
+def gemv_wide_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, stride_xp, stride_qw, stride_s, stride_z,
+                     GROUP: tl.constexpr, BITS: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BLOCK_N: tl.constexpr, NG: tl.constexpr, SUB: tl.constexpr, SPLIT_K: tl.constexpr,
+                     EVEN_K: tl.constexpr, XPERM: tl.constexpr):
+    """y[N] (+)= deq(W)[N, K] @ x[K]; SPLIT_K > 1: y is a zeroed fp32 buffer updated with atomics.
+
+    EVEN_K: K % (NG * SUB) == 0, no masks along K (vector loads). XPERM: x_ptr is x as fp32 [PER, K / PER]
+    (row i = the codes at position i of every word, rows stride_xp apart), so each code position is one
+    contiguous load; else x [K] in its dtype, read with stride PER.
+    """
+    PER: tl.constexpr = 32 // BITS
+    WPG: tl.constexpr = SUB // PER  # words per sub-chunk
+    BLOCK_K: tl.constexpr = NG * SUB  # codes per step
+    MASK: tl.constexpr = (1 << BITS) - 1
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n3 = offs_n[:, None, None]  # [BLOCK_N, 1, 1]
+    nm3 = n3 < N
+    j3 = tl.arange(0, NG)[None, :, None]  # sub-chunk [1, NG, 1]
+    w3 = tl.arange(0, WPG)[None, None, :]  # word in sub-chunk [1, 1, WPG]
+    acc = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+    k_span = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+    k_lo = pid_k * k_span
+    k_hi = tl.minimum(K, k_lo + k_span)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kw = k0 // PER + j3 * WPG + w3  # word index [1, NG, WPG]
+        if EVEN_K:
+            words = tl.load(qw_ptr + n3 * stride_qw + kw, mask=nm3, other=0)
+        else:
+            words = tl.load(qw_ptr + n3 * stride_qw + kw, mask=nm3 & (kw * PER < K), other=0)
+        words = words.to(tl.uint32, bitcast=True)  # [BLOCK_N, NG, WPG]
+        part = tl.zeros((BLOCK_N, NG, WPG), dtype=tl.float32)
+        xsum = tl.zeros((1, NG, WPG), dtype=tl.float32)
+        for i in tl.static_range(PER):
+            if XPERM:
+                xp = x_ptr + i * stride_xp + kw
+            else:
+                xp = x_ptr + kw * PER + i
+            if EVEN_K:
+                xi = tl.load(xp).to(tl.float32)  # [1, NG, WPG]
+            else:
+                xi = tl.load(xp, mask=kw * PER + i < K, other=0.0).to(tl.float32)
+            q = (((words >> (i * BITS)) & MASK) | F32_MAGIC).to(tl.float32, bitcast=True) - 8388608.0
+            part += q * xi
+            xsum += xi
+        sub0 = k0 + tl.arange(0, NG)[None, :] * SUB  # first code of each sub-chunk [1, NG]
+        s, z = _qparams3(s_ptr, z_ptr, sub0 // GROUP, offs_n[:, None], (offs_n < N)[:, None] & (sub0 < K),
+                         stride_s, stride_z, BITS, SYM)  # [BLOCK_N, NG]
+        acc += s * (tl.sum(part, axis=2) - z * tl.sum(xsum, axis=2))
+    y = tl.sum(acc, axis=1)  # [BLOCK_N]
+    nmask = offs_n < N
+    if HAS_BIAS:
+        y += tl.where(pid_k == 0, 1.0, 0.0) * tl.load(b_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    if SPLIT_K == 1:
+        tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=nmask)
+    else:
+        tl.atomic_add(y_ptr + offs_n, y, mask=nmask)
+
+
+@triton.jit
+def skinny_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xi, stride_xm, stride_qw, stride_s,
+                      stride_z, stride_ym, GROUP: tl.constexpr, BITS: tl.constexpr, SYM: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr, SPLIT_K: tl.constexpr,
+                      EVEN_K: tl.constexpr, XPERM: tl.constexpr):
+    """y[M, N] (+)= x[M, K] @ deq(W)[N, K]^T for M <= 16; SPLIT_K > 1: y is a zeroed fp32 buffer (atomics).
+
+    EVEN_K: K % SUB == 0, no masks along K. XPERM: x_ptr is x [PER, M, K / PER] (x[m, PER * w + i] at
+    [i, m, w]; stride_xi, stride_xm), so each code position is a contiguous tile; else x [M, K], stride PER.
+    """
+    PER: tl.constexpr = 32 // BITS
+    WPG: tl.constexpr = SUB // PER  # words per step (>= 16: the dot's K)
+    MASK: tl.constexpr = (1 << BITS) - 1
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, 16)
+    mmask = offs_m < M
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    ow = tl.arange(0, WPG)
+    acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+    k_span = tl.cdiv(K, SPLIT_K * SUB) * SUB
+    k_lo = pid_k * k_span
+    k_hi = tl.minimum(K, k_lo + k_span)
+    for k0 in range(k_lo, k_hi, SUB):
+        kw = k0 // PER + ow  # [WPG]
+        if EVEN_K:
+            words = tl.load(qw_ptr + offs_n[:, None] * stride_qw + kw[None, :], mask=nmask[:, None], other=0)
+        else:
+            words = tl.load(qw_ptr + offs_n[:, None] * stride_qw + kw[None, :],
+                            mask=nmask[:, None] & (kw * PER < K)[None, :], other=0)
+        words = words.to(tl.uint32, bitcast=True)  # [BLOCK_N, WPG]
+        s, z = _qparams3(s_ptr, z_ptr, k0 // GROUP, offs_n[:, None], nmask[:, None], stride_s, stride_z, BITS,
+                         SYM)  # [BLOCK_N, 1]
+        z16 = (z + 1024.0).to(tl.float16)  # exact
+        part = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+        for i in tl.static_range(PER):
+            k = kw * PER + i
+            if XPERM:
+                xp = x_ptr + i * stride_xi + offs_m[:, None] * stride_xm + kw[None, :]
+            else:
+                xp = x_ptr + offs_m[:, None] * stride_xm + k[None, :]
+            if EVEN_K:
+                xi = tl.load(xp, mask=mmask[:, None], other=0.0)  # [16, WPG]
+            else:
+                xi = tl.load(xp, mask=mmask[:, None] & (k < K)[None, :], other=0.0)
+            c = (((words >> (i * BITS)) & MASK) | F16_MAGIC).to(tl.uint16)
+            w = c.to(tl.float16, bitcast=True) - z16  # q - z, exact [BLOCK_N, WPG]
+            part = tl.dot(xi, tl.trans(w.to(xi.dtype)), part)  # [16, BLOCK_N]
+        acc += part * tl.trans(s)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        acc += tl.where(pid_k == 0, 1.0, 0.0) * bias[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    ymask = mmask[:, None] & nmask[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+    else:
+        tl.atomic_add(y_ptrs, acc, mask=ymask)
+
+
+# (BLOCK_N, NG, SPLIT_K, warps, XPERM) for the GEMV; SUB = the largest of 128 / 64 ... that lies in one group
+_WIDE_TILES = [(32, 4, 1, 4), (32, 4, 2, 4), (64, 2, 1, 4), (64, 2, 2, 4), (64, 4, 2, 8), (16, 8, 1, 4),
+               (128, 1, 2, 4), (128, 2, 1, 8), (32, 8, 1, 8), (64, 1, 4, 4), (32, 2, 4, 4), (16, 4, 4, 4)]
+WIDE_CONFIGS = [(*t, xperm) for xperm in (0, 1) for t in _WIDE_TILES]
+# (BLOCK_N, SPLIT_K, warps, stages, XPERM) for M in 2..16
+_DOT_TILES = [(32, 1, 4, 2), (32, 2, 4, 2), (32, 4, 4, 2), (64, 1, 4, 2), (64, 2, 4, 2), (64, 4, 4, 2),
+              (128, 1, 4, 2), (128, 2, 8, 2), (16, 2, 4, 2), (16, 4, 4, 2), (64, 8, 4, 2), (32, 8, 4, 2)]
+DOT_CONFIGS = [(*t, xperm) for xperm in (0, 1) for t in _DOT_TILES]
+TUNED: dict[tuple, dict] = {}  # (kernel, N, K, group, bits, sym, dtype) -> {"best": cfg, "ms": {cfg label: ms}}
+
+
+def _sub_codes(meta, want: int) -> int | None:
+    """Codes per sub-chunk: `want` halved until it lies in one group and holds whole words (None: none fits)."""
+    per = 32 // meta.bits
+    per_channel = meta.group == meta.in_features
+    sub = want
+    while sub >= per and not (per_channel or meta.group % sub == 0):
+        sub //= 2
+    return sub if sub >= per and sub % per == 0 else None
+
+
+def supports(meta, has_gidx: bool, m: int) -> str | None:
+    """None when these kernels handle this layer and batch; else why not."""
+    if not 1 <= m <= 16:
+        return f"M={m} (these kernels take 1..16 tokens)"
+    if has_gidx:
+        return "act-order g_idx"
+    if 32 % meta.bits:
+        return f"bits={meta.bits} (2, 4 or 8: whole codes per word)"
+    if _sub_codes(meta, 128) is None:
+        return f"group={meta.group} (a multiple of {32 // meta.bits} codes, or per channel)"
+    sub = _sub_codes(meta, _dot_want(meta))
+    if m > 1 and (sub is None or sub * meta.bits // 32 < 16):
+        return f"group={meta.group} at bits={meta.bits} (the dot needs 16 words of one group per step)"
+    return None
+
+
+def _dot_want(meta) -> int:
+    """Codes per dot step: 128, or 16 words where that is more (2 bits: 256)."""
+    return max(128, 16 * 32 // meta.bits)
+
+
+def _wide_args(meta, cfg: tuple) -> dict:
+    bn, ng, sk, _, xperm = cfg
+    sub = _sub_codes(meta, 128)
+    return dict(BLOCK_N=bn, NG=ng, SUB=sub, SPLIT_K=sk, EVEN_K=meta.in_features % (ng * sub) == 0,
+                XPERM=bool(xperm))
+
+
+def _dot_args(meta, cfg: tuple) -> dict:
+    bn, sk, _, _, xperm = cfg
+    sub = _sub_codes(meta, _dot_want(meta))
+    return dict(BLOCK_N=bn, SUB=sub, SPLIT_K=sk, EVEN_K=meta.in_features % sub == 0, XPERM=bool(xperm))
+
+
+def permute_x(x: torch.Tensor, bits: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [M, K] -> [PER, M, K / PER] in `dtype` (default x's): [i, m, w] holds x[m, PER * w + i] (XPERM; K a
+    multiple of PER). One copy kernel."""
+    m, k = x.shape
+    per = 32 // bits
+    out = torch.empty(per, m, k // per, device=x.device, dtype=dtype or x.dtype)
+    return out.copy_(x.reshape(m, k // per, per).permute(2, 0, 1))
+
+
+def _launch_wide(x, meta, qweight, scales, qzeros, bias, y, cfg: tuple) -> None:
+    a = _wide_args(meta, cfg)
+    grid = (triton.cdiv(meta.out_features, a["BLOCK_N"]), a["SPLIT_K"])
+    z = qzeros if qzeros is not None else qweight
+    xk = permute_x(x, meta.bits, torch.float32)[:, 0] if a["XPERM"] else x  # fp32 [PER, K / PER]
+    gemv_wide_kernel[grid](xk, qweight, scales, z, bias if bias is not None else scales, y, meta.out_features,
+                           meta.in_features, xk.stride(0), qweight.stride(0), scales.stride(0), z.stride(0),
+                           GROUP=meta.group,
+                           BITS=meta.bits, SYM=meta.sym or qzeros is None, HAS_BIAS=bias is not None, **a,
+                           num_warps=cfg[3])
+
+
+def _launch_dot(x, meta, qweight, scales, qzeros, bias, y, cfg: tuple) -> None:
+    a = _dot_args(meta, cfg)
+    grid = (triton.cdiv(meta.out_features, a["BLOCK_N"]), a["SPLIT_K"])
+    z = qzeros if qzeros is not None else qweight
+    xk, sxi, sxm = (x, 0, x.stride(0)) if not a["XPERM"] else (lambda p: (p, p.stride(0), p.stride(1)))(
+        permute_x(x, meta.bits))
+    skinny_dot_kernel[grid](xk, qweight, scales, z, bias if bias is not None else scales, y, x.shape[0],
+                            meta.out_features, meta.in_features, sxi, sxm, qweight.stride(0), scales.stride(0),
+                            z.stride(0), y.stride(0), GROUP=meta.group, BITS=meta.bits,
+                            SYM=meta.sym or qzeros is None, HAS_BIAS=bias is not None, **a, num_warps=cfg[2],
+                            num_stages=cfg[3])
+
+
+def label(cfg: tuple, kernel: str) -> str:
+    names = ("BN", "NG", "SK", "w", "xperm") if kernel == "wide" else ("BN", "SK", "w", "s", "xperm")
+    return " ".join(f"{n}={v}" for n, v in zip(names, cfg))
+
+
+def _tune(kernel: str, x, meta, run) -> tuple:
+    """Fastest config for this layer shape: every config timed once as a whole call (output allocation and cast
+    included; triton.testing.do_bench: L2 cleared per call, median) and the times kept in TUNED."""
+    key = (kernel, meta.out_features, meta.in_features, meta.group, meta.bits, meta.sym, x.dtype, x.shape[0] > 1)
+    if key not in TUNED:
+        times = {}
+        for cfg in configs(kernel, meta):
+            times[cfg] = triton.testing.do_bench(lambda c=cfg: run(c), warmup=5, rep=20)
+        best = min(times, key=times.get)
+        TUNED[key] = {"best": best, "ms": {label(c, kernel): t for c, t in times.items()}}
+    return TUNED[key]["best"]
+
+
+def configs(kernel: str, meta) -> list[tuple]:
+    """The configs tuned for this layer (XPERM needs K a multiple of the codes per word)."""
+    whole = meta.in_features % (32 // meta.bits) == 0
+    return [c for c in (WIDE_CONFIGS if kernel == "wide" else DOT_CONFIGS) if not c[4] or whole]
+
+
+def _interp_block(kernel: str) -> tuple:
+    return (16, 2, 2, 4, 0) if kernel == "wide" else (16, 2, 4, 2, 0)
+
+
+def small_m_linear(x, meta, qweight, scales, qzeros, bias, block: tuple | None = None) -> torch.Tensor:
+    """x [M, K] (M <= 16) fp16/bf16 (fp32 under the interpreter, GEMV only) -> y [M, N] in x's dtype.
+
+    M = 1 runs gemv_wide_kernel, M in 2..16 skinny_dot_kernel. `block` fixes the tile (a WIDE_CONFIGS /
+    DOT_CONFIGS tuple: tests, interpreter); else tuned per layer shape.
+    """
+    m, k = x.shape
+    assert k == meta.in_features, f"x has {k} features, layer expects {meta.in_features}"
+    why = supports(meta, False, m)
+    if why is not None:
+        raise ValueError(f"small-M kernel cannot take this layer: {why}")
+    kernel = "wide" if m == 1 else "dot"
+    x = x.contiguous()
+    launch = _launch_wide if kernel == "wide" else _launch_dot
+
+    def run(cfg) -> torch.Tensor:
+        """One call: split-K programs add into a zeroed fp32 buffer (then cast); else y is written in x's dtype."""
+        split = cfg[2] if kernel == "wide" else cfg[1]
+        y = torch.zeros(m, meta.out_features, device=x.device, dtype=torch.float32) if split > 1 else \
+            torch.empty(m, meta.out_features, device=x.device, dtype=x.dtype)
+        launch(x, meta, qweight, scales, qzeros, bias, y, cfg)
+        return y.to(x.dtype)
+
+    if block is None and os.environ.get("TRITON_INTERPRET") == "1":
+        block = _interp_block(kernel)
+    return run(block if block is not None else _tune(kernel, x, meta, run))
