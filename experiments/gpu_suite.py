@@ -9,7 +9,7 @@ not yet measured on a GPU):
 
 It writes gpu_<device-slug>.md and .json under --out (default results/) after every step, so a timeout still
 leaves partial results; at --budget-s the running step is interrupted (recorded as such) and the report finished.
-QRESEARCH_COMMIT names the commit where the tree travels without .git (with .git, git is asked). A rerun of
+QRESEARCH_COMMIT names the commit (it wins over git: a device copy's .git can be a stale snapshot). A rerun of
 some sections on a warm machine: `--sections kernels e2e --budget-s 200 --tag rerun`.
 Sections, in order (each skips itself, with the reason recorded, when the budget left is too short):
   1 env          device, driver, CUDA, torch / triton / transformers, commit (+dirty), measured copy bandwidth

@@ -50,9 +50,11 @@ def test_gemv_refuses_what_it_does_not_handle():
                   {"BLOCK_N": 16, "BLOCK_K_CODES": 128, "SPLIT_K": 1})
 
 
-@pytest.mark.parametrize("path,gemv_calls,small_calls", [("gemv", 1, 0), ("splitk", 0, 0), ("small", 0, 2)])
+@pytest.mark.parametrize("path,gemv_calls,small_calls", [("gemv", 1, 0), ("splitk", 0, 0), ("small", 0, 2),
+                                                         ("auto", 1, 1)])
 def test_dispatch_routes_small_m_calls_by_path(monkeypatch, path, gemv_calls, small_calls):
-    """QRESEARCH_SMALL_M picks the kernel of M <= 16 calls: gemv (M = 1 only), split-K, or triton_small (both)."""
+    """QRESEARCH_SMALL_M picks the kernel of M <= 16 calls: gemv (M = 1 only), split-K, triton_small (both), or
+    auto (the H100's fastest: gemv at M = 1, triton_small at M = 3)."""
     from qresearch.kernels import dispatch
     from qresearch.kernels import triton_small as S
 
@@ -73,9 +75,18 @@ def test_dispatch_routes_small_m_calls_by_path(monkeypatch, path, gemv_calls, sm
     assert y3.shape == (3, 40) and rel_err(y, ref.wa16_ref(x, meta, qw, s, qz, gi, None)) < TOL[torch.float32]
 
 
+def test_auto_falls_back_in_order():
+    """auto tries the GEMV then triton_small at M = 1, triton_small at 2..16, and leaves M > 16 to triton_wq."""
+    from qresearch.kernels import dispatch
+
+    assert dispatch._small_m_order("auto", 1) == ("gemv", "small")
+    assert dispatch._small_m_order("auto", 16) == ("small",) and dispatch._small_m_order("auto", 17) == ()
+    assert dispatch._small_m_order("gemv", 2) == () and dispatch._small_m_order("splitk", 1) == ()
+
+
 def test_unknown_small_m_path_is_refused(monkeypatch):
     from qresearch.kernels import dispatch
 
     monkeypatch.setenv("QRESEARCH_SMALL_M", "fastest")
-    with pytest.raises(ValueError, match="QRESEARCH_SMALL_M='fastest' is unknown; allowed: small, gemv, splitk"):
+    with pytest.raises(ValueError, match="QRESEARCH_SMALL_M='fastest' is unknown; allowed: auto, small, gemv, splitk"):
         dispatch.small_m_path()

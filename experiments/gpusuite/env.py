@@ -29,14 +29,15 @@ def _run(cmd: list[str]) -> str | None:
 
 
 def git_commit() -> dict:
-    """Commit and dirty flag from git; where the tree travelled without .git, from $QRESEARCH_COMMIT."""
+    """Commit and dirty flag: $QRESEARCH_COMMIT when set (a device copy's .git can be a stale snapshot: it once
+    reported an older commit +dirty), else git."""
+    env = os.environ.get("QRESEARCH_COMMIT")
+    if env:
+        return {"commit": env, "dirty": env.endswith("+dirty"), "commit_source": "QRESEARCH_COMMIT"}
     sha = _run(["git", "rev-parse", "--short=12", "HEAD"])
     if sha:
         dirty = bool(_run(["git", "status", "--porcelain", "--untracked-files=no"]))
         return {"commit": sha + ("+dirty" if dirty else ""), "dirty": dirty, "commit_source": "git"}
-    env = os.environ.get("QRESEARCH_COMMIT")
-    if env:
-        return {"commit": env, "dirty": env.endswith("+dirty"), "commit_source": "QRESEARCH_COMMIT"}
     return {"commit": "unknown", "dirty": None, "commit_source": "no .git here and QRESEARCH_COMMIT unset"}
 
 

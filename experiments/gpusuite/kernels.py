@@ -40,13 +40,13 @@ def reference(mod, x):
 
 
 ALT_VARIANTS = ("w4a16_g128", "w8a16")
-ALT_PATHS = {1: ("gemv", "splitk"), 16: ("splitk",)}  # the small-M kernels the default path replaced, per M
+ALT_PATHS = {1: ("small", "splitk"), 16: ("splitk",)}  # the small-M kernels the auto path did not pick, per M
 
 
 @torch.no_grad()
 def alt_path_rows(shape: str, ctx: Ctx, flush, repeats: int, warmup: int) -> list[dict]:
-    """M = 1 / 16 through the kernels the default small-M path (qresearch/kernels/triton_small.py) replaced
-    (QRESEARCH_SMALL_M=gemv | splitk), beside the same fp16 matmul: rows labelled '<variant> <path>'."""
+    """M = 1 / 16 through the small-M kernels the default path (auto: kernels/dispatch.py) did not pick
+    (QRESEARCH_SMALL_M=small | splitk), beside the same fp16 matmul: rows labelled '<variant> <path>'."""
     out_f, in_f = map(int, shape.split("x"))
     w = (torch.randn(out_f, in_f, device=ctx.device) * 0.02).to(ctx.dtype)
     rows = []

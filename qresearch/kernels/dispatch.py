@@ -144,35 +144,46 @@ def _triton_why_not(key: LayerKey) -> str | None:
     return None
 
 
-SMALL_M_PATHS = ("small", "gemv", "splitk")
-SMALL_M_DEFAULT = "small"  # H100 measurement: results/tune_small_m_*.md
+SMALL_M_PATHS = ("auto", "small", "gemv", "splitk")
 
 
 def small_m_path() -> str:
     """Which Triton kernel takes calls of M <= 16 tokens (QRESEARCH_SMALL_M): 'small' (triton_small: wide GEMV
     at M = 1, tensor-core skinny GEMM at 2..16), 'gemv' (triton_gemv at M = 1, split-K above), 'splitk'
-    (triton_wq's split-K tiles for every M <= 16). Layers a kernel does not take go to triton_wq."""
-    p = os.environ.get("QRESEARCH_SMALL_M", SMALL_M_DEFAULT)
+    (triton_wq's split-K tiles for every M <= 16), or 'auto' (default): the fastest measured on an H100
+    (results/tune_small_m_nvidia_h100_80gb_hbm3.md): triton_gemv at M = 1, triton_small at 2..16. Layers a
+    kernel does not take go to the next one, then to triton_wq."""
+    p = os.environ.get("QRESEARCH_SMALL_M", "auto")
     if p not in SMALL_M_PATHS:
         raise ValueError(f"QRESEARCH_SMALL_M={p!r} is unknown; allowed: {', '.join(SMALL_M_PATHS)}")
     return p
 
 
+def _small_m_order(path: str, m: int) -> tuple[str, ...]:
+    """Kernels to try, in order, for a call of m tokens on this path."""
+    if m > 16 or path == "splitk":
+        return ()
+    if path == "auto":
+        return ("gemv", "small") if m == 1 else ("small",)
+    return (path,) if path == "small" or m == 1 else ()
+
+
 def _run_triton_wq(x, meta, bufs, mode):
     from .triton_wq import wq_linear
 
-    m, path = x.shape[0], small_m_path()
-    if path == "small" and m <= 16:
-        from .triton_small import small_m_linear, supports
+    has_gidx = bufs["g_idx"] is not None
+    for name in _small_m_order(small_m_path(), x.shape[0]):
+        if name == "gemv":
+            from .triton_gemv import supports, wq_gemv
 
-        if supports(meta, bufs["g_idx"] is not None, m) is None:
-            return small_m_linear(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["bias"])
-    if path == "gemv" and m == 1:
-        from .triton_gemv import supports, wq_gemv
+            if supports(meta, has_gidx, 1) is None:
+                return wq_gemv(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["bias"])
+        else:
+            from .triton_small import small_m_linear
+            from .triton_small import supports as small_supports
 
-        if supports(meta, bufs["g_idx"] is not None, 1) is None:
-            return wq_gemv(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["bias"])
-
+            if small_supports(meta, has_gidx, x.shape[0]) is None:
+                return small_m_linear(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["bias"])
     return wq_linear(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["g_idx"], bufs["bias"])
 
 

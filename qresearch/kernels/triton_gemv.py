@@ -9,8 +9,8 @@ over K happens after the loop. With BLOCK_K = BLOCK_KW * PER dividing the group 
     sum_k x_k s_n (q_nk - z_n) = s_n (sum_k x_k q_nk - z_n sum_k x_k)
 so scales and zeros are one [BLOCK_N, 1] column per tile. SPLIT_K > 1 adds fp32 partial sums with atomics.
 
-Not the default decode path yet (unmeasured on a GPU): QRESEARCH_TRITON_GEMV=1 routes one-token calls of eligible
-layers here (kernels/dispatch.py); the GPU suite times both paths side by side.
+The default for one-token calls (QRESEARCH_SMALL_M=auto, kernels/dispatch.py): on an H100 it beat the split-K
+tiles and triton_small's wide GEMV at two of the three Llama-2-7B shapes (results/tune_small_m_*.md).
 """
 from __future__ import annotations
 
