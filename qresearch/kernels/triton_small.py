@@ -9,9 +9,10 @@ activations at k = PER * word + i (PER = 32 / BITS). Codes become floats without
 
 gemv_wide_kernel (M = 1, FMA): a program holds [BLOCK_N, NG, WPG] words: NG sub-chunks of SUB = WPG * PER codes
   along K, each inside one group, so a tile may span several groups (wide rows: more bytes in flight per load)
-  and its scales / zeros are one [BLOCK_N, NG, 1] load:
+  and its scales / zeros are one [BLOCK_N, NG] load:
       sum_k x_k s (q_k - z) = s (sum_k x_k q_k - z sum_k x_k)   per (row, sub-chunk)
-  fp32 partial sums stay per element; one reduction over K after the loop. SPLIT_K > 1 adds atomics.
+  per step the fp32 partial sums are reduced over the sub-chunk's words into a [BLOCK_N, NG] accumulator (an
+  accumulator per element needed ~250 registers); one reduction over NG at the end. SPLIT_K > 1 adds atomics.
 skinny_dot_kernel (2 <= M <= 16, tensor cores): per step one group slice of SUB codes; for each code position i
   a tl.dot of x[:, PER * w + i] [16, WPG] with (q - z)[n, w] in fp16 [WPG, BLOCK_N], then one scale per row:
       acc[m, n] += s_n * sum_k x_mk (q_nk - z_n)
@@ -169,7 +170,7 @@ def skinny_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride
         tl.atomic_add(y_ptrs, acc, mask=ymask)
 
 
-# (BLOCK_N, NG, SPLIT_K, warps, XPERM) for the GEMV; SUB = the largest of 128 / 64 ... that lies in one group
+# (BLOCK_N, NG, SPLIT_K, warps, XPERM) for the GEMV; SUB = 128 codes, halved until it lies in one group
 _WIDE_TILES = [(32, 4, 1, 4), (32, 4, 2, 4), (64, 2, 1, 4), (64, 2, 2, 4), (64, 4, 2, 8), (16, 8, 1, 4),
                (128, 1, 2, 4), (128, 2, 1, 8), (32, 8, 1, 8), (64, 1, 4, 4), (32, 2, 4, 4), (16, 4, 4, 4)]
 WIDE_CONFIGS = [(*t, xperm) for xperm in (0, 1) for t in _WIDE_TILES]
