@@ -54,3 +54,15 @@ def test_spills_are_detected():
     job = _job(aot.wq_jobs("wq_prefill", ["w4 asym"]), BLOCK_M=64, BLOCK_N=64, BLOCK_K=128)
     r = aot.compile_job(job, 80, maxnreg=64)
     assert r["regs"] <= 64 and r["stack_bytes"] > 0, r
+
+
+def test_small_m_kernels_compile_for_sm90():
+    """triton_small: the default M = 2..16 kernel's tuned pick on the H100 (BN=64 SK=8 XPERM) lowers to tensor-core
+    MMAs without spills; the wide GEMV's largest tile keeps its per-step reduction under the register cap."""
+    jobs = aot.small_jobs(["w4 asym"])
+    dot = _job([j for j in jobs if j.kernel == "small_dot"], BLOCK_N=64, SPLIT_K=8, XPERM=True)
+    r = aot.compile_job(dot, 90)
+    assert r["tensor_cores"] == "mma.sync" and r["stack_bytes"] == 0 and r["fits_smem"], r
+    wide = _job([j for j in jobs if j.kernel == "small_wide"], BLOCK_N=32, NG=8, SPLIT_K=1, XPERM=True)
+    r = aot.compile_job(wide, 90)
+    assert r["tensor_cores"] == "none" and r["stack_bytes"] == 0 and r["regs"] < 255, r
