@@ -96,7 +96,7 @@ def config_table(shape: str, device, dtype) -> list[dict]:
         for m in (1, 16):
             x = torch.randn(m, in_f, generator=gen).to(device, dtype)
             S.small_m_linear(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], None)  # tunes
-            key = ("wide" if m == 1 else "dot", out_f, in_f, meta.group, bits, sym, dtype, m > 1)  # S._tune's key
+            key = S.tune_key("wide" if m == 1 else "dot", meta, x)
             t = truth(x, meta, bufs)
             errs = {}
             for cfg in S.configs(key[0], meta):

@@ -24,6 +24,18 @@ from .triton_wq import _codes
 
 
 @triton.jit
+def _store_row(y, y_ptr, b_ptr, offs_n, nmask, pid_k, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Write a GEMV's fp32 row y [BLOCK_N] (+ bias, added by the first K slice only): stored in y's dtype, or
+    added with atomics into a zeroed fp32 buffer when SPLIT_K > 1."""
+    if HAS_BIAS:
+        y += tl.where(pid_k == 0, 1.0, 0.0) * tl.load(b_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    if SPLIT_K == 1:
+        tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=nmask)
+    else:
+        tl.atomic_add(y_ptr + offs_n, y, mask=nmask)
+
+
+@triton.jit
 def wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, stride_qw, stride_s, stride_z,
                    GROUP: tl.constexpr, BITS: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr):
@@ -59,12 +71,7 @@ def wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, stride_qw, s
             z = _codes(z_ptr, grp, offs_n[:, None], stride_z, nmask[:, None], BITS).to(tl.float32)  # [BLOCK_N, 1]
             acc += s * (part - z * xsum)
     y = tl.sum(acc, axis=1)  # [BLOCK_N]
-    if HAS_BIAS:
-        y += tl.where(pid_k == 0, 1.0, 0.0) * tl.load(b_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
-    if SPLIT_K == 1:
-        tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=nmask)
-    else:
-        tl.atomic_add(y_ptr + offs_n, y, mask=nmask)
+    _store_row(y, y_ptr, b_ptr, offs_n, nmask, pid_k, HAS_BIAS, SPLIT_K)
 
 
 def _cfg(bn, bkw_codes, sk, warps):

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_gemv import _store_row
 from .triton_wq import _codes
 
 F32_MAGIC = tl.constexpr(0x4B000000)  # float32 bits of 2^23
@@ -101,12 +102,7 @@ def gemv_wide_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, stride_xp,
         acc += s * (tl.sum(part, axis=2) - z * tl.sum(xsum, axis=2))
     y = tl.sum(acc, axis=1)  # [BLOCK_N]
     nmask = offs_n < N
-    if HAS_BIAS:
-        y += tl.where(pid_k == 0, 1.0, 0.0) * tl.load(b_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
-    if SPLIT_K == 1:
-        tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=nmask)
-    else:
-        tl.atomic_add(y_ptr + offs_n, y, mask=nmask)
+    _store_row(y, y_ptr, b_ptr, offs_n, nmask, pid_k, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -264,10 +260,15 @@ def label(cfg: tuple, kernel: str) -> str:
     return " ".join(f"{n}={v}" for n, v in zip(names, cfg))
 
 
+def tune_key(kernel: str, meta, x: torch.Tensor) -> tuple:
+    """What a tuned config is kept under in TUNED."""
+    return kernel, meta.out_features, meta.in_features, meta.group, meta.bits, meta.sym, x.dtype, x.shape[0] > 1
+
+
 def _tune(kernel: str, x, meta, run) -> tuple:
     """Fastest config for this layer shape: every config timed once as a whole call (output allocation and cast
     included; triton.testing.do_bench: L2 cleared per call, median) and the times kept in TUNED."""
-    key = (kernel, meta.out_features, meta.in_features, meta.group, meta.bits, meta.sym, x.dtype, x.shape[0] > 1)
+    key = tune_key(kernel, meta, x)
     if key not in TUNED:
         times = {}
         for cfg in configs(kernel, meta):
