@@ -34,7 +34,7 @@ from experiments.gpusuite import env as suite_env  # noqa: E402
 from experiments.gpusuite import lib  # noqa: E402
 
 PATHS = {1: ("gemv", "small", "splitk"), 16: ("small", "splitk")}
-FLOOR_TILES = [(b, it, w) for b in (1024, 4096) for it in (1, 4, 16) for w in (4, 8)]
+FLOOR_TILES = [(b, it, w) for b in (1024, 2048, 4096, 8192) for it in (1, 2, 4) for w in (4, 8, 16)]
 CALLS = 20
 
 
@@ -82,8 +82,9 @@ def _device_us(evt) -> float:
     return float("nan")
 
 
-def kernels_of(fn, device, flush) -> list[dict]:
-    """Every CUDA kernel of CALLS calls of fn (warm), flush excluded: name, count and mean us per call."""
+def kernels_of(fn, device, flush, skip=frozenset()) -> list[dict]:
+    """Every CUDA kernel of CALLS calls of fn (warm), kernels named in `skip` (the flush's) excluded: name, count
+    and mean us per call."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(3):
@@ -98,16 +99,17 @@ def kernels_of(fn, device, flush) -> list[dict]:
     rows = []
     for e in prof.key_averages():
         us = _device_us(e)
-        if not us or us != us or "BitwiseNot" in e.key or getattr(e, "device_type", None) is None:
+        if not us or us != us or e.key in skip or getattr(e, "device_type", None) is None:
             continue
         if str(e.device_type) not in ("DeviceType.CUDA", "cuda", "CUDA"):
             continue
-        rows.append({"kernel": e.key[:90], "per_call": e.count / CALLS, "us_per_call": us / CALLS})
+        rows.append({"kernel": e.key.replace("void at::native::", "")[:90], "key": e.key, "per_call": e.count / CALLS, "us_per_call": us / CALLS})
     return sorted(rows, key=lambda r: -r["us_per_call"])
 
 
 def profile_rows(shape: str, device, dtype, flush, floor: dict | None) -> list[dict]:
     out_f, in_f = map(int, shape.split("x"))
+    skip = frozenset(k["key"] for k in kernels_of(lambda: None, device, flush))  # the flush's own kernels
     w = (torch.randn(out_f, in_f, device=device) * 0.02).to(dtype)
     mod = bk.build("w4a16_g128", out_f, in_f, device, dtype)
     rows = []
@@ -116,11 +118,11 @@ def profile_rows(shape: str, device, dtype, flush, floor: dict | None) -> list[d
         cands = [("fp16", lambda: torch.matmul(x, w.t()), None)] + [(p, lambda: mod(x), p) for p in paths]
         for name, fn, path in cands:
             if path is None:
-                ks = kernels_of(fn, device, flush)
+                ks = kernels_of(fn, device, flush, skip)
                 graph = bk.time_call(fn, device, 30, 3, flush, True)
             else:
                 with lib.small_m_path(path):
-                    ks = kernels_of(fn, device, flush)
+                    ks = kernels_of(fn, device, flush, skip)
                     graph = bk.time_call(fn, device, 30, 3, flush, True)
             total = sum(k["us_per_call"] for k in ks)
             main = ks[0] if ks else {"us_per_call": float("nan")}
@@ -173,6 +175,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "results"))
     ap.add_argument("--budget-s", type=float, default=300.0)
     ap.add_argument("--shapes", nargs="+", default=["4096x11008", "11008x4096", "4096x4096"])
+    ap.add_argument("--sections", nargs="+", default=["floor", "profile"], choices=["floor", "profile"])
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_small_m needs CUDA")
@@ -207,10 +210,12 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         floor = None
         try:
-            floor = floor_rows(shape, device, flush, copy_bw)
-            state["floor"].append(floor)
-            save()
-            state["profile"] += profile_rows(shape, device, dtype, flush, floor)
+            if "floor" in args.sections:
+                floor = floor_rows(shape, device, flush, copy_bw)
+                state["floor"].append(floor)
+                save()
+            if "profile" in args.sections:
+                state["profile"] += profile_rows(shape, device, dtype, flush, floor)
         except Exception as exc:  # noqa: BLE001 - recorded; the next shape still runs
             state["errors"].append(f"{shape}: {type(exc).__name__}: {exc}"[:600])
         print(f"{shape}: {time.perf_counter() - t:.1f} s", flush=True)
