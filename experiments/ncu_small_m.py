@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments import bench_kernels as bk  # noqa: E402
 from experiments.gpusuite import lib  # noqa: E402
-from experiments.profile_small_m import read_kernel  # noqa: E402
+from experiments.gpusuite.floor import read_words  # noqa: E402
 
 dev = torch.device("cuda")
 shape = sys.argv[1] if len(sys.argv) > 1 else "4096x11008"
@@ -20,18 +20,17 @@ out_f, in_f = map(int, shape.split("x"))
 mod = bk.build("w4a16_g128", out_f, in_f, dev, torch.float16)
 x = torch.randn(1, in_f, device=dev, dtype=torch.float16)
 words = torch.randint(-2**31, 2**31 - 1, (out_f * in_f // 8,), dtype=torch.int32, device=dev)
-out = torch.empty(words.numel() // 4096 + 1, dtype=torch.int32, device=dev)
 paths = ("gemv", "small")
 for p in paths:
     with lib.small_m_path(p):
         mod(x)
-read_kernel[(out.numel() - 1,)](words, out, words.numel(), BLOCK=1024, ITERS=4, num_warps=8)
+read_words(words, 1024, 4, 8)
 torch.cuda.synchronize()
 torch.cuda.nvtx.range_push("prof")
 for p in paths:
     with lib.small_m_path(p):
         mod(x)
-read_kernel[(out.numel() - 1,)](words, out, words.numel(), BLOCK=1024, ITERS=4, num_warps=8)
+read_words(words, 1024, 4, 8)
 torch.cuda.synchronize()
 torch.cuda.nvtx.range_pop()
 print("done")

@@ -24,55 +24,17 @@ from pathlib import Path
 
 import torch
 import triton
-import triton.language as tl
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from experiments import bench_kernels as bk  # noqa: E402
 from experiments.gpusuite import env as suite_env  # noqa: E402
+from experiments.gpusuite.floor import floor_row  # noqa: E402
 from experiments.gpusuite import lib  # noqa: E402
 
 PATHS = {1: ("gemv", "small", "splitk"), 16: ("small", "splitk")}
-FLOOR_TILES = [(b, it, w) for b in (1024, 2048, 4096, 8192) for it in (1, 2, 4) for w in (4, 8, 16)]
 CALLS = 20
-
-
-@triton.jit
-def read_kernel(p, out, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
-    """out[pid] = xor of BLOCK * ITERS int32 words: reads every byte once, computes nothing else."""
-    base = tl.program_id(0) * BLOCK * ITERS
-    acc = tl.zeros((BLOCK,), tl.int32)
-    for i in tl.static_range(ITERS):
-        offs = base + i * BLOCK + tl.arange(0, BLOCK)
-        acc ^= tl.load(p + offs, mask=offs < n, other=0)
-    tl.store(out + tl.program_id(0), tl.xor_sum(acc, 0))
-
-
-def read_floor(words: torch.Tensor, device, flush) -> dict:
-    """Best CUDA-graph time of read_kernel over `words` (int32, flat) across FLOOR_TILES."""
-    n = words.numel()
-    best = None
-    for blk, it, w in FLOOR_TILES:
-        grid = (triton.cdiv(n, blk * it),)
-        out = torch.empty(grid[0], dtype=torch.int32, device=device)
-        fn = lambda: read_kernel[grid](words, out, n, BLOCK=blk, ITERS=it, num_warps=w)  # noqa: E731
-        t = bk.time_call(fn, device, 30, 3, flush, True)
-        s = t["graph_s"] or t["eager_s"]
-        if best is None or s < best["s"]:
-            best = {"s": s, "tile": f"BLOCK={blk} ITERS={it} warps={w}", "bytes": n * 4}
-    best["gbs"] = best["bytes"] / best["s"] / 1e9
-    return best
-
-
-def floor_rows(shape: str, device, flush, copy_bw: float) -> dict:
-    out_f, in_f = map(int, shape.split("x"))
-    w4 = torch.randint(-2**31, 2**31 - 1, (out_f * in_f // 8,), dtype=torch.int32, device=device)
-    f16 = torch.randint(-2**31, 2**31 - 1, (out_f * in_f // 2,), dtype=torch.int32, device=device)
-    a, b = read_floor(w4, device, flush), read_floor(f16, device, flush)
-    return {"shape": shape, "w4_us": a["s"] * 1e6, "w4_gbs": a["gbs"], "w4_tile": a["tile"],
-            "fp16_us": b["s"] * 1e6, "fp16_gbs": b["gbs"], "fp16_tile": b["tile"], "ratio": b["s"] / a["s"],
-            "w4_frac_copy": a["gbs"] * 1e9 / copy_bw, "fp16_frac_copy": b["gbs"] * 1e9 / copy_bw}
 
 
 def _device_us(evt) -> float:
@@ -211,7 +173,7 @@ def main(argv=None) -> int:
         floor = None
         try:
             if "floor" in args.sections:
-                floor = floor_rows(shape, device, flush, copy_bw)
+                floor = floor_row(shape, device, flush, copy_bw)
                 state["floor"].append(floor)
                 save()
             if "profile" in args.sections:

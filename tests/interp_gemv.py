@@ -90,3 +90,18 @@ def test_unknown_small_m_path_is_refused(monkeypatch):
     monkeypatch.setenv("QRESEARCH_SMALL_M", "fastest")
     with pytest.raises(ValueError, match="QRESEARCH_SMALL_M='fastest' is unknown; allowed: auto, small, gemv, splitk"):
         dispatch.small_m_path()
+
+
+@pytest.mark.parametrize("n,block,iters", [(5000, 1024, 2), (4096, 1024, 4), (33, 16, 1)])
+def test_read_floor_kernel_reads_every_word_once(n, block, iters):
+    """The suite's read floor (experiments/gpusuite/floor.py) xors each program's words: a word skipped or read
+    twice changes the result (random words, masked tail)."""
+    import numpy as np
+
+    from experiments.gpusuite.floor import read_words
+
+    w = torch.randint(-2**31, 2**31 - 1, (n,), dtype=torch.int32, generator=torch.Generator().manual_seed(n))
+    got = read_words(w, block, iters).numpy()
+    step = block * iters
+    want = [np.bitwise_xor.reduce(w.numpy()[i:i + step]) for i in range(0, n, step)]
+    assert got.tolist() == [int(v) for v in want]

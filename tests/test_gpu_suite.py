@@ -173,6 +173,13 @@ def test_goals_table_met_missed_not_measured():
     assert goals(state)[4]["status"] == "NOT MEASURED" and "capture" in goals(state)[4]["note"]
     e2e[1]["graph_decode"] = {"1": {"ms_per_step": 1.25, "tokens_per_s": 800.0, "graph": True}}
     assert goals(state)[4]["status"] == "MET" and goals(state)[4]["reached"] == "3.20x"
+    state["sections"]["kernels"]["floor"] = [{"shape": "4096x11008", "w4_us": 16.0, "w4_gbs": 1400.0,
+                                              "fp16_us": 46.2, "fp16_gbs": 1950.0, "ratio": 2.89}]
+    notes = [g["note"] for g in goals(state)]
+    assert "read floor 16.0 us" in notes[0] and "2.89x" in notes[1] and "read floor" not in notes[2]
+    from experiments.gpusuite.report import _kernels
+
+    assert "| 4096x11008 | 16.0 | 1400 | 46.2 | 1950 | 2.89x |" in "\n".join(_kernels(state["sections"]["kernels"]))
 
 
 def test_markdown_renders_partial_and_failed_states():

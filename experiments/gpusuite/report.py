@@ -35,6 +35,10 @@ def goals(state: dict) -> list[dict]:
             others = [f"{o['shape']} {o['speedup']:.2f}x" for o in rows if o["variant"] == variant and o["M"] == m
                       and o["shape"] != shape]
             note = "other shapes: " + ", ".join(others) if others else note
+        fl = [f for f in state["sections"].get("kernels", {}).get("floor", []) if f["shape"] == shape]
+        if fl and variant.startswith("w4"):
+            note = (f"{note}; read floor {fl[0]['w4_us']:.1f} us (W4 codes) vs {fl[0]['fp16_us']:.1f} us (fp16 "
+                    f"weight): {fl[0]['ratio']:.2f}x before fixed per-call costs")
         if r is not None:
             note = f"{note}; kernel {r['kernel']}".strip("; ")
         out.append(_goal(label, target, r["speedup"] if r else None, bool(r and r["kernel"].startswith("triton_")),
@@ -114,8 +118,16 @@ def _kernels(sec: dict) -> list[str]:
              f"{r['speedup']:.2f}x", f"{r['eager_speedup']:.2f}x", f"{r['bw_frac']:.2f}", f"{r['fp16_bw_frac']:.2f}",
              f"{r['limit']:.2f}x", _f(r.get("ref_rel_err"), ".1e"),
              r["timing"] + (f" ({r['graph_error']})" if r.get("graph_error") else "")] for r in sec.get("rows", [])]
-    return lines + _table(["shape (out x in)", "M", "variant", "kernel", "fp16 ms", "quant ms", "speedup",
-                           "eager speedup", "bw / copy", "fp16 bw / copy", "limit", "ref err", "timing"], body)
+    lines += _table(["shape (out x in)", "M", "variant", "kernel", "fp16 ms", "quant ms", "speedup",
+                     "eager speedup", "bw / copy", "fp16 bw / copy", "limit", "ref err", "timing"], body)
+    if sec.get("floor"):
+        lines += ["", "Read floor: one Triton kernel that only reads the weight's bytes (xor-reduce; best of a few "
+                  "tiles; CUDA-graph replay, L2 flushed). No kernel that reads these bytes once can be faster; "
+                  "fp16 / W4 bounds the W4 speedup before the fixed cost of a call.", ""]
+        lines += _table(["shape", "W4 g128 codes us", "GB/s", "fp16 weight us", "GB/s", "fp16 / W4"],
+                        [[f["shape"], f"{f['w4_us']:.1f}", f"{f['w4_gbs']:.0f}", f"{f['fp16_us']:.1f}",
+                          f"{f['fp16_gbs']:.0f}", f"{f['ratio']:.2f}x"] for f in sec["floor"]])
+    return lines
 
 
 E2E_HEADER = ["model", "variant", "layers x hidden dtype", "kernels", "prefill ms (tokens)", "decode tok/s",
