@@ -105,3 +105,17 @@ def test_read_floor_kernel_reads_every_word_once(n, block, iters):
     step = block * iters
     want = [np.bitwise_xor.reduce(w.numpy()[i:i + step]) for i in range(0, n, step)]
     assert got.tolist() == [int(v) for v in want]
+
+
+def test_gemv_split_k_repeats_exactly_and_leaves_counters_zeroed():
+    """Split-K reduced by the last slice (triton_splitk): bit-identical repeats, one bias, counters back at 0."""
+    from qresearch.kernels import triton_splitk as SK
+
+    res = rtn_layer(45, 512, 4, 128, False, seed=3)
+    meta, qw, s, qz, gi = packed_args(res)
+    x, b = torch.randn(1, 512), torch.randn(45)
+    cfg = {"BLOCK_N": 16, "BLOCK_K_CODES": 64, "SPLIT_K": 4}
+    y1 = G.wq_gemv(x, meta, qw, s, qz, b, cfg)
+    assert torch.equal(y1, G.wq_gemv(x, meta, qw, s, qz, b, cfg))
+    assert rel_err(y1, ref.wa16_ref(x, meta, qw, s, qz, gi, b)) < TOL[torch.float32]
+    assert int(SK.counters(x.device, 1).abs().sum()) == 0

@@ -78,3 +78,22 @@ def test_refuses_what_it_does_not_handle():
     with pytest.raises(ValueError, match="16 words"):
         S.small_m_linear(torch.randn(2, 256), meta, *packed_args(rtn_layer(16, 256, 2, 128, False, seed=1))[1:4],
                          None, (16, 1, 4, 2, 0))
+
+
+@pytest.mark.parametrize("m,cfg", [(1, (16, 2, 3, 4, 0)), (5, (16, 3, 4, 2, 0))])
+def test_split_k_is_one_kernel_deterministic_and_leaves_counters_zeroed(m, cfg):
+    """Split-K (triton_splitk): the last K slice of each tile sums the partials in slice order, so a repeat gives the
+    same bits; the bias is added once; the arrival counters are 0 again after the call (a counter left behind would
+    stop the next call's reduction and leave y unwritten)."""
+    from qresearch.kernels import triton_splitk as SK
+
+    res = rtn_layer(37, 640, 4, 128, False, seed=11)
+    meta, qw, s, qz, gi = packed_args(res)
+    x, b = torch.randn(m, 640), torch.randn(37)
+    y1 = S.small_m_linear(x, meta, qw, s, qz, b, cfg)
+    y2 = S.small_m_linear(x, meta, qw, s, qz, b, cfg)
+    assert torch.equal(y1, y2)
+    assert rel_err(y1, ref.wa16_ref(x, meta, qw, s, qz, gi, b)) < TOL[torch.float32]
+    assert int(SK.counters(x.device, 1).abs().sum()) == 0
+    y0 = S.small_m_linear(x, meta, qw, s, qz, b, (cfg[0], *cfg[1:2], 1, *cfg[3:]) if m == 1 else (cfg[0], 1, *cfg[2:]))
+    assert rel_err(y1, y0) < 1e-6  # one slice vs three / four: the same sums, other rounding

@@ -66,3 +66,19 @@ def test_small_m_kernels_compile_for_sm90():
     wide = _job([j for j in jobs if j.kernel == "small_wide"], BLOCK_N=32, NG=8, SPLIT_K=1, XPERM=True)
     r = aot.compile_job(wide, 90)
     assert r["tensor_cores"] == "none" and r["stack_bytes"] == 0 and r["regs"] < 255, r
+
+
+def test_split_k_reduction_synchronises_on_sm90():
+    """One-kernel split-K (triton_splitk): a CTA barrier before one gpu-scope acq_rel atomic (the arrival count),
+    L2-only loads of the partials and an atomic reset; SPLIT_K = 1 has no atomics. The GEMV and the skinny dot."""
+    gemv = aot.gemv_jobs(["w4 asym"])
+    for sk in (1, 8):
+        r = aot.compile_job(_job(gemv, BLOCK_N=32, SPLIT_K=sk), 90)
+        if sk == 1:
+            assert r["atomics"] == [] and not r["ld_cg"], r
+        else:
+            assert r["atomics"] == ["atom.global.gpu.acq_rel.add.u32", "atom.global.gpu.acq_rel.exch.b32"], r
+            assert r["barrier"] and r["ld_cg"] and r["stack_bytes"] == 0, r
+    dot = _job([j for j in aot.small_jobs(["w4 asym"]) if j.kernel == "small_dot"], BLOCK_N=64, SPLIT_K=8, XPERM=True)
+    r = aot.compile_job(dot, 90)
+    assert "atom.global.gpu.acq_rel.add.u32" in r["atomics"] and r["barrier"] and r["ld_cg"], r

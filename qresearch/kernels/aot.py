@@ -61,7 +61,7 @@ def gemv_jobs(variants: list[str]) -> list[Job]:
     from qresearch.kernels import triton_gemv as k
 
     ptrs = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*i32", "b_ptr": "*fp16",
-            "y_ptr": "*fp32"}
+            "y_ptr": "*fp16", "p_ptr": "*fp32", "cnt_ptr": "*i32"}  # split-K: fp32 partials, arrival counters
     ints = ["N", "K", "stride_qw", "stride_s", "stride_z"]
     jobs = []
     for v in variants:
@@ -83,7 +83,7 @@ def small_jobs(variants: list[str]) -> list[Job]:
     from qresearch.quant.packing import PackedMeta
 
     ptrs = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*i32", "b_ptr": "*fp16",
-            "y_ptr": "*fp16"}
+            "y_ptr": "*fp16", "p_ptr": "*fp32", "cnt_ptr": "*i32"}
     jobs = []
     for v in variants:
         bits, sym, gidx = WQ_VARIANTS[v]
@@ -100,8 +100,7 @@ def small_jobs(variants: list[str]) -> list[Job]:
                 ints = ["N", "K", "stride_xp", "stride_qw", "stride_s", "stride_z"] if kernel == "wide" else \
                     ["M", "N", "K", "stride_xi", "stride_xm", "stride_qw", "stride_s", "stride_z", "stride_ym"]
                 x_t = "*fp32" if kernel == "wide" and a["XPERM"] else "*fp16"
-                sig = {**ptrs, "x_ptr": x_t, "y_ptr": "*fp32" if a["SPLIT_K"] > 1 else "*fp16",
-                       **{n: "i32" for n in ints},
+                sig = {**ptrs, "x_ptr": x_t, **{n: "i32" for n in ints},
                        **{n: "constexpr" for n in const}}
                 fn = k.gemv_wide_kernel if kernel == "wide" else k.skinny_dot_kernel
                 jobs.append(Job(f"small_{kernel}", v, fn, sig, const, warps, stages))
@@ -161,6 +160,12 @@ def tensor_core_op(ptx: str) -> str:
     return "none"
 
 
+def sync_ops(ptx: str) -> dict:
+    """The synchronisation a split-K reduction needs, as the PTX spells it: atomics, CTA barriers, L2-only loads."""
+    return {"atomics": sorted(set(re.findall(r"\batom\.[\w.]+", ptx))),
+            "barrier": bool(re.search(r"\bbar(rier)?\.sync\b", ptx)), "ld_cg": "ld.global.cg" in ptx}
+
+
 def compile_job(job: Job, arch: int, maxnreg: int | None = None) -> dict:
     """Compile `job` for sm_<arch>; `maxnreg` caps registers per thread (to see spills appear)."""
     import triton
@@ -176,4 +181,4 @@ def compile_job(job: Job, arch: int, maxnreg: int | None = None) -> dict:
     return {"kernel": job.kernel, "variant": job.variant, "config": job.config(), "arch": f"sm_{arch}",
             "regs": res["reg"], "stack_bytes": res["stack"], "shared_bytes": shared,
             "fits_smem": shared <= SMEM_LIMIT[arch], "tensor_cores": tensor_core_op(k.asm["ptx"]),
-            "compile_s": round(time.perf_counter() - t0, 2)}
+            **sync_ops(k.asm["ptx"]), "compile_s": round(time.perf_counter() - t0, 2)}

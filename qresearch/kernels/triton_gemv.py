@@ -7,7 +7,8 @@ row) and never reshapes: code i of every word is `(word >> i * BITS) & mask`, mu
 (x is a few KiB and stays in L1). Partial sums stay in a [BLOCK_N, BLOCK_KW] fp32 accumulator; the one reduction
 over K happens after the loop. With BLOCK_K = BLOCK_KW * PER dividing the group size, a tile lies in one group:
     sum_k x_k s_n (q_nk - z_n) = s_n (sum_k x_k q_nk - z_n sum_k x_k)
-so scales and zeros are one [BLOCK_N, 1] column per tile. SPLIT_K > 1 adds fp32 partial sums with atomics.
+so scales and zeros are one [BLOCK_N, 1] column per tile. SPLIT_K > 1: the last K slice of a row block sums the
+fp32 partials (triton_splitk: one kernel per call, no memset or cast).
 
 The default for one-token calls (QRESEARCH_SMALL_M=auto, kernels/dispatch.py): on an H100 it beat the split-K
 tiles and triton_small's wide GEMV at two of the three Llama-2-7B shapes (results/tune_small_m_*.md).
@@ -20,26 +21,15 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_splitk import counters, finish_tile, workspace
 from .triton_wq import _codes
 
 
 @triton.jit
-def _store_row(y, y_ptr, b_ptr, offs_n, nmask, pid_k, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
-    """Write a GEMV's fp32 row y [BLOCK_N] (+ bias, added by the first K slice only): stored in y's dtype, or
-    added with atomics into a zeroed fp32 buffer when SPLIT_K > 1."""
-    if HAS_BIAS:
-        y += tl.where(pid_k == 0, 1.0, 0.0) * tl.load(b_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
-    if SPLIT_K == 1:
-        tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=nmask)
-    else:
-        tl.atomic_add(y_ptr + offs_n, y, mask=nmask)
-
-
-@triton.jit
-def wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, stride_qw, stride_s, stride_z,
+def wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, N, K, stride_qw, stride_s, stride_z,
                    GROUP: tl.constexpr, BITS: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr):
-    """y[N] (+)= deq(W)[N, K] @ x[K]; SPLIT_K > 1: y is a zeroed fp32 buffer updated with atomics."""
+    """y[N] = deq(W)[N, K] @ x[K] (+ bias); SPLIT_K > 1: K slices reduced by the last one (triton_splitk)."""
     PER: tl.constexpr = 32 // BITS
     BLOCK_K: tl.constexpr = BLOCK_KW * PER
     pid_n = tl.program_id(0)
@@ -71,7 +61,8 @@ def wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, stride_qw, s
             z = _codes(z_ptr, grp, offs_n[:, None], stride_z, nmask[:, None], BITS).to(tl.float32)  # [BLOCK_N, 1]
             acc += s * (part - z * xsum)
     y = tl.sum(acc, axis=1)  # [BLOCK_N]
-    _store_row(y, y_ptr, b_ptr, offs_n, nmask, pid_k, HAS_BIAS, SPLIT_K)
+    finish_tile(y[None, :], y_ptr, N, p_ptr, cnt_ptr, b_ptr, tl.arange(0, 1), offs_n, 1, N, pid_n, pid_k, SPLIT_K,
+                HAS_BIAS)
 
 
 def _cfg(bn, bkw_codes, sk, warps):
@@ -103,14 +94,19 @@ def _block_kw(block_k: int, bits: int, group: int, k: int) -> int | None:
     return block_k * bits // 32
 
 
-def _launch(x, meta, qweight, scales, qzeros, bias, y, cfg: dict, warps: int = 4) -> None:
+def _launch(x, meta, qweight, scales, qzeros, bias, cfg: dict, warps: int = 4) -> torch.Tensor:
+    """One call: y [1, N] in x's dtype, written by the kernel alone (no memset or cast kernels)."""
     bkw = _block_kw(cfg["BLOCK_K_CODES"], meta.bits, meta.group, meta.in_features)
-    grid = (triton.cdiv(meta.out_features, cfg["BLOCK_N"]), cfg["SPLIT_K"])
+    n, split = meta.out_features, cfg["SPLIT_K"]
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
+    y = torch.empty(1, n, device=x.device, dtype=x.dtype)
+    p, cnt = (workspace(split, 1, n, x.device), counters(x.device, grid[0])) if split > 1 else (y, y)
     z = qzeros if qzeros is not None else qweight
-    wq_gemv_kernel[grid](x, qweight, scales, z, bias if bias is not None else scales, y, meta.out_features,
+    wq_gemv_kernel[grid](x, qweight, scales, z, bias if bias is not None else scales, y, p, cnt, n,
                          meta.in_features, qweight.stride(0), scales.stride(0), z.stride(0), GROUP=meta.group,
                          BITS=meta.bits, SYM=meta.sym or qzeros is None, HAS_BIAS=bias is not None,
-                         BLOCK_N=cfg["BLOCK_N"], BLOCK_KW=bkw, SPLIT_K=cfg["SPLIT_K"], num_warps=warps)
+                         BLOCK_N=cfg["BLOCK_N"], BLOCK_KW=bkw, SPLIT_K=split, num_warps=warps)
+    return y
 
 
 _BEST: dict[tuple, tuple[dict, int]] = {}
@@ -125,9 +121,8 @@ def _tune(x, meta, qweight, scales, qzeros, bias) -> tuple[dict, int]:
             cfg = dict(c.kwargs)
             if _block_kw(cfg["BLOCK_K_CODES"], meta.bits, meta.group, meta.in_features) is None:
                 continue
-            y = torch.zeros(meta.out_features, device=x.device, dtype=torch.float32)
-            ms = triton.testing.do_bench(lambda y=y, cfg=cfg, w=c.num_warps: _launch(
-                x, meta, qweight, scales, qzeros, bias, y.zero_(), cfg, w), warmup=5, rep=20)  # ms, median
+            ms = triton.testing.do_bench(lambda cfg=cfg, w=c.num_warps: _launch(
+                x, meta, qweight, scales, qzeros, bias, cfg, w), warmup=5, rep=20)  # ms, median
             if best is None or ms < best[0]:
                 best = (ms, cfg, c.num_warps)
         if best is None:
@@ -148,6 +143,4 @@ def wq_gemv(x, meta, qweight, scales, qzeros, bias, block: dict | None = None) -
     cfg, warps = (block, 4) if block is not None else _tune(x, meta, qweight, scales, qzeros, bias)
     if _block_kw(cfg["BLOCK_K_CODES"], meta.bits, meta.group, meta.in_features) is None:
         raise ValueError(f"BLOCK_K_CODES={cfg['BLOCK_K_CODES']} straddles group={meta.group}")
-    y = torch.zeros(1, meta.out_features, device=x.device, dtype=torch.float32)
-    _launch(x, meta, qweight, scales, qzeros, bias, y, cfg, warps)
-    return y.to(x.dtype)
+    return _launch(x, meta, qweight, scales, qzeros, bias, cfg, warps)

@@ -12,7 +12,8 @@ gemv_wide_kernel (M = 1, FMA): a program holds [BLOCK_N, NG, WPG] words: NG sub-
   and its scales / zeros are one [BLOCK_N, NG] load:
       sum_k x_k s (q_k - z) = s (sum_k x_k q_k - z sum_k x_k)   per (row, sub-chunk)
   per step the fp32 partial sums are reduced over the sub-chunk's words into a [BLOCK_N, NG] accumulator (an
-  accumulator per element needed ~250 registers); one reduction over NG at the end. SPLIT_K > 1 adds atomics.
+  accumulator per element needed ~250 registers); one reduction over NG at the end. SPLIT_K > 1: the last K
+  slice of a row block sums the fp32 partials (triton_splitk: one kernel per call, no memset or cast).
 skinny_dot_kernel (2 <= M <= 16, tensor cores): per step one group slice of SUB codes; for each code position i
   a tl.dot of x[:, PER * w + i] [16, WPG] with (q - z)[n, w] in fp16 [WPG, BLOCK_N], then one scale per row:
       acc[m, n] += s_n * sum_k x_mk (q_nk - z_n)
@@ -31,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_gemv import _store_row
+from .triton_splitk import counters, finish_tile, workspace
 from .triton_wq import _codes
 
 F32_MAGIC = tl.constexpr(0x4B000000)  # float32 bits of 2^23
@@ -50,11 +51,12 @@ def _qparams3(s_ptr, z_ptr, grp, n3, mask3, stride_s, stride_z, BITS: tl.constex
 
 
 @triton.jit
-def gemv_wide_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, stride_xp, stride_qw, stride_s, stride_z,
+def gemv_wide_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, N, K, stride_xp, stride_qw, stride_s,
+                     stride_z,
                      GROUP: tl.constexpr, BITS: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
                      BLOCK_N: tl.constexpr, NG: tl.constexpr, SUB: tl.constexpr, SPLIT_K: tl.constexpr,
                      EVEN_K: tl.constexpr, XPERM: tl.constexpr):
-    """y[N] (+)= deq(W)[N, K] @ x[K]; SPLIT_K > 1: y is a zeroed fp32 buffer updated with atomics.
+    """y[N] = deq(W)[N, K] @ x[K] (+ bias); SPLIT_K > 1: K slices reduced by the last one (triton_splitk).
 
     EVEN_K: K % (NG * SUB) == 0, no masks along K (vector loads). XPERM: x_ptr is x as fp32 [PER, K / PER]
     (row i = the codes at position i of every word, rows stride_xp apart), so each code position is one
@@ -101,16 +103,16 @@ def gemv_wide_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, stride_xp,
                          stride_s, stride_z, BITS, SYM)  # [BLOCK_N, NG]
         acc += s * (tl.sum(part, axis=2) - z * tl.sum(xsum, axis=2))
     y = tl.sum(acc, axis=1)  # [BLOCK_N]
-    nmask = offs_n < N
-    _store_row(y, y_ptr, b_ptr, offs_n, nmask, pid_k, HAS_BIAS, SPLIT_K)
+    finish_tile(y[None, :], y_ptr, N, p_ptr, cnt_ptr, b_ptr, tl.arange(0, 1), offs_n, 1, N, pid_n, pid_k, SPLIT_K,
+                HAS_BIAS)
 
 
 @triton.jit
-def skinny_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xi, stride_xm, stride_qw, stride_s,
-                      stride_z, stride_ym, GROUP: tl.constexpr, BITS: tl.constexpr, SYM: tl.constexpr,
+def skinny_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, M, N, K, stride_xi, stride_xm,
+                      stride_qw, stride_s, stride_z, stride_ym, GROUP: tl.constexpr, BITS: tl.constexpr, SYM: tl.constexpr,
                       HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr, SPLIT_K: tl.constexpr,
                       EVEN_K: tl.constexpr, XPERM: tl.constexpr):
-    """y[M, N] (+)= x[M, K] @ deq(W)[N, K]^T for M <= 16; SPLIT_K > 1: y is a zeroed fp32 buffer (atomics).
+    """y[M, N] = x[M, K] @ deq(W)[N, K]^T (+ bias) for M <= 16; SPLIT_K > 1: K slices reduced by the last one.
 
     EVEN_K: K % SUB == 0, no masks along K. XPERM: x_ptr is x [PER, M, K / PER] (x[m, PER * w + i] at
     [i, m, w]; stride_xi, stride_xm), so each code position is a contiguous tile; else x [M, K], stride PER.
@@ -155,15 +157,7 @@ def skinny_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride
             w = c.to(tl.float16, bitcast=True) - z16  # q - z, exact [BLOCK_N, WPG]
             part = tl.dot(xi, tl.trans(w.to(xi.dtype)), part)  # [16, BLOCK_N]
         acc += part * tl.trans(s)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
-        acc += tl.where(pid_k == 0, 1.0, 0.0) * bias[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    ymask = mmask[:, None] & nmask[None, :]
-    if SPLIT_K == 1:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
-    else:
-        tl.atomic_add(y_ptrs, acc, mask=ymask)
+    finish_tile(acc, y_ptr, stride_ym, p_ptr, cnt_ptr, b_ptr, offs_m, offs_n, M, N, pid_n, pid_k, SPLIT_K, HAS_BIAS)
 
 
 # (BLOCK_N, NG, SPLIT_K, warps, XPERM) for the GEMV; SUB = 128 codes, halved until it lies in one group
@@ -230,25 +224,25 @@ def permute_x(x: torch.Tensor, bits: int, dtype: torch.dtype | None = None) -> t
     return out.copy_(x.reshape(m, k // per, per).permute(2, 0, 1))
 
 
-def _launch_wide(x, meta, qweight, scales, qzeros, bias, y, cfg: tuple) -> None:
+def _launch_wide(x, meta, qweight, scales, qzeros, bias, y, p, cnt, cfg: tuple) -> None:
     a = _wide_args(meta, cfg)
     grid = (triton.cdiv(meta.out_features, a["BLOCK_N"]), a["SPLIT_K"])
     z = qzeros if qzeros is not None else qweight
     xk = permute_x(x, meta.bits, torch.float32)[:, 0] if a["XPERM"] else x  # fp32 [PER, K / PER]
-    gemv_wide_kernel[grid](xk, qweight, scales, z, bias if bias is not None else scales, y, meta.out_features,
+    gemv_wide_kernel[grid](xk, qweight, scales, z, bias if bias is not None else scales, y, p, cnt, meta.out_features,
                            meta.in_features, xk.stride(0), qweight.stride(0), scales.stride(0), z.stride(0),
                            GROUP=meta.group,
                            BITS=meta.bits, SYM=meta.sym or qzeros is None, HAS_BIAS=bias is not None, **a,
                            num_warps=cfg[3])
 
 
-def _launch_dot(x, meta, qweight, scales, qzeros, bias, y, cfg: tuple) -> None:
+def _launch_dot(x, meta, qweight, scales, qzeros, bias, y, p, cnt, cfg: tuple) -> None:
     a = _dot_args(meta, cfg)
     grid = (triton.cdiv(meta.out_features, a["BLOCK_N"]), a["SPLIT_K"])
     z = qzeros if qzeros is not None else qweight
     xk, sxi, sxm = (x, 0, x.stride(0)) if not a["XPERM"] else (lambda p: (p, p.stride(0), p.stride(1)))(
         permute_x(x, meta.bits))
-    skinny_dot_kernel[grid](xk, qweight, scales, z, bias if bias is not None else scales, y, x.shape[0],
+    skinny_dot_kernel[grid](xk, qweight, scales, z, bias if bias is not None else scales, y, p, cnt, x.shape[0],
                             meta.out_features, meta.in_features, sxi, sxm, qweight.stride(0), scales.stride(0),
                             z.stride(0), y.stride(0), GROUP=meta.group, BITS=meta.bits,
                             SYM=meta.sym or qzeros is None, HAS_BIAS=bias is not None, **a, num_warps=cfg[2],
@@ -304,12 +298,13 @@ def small_m_linear(x, meta, qweight, scales, qzeros, bias, block: tuple | None =
     launch = _launch_wide if kernel == "wide" else _launch_dot
 
     def run(cfg) -> torch.Tensor:
-        """One call: split-K programs add into a zeroed fp32 buffer (then cast); else y is written in x's dtype."""
-        split = cfg[2] if kernel == "wide" else cfg[1]
-        y = torch.zeros(m, meta.out_features, device=x.device, dtype=torch.float32) if split > 1 else \
-            torch.empty(m, meta.out_features, device=x.device, dtype=x.dtype)
-        launch(x, meta, qweight, scales, qzeros, bias, y, cfg)
-        return y.to(x.dtype)
+        """One call, one kernel: y in x's dtype (split-K partials in a workspace, reduced by the last slice)."""
+        split, n = (cfg[2] if kernel == "wide" else cfg[1]), meta.out_features
+        y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+        p, cnt = (workspace(split, m, n, x.device), counters(x.device, triton.cdiv(n, cfg[0]))) if split > 1 \
+            else (y, y)
+        launch(x, meta, qweight, scales, qzeros, bias, y, p, cnt, cfg)
+        return y
 
     if block is None and os.environ.get("TRITON_INTERPRET") == "1":
         block = _interp_block(kernel)
