@@ -16,7 +16,7 @@ from pathlib import Path
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # max dynamic shared memory per CTA (bytes), CUDA guide
 WQ_INTS = ["M", "N", "K", "stride_xm", "stride_qw", "stride_s", "stride_z", "stride_ym", "M_BUCKET"]
 WQ_PTRS = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*i32", "gidx_ptr": "*i32",
-           "b_ptr": "*fp16", "y_ptr": "*fp16"}
+           "b_ptr": "*fp16", "y_ptr": "*fp16", "p_ptr": "*fp32", "cnt_ptr": "*i32"}  # split-K partials, counters
 # weight variants compiled for the wq kernels: (label, BITS, SYM, HAS_GIDX)
 WQ_VARIANTS = {"w4 asym": (4, False, False), "w3 asym": (3, False, False), "w8 asym": (8, False, False),
                "w2 asym": (2, False, False), "w4 sym": (4, True, False), "w4 asym act-order": (4, False, True)}
@@ -50,8 +50,6 @@ def wq_jobs(kind: str, variants: list[str]) -> list[Job]:
         for c in configs:
             const = dict(GROUP=128, BITS=bits, SYM=sym, HAS_GIDX=gidx, HAS_BIAS=False, **c.kwargs)
             sig = {**WQ_PTRS, **{n: "i32" for n in WQ_INTS}, **{n: "constexpr" for n in const}}
-            if kind == "wq_decode":
-                sig["y_ptr"] = "*fp32"  # split-K accumulates into an fp32 buffer
             jobs.append(Job(kind, v, k.wq_matmul_kernel, sig, const, c.num_warps, c.num_stages))
     return jobs
 

@@ -2,8 +2,9 @@
 
 One kernel, two launch shapes:
   prefill  (M > 16): 2-D tiles over (M, N), tensor-core tl.dot, autotuned BLOCK_M/N/K;
-  decode   (M <= 16): split-K over a grid of (N blocks, K slices) with fp32 atomics, BLOCK_M = 1 (GEMV, no
-           tensor cores) or 16 (tl.dot on a padded tile), autotuned BLOCK_N/K and SPLIT_K.
+  decode   (M <= 16): split-K over a grid of (N blocks, K slices), the last slice of a tile reducing the fp32
+           partials (triton_splitk: one kernel per call), BLOCK_M = 1 (GEMV, no tensor cores) or 16 (tl.dot on a
+           padded tile), autotuned BLOCK_N/K and SPLIT_K.
 Weights are read in the int32_k layout (quant/packing.py) as whole words only: 32 codes fill exactly `bits` words.
 Contiguous groups that hold whole K tiles (GROUP % BLOCK_K == 0, e.g. g128 with BLOCK_K 64/128) load one row of
 scales/zeros per tile; act-order g_idx or smaller groups gather them per element. GROUP is a compile-time constant.
@@ -17,6 +18,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from .triton_splitk import counters, finish_tile, workspace
 
 
 @triton.jit
@@ -110,11 +113,12 @@ def _weight_tile(qw_ptr, s_ptr, z_ptr, gidx_ptr, k0, offs_k, offs_n, K, N, strid
 
 
 @triton.jit
-def wq_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, gidx_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_qw,
-                     stride_s, stride_z, stride_ym, M_BUCKET, GROUP: tl.constexpr,
+def wq_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, gidx_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, M, N, K, stride_xm,
+                     stride_qw, stride_s, stride_z, stride_ym, M_BUCKET, GROUP: tl.constexpr,
                      BITS: tl.constexpr, SYM: tl.constexpr, HAS_GIDX: tl.constexpr, HAS_BIAS: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    """y[M, N] (+)= x[M, K] @ deq(W)[N, K]^T. SPLIT_K > 1: y is a zeroed fp32 buffer updated with atomics."""
+    """y[M, N] = x[M, K] @ deq(W)[N, K]^T (+ bias). SPLIT_K > 1: the last K slice of a tile reduces the partials
+    p [SPLIT_K, M, N] (triton_splitk; counters cnt, one per (M, N) tile)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -143,15 +147,8 @@ def wq_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, gidx_ptr, b_ptr, y_ptr, M, N, 
             w = _weight_tile(qw_ptr, s_ptr, z_ptr, gidx_ptr, k0, offs_k, offs_n, K, N, stride_qw, stride_s,
                              stride_z, GROUP, BITS, SYM, HAS_GIDX, BLOCK_K, BLOCK_N)
             acc = tl.dot(x, w.to(x.dtype), acc)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-        acc += tl.where(pid_k == 0, 1.0, 0.0) * bias[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    ymask = mmask[:, None] & (offs_n[None, :] < N)
-    if SPLIT_K == 1:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
-    else:
-        tl.atomic_add(y_ptrs, acc, mask=ymask)
+    finish_tile(acc, y_ptr, stride_ym, p_ptr, cnt_ptr, b_ptr, offs_m, offs_n, M, N,
+                pid_m * tl.num_programs(1) + pid_n, pid_k, SPLIT_K, HAS_BIAS)
 
 
 def _cfg(bm, bn, bk, sk, warps, stages):
@@ -164,6 +161,8 @@ PREFILL_CONFIGS = [_cfg(64, 128, 64, 1, 4, 4), _cfg(128, 128, 64, 1, 8, 3), _cfg
 # BLOCK_K <= 128 keeps g128 tiles inside one group (one scale row per tile); 256 serves per-channel / big groups
 DECODE_CONFIGS = [_cfg(bm, bn, bk, sk, w, 3) for bm in (1, 16) for bn, bk, w in
                   ((32, 128, 4), (64, 128, 4), (64, 256, 4), (128, 128, 8), (128, 64, 4)) for sk in (1, 2, 4, 8)]
+MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in DECODE_CONFIGS)  # workspace slices an autotuned call may use
+MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in DECODE_CONFIGS)  # counters: at most M x cdiv(N, this) tiles
 _TUNED: dict[str, object] = {}
 
 
@@ -177,9 +176,8 @@ def _tuned(kind: str):
     if kind not in _TUNED:
         prune = {"early_config_prune": _prune_decode} if kind == "decode" else {}
         configs = DECODE_CONFIGS if kind == "decode" else PREFILL_CONFIGS
-        reset = ["y_ptr"] if kind == "decode" else None
         _TUNED[kind] = triton.autotune(configs, key=["M_BUCKET", "N", "K", "GROUP", "BITS", "SYM", "HAS_GIDX"],
-                                       reset_to_zero=reset, prune_configs_by=prune or None)(wq_matmul_kernel)
+                                       prune_configs_by=prune or None)(wq_matmul_kernel)
     return _TUNED[kind]
 
 
@@ -198,11 +196,14 @@ def wq_linear(x, meta, qweight, scales, qzeros, g_idx, bias, block: dict | None 
     if block is None and os.environ.get("TRITON_INTERPRET") == "1":  # no autotuning without a GPU driver
         block = dict(BLOCK_M=1 if M == 1 else 16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2 if M <= 16 else 1)
     decode = M <= 16 if block is None else block.get("SPLIT_K", 1) > 1 or block.get("BLOCK_M") == 1
-    y = torch.zeros(M, N, device=x.device, dtype=torch.float32) if decode else torch.empty(M, N, device=x.device,
-                                                                                              dtype=x.dtype)
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    # the tuner may pick any decode config: room for the most slices and the most tiles
+    split, bn = (MAX_SPLIT_K, MIN_BLOCK_N) if block is None else (block.get("SPLIT_K", 1), block["BLOCK_N"])
+    p, cnt = (workspace(split, M, N, x.device), counters(x.device, M * triton.cdiv(N, bn))) if decode and split > 1 \
+        else (y, y)
     z = qzeros if qzeros is not None else qweight  # dummy pointer when SYM
     args = (x, qweight, scales, z, g_idx if g_idx is not None else qweight, bias if bias is not None else scales, y,
-            M, N, K, x.stride(0), qweight.stride(0), scales.stride(0), z.stride(0), y.stride(0),
+            p, cnt, M, N, K, x.stride(0), qweight.stride(0), scales.stride(0), z.stride(0), y.stride(0),
             min(triton.next_power_of_2(M), 4096))
     flags = dict(GROUP=meta.group, BITS=meta.bits, SYM=meta.sym or qzeros is None, HAS_GIDX=g_idx is not None,
                  HAS_BIAS=bias is not None)
@@ -216,4 +217,4 @@ def wq_linear(x, meta, qweight, scales, qzeros, g_idx, bias, block: dict | None 
             return triton.cdiv(M, a["BLOCK_M"]), triton.cdiv(N, a["BLOCK_N"]), a["SPLIT_K"]
 
         kern[grid](*args, **flags)
-    return y.to(x.dtype) if decode else y
+    return y
