@@ -69,7 +69,7 @@ def gemv_jobs(variants: list[str]) -> list[Job]:
         for c in k.CONFIGS:
             kw = dict(c.kwargs)
             const = dict(GROUP=128, BITS=bits, SYM=sym, HAS_BIAS=False, BLOCK_N=kw["BLOCK_N"],
-                         BLOCK_KW=kw["BLOCK_K_CODES"] * bits // 32, SPLIT_K=kw["SPLIT_K"])
+                         BLOCK_KW=kw["BLOCK_K_CODES"] * bits // 32, SPLIT_K=kw["SPLIT_K"], EVEN_K=True)
             sig = {**ptrs, **{n: "i32" for n in ints}, **{n: "constexpr" for n in const}}
             jobs.append(Job("wq_gemv", v, k.wq_gemv_kernel, sig, const, c.num_warps, c.num_stages))
     return jobs
@@ -150,6 +150,28 @@ def resource_usage(cubin: bytes) -> dict:
     return {k.lower(): int(v) for k, v in fields.items()}
 
 
+def sass(cubin: bytes) -> str:
+    """The cubin's SASS (cuobjdump -sass)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([str(tool("cuobjdump")), "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def loop_instructions(sass_text: str) -> int:
+    """Instructions in the largest loop of the SASS (the span of its longest backward branch): the main loop's
+    static size, a proxy for issue cost where a kernel is instruction-bound (0 when there is no loop)."""
+    ins = [(int(m.group(1), 16), m.group(2)) for m in
+           re.finditer(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][^;]*);", sass_text, re.M)]
+    spans = [(int(t.group(1), 16), a) for a, text in ins if text.startswith("BRA")
+             for t in [re.search(r"0x([0-9a-f]+)", text)] if t and int(t.group(1), 16) < a]
+    if not spans:
+        return 0
+    lo, hi = max(spans, key=lambda p: p[1] - p[0])
+    return sum(lo <= a <= hi for a, _ in ins)
+
+
 def tensor_core_op(ptx: str) -> str:
     if "wgmma.mma_async" in ptx:
         return "wgmma"
@@ -179,4 +201,5 @@ def compile_job(job: Job, arch: int, maxnreg: int | None = None) -> dict:
     return {"kernel": job.kernel, "variant": job.variant, "config": job.config(), "arch": f"sm_{arch}",
             "regs": res["reg"], "stack_bytes": res["stack"], "shared_bytes": shared,
             "fits_smem": shared <= SMEM_LIMIT[arch], "tensor_cores": tensor_core_op(k.asm["ptx"]),
-            **sync_ops(k.asm["ptx"]), "compile_s": round(time.perf_counter() - t0, 2)}
+            **sync_ops(k.asm["ptx"]), "loop_instrs": loop_instructions(sass(k.asm["cubin"])),
+            "compile_s": round(time.perf_counter() - t0, 2)}

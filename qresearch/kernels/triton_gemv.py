@@ -28,8 +28,10 @@ from .triton_wq import _codes
 @triton.jit
 def wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, N, K, stride_qw, stride_s, stride_z,
                    GROUP: tl.constexpr, BITS: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr):
-    """y[N] = deq(W)[N, K] @ x[K] (+ bias); SPLIT_K > 1: K slices reduced by the last one (triton_splitk)."""
+                   BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """y[N] = deq(W)[N, K] @ x[K] (+ bias); SPLIT_K > 1: K slices reduced by the last one (triton_splitk).
+    EVEN_K: K % (BLOCK_KW * PER) == 0, no masks along K: the main loop of the H100's pick has 21% fewer SASS
+    instructions (406 vs 512 per step, sm_90, Triton 3.6; tests/test_kernels_compile.py)."""
     PER: tl.constexpr = 32 // BITS
     BLOCK_K: tl.constexpr = BLOCK_KW * PER
     pid_n = tl.program_id(0)
@@ -42,14 +44,20 @@ def wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, N,
     k_hi = tl.minimum(K, k_lo + k_span)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kw = k0 // PER + tl.arange(0, BLOCK_KW)  # word index [BLOCK_KW]
-        wmask = nmask[:, None] & (kw[None, :] * PER < K)
+        if EVEN_K:
+            wmask = nmask[:, None]
+        else:
+            wmask = nmask[:, None] & (kw[None, :] * PER < K)
         words = tl.load(qw_ptr + offs_n[:, None] * stride_qw + kw[None, :], mask=wmask, other=0)
         words = words.to(tl.uint32, bitcast=True)  # [BLOCK_N, BLOCK_KW]
         part = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
         xsum = tl.zeros((1, BLOCK_KW), dtype=tl.float32)
         for i in tl.static_range(PER):
             k = kw * PER + i  # [BLOCK_KW]
-            xi = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)[None, :]  # [1, BLOCK_KW]
+            if EVEN_K:
+                xi = tl.load(x_ptr + k).to(tl.float32)[None, :]  # [1, BLOCK_KW]
+            else:
+                xi = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)[None, :]
             q = ((words >> (i * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
             part += q * xi
             xsum += xi
@@ -105,7 +113,8 @@ def _launch(x, meta, qweight, scales, qzeros, bias, cfg: dict, warps: int = 4) -
     wq_gemv_kernel[grid](x, qweight, scales, z, bias if bias is not None else scales, y, p, cnt, n,
                          meta.in_features, qweight.stride(0), scales.stride(0), z.stride(0), GROUP=meta.group,
                          BITS=meta.bits, SYM=meta.sym or qzeros is None, HAS_BIAS=bias is not None,
-                         BLOCK_N=cfg["BLOCK_N"], BLOCK_KW=bkw, SPLIT_K=split, num_warps=warps)
+                         BLOCK_N=cfg["BLOCK_N"], BLOCK_KW=bkw, SPLIT_K=split,
+                         EVEN_K=meta.in_features % cfg["BLOCK_K_CODES"] == 0, num_warps=warps)
     return y
 
 
