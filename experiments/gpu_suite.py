@@ -1,11 +1,11 @@
 """GPU suite: one command that measures everything the performance issue asks of a GPU, within a time budget.
 
-Device command (the first time a GPU machine is lent; device tool `run` with timeout_s=560, which leaves the
-machine's start and the transfers inside the session's 15 device minutes; 6-8 min of wall time estimated,
-not yet measured on a GPU):
+Device command (first thing whenever a GPU machine is lent; device tool `run` with timeout_s=590, which leaves the
+machine's start and the transfers inside the session's 15 device minutes; on an H100 the 450 s budget was spent
+with the e2e section cut short (2026-11-26), hence 500):
 
     set -o pipefail; PYTHONUNBUFFERED=1 QRESEARCH_COMMIT=<git rev-parse --short=12 HEAD, clean tree> \
-        python3 experiments/gpu_suite.py --out $OUT --budget-s 450 2>&1 | tee $OUT/gpu_suite.log
+        python3 experiments/gpu_suite.py --out $OUT --budget-s 500 2>&1 | tee $OUT/gpu_suite.log
 
 It writes gpu_<device-slug>.md and .json under --out (default results/) after every step, so a timeout still
 leaves partial results; at --budget-s the running step is interrupted (recorded as such) and the report finished.
@@ -14,7 +14,8 @@ some sections on a warm machine: `--sections kernels e2e --budget-s 200 --tag re
 Sections, in order (each skips itself, with the reason recorded, when the budget left is too short):
   1 env          device, driver, CUDA, torch / triton / transformers, commit (+dirty), measured copy bandwidth
   2 correctness  every Triton kernel family vs float64 truth (gpusuite/correctness.py)
-  3 kernels      fp16 vs W4A16 g128 / W8A16 / W8A8 at Llama-2-7B shapes, M = 1, 16, 256, 2048
+  3 kernels      fp16 vs W4A16 g128 / W8A16 / W8A8 at Llama-2-7B shapes, M = 1, 16, 256, 2048; the small-M paths
+                 auto did not pick; the streaming-read floor per shape (gpusuite/floor.py)
   4 e2e          7B- and SmolLM2-shaped models: prefill / decode, fp16 vs packed W4 g128 vs W8A8
   5 gptq         GPTQ calibration time of one 7B-shaped block
 and a goals table (goals vs reached). Needs only torch, triton, transformers (no hydra, omegaconf, wandb, lm-eval,
@@ -45,7 +46,7 @@ MIN_S = {"env": (5, 1), "correctness": (40, 5), "kernels": (45, 3), "e2e": (30, 
 def parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="output folder (default results/; --quick: a temp folder)")
-    ap.add_argument("--budget-s", type=float, default=450.0, help="wall-clock budget of the whole suite")
+    ap.add_argument("--budget-s", type=float, default=500.0, help="wall-clock budget of the whole suite")
     ap.add_argument("--quick", action="store_true",
                     help="tiny shapes; on CPU (implied without a GPU): Triton interpreter + torch reference")
     ap.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda")
