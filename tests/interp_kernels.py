@@ -79,11 +79,13 @@ def test_wq_matmul_detects_wrong_layout():
     assert rel_err(y, ref.wa16_ref(x, meta, qw, s, qz, gi, None)) > 0.1
 
 
-def test_act_quant_kernel_exact():
+@pytest.mark.parametrize("block", [128, None])
+def test_act_quant_kernel_exact(block):
+    """Two passes over 128-wide blocks, and one pass with the whole row in a block (the default up to 16384)."""
     x = torch.randn(6, 300)
     x[1] = 0.0
     x[3, :4] = torch.tensor([127.0, 0.5, 1.5, -2.5])  # scale 1.0: ties to even, as torch.round
-    q, s = W8.act_quant(x, block=128)
+    q, s = W8.act_quant(x, block=block)
     q_ref, s_ref = ref.act_quant_ref(x)
     assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
     assert q[3, 1:4].tolist() == [0, 2, -2]

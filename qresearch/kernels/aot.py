@@ -120,6 +120,7 @@ def w8a8_jobs() -> list[Job]:
     sig = {"x_ptr": "*fp16", "q_ptr": "*i8", "s_ptr": "*fp32", "K": "i32", "stride_xm": "i32", "stride_qm": "i32",
            "BLOCK": "constexpr"}
     jobs.append(Job("act_quant", "per-token int8", k.act_quant_kernel, sig, {"BLOCK": 1024}, 4, 1))
+    jobs.append(Job("act_quant", "per-token int8, one pass", k.act_quant_kernel, sig, {"BLOCK": k.ONE_PASS_MAX}, 8, 1))
     return jobs
 
 

@@ -24,22 +24,32 @@ def _round_half_even(v):
 
 @triton.jit
 def act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr):
-    """One program per token: absmax / 127 scale (1.0 for a zero row), round-half-even, clamp to int8."""
+    """One program per token: absmax / 127 scale (1.0 for a zero row), round-half-even, clamp to int8. BLOCK >= K:
+    the row is read once and kept in registers; else two passes (max, then quantize)."""
     row = tl.program_id(0)
-    amax = tl.zeros((BLOCK,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK):
-        offs = k0 + tl.arange(0, BLOCK)
+    if BLOCK >= K:
+        offs = tl.arange(0, BLOCK)
         x = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
-    s = tl.max(amax, axis=0) / 127.0
-    s = tl.where(s > 0, s, 1.0)
-    tl.store(s_ptr + row, s)
-    for k0 in range(0, K, BLOCK):
-        offs = k0 + tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
-        q = _round_half_even(tl.math.div_rn(x, s))
-        q = tl.minimum(tl.maximum(q, -128.0), 127.0)
+        s = tl.max(tl.abs(x), axis=0) / 127.0
+        s = tl.where(s > 0, s, 1.0)
+        tl.store(s_ptr + row, s)
+        q = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(x, s)), -128.0), 127.0)
         tl.store(q_ptr + row * stride_qm + offs, q.to(tl.int8), mask=offs < K)
+    else:
+        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            offs = k0 + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        s = tl.max(amax, axis=0) / 127.0
+        s = tl.where(s > 0, s, 1.0)
+        tl.store(s_ptr + row, s)
+        for k0 in range(0, K, BLOCK):
+            offs = k0 + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+            q = _round_half_even(tl.math.div_rn(x, s))
+            q = tl.minimum(tl.maximum(q, -128.0), 127.0)
+            tl.store(q_ptr + row * stride_qm + offs, q.to(tl.int8), mask=offs < K)
 
 
 @triton.jit
@@ -77,13 +87,20 @@ CONFIGS = [_cfg(128, 128, 128, 8, 3), _cfg(128, 256, 128, 8, 3), _cfg(64, 128, 1
 _TUNED = {}
 
 
-def act_quant(x: torch.Tensor, block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (int8 [M, K], fp32 scales [M]); matches reference.act_quant_ref."""
+ONE_PASS_MAX = 16384  # rows up to this many features are read once (64 fp32 registers per thread at 8 warps)
+
+
+def act_quant(x: torch.Tensor, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (int8 [M, K], fp32 scales [M]); matches reference.act_quant_ref. `block` None: the whole row
+    in one block (one read of x) up to ONE_PASS_MAX features, else 1024-wide blocks in two passes."""
     M, K = x.shape
     x = x.contiguous()
     q = torch.empty(M, K, dtype=torch.int8, device=x.device)
     s = torch.empty(M, dtype=torch.float32, device=x.device)
-    act_quant_kernel[(M,)](x, q, s, K, x.stride(0), q.stride(0), BLOCK=min(block, triton.next_power_of_2(K)))
+    if block is None:
+        block = triton.next_power_of_2(K) if K <= ONE_PASS_MAX else 1024
+    block = min(block, triton.next_power_of_2(K))
+    act_quant_kernel[(M,)](x, q, s, K, x.stride(0), q.stride(0), BLOCK=block, num_warps=8 if block >= 4096 else 4)
     return q, s
 
 
