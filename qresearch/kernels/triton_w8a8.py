@@ -53,13 +53,10 @@ def act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.con
 
 
 @triton.jit
-def int8_matmul_kernel(xq_ptr, w_ptr, sx_ptr, sw_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                       M_BUCKET, HAS_BIAS: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+def _dot_x_w(xq_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """sum_k xq[m, k] (code[n, k] - 128) as int32 [BLOCK_M, BLOCK_N]: activations the A operand, weights (xor'ed in
+    registers) the B operand."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -67,23 +64,62 @@ def int8_matmul_kernel(xq_ptr, w_ptr, sx_ptr, sw_ptr, b_ptr, y_ptr, M, N, K, str
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)  # [BLOCK_M, BLOCK_K] int8
         wb = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None],
                      mask=(offs_n[None, :] < N) & (offs_k[:, None] < K), other=128)  # [BLOCK_K, BLOCK_N] uint8
-        b = (wb ^ 0x80).to(tl.int8, bitcast=True)
-        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        acc = tl.dot(a, (wb ^ 0x80).to(tl.int8, bitcast=True), acc, out_dtype=tl.int32)
+    return acc
+
+
+@triton.jit
+def _dot_w_x(xq_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The same sums transposed, int32 [BLOCK_N, BLOCK_M]: the xor'ed weight tile is the A operand (an MMA may
+    take A from registers; B must come from shared memory), the activations the B operand."""
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        wb = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
+                     mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=128)  # [BLOCK_N, BLOCK_K] uint8
+        xt = tl.load(xq_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
+                     mask=(offs_m[None, :] < M) & (offs_k[:, None] < K), other=0)  # [BLOCK_K, BLOCK_M] int8
+        acc = tl.dot((wb ^ 0x80).to(tl.int8, bitcast=True), xt, acc, out_dtype=tl.int32)
+    return acc
+
+
+@triton.jit
+def int8_matmul_kernel(xq_ptr, w_ptr, sx_ptr, sw_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                       M_BUCKET, HAS_BIAS: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_AS_A: tl.constexpr):
+    """y[M, N] tile = int32 dot * sx[m] * sw[n] (+ b[n]); W_AS_A: computed as its transpose (_dot_w_x)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     sx = tl.load(sx_ptr + offs_m, mask=offs_m < M, other=0.0)
     sw = tl.load(sw_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-    y = acc.to(tl.float32) * sx[:, None] * sw[None, :]
     if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+        b = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if W_AS_A:
+        acc = _dot_w_x(xq_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K)
+        y = acc.to(tl.float32) * sw[:, None] * sx[None, :] + b[:, None]  # [BLOCK_N, BLOCK_M]
+        tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], y.to(y_ptr.dtype.element_ty),
+                 mask=(offs_m[None, :] < M) & (offs_n[:, None] < N))
+    else:
+        acc = _dot_x_w(xq_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K)
+        y = acc.to(tl.float32) * sx[:, None] * sw[None, :] + b[None, :]  # [BLOCK_M, BLOCK_N]
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-def _cfg(bm, bn, bk, warps, stages):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+def _cfg(bm, bn, bk, warps, stages, w_as_a=False):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "W_AS_A": w_as_a}, num_warps=warps,
+                         num_stages=stages)
 
 
 CONFIGS = [_cfg(128, 128, 128, 8, 3), _cfg(128, 256, 128, 8, 3), _cfg(64, 128, 128, 4, 4),
            _cfg(256, 128, 128, 8, 3), _cfg(16, 64, 256, 4, 3), _cfg(32, 128, 128, 4, 4)]
+# the transposed form (weights the register operand): untimed on a GPU so far; the autotuner decides
+CONFIGS += [_cfg(128, 128, 128, 8, 3, True), _cfg(128, 256, 128, 8, 3, True), _cfg(256, 128, 128, 8, 3, True)]
 _TUNED = {}
 
 
@@ -123,7 +159,7 @@ def w8a8_linear(x, meta, qweight, scales, bias, static_scale=None, block: dict |
         block = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
     if block is not None:
         grid = (triton.cdiv(M, block["BLOCK_M"]), triton.cdiv(N, block["BLOCK_N"]))
-        int8_matmul_kernel[grid](*args, HAS_BIAS=bias is not None, **block)
+        int8_matmul_kernel[grid](*args, HAS_BIAS=bias is not None, **{"W_AS_A": False, **block})
         return y
     if "gemm" not in _TUNED:
         _TUNED["gemm"] = triton.autotune(CONFIGS, key=["M_BUCKET", "N", "K"])(int8_matmul_kernel)
