@@ -4,7 +4,8 @@ Triton's NVIDIA backend (bundled with the triton wheel, ptxas included) lowers e
 cubin for sm_80 (A100) and sm_90 (H100) without a driver. This proves the kernels compile for the GPU (the
 interpreter tests run the same source, not the compiler), and shows per config what decides speed before any GPU
 run: registers per thread, stack (register spills), shared memory per CTA, and whether the dot became tensor-core
-instructions (mma.sync on sm_80, wgmma on sm_90), the main loop's SASS size and the split-K atomics. Writes results/triton_compile.{md,json}.
+instructions (mma.sync on sm_80, wgmma on sm_90), the main loop's SASS size and the split-K atomics.
+Writes results/triton_compile.{md,json}.
 
     python experiments/compile_kernels.py                 # every autotune config, sm_80 and sm_90
     python experiments/compile_kernels.py --archs 90 --kernels wq_prefill
@@ -47,7 +48,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
               "cost of one step where a kernel is instruction-bound); split-K = the atomics of the one-kernel split-K "
               "reduction (acq_rel arrival count + counter reset), - without"),
              f"- reproduce: `python experiments/compile_kernels.py {meta['args']}`".rstrip(), "",
-             "| kernel | weights | config | arch | regs | stack B | shared KiB | fits | tensor cores | loop | split-K |",
+             "| kernel | weights | config | arch | regs | stack B | shared KiB | fits | tensor cores | loop "
+             "| split-K |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         sync = "+".join(a.split(".")[-2] for a in r.get("atomics", [])) or "-"

@@ -65,7 +65,8 @@ def kernels_of(fn, device, flush, skip=frozenset()) -> list[dict]:
             continue
         if str(e.device_type) not in ("DeviceType.CUDA", "cuda", "CUDA"):
             continue
-        rows.append({"kernel": e.key.replace("void at::native::", "")[:90], "key": e.key, "per_call": e.count / CALLS, "us_per_call": us / CALLS})
+        rows.append({"kernel": e.key.replace("void at::native::", "")[:90], "key": e.key,
+                     "per_call": e.count / CALLS, "us_per_call": us / CALLS})
     return sorted(rows, key=lambda r: -r["us_per_call"])
 
 
@@ -104,10 +105,12 @@ def profile_rows(shape: str, device, dtype, flush, floor: dict | None) -> list[d
 def markdown(state: dict) -> str:
     info = state["info"]
     lines = [f"# Where a small-M packed call's time goes on {info.get('device')}", "",
-             f"- commit {info.get('commit')}, torch {info.get('torch')}, triton {info.get('triton')}, {info.get('date')}",
+             f"- commit {info.get('commit')}, torch {info.get('torch')}, triton {info.get('triton')}, "
+             f"{info.get('date')}",
              f"- measured copy bandwidth {info.get('copy_bw_gbs', float('nan')):.0f} GB/s (read + write); "
              f"profilers on the machine: {info.get('tools')}",
-             f"- command: `{info.get('command')}`; budget {state['budget_s']:.0f} s, used {state.get('used_s', 0):.0f} s",
+             f"- command: `{info.get('command')}`; budget {state['budget_s']:.0f} s, "
+             f"used {state.get('used_s', 0):.0f} s",
              ""]
     if state.get("floor"):
         lines += ["## Read floor (one streaming-read Triton kernel, CUDA-graph replay, L2 flushed, median of 30)", "",
@@ -118,7 +121,8 @@ def markdown(state: dict) -> str:
     if state.get("profile"):
         lines += ["## Kernels per call (torch.profiler, L2 flushed before each of 20 calls; graph = CUDA-graph replay "
                   "time of the whole call)", "",
-                  "| shape | M | path | graph us | kernels us | main kernel us | main GB/s | floor us | kernels (us per call) |",
+                  "| shape | M | path | graph us | kernels us | main kernel us | main GB/s | floor us "
+                  "| kernels (us per call) |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in state["profile"]:
             ks = "; ".join(f"{k['kernel'][:48]} {k['us_per_call']:.1f}" + (f" x{k['per_call']:.0f}"

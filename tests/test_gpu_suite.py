@@ -179,7 +179,8 @@ def test_goals_table_met_missed_not_measured():
     assert "read floor 16.0 us" in notes[0] and "2.89x" in notes[1] and "read floor" not in notes[2]
     from experiments.gpusuite.report import _kernels
 
-    assert "| 4096x11008 | 16.0 | 1400 | 46.2 | 1950 | 2.89x |" in "\n".join(_kernels({"floor": state["sections"]["kernels"]["floor"]}))
+    table = "\n".join(_kernels({"floor": state["sections"]["kernels"]["floor"]}))
+    assert "| 4096x11008 | 16.0 | 1400 | 46.2 | 1950 | 2.89x |" in table
 
 
 def test_markdown_renders_partial_and_failed_states():

@@ -109,8 +109,8 @@ def gemv_wide_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, 
 
 @triton.jit
 def skinny_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, M, N, K, stride_xi, stride_xm,
-                      stride_qw, stride_s, stride_z, stride_ym, GROUP: tl.constexpr, BITS: tl.constexpr, SYM: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr, SPLIT_K: tl.constexpr,
+                      stride_qw, stride_s, stride_z, stride_ym, GROUP: tl.constexpr, BITS: tl.constexpr,
+                      SYM: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr, SPLIT_K: tl.constexpr,
                       EVEN_K: tl.constexpr, XPERM: tl.constexpr):
     """y[M, N] = x[M, K] @ deq(W)[N, K]^T (+ bias) for M <= 16; SPLIT_K > 1: K slices reduced by the last one.
 
