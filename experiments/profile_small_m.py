@@ -98,7 +98,6 @@ def profile_rows(shape: str, device, dtype, flush, floor: dict | None) -> list[d
             rows.append(row)
             print(f"{shape} M={m} {name}: graph {row['graph_us']:.1f} us, kernels {total:.1f} us "
                   f"({len(ks)}: {', '.join(k['kernel'][:40] for k in ks)})", flush=True)
-    del mod
     return rows
 
 
