@@ -2,10 +2,10 @@
 
 Device command (first thing whenever a GPU machine is lent; device tool `run` with timeout_s=590, which leaves the
 machine's start and the transfers inside the session's 15 device minutes; on an H100 the 450 s budget was spent
-with the e2e section cut short (2026-11-26), hence 500):
+with the e2e section cut short (2026-11-26), hence 520):
 
     set -o pipefail; PYTHONUNBUFFERED=1 QRESEARCH_COMMIT=<git rev-parse --short=12 HEAD, clean tree> \
-        python3 experiments/gpu_suite.py --out $OUT --budget-s 500 2>&1 | tee $OUT/gpu_suite.log
+        python3 experiments/gpu_suite.py --out $OUT --budget-s 520 2>&1 | tee $OUT/gpu_suite.log
 
 It writes gpu_<device-slug>.md and .json under --out (default results/) after every step, so a timeout still
 leaves partial results; at --budget-s the running step is interrupted (recorded as such) and the report finished.
@@ -46,7 +46,7 @@ MIN_S = {"env": (5, 1), "correctness": (40, 5), "kernels": (45, 3), "e2e": (30, 
 def parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="output folder (default results/; --quick: a temp folder)")
-    ap.add_argument("--budget-s", type=float, default=500.0, help="wall-clock budget of the whole suite")
+    ap.add_argument("--budget-s", type=float, default=520.0, help="wall-clock budget of the whole suite")
     ap.add_argument("--quick", action="store_true",
                     help="tiny shapes; on CPU (implied without a GPU): Triton interpreter + torch reference")
     ap.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda")
