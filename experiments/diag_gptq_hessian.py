@@ -48,7 +48,8 @@ def main() -> int:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--data-root", default=os.environ.get("QRESEARCH_DATA", str(ROOT.parent / "shared" / "data")))
+    ap.add_argument("--data-root", default=os.environ.get("QRESEARCH_DATA", str(Path(
+        os.environ.get("QRESEARCH_SHARED", "/work/shared")) / "data")))
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
