@@ -16,22 +16,19 @@ Without CUDA it exits with status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
-import triton
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from experiments import bench_kernels as bk  # noqa: E402
-from experiments.gpusuite import env as suite_env  # noqa: E402
+from experiments.gpusuite import devrun, lib  # noqa: E402
 from experiments.gpusuite.floor import floor_row  # noqa: E402
-from experiments.gpusuite import lib  # noqa: E402
 
 PATHS = {1: ("gemv", "small", "splitk"), 16: ("small", "splitk")}
 CALLS = 20
@@ -102,15 +99,7 @@ def profile_rows(shape: str, device, dtype, flush, floor: dict | None) -> list[d
 
 
 def markdown(state: dict) -> str:
-    info = state["info"]
-    lines = [f"# Where a small-M packed call's time goes on {info.get('device')}", "",
-             f"- commit {info.get('commit')}, torch {info.get('torch')}, triton {info.get('triton')}, "
-             f"{info.get('date')}",
-             f"- measured copy bandwidth {info.get('copy_bw_gbs', float('nan')):.0f} GB/s (read + write); "
-             f"profilers on the machine: {info.get('tools')}",
-             f"- command: `{info.get('command')}`; budget {state['budget_s']:.0f} s, "
-             f"used {state.get('used_s', 0):.0f} s",
-             ""]
+    lines = devrun.header("Where a small-M packed call's time goes", state)
     if state.get("floor"):
         lines += ["## Read floor (one streaming-read Triton kernel, CUDA-graph replay, L2 flushed, median of 30)", "",
                   "| shape | W4 g128 qweight us | GB/s | fp16 weight us | GB/s | fp16 / W4 (bound on the speedup) |",
@@ -147,25 +136,15 @@ def main(argv=None) -> int:
         return 2
     t0 = time.perf_counter()
     device, dtype = torch.device("cuda"), torch.float16
-    name = torch.cuda.get_device_name(device)
-    state = {"budget_s": args.budget_s, "errors": [], "floor": [], "profile": [], "info": {
-        "device": name, "torch": torch.__version__, "triton": triton.__version__,
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": suite_env.git_commit()["commit"],
-        "tools": {t: bool(shutil.which(t)) for t in ("ncu", "nsys", "nvidia-smi")},
-        "command": "python experiments/profile_small_m.py " + " ".join(argv if argv is not None else sys.argv[1:])}}
-    copy_bw = bk.copy_bandwidth(device, 1024, 10)
-    state["info"]["copy_bw_gbs"] = copy_bw / 1e9
-    slug = name.lower().replace(" ", "_").replace("-", "_")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    tools = {t: bool(shutil.which(t)) for t in ("ncu", "nsys", "nvidia-smi")}
+    state = {"budget_s": args.budget_s, "errors": [], "floor": [], "profile": [],
+             "info": devrun.run_info(device, "profile_small_m.py", argv, tools=tools)}
+    copy_bw = state["info"]["copy_bw_gbs"] * 1e9
     l2 = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 64 * 2**20)
     buf = torch.empty(max(2 * l2, 256 * 2**20) // 4, dtype=torch.int32, device=device)
     flush = lambda: torch.bitwise_not(buf, out=buf)  # noqa: E731 - a kernel the calls never launch
 
-    def save():
-        state["used_s"] = time.perf_counter() - t0
-        (out / f"profile_small_m_{slug}.json").write_text(json.dumps(state, indent=1, default=str))
-        (out / f"profile_small_m_{slug}.md").write_text(markdown(state))
+    save = devrun.saver(args.out, "profile_small_m", device, state, markdown, t0)
 
     for shape in args.shapes:
         left = args.budget_s - (time.perf_counter() - t0)

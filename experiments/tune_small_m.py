@@ -17,7 +17,6 @@ Without CUDA it exits with status 2 (the kernels' math is tested under the Trito
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,8 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from experiments import bench_kernels as bk  # noqa: E402
-from experiments.gpusuite import env as suite_env  # noqa: E402
-from experiments.gpusuite import lib  # noqa: E402
+from experiments.gpusuite import devrun, lib  # noqa: E402
 from experiments.gpusuite.common import build_causal_lm, free_device_memory  # noqa: E402
 from experiments.gpusuite.e2e import MODELS  # noqa: E402
 from experiments.gpusuite.graph_decode import graph_decode  # noqa: E402
@@ -152,13 +150,7 @@ def decode_rows(device, dtype) -> list[dict]:
 
 
 def markdown(state: dict) -> str:
-    info = state["info"]
-    lines = [f"# Small-M Triton kernels on {info.get('device')}", "",
-             f"- commit {info.get('commit')}, torch {info.get('torch')}, triton {info.get('triton')}, "
-             f"transformers {info.get('transformers')}, {info.get('date')}",
-             f"- measured copy bandwidth {info.get('copy_bw_gbs', float('nan')):.0f} GB/s (read + write)",
-             f"- command: `{info.get('command')}`; budget {state['budget_s']:.0f} s, used {state.get('used_s', 0):.0f} s",
-             ""]
+    lines = devrun.header("Small-M Triton kernels", state)
     if state.get("goals"):
         lines += ["## Goals (W4A16 g128 at 4096x11008, best path vs fp16 torch.matmul, CUDA-graph kernel time)", "",
                   "| M | target | path | reached | status |", "|---|---|---|---|---|"]
@@ -214,24 +206,9 @@ def main(argv=None) -> int:
         return 2
     t0 = time.perf_counter()
     device, dtype = torch.device("cuda"), torch.float16
-    name = torch.cuda.get_device_name(device)
-    import transformers
-    import triton
-    state = {"budget_s": args.budget_s, "errors": [], "info": {
-        "device": name, "torch": torch.__version__, "triton": triton.__version__,
-        "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "commit": suite_env.git_commit()["commit"],
-        "command": "python experiments/tune_small_m.py " + " ".join(argv if argv is not None else sys.argv[1:])}}
-    copy_bw = bk.copy_bandwidth(device, 1024, 10)
-    state["info"]["copy_bw_gbs"] = copy_bw / 1e9
-    slug = name.lower().replace(" ", "_").replace("-", "_")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    def save():
-        state["used_s"] = time.perf_counter() - t0
-        (out / f"tune_small_m_{slug}.json").write_text(json.dumps(state, indent=1, default=str))
-        (out / f"tune_small_m_{slug}.md").write_text(markdown(state))
+    state = {"budget_s": args.budget_s, "errors": [], "info": devrun.run_info(device, "tune_small_m.py", argv)}
+    copy_bw = state["info"]["copy_bw_gbs"] * 1e9
+    save = devrun.saver(args.out, "tune_small_m", device, state, markdown, t0)
 
     def section(key, fn, need_s):
         left = args.budget_s - (time.perf_counter() - t0)
