@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .config import ROOT
 from .tracking.metrics import Metrics
-from .tracking.store import read_index, read_metrics
+from .tracking.store import HASH_EXCLUDE, config_hash, read_index, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -32,20 +32,65 @@ def latest_complete(rows: list[dict]) -> list[dict]:
         if m is None:
             continue
         r = Metrics.from_dict(m, str(d / "metrics.json")).row(d)
-        r["max_chunks"] = _max_chunks(d)
+        cfg = _run_config(d)
+        r["max_chunks"] = (cfg.get("eval") or {}).get("max_chunks") if cfg is not None else "?"
+        r["setting"] = setting_hash(cfg) if cfg is not None else r["config_hash"]
         if r["config_hash"] not in best or r["time"] >= best[r["config_hash"]]["time"]:
             best[r["config_hash"]] = r
     return list(best.values())
 
 
-def _max_chunks(run_dir: Path):
-    """eval.max_chunks of a run (its config.yaml): a number means the perplexities cover a subset of the text."""
+def _run_config(run_dir: Path) -> dict | None:
+    """The composed config a run wrote (config.yaml); None when absent or damaged (a subset of the text or the
+    seed grouping is then unknown, and said so)."""
     try:
         from omegaconf import OmegaConf
 
-        return OmegaConf.select(OmegaConf.load(run_dir / "config.yaml"), "eval.max_chunks")
-    except Exception:  # config.yaml absent or damaged: the subset is unknown, said so in the label
-        return "?"
+        cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
+        return cfg if isinstance(cfg, dict) else None
+    except Exception:  # noqa: BLE001 - absent, unreadable or not YAML: all mean "unknown"
+        return None
+
+
+def setting_hash(cfg: dict) -> str:
+    """What a run computes apart from its seed: runs of one setting at several seeds share it."""
+    return config_hash({k: v for k, v in cfg.items() if k not in HASH_EXCLUDE + ("seed",)})
+
+
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    return m, ((sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0)
+
+
+SEED_MEAN = ("ppl_", "fp_ppl_", "latency_")  # prefixes of numbers averaged over seeds (with an sd for ppl_)
+
+
+def collapse_seeds(rows: list[dict]) -> list[dict]:
+    """One row per setting: runs that differ only in their seed become their mean, with the sd over seeds in
+    `<key>_sd` for perplexities and task accuracies, `seeds` listing them. A single run keeps its numbers."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[r.get("setting") or r["config_hash"]].append(r)
+    out = []
+    for runs in groups.values():
+        runs = sorted(runs, key=lambda r: r.get("seed") if isinstance(r.get("seed"), int) else -1)
+        row = dict(max(runs, key=lambda r: r["time"]))
+        row["seeds"] = [r.get("seed") for r in runs]
+        if len(runs) > 1:
+            keys = {k for r in runs for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                    and (k.startswith(SEED_MEAN) or k.endswith(("_acc", "_acc_norm")) or k == "quantize_seconds")}
+            for k in keys:
+                vals = [r[k] for r in runs if isinstance(r.get(k), (int, float))]
+                if len(vals) < len(runs):  # not measured in every run: no mean that mixes in fewer seeds
+                    row.pop(k, None)
+                    continue
+                row[k], sd = _mean_sd(vals)
+                if k.startswith("ppl_") or k.endswith(("_acc", "_acc_norm")):
+                    row[f"{k}_sd"] = sd
+            for k in [k for k in row if k.endswith("_stderr")]:  # a per-run stderr does not describe a mean
+                row.pop(k)
+        out.append(row)
+    return out
 
 
 def eval_label(rows: list[dict], dataset: str | None = None) -> str:
@@ -80,10 +125,20 @@ def _cell(v, fmt="{:.3f}") -> str:
     return fmt.format(v) if isinstance(v, float) else str(v)
 
 
+def _with_sd(r: dict, key: str, fmt: str) -> str:
+    """A number, with its sd over seeds or its own stderr when the row has one."""
+    spread = r.get(f"{key}_sd", r.get(f"{key}_stderr"))
+    return _cell(r.get(key), fmt) + (f" ± {fmt.format(spread)}" if spread and r.get(key) is not None else "")
+
+
 def model_table(model: str, rows: list[dict], eval_sig: str = "") -> list[str]:
-    datasets = sorted({k[4:] for r in rows for k in r if k.startswith("ppl_")})
+    """Markdown table of one model's runs; runs of one setting at several seeds share a row (mean ± sd)."""
+    rows = collapse_seeds(rows)
+    datasets = sorted({k[4:] for r in rows for k in r if k.startswith("ppl_") and not k.endswith("_sd")})
     tasks = sorted({k for r in rows for k in r if k.endswith("_acc")})
-    head = ["method", "tag", "modules", "bits/weight", "MiB"] + [f"{d} ppl" for d in datasets] + tasks
+    seeded = any(len(r.get("seeds", [])) > 1 for r in rows)
+    head = ["method", "tag", "modules"] + (["seeds"] if seeded else []) + ["bits/weight", "MiB"]
+    head += [f"{d} ppl" for d in datasets] + tasks
     has_lat = any(LATENCY_KEY in r for r in rows)
     head += ["decode ms/tok (b1)"] if has_lat else []
     head += ["quantize s"]
@@ -92,14 +147,18 @@ def model_table(model: str, rows: list[dict], eval_sig: str = "") -> list[str]:
     body = ([fp] if fp and fp.get("method") != "fp16" else []) + sorted(rows, key=_sort_key)
     for r in body:
         mib = r.get("weight_bytes") / 2**20 if r.get("weight_bytes") else None
-        cells = [r["method"], r["tag"], r.get("modules", "-"), _cell(r.get("bits_per_weight")), _cell(mib)]
-        cells += [_cell(r.get(f"ppl_{d}"), "{:.2f}") for d in datasets]
-        cells += [_cell(r.get(t), "{:.3f}") + (f" ± {r[t + '_stderr']:.3f}" if r.get(t + "_stderr") else "")
-                  for t in tasks]
+        cells = [r["method"], r["tag"], r.get("modules", "-")]
+        cells += [",".join(str(x) for x in r.get("seeds", [])) or "-"] if seeded else []
+        cells += [_cell(r.get("bits_per_weight")), _cell(mib)]
+        cells += [_with_sd(r, f"ppl_{d}", "{:.2f}") for d in datasets]
+        cells += [_with_sd(r, t, "{:.3f}") for t in tasks]
         cells += [_cell(r.get(LATENCY_KEY), "{:.2f}")] if has_lat else []
         cells += [_cell(r.get("quantize_seconds"), "{:.1f}")]
         lines.append("| " + " | ".join(cells) + " |")
     notes = {r.get("weights_note") for r in rows if r.get("weights_note")}
+    if seeded:
+        notes.add("a row with several seeds (calibration draws) gives the mean over them of perplexity, accuracy, "
+                  "latency and quantize seconds, perplexity and accuracy ± their sample sd over the seeds")
     if has_lat:
         notes.add("decode latency: median of repeats after warm-up, batch 1, through each run's own modules "
                   "(modules fake = dequantized weights in a plain matmul; packed = the dispatched kernel); "
@@ -216,8 +275,10 @@ def build(results: Path, out: Path, models: list[str] | None = None, dataset: st
     for (m, ev) in sorted(by_group):
         lines += model_table(m, by_group[(m, ev)], eval_label(by_group[(m, ev)])) + [""]
     written, not_drawn = {}, {}
-    series = {(m if sum(1 for g in by_group if g[0] == m) == 1 else f"{m} [{ev.split(';')[0].split(' ', 1)[-1]}]"): rs
-              for (m, ev), rs in by_group.items()}
+    def label(m: str, ev: str) -> str:
+        return m if sum(1 for g in by_group if g[0] == m) == 1 else f"{m} [{ev.split(';')[0].split(' ', 1)[-1]}]"
+
+    series = {label(m, ev): collapse_seeds(rs) for (m, ev), rs in by_group.items()}  # seeds: one point, the mean
     for key, label, name in (("bits_per_weight", "bits per weight (as stored)", "ppl_vs_bits"),
                              (LATENCY_KEY, "decode latency, ms/token, batch 1", "ppl_vs_latency")):
         png = out.with_name(f"{out.name}_{name}.png")

@@ -27,16 +27,12 @@ from .nn.swap import swap_linears
 from .records import QuantResult
 from .tracking.metrics import Footprint, Metrics, ModelInfo, PplResult, RunInfo, Timing, eval_signature
 from .tracking.provenance import commit_label, provenance
-from .tracking.store import append_index, atomic_write_json, completed_run, config_hash, read_metrics, write_csv
+from .tracking.store import (HASH_EXCLUDE, append_index, atomic_write_json, completed_run, config_hash, read_metrics,
+                             write_csv)
 from .tracking.summary import print_summary
 from .tracking.wandb_logger import make_logger
 
 log = logging.getLogger("qresearch")
-
-# where/how a run is written, not what it computes; the top-level quantization knobs act only through the method
-# steps they interpolate into (so fp16 at bits=3 and bits=4 is one config)
-HASH_EXCLUDE = ("out_dir", "paths", "logger", "skip_done", "bits", "group_size", "sym", "qformat", "act_bits",
-                "scale_bits", "scale_level2", "bits_map")
 
 
 def _output_dir(cfg: DictConfig) -> Path:

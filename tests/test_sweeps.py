@@ -105,3 +105,34 @@ def test_sweep_of_refused_runs_exits_nonzero_with_summary(results_dir):
     assert "== sweep: 2 jobs: 0 done, 0 skipped, 2 failed" in r.stdout
     assert "bits=0 is out of range" in r.stdout and "bits=1 is out of range" in r.stdout
     assert not run_dirs(results_dir) and not list((results_dir / "runs").rglob("failure.json"))
+
+
+def test_collapse_seeds_means_and_sds_runs_of_one_setting():
+    from qresearch.report import collapse_seeds
+
+    base = {"method": "gptq", "tag": "gptq-w4g128", "setting": "s1", "quantize_seconds": 2.0}
+    rows = [{**base, "config_hash": "a", "seed": 1, "time": "t2", "ppl_wikitext2": 12.0, "piqa_acc": 0.6,
+             "piqa_acc_stderr": 0.01, "latency_decode_1_ms_per_step": 5.0},
+            {**base, "config_hash": "b", "seed": 0, "time": "t1", "ppl_wikitext2": 10.0, "piqa_acc": 0.5,
+             "piqa_acc_stderr": 0.01},
+            {**base, "config_hash": "c", "seed": 0, "time": "t0", "ppl_wikitext2": 20.0, "setting": "s2"}]
+    by = {r["setting"]: r for r in collapse_seeds(rows)}
+    two, one = by["s1"], by["s2"]
+    assert two["seeds"] == [0, 1] and two["config_hash"] == "a"  # newest run's identity
+    assert two["ppl_wikitext2"] == 11.0 and abs(two["ppl_wikitext2_sd"] - 2 ** 0.5) < 1e-12
+    assert abs(two["piqa_acc"] - 0.55) < 1e-12 and "piqa_acc_stderr" not in two
+    assert "latency_decode_1_ms_per_step" not in two  # measured in one of the two runs only
+    assert one["seeds"] == [0] and one["ppl_wikitext2"] == 20.0 and "ppl_wikitext2_sd" not in one
+
+
+def test_report_gives_one_row_per_setting_over_seeds(results_dir, tmp_path):
+    require_shared()
+    r = run_cli("-m", *TINY, "method=gptq", "bits=3", "data.n_samples=4", "seed=0,1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    from qresearch.report import build
+
+    md = build(results_dir, tmp_path / "report")["markdown"].read_text()
+    rows = [ln for ln in md.splitlines() if ln.startswith("| gptq |")]
+    assert len(rows) == 1 and "| 0,1 |" in rows[0] and " ± " in rows[0], md
+    ppls = [json.loads((d / "metrics.json").read_text())["ppl"]["wikitext2"]["ppl"] for d in run_dirs(results_dir)]
+    assert len(ppls) == 2 and f"{sum(ppls) / 2:.2f} ± " in rows[0], (ppls, rows)

@@ -51,6 +51,12 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+# where/how a run is written, not what it computes; the top-level quantization knobs act only through the method
+# steps they interpolate into (so fp16 at bits=3 and bits=4 is one config)
+HASH_EXCLUDE = ("out_dir", "paths", "logger", "skip_done", "bits", "group_size", "sym", "qformat", "act_bits",
+                "scale_bits", "scale_level2", "bits_map")
+
+
 def config_hash(cfg: dict) -> str:
     """Hash of the settings that define a run (not where it writes)."""
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
