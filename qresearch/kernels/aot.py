@@ -160,17 +160,31 @@ def sass(cubin: bytes) -> str:
                               check=True).stdout
 
 
-def loop_instructions(sass_text: str) -> int:
-    """Instructions in the largest loop of the SASS (the span of its longest backward branch): the main loop's
-    static size, a proxy for issue cost where a kernel is instruction-bound (0 when there is no loop)."""
+def loop_body(sass_text: str) -> list[str]:
+    """Instructions of the largest loop of the SASS (the span of its longest backward branch), empty when there is
+    no loop: the main loop of a kernel."""
     ins = [(int(m.group(1), 16), m.group(2)) for m in
            re.finditer(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][^;]*);", sass_text, re.M)]
     spans = [(int(t.group(1), 16), a) for a, text in ins if text.startswith("BRA")
              for t in [re.search(r"0x([0-9a-f]+)", text)] if t and int(t.group(1), 16) < a]
     if not spans:
-        return 0
+        return []
     lo, hi = max(spans, key=lambda p: p[1] - p[0])
-    return sum(lo <= a <= hi for a, _ in ins)
+    return [text for a, text in ins if lo <= a <= hi]
+
+
+def loop_instructions(sass_text: str) -> int:
+    """The main loop's static size, a proxy for issue cost where a kernel is instruction-bound (0: no loop)."""
+    return len(loop_body(sass_text))
+
+
+def loop_opcodes(sass_text: str) -> dict[str, int]:
+    """Opcode counts of the main loop (e.g. LDG.E.U16: 2-byte global loads), most frequent first."""
+    counts: dict[str, int] = {}
+    for text in loop_body(sass_text):
+        op = text.split()[0]
+        counts[op] = counts.get(op, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def tensor_core_op(ptx: str) -> str:
@@ -187,8 +201,9 @@ def sync_ops(ptx: str) -> dict:
             "barrier": bool(re.search(r"\bbar(rier)?\.sync\b", ptx)), "ld_cg": "ld.global.cg" in ptx}
 
 
-def compile_job(job: Job, arch: int, maxnreg: int | None = None) -> dict:
-    """Compile `job` for sm_<arch>; `maxnreg` caps registers per thread (to see spills appear)."""
+def compile_job(job: Job, arch: int, maxnreg: int | None = None, opcodes: bool = False) -> dict:
+    """Compile `job` for sm_<arch>; `maxnreg` caps registers per thread (to see spills appear); `opcodes`: also the
+    main loop's opcode counts (`loop_ops`)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -199,8 +214,9 @@ def compile_job(job: Job, arch: int, maxnreg: int | None = None) -> dict:
                        options={"num_warps": job.num_warps, "num_stages": job.num_stages, "maxnreg": maxnreg})
     res = resource_usage(k.asm["cubin"])
     shared = int(k.metadata.shared)
+    text = sass(k.asm["cubin"])
     return {"kernel": job.kernel, "variant": job.variant, "config": job.config(), "arch": f"sm_{arch}",
             "regs": res["reg"], "stack_bytes": res["stack"], "shared_bytes": shared,
             "fits_smem": shared <= SMEM_LIMIT[arch], "tensor_cores": tensor_core_op(k.asm["ptx"]),
-            **sync_ops(k.asm["ptx"]), "loop_instrs": loop_instructions(sass(k.asm["cubin"])),
-            "compile_s": round(time.perf_counter() - t0, 2)}
+            **sync_ops(k.asm["ptx"]), "loop_instrs": loop_instructions(text),
+            **({"loop_ops": loop_opcodes(text)} if opcodes else {}), "compile_s": round(time.perf_counter() - t0, 2)}

@@ -4,7 +4,8 @@ The split-K kernel of triton_wq.py unpacks each [BLOCK_K // PER, PER, BLOCK_N] w
 code tile (a reshape that moves data between threads) and reduces over K at every step. Here a program holds a
 [BLOCK_N, BLOCK_KW] tile of whole int32 words (rows n, words along K: each thread reads consecutive words of one
 row) and never reshapes: code i of every word is `(word >> i * BITS) & mask`, multiplied by x at k = PER * w + i
-(x is a few KiB and stays in L1). Partial sums stay in a [BLOCK_N, BLOCK_KW] fp32 accumulator; the one reduction
+(x is a few KiB and stays in L1; each step reads its [BLOCK_KW, PER] x tile with vector loads and splits the
+columns out in registers). Partial sums stay in a [BLOCK_N, BLOCK_KW] fp32 accumulator; the one reduction
 over K happens after the loop. With BLOCK_K = BLOCK_KW * PER dividing the group size, a tile lies in one group:
     sum_k x_k s_n (q_nk - z_n) = s_n (sum_k x_k q_nk - z_n sum_k x_k)
 so scales and zeros are one [BLOCK_N, 1] column per tile. SPLIT_K > 1: the last K slice of a row block sums the
@@ -26,13 +27,41 @@ from .triton_wq import _codes
 
 
 @triton.jit
+def _halve(v, BIT: tl.constexpr, BLOCK_KW: tl.constexpr, W: tl.constexpr):
+    """[BLOCK_KW, W] -> [BLOCK_KW, W // 2]: the columns whose lowest index bit is BIT (a register split)."""
+    lo, hi = tl.split(tl.reshape(v, (BLOCK_KW, W // 2, 2)))
+    return hi if BIT else lo
+
+
+@triton.jit
+def _column(x2, I: tl.constexpr, PER: tl.constexpr, BLOCK_KW: tl.constexpr):
+    """Column I of x2 [BLOCK_KW, PER] (PER = 4, 8 or 16) as [BLOCK_KW], by halving on the bits of I."""
+    v = x2
+    if PER == 16:
+        v = _halve(v, I % 2, BLOCK_KW, 16)
+        v = _halve(v, (I // 2) % 2, BLOCK_KW, 8)
+        v = _halve(v, (I // 4) % 2, BLOCK_KW, 4)
+        v = _halve(v, I // 8, BLOCK_KW, 2)
+    elif PER == 8:
+        v = _halve(v, I % 2, BLOCK_KW, 8)
+        v = _halve(v, (I // 2) % 2, BLOCK_KW, 4)
+        v = _halve(v, I // 4, BLOCK_KW, 2)
+    else:
+        v = _halve(v, I % 2, BLOCK_KW, 4)
+        v = _halve(v, I // 2, BLOCK_KW, 2)
+    return tl.reshape(v, (BLOCK_KW,))
+
+
+@triton.jit
 def wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, N, K, stride_qw, stride_s, stride_z,
                    GROUP: tl.constexpr, BITS: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr):
     """y[N] = deq(W)[N, K] @ x[K] (+ bias); SPLIT_K > 1: K slices reduced by the last one (triton_splitk).
     EVEN_K: K % (BLOCK_KW * PER) == 0, no masks along K. SASS of the main loop at the H100's pick (sm_90,
     Triton 3.6, 64 codes per thread per step): 512 instructions masked with shift-and-mask codes, 406 with EVEN_K,
-    386 with EVEN_K and codes masked in place (a shift per code fewer; tests/test_kernels_compile.py)."""
+    386 with EVEN_K and codes masked in place (a shift per code fewer), 332 with x read as one [BLOCK_KW, PER]
+    tile split in registers (instead of a 2-byte load, a convert and a sum per code position; fewer instructions
+    per code at every tile of CONFIGS, 2/4/8 bits; tests/test_kernels_compile.py)."""
     PER: tl.constexpr = 32 // BITS
     BLOCK_K: tl.constexpr = BLOCK_KW * PER
     pid_n = tl.program_id(0)
@@ -51,19 +80,21 @@ def wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, N,
             wmask = nmask[:, None] & (kw[None, :] * PER < K)
         words = tl.load(qw_ptr + offs_n[:, None] * stride_qw + kw[None, :], mask=wmask, other=0)
         words = words.to(tl.uint32, bitcast=True)  # [BLOCK_N, BLOCK_KW]
+        # x of the tile in one contiguous load, [BLOCK_KW, PER] (x at k = PER * w + i), then split into its PER
+        # columns inside each thread (one 16-byte load per word instead of PER 2-byte loads)
+        k2 = (k0 + tl.arange(0, BLOCK_KW) * PER)[:, None] + tl.arange(0, PER)[None, :]
+        if EVEN_K:
+            x2 = tl.load(x_ptr + k2).to(tl.float32)
+        else:
+            x2 = tl.load(x_ptr + k2, mask=k2 < K, other=0.0).to(tl.float32)
         part = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
-        xsum = tl.zeros((1, BLOCK_KW), dtype=tl.float32)
+        xsum = tl.sum(x2, axis=1)[None, :]  # [1, BLOCK_KW]
         for i in tl.static_range(PER):
-            k = kw * PER + i  # [BLOCK_KW]
-            if EVEN_K:
-                xi = tl.load(x_ptr + k).to(tl.float32)[None, :]  # [1, BLOCK_KW]
-            else:
-                xi = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)[None, :]
+            xi = _column(x2, i, PER, BLOCK_KW)[None, :]  # [1, BLOCK_KW]
             # code i in place, times 2^(i * BITS) (exact: BITS significant bits), against x times 2^-(i * BITS)
             # (exact): the same product as q * x, one shift fewer per code
             qs = (words & (((1 << BITS) - 1) << (i * BITS))).to(tl.float32)
             part += qs * (xi * (2.0 ** (-i * BITS)))
-            xsum += xi
         grp = k0 // GROUP
         s = tl.load(s_ptr + offs_n[:, None] * stride_s + grp, mask=nmask[:, None], other=0.0).to(tl.float32)
         if SYM:
