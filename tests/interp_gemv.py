@@ -29,6 +29,18 @@ def test_gemv_matches_reference(bits, sym, group, k, split):
     assert rel_err(y, ref.wa16_ref(x, meta, qw, s, qz, gi, b)) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("bits,group,k", [(4, 128, 384), (2, 64, 256), (8, -1, 200)])
+def test_gemv_codes_by_magic_equal_codes_by_conversion(bits, group, k):
+    """MAGIC (codes to floats by logic and an add) and the int-to-float conversions give the same products:
+    bit-identical outputs, split or not, with a masked tail (K = 200)."""
+    meta, qw, s, qz, _ = packed_args(rtn_layer(24, k, bits, group, False, seed=7 + bits))
+    x = torch.randn(1, k)
+    for split in (1, 2):
+        blk = {"BLOCK_N": 16, "BLOCK_K_CODES": 64, "SPLIT_K": split}
+        y = G.wq_gemv(x, meta, qw, s, qz, None, blk)
+        assert torch.equal(y, G.wq_gemv(x, meta, qw, s, qz, None, {**blk, "MAGIC": False}))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gemv_half(dtype):
     res = rtn_layer(48, 256, 4, 128, False, seed=3)

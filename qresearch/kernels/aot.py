@@ -69,7 +69,7 @@ def gemv_jobs(variants: list[str]) -> list[Job]:
         for c in k.CONFIGS:
             kw = dict(c.kwargs)
             const = dict(GROUP=128, BITS=bits, SYM=sym, HAS_BIAS=False, BLOCK_N=kw["BLOCK_N"],
-                         BLOCK_KW=kw["BLOCK_K_CODES"] * bits // 32, SPLIT_K=kw["SPLIT_K"], EVEN_K=True)
+                         BLOCK_KW=kw["BLOCK_K_CODES"] * bits // 32, SPLIT_K=kw["SPLIT_K"], EVEN_K=True, MAGIC=True)
             sig = {**ptrs, **{n: "i32" for n in ints}, **{n: "constexpr" for n in const}}
             jobs.append(Job("wq_gemv", v, k.wq_gemv_kernel, sig, const, c.num_warps, c.num_stages))
     return jobs

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_small import F32_MAGIC
 from .triton_splitk import counters, finish_tile, workspace
 from .triton_wq import _codes
 
@@ -53,15 +54,29 @@ def _column(x2, I: tl.constexpr, PER: tl.constexpr, BLOCK_KW: tl.constexpr):
 
 
 @triton.jit
+def _code_times_x(part, src, xi, P: tl.constexpr, BITS: tl.constexpr):
+    """part + q * x for the codes q at bit P of src = the float bits of 2^23 | a half word (P + BITS <= 16):
+    src & (mask << P | bits of 2^23) is the float 2^23 + q 2^P, so q 2^P comes exactly from one AND and one add
+    (no int-to-float conversion, 16 / clk / SM on sm_90), and against x 2^-P (exact) it is the same product as
+    q * x. src [BLOCK_N, BLOCK_KW] uint32, xi [1, BLOCK_KW]."""
+    qs = (src & (F32_MAGIC | (((1 << BITS) - 1) << P))).to(tl.float32, bitcast=True) - 8388608.0
+    return part + qs * (xi * (2.0 ** (-P)))
+
+
+@triton.jit
 def wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, N, K, stride_qw, stride_s, stride_z,
                    GROUP: tl.constexpr, BITS: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+                   MAGIC: tl.constexpr = True):
     """y[N] = deq(W)[N, K] @ x[K] (+ bias); SPLIT_K > 1: K slices reduced by the last one (triton_splitk).
     EVEN_K: K % (BLOCK_KW * PER) == 0, no masks along K. SASS of the main loop at the H100's pick (sm_90,
     Triton 3.6, 64 codes per thread per step): 512 instructions masked with shift-and-mask codes, 406 with EVEN_K,
     386 with EVEN_K and codes masked in place (a shift per code fewer), 332 with x read as one [BLOCK_KW, PER]
     tile split in registers (instead of a 2-byte load, a convert and a sum per code position; fewer instructions
-    per code at every tile of CONFIGS, 2/4/8 bits; tests/test_kernels_compile.py)."""
+    per code at every tile of CONFIGS, 2/4/8 bits; tests/test_kernels_compile.py), then 341 with MAGIC: codes
+    become floats by logic and an add, so the int-to-float conversions (a 16 / clk / SM pipe on sm_90, one per
+    code: ~12 us of the H100's 4096x11008 call at full occupancy) drop from 66 to 2 per step. MAGIC=False keeps
+    the conversions, with bit-identical output, for an A/B on a GPU (experiments/sweep_gemv.py --ab-magic)."""
     PER: tl.constexpr = 32 // BITS
     BLOCK_K: tl.constexpr = BLOCK_KW * PER
     pid_n = tl.program_id(0)
@@ -89,12 +104,18 @@ def wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, N,
             x2 = tl.load(x_ptr + k2, mask=k2 < K, other=0.0).to(tl.float32)
         part = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
         xsum = tl.sum(x2, axis=1)[None, :]  # [1, BLOCK_KW]
-        for i in tl.static_range(PER):
-            xi = _column(x2, i, PER, BLOCK_KW)[None, :]  # [1, BLOCK_KW]
-            # code i in place, times 2^(i * BITS) (exact: BITS significant bits), against x times 2^-(i * BITS)
-            # (exact): the same product as q * x, one shift fewer per code
-            qs = (words & (((1 << BITS) - 1) << (i * BITS))).to(tl.float32)
-            part += qs * (xi * (2.0 ** (-i * BITS)))
+        if MAGIC:  # each half word under the float bits of 2^23 (once per word): a code then takes one AND
+            low = (words & 0xFFFF) | F32_MAGIC
+            high = (words >> 16) | F32_MAGIC
+            for i in tl.static_range(PER // 2):  # codes in the low half word, then in the high one
+                part = _code_times_x(part, low, _column(x2, i, PER, BLOCK_KW)[None, :], i * BITS, BITS)
+            for i in tl.static_range(PER // 2, PER):
+                part = _code_times_x(part, high, _column(x2, i, PER, BLOCK_KW)[None, :], (i - PER // 2) * BITS,
+                                     BITS)
+        else:  # the same products through int-to-float conversions of the codes in place (an A/B for GPUs)
+            for i in tl.static_range(PER):
+                qs = (words & (((1 << BITS) - 1) << (i * BITS))).to(tl.float32)
+                part += qs * (_column(x2, i, PER, BLOCK_KW)[None, :] * (2.0 ** (-i * BITS)))
         grp = k0 // GROUP
         s = tl.load(s_ptr + offs_n[:, None] * stride_s + grp, mask=nmask[:, None], other=0.0).to(tl.float32)
         if SYM:
@@ -151,7 +172,8 @@ def _launch(x, meta, qweight, scales, qzeros, bias, cfg: dict, warps: int = 4) -
                          meta.in_features, qweight.stride(0), scales.stride(0), z.stride(0), GROUP=meta.group,
                          BITS=meta.bits, SYM=meta.sym or qzeros is None, HAS_BIAS=bias is not None,
                          BLOCK_N=cfg["BLOCK_N"], BLOCK_KW=bkw, SPLIT_K=split,
-                         EVEN_K=meta.in_features % cfg["BLOCK_K_CODES"] == 0, num_warps=warps)
+                         EVEN_K=meta.in_features % cfg["BLOCK_K_CODES"] == 0, MAGIC=cfg.get("MAGIC", True),
+                         num_warps=warps)
     return y
 
 
