@@ -36,9 +36,12 @@ def test_gemv_wide_matches_reference(bits, sym, group, k, cfg):
 @pytest.mark.parametrize("m", [2, 5, 16])
 @pytest.mark.parametrize("bits,sym,group,k,cfg", [
     (4, False, 128, 384, (16, 1, 4, 2, 0)), (4, False, 128, 384, (16, 2, 4, 2, 1)), (4, True, 128, 640, (32, 2, 4, 2, 1)),
-    (8, False, 64, 256, (16, 3, 4, 2, 0)), (8, True, -1, 200, (16, 2, 4, 2, 1)), (2, False, 256, 512, (16, 1, 4, 2, 1))])
+    (8, False, 64, 256, (16, 3, 4, 2, 0)), (8, True, -1, 200, (16, 2, 4, 2, 1)), (2, False, 256, 512, (16, 1, 4, 2, 1)),
+    (4, False, 128, 384, (16, 2, 4, 2, 2)), (8, True, -1, 200, (16, 2, 4, 2, 2)), (2, False, 256, 512, (16, 1, 4, 2, 2)),
+    (4, False, -1, 196, (16, 1, 4, 2, 2))])
 def test_skinny_dot_matches_reference(m, bits, sym, group, k, cfg):
-    """M < 16 rows masked; groups of 64 / 128 / 256, per channel with a masked K tail; split-K; bias."""
+    """M < 16 rows masked; groups of 64 / 128 / 256, per channel with a masked K tail; split-K; bias; x strided
+    (XPERM 0), copied (1) or read as a tile and split in registers (2, also with K = 196: not whole words)."""
     res = rtn_layer(37, k, bits, group, sym, seed=bits + k + m)
     meta, qw, s, qz, gi = packed_args(res)
     x, b = torch.randn(m, k), torch.randn(37)

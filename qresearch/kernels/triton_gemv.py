@@ -22,35 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_small import F32_MAGIC
+from .triton_small import F32_MAGIC, _column
 from .triton_splitk import counters, finish_tile, workspace
 from .triton_wq import _codes
-
-
-@triton.jit
-def _halve(v, BIT: tl.constexpr, BLOCK_KW: tl.constexpr, W: tl.constexpr):
-    """[BLOCK_KW, W] -> [BLOCK_KW, W // 2]: the columns whose lowest index bit is BIT (a register split)."""
-    lo, hi = tl.split(tl.reshape(v, (BLOCK_KW, W // 2, 2)))
-    return hi if BIT else lo
-
-
-@triton.jit
-def _column(x2, I: tl.constexpr, PER: tl.constexpr, BLOCK_KW: tl.constexpr):
-    """Column I of x2 [BLOCK_KW, PER] (PER = 4, 8 or 16) as [BLOCK_KW], by halving on the bits of I."""
-    v = x2
-    if PER == 16:
-        v = _halve(v, I % 2, BLOCK_KW, 16)
-        v = _halve(v, (I // 2) % 2, BLOCK_KW, 8)
-        v = _halve(v, (I // 4) % 2, BLOCK_KW, 4)
-        v = _halve(v, I // 8, BLOCK_KW, 2)
-    elif PER == 8:
-        v = _halve(v, I % 2, BLOCK_KW, 8)
-        v = _halve(v, (I // 2) % 2, BLOCK_KW, 4)
-        v = _halve(v, I // 4, BLOCK_KW, 2)
-    else:
-        v = _halve(v, I % 2, BLOCK_KW, 4)
-        v = _halve(v, I // 2, BLOCK_KW, 2)
-    return tl.reshape(v, (BLOCK_KW,))
 
 
 @triton.jit

@@ -17,6 +17,9 @@ gemv_wide_kernel (M = 1, FMA): a program holds [BLOCK_N, NG, WPG] words: NG sub-
 skinny_dot_kernel (2 <= M <= 16, tensor cores): per step one group slice of SUB codes; for each code position i
   a tl.dot of x[:, PER * w + i] [16, WPG] with (q - z)[n, w] in fp16 [WPG, BLOCK_N], then one scale per row:
       acc[m, n] += s_n * sum_k x_mk (q_nk - z_n)
+  x reaches the dots strided (XPERM 0), from a copy in code-position order (1: one more kernel per call), or as
+  each step's contiguous [16, WPG, PER] tile split into code positions in registers (2: `_column`, shared with
+  triton_gemv; its 16-byte reads without the copy). The tuner times all three.
 
 Tiles are chosen per layer shape by timing every config once (CUDA; `TUNED` keeps the times, for reports);
 `block` fixes one (tests, interpreter). experiments/tune_small_m.py compares them with the other paths. Measured on
@@ -37,6 +40,32 @@ from .triton_wq import _codes
 
 F32_MAGIC = tl.constexpr(0x4B000000)  # float32 bits of 2^23
 F16_MAGIC = tl.constexpr(0x6400)  # float16 bits of 1024.0
+
+
+@triton.jit
+def _halve(v, BIT: tl.constexpr, BLOCK_KW: tl.constexpr, W: tl.constexpr):
+    """[BLOCK_KW, W] -> [BLOCK_KW, W // 2]: the columns whose lowest index bit is BIT (a register split)."""
+    lo, hi = tl.split(tl.reshape(v, (BLOCK_KW, W // 2, 2)))
+    return hi if BIT else lo
+
+
+@triton.jit
+def _column(x2, I: tl.constexpr, PER: tl.constexpr, BLOCK_KW: tl.constexpr):
+    """Column I of x2 [BLOCK_KW, PER] (PER = 4, 8 or 16) as [BLOCK_KW], by halving on the bits of I."""
+    v = x2
+    if PER == 16:
+        v = _halve(v, I % 2, BLOCK_KW, 16)
+        v = _halve(v, (I // 2) % 2, BLOCK_KW, 8)
+        v = _halve(v, (I // 4) % 2, BLOCK_KW, 4)
+        v = _halve(v, I // 8, BLOCK_KW, 2)
+    elif PER == 8:
+        v = _halve(v, I % 2, BLOCK_KW, 8)
+        v = _halve(v, (I // 2) % 2, BLOCK_KW, 4)
+        v = _halve(v, I // 4, BLOCK_KW, 2)
+    else:
+        v = _halve(v, I % 2, BLOCK_KW, 4)
+        v = _halve(v, I // 2, BLOCK_KW, 2)
+    return tl.reshape(v, (BLOCK_KW,))
 
 
 @triton.jit
@@ -114,8 +143,10 @@ def skinny_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr,
                       EVEN_K: tl.constexpr, XPERM: tl.constexpr):
     """y[M, N] = x[M, K] @ deq(W)[N, K]^T (+ bias) for M <= 16; SPLIT_K > 1: K slices reduced by the last one.
 
-    EVEN_K: K % SUB == 0, no masks along K. XPERM: x_ptr is x [PER, M, K / PER] (x[m, PER * w + i] at
-    [i, m, w]; stride_xi, stride_xm), so each code position is a contiguous tile; else x [M, K], stride PER.
+    EVEN_K: K % SUB == 0, no masks along K. XPERM 1: x_ptr is x [PER, M, K / PER] (x[m, PER * w + i] at
+    [i, m, w]; stride_xi, stride_xm; a copy kernel per call), so each code position is a contiguous tile;
+    0: x [M, K], read with stride PER per code position; 2: x [M, K], each step's [16, WPG, PER] tile read once,
+    contiguous, and split into code positions in registers (contiguous reads without the copy kernel).
     """
     PER: tl.constexpr = 32 // BITS
     WPG: tl.constexpr = SUB // PER  # words per step (>= 16: the dot's K)
@@ -143,16 +174,24 @@ def skinny_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr,
                          SYM)  # [BLOCK_N, 1]
         z16 = (z + 1024.0).to(tl.float16)  # exact
         part = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+        if XPERM == 2:  # the step's x tile in one contiguous read, its code positions split out in registers
+            k3 = (kw * PER)[None, :, None] + tl.arange(0, PER)[None, None, :]  # [1, WPG, PER]
+            m3 = mmask[:, None, None] if EVEN_K else mmask[:, None, None] & (k3 < K)
+            x3 = tl.load(x_ptr + offs_m[:, None, None] * stride_xm + k3, mask=m3, other=0.0)  # [16, WPG, PER]
+            x2 = tl.reshape(x3, (16 * WPG, PER))
         for i in tl.static_range(PER):
             k = kw * PER + i
-            if XPERM:
-                xp = x_ptr + i * stride_xi + offs_m[:, None] * stride_xm + kw[None, :]
+            if XPERM == 2:
+                xi = tl.reshape(_column(x2, i, PER, 16 * WPG), (16, WPG))
             else:
-                xp = x_ptr + offs_m[:, None] * stride_xm + k[None, :]
-            if EVEN_K:
-                xi = tl.load(xp, mask=mmask[:, None], other=0.0)  # [16, WPG]
-            else:
-                xi = tl.load(xp, mask=mmask[:, None] & (k < K)[None, :], other=0.0)
+                if XPERM == 1:
+                    xp = x_ptr + i * stride_xi + offs_m[:, None] * stride_xm + kw[None, :]
+                else:
+                    xp = x_ptr + offs_m[:, None] * stride_xm + k[None, :]
+                if EVEN_K:
+                    xi = tl.load(xp, mask=mmask[:, None], other=0.0)  # [16, WPG]
+                else:
+                    xi = tl.load(xp, mask=mmask[:, None] & (k < K)[None, :], other=0.0)
             c = (((words >> (i * BITS)) & MASK) | F16_MAGIC).to(tl.uint16)
             w = c.to(tl.float16, bitcast=True) - z16  # q - z, exact [BLOCK_N, WPG]
             part = tl.dot(xi, tl.trans(w.to(xi.dtype)), part)  # [16, BLOCK_N]
@@ -167,7 +206,7 @@ WIDE_CONFIGS = [(*t, xperm) for xperm in (0, 1) for t in _WIDE_TILES]
 # (BLOCK_N, SPLIT_K, warps, stages, XPERM) for M in 2..16
 _DOT_TILES = [(32, 1, 4, 2), (32, 2, 4, 2), (32, 4, 4, 2), (64, 1, 4, 2), (64, 2, 4, 2), (64, 4, 4, 2),
               (128, 1, 4, 2), (128, 2, 8, 2), (16, 2, 4, 2), (16, 4, 4, 2), (64, 8, 4, 2), (32, 8, 4, 2)]
-DOT_CONFIGS = [(*t, xperm) for xperm in (0, 1) for t in _DOT_TILES]
+DOT_CONFIGS = [(*t, xperm) for xperm in (0, 1, 2) for t in _DOT_TILES]
 TUNED: dict[tuple, dict] = {}  # (kernel, N, K, group, bits, sym, dtype) -> {"best": cfg, "ms": {cfg label: ms}}
 
 
@@ -212,7 +251,7 @@ def _wide_args(meta, cfg: tuple) -> dict:
 def _dot_args(meta, cfg: tuple) -> dict:
     bn, sk, _, _, xperm = cfg
     sub = _sub_codes(meta, _dot_want(meta))
-    return dict(BLOCK_N=bn, SUB=sub, SPLIT_K=sk, EVEN_K=meta.in_features % sub == 0, XPERM=bool(xperm))
+    return dict(BLOCK_N=bn, SUB=sub, SPLIT_K=sk, EVEN_K=meta.in_features % sub == 0, XPERM=int(xperm))
 
 
 def permute_x(x: torch.Tensor, bits: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -240,7 +279,7 @@ def _launch_dot(x, meta, qweight, scales, qzeros, bias, y, p, cnt, cfg: tuple) -
     a = _dot_args(meta, cfg)
     grid = (triton.cdiv(meta.out_features, a["BLOCK_N"]), a["SPLIT_K"])
     z = qzeros if qzeros is not None else qweight
-    xk, sxi, sxm = (x, 0, x.stride(0)) if not a["XPERM"] else (lambda p: (p, p.stride(0), p.stride(1)))(
+    xk, sxi, sxm = (x, 0, x.stride(0)) if a["XPERM"] != 1 else (lambda p: (p, p.stride(0), p.stride(1)))(
         permute_x(x, meta.bits))
     skinny_dot_kernel[grid](xk, qweight, scales, z, bias if bias is not None else scales, y, p, cnt, x.shape[0],
                             meta.out_features, meta.in_features, sxi, sxm, qweight.stride(0), scales.stride(0),
@@ -273,9 +312,9 @@ def _tune(kernel: str, x, meta, run) -> tuple:
 
 
 def configs(kernel: str, meta) -> list[tuple]:
-    """The configs tuned for this layer (XPERM needs K a multiple of the codes per word)."""
+    """The configs tuned for this layer (XPERM 1, the copied x, needs K a multiple of the codes per word)."""
     whole = meta.in_features % (32 // meta.bits) == 0
-    return [c for c in (WIDE_CONFIGS if kernel == "wide" else DOT_CONFIGS) if not c[4] or whole]
+    return [c for c in (WIDE_CONFIGS if kernel == "wide" else DOT_CONFIGS) if c[4] != 1 or whole]
 
 
 def _interp_block(kernel: str) -> tuple:
