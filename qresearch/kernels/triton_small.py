@@ -19,7 +19,7 @@ skinny_dot_kernel (2 <= M <= 16, tensor cores): per step one group slice of SUB 
       acc[m, n] += s_n * sum_k x_mk (q_nk - z_n)
   x reaches the dots strided (XPERM 0), from a copy in code-position order (1: one more kernel per call), or as
   each step's contiguous [16, WPG, PER] tile split into code positions in registers (2: `_column`, shared with
-  triton_gemv; its 16-byte reads without the copy). The tuner times all three.
+  triton_gemv; its 16-byte reads without the copy). The tuner times 1 and 2.
 
 Tiles are chosen per layer shape by timing every config once (CUDA; `TUNED` keeps the times, for reports);
 `block` fixes one (tests, interpreter). experiments/tune_small_m.py compares them with the other paths. Measured on
@@ -206,7 +206,9 @@ WIDE_CONFIGS = [(*t, xperm) for xperm in (0, 1) for t in _WIDE_TILES]
 # (BLOCK_N, SPLIT_K, warps, stages, XPERM) for M in 2..16
 _DOT_TILES = [(32, 1, 4, 2), (32, 2, 4, 2), (32, 4, 4, 2), (64, 1, 4, 2), (64, 2, 4, 2), (64, 4, 4, 2),
               (128, 1, 4, 2), (128, 2, 8, 2), (16, 2, 4, 2), (16, 4, 4, 2), (64, 8, 4, 2), (32, 8, 4, 2)]
-DOT_CONFIGS = [(*t, xperm) for xperm in (0, 1, 2) for t in _DOT_TILES]
+# XPERM 0 (strided x) lost to 1 at 32 of 36 (tile, shape) pairs on the H100 and at every shape's best tile
+# (results/tune_small_m_*.md); 2 reads x contiguously as 1 does, without its copy kernel
+DOT_CONFIGS = [(*t, xperm) for xperm in (1, 2) for t in _DOT_TILES]
 TUNED: dict[tuple, dict] = {}  # (kernel, N, K, group, bits, sym, dtype) -> {"best": cfg, "ms": {cfg label: ms}}
 
 
