@@ -9,7 +9,8 @@ One process per batch list (run two side by side, one torch thread each), then m
 
     python experiments/diag_gptq_numerics.py --batches 8 --perms 0 1 2 3 --json /tmp/b8.json
     python experiments/diag_gptq_numerics.py --batches 1 --perms 0 1 2 3 --json /tmp/b1.json
-    python experiments/diag_gptq_numerics.py --merge /tmp/b8.json /tmp/b1.json --md results/diag_gptq_numerics.md
+    python experiments/diag_gptq_numerics.py --forward-check --json /tmp/fwd.json
+    python experiments/diag_gptq_numerics.py --merge /tmp/b8.json /tmp/b1.json /tmp/fwd.json --md results/diag_gptq_numerics.md
 """
 from __future__ import annotations
 
@@ -44,6 +45,26 @@ def mean_sd(xs: list[float]) -> tuple[float, float]:
 def welch_t(a: list[float], b: list[float]) -> float:
     (ma, sa), (mb, sb) = mean_sd(a), mean_sd(b)
     return (ma - mb) / math.sqrt(sa ** 2 / len(a) + sb ** 2 / len(b) + 1e-30)
+
+
+def forward_check(args) -> dict:
+    """Max |difference| of every FP block's outputs computed at calibration batch 8 and 1 (the first 16 windows):
+    zero means the two batch sizes feed GPTQ the same activations, bit for bit."""
+    from experiments.bench_gptq_vs_reference import load_smollm2
+    from qresearch.calib.blockio import BlockIO, capture_inputs, run_block
+    from qresearch.models.arch import arch_for, blocks_of
+
+    torch.set_num_threads(args.threads)
+    fp, calib_for, _ = load_smollm2(args.data_root)
+    arch, cpu = arch_for(fp), torch.device("cpu")
+    calib, _ = calib_for(args.calib, args.seqlen, args.seed)
+    io = {b: capture_inputs(fp, arch, calib[:16], cpu, b) for b in (8, 1)}
+    worst = 0.0
+    for blk in blocks_of(fp, arch):
+        worst = max(worst, float((torch.cat(io[8].hidden) - torch.cat(io[1].hidden)).abs().max()))
+        io = {b: BlockIO(run_block(blk, v), v.kwargs) for b, v in io.items()}
+    worst = max(worst, float((torch.cat(io[8].hidden) - torch.cat(io[1].hidden)).abs().max()))
+    return {"windows": 16, "blocks": len(blocks_of(fp, arch)), "threads": args.threads, "max_abs_diff": worst}
 
 
 def run(args) -> dict:
@@ -84,6 +105,8 @@ def run(args) -> dict:
 
 
 def report(parts: list[dict]) -> str:
+    fwd = next((p["forward_check"] for p in parts if "forward_check" in p), None)
+    parts = [p for p in parts if "rows" in p]
     rows = [r for p in parts for r in p["rows"]]
     m0, cal, ev = parts[0]["machine"], parts[0]["calibration"], parts[0]["eval"]
     by = {}
@@ -110,6 +133,9 @@ def report(parts: list[dict]) -> str:
     if len(batches) == 2:
         a, b = (list(by[x].values()) for x in batches)
         lines.append(f"- Welch t (batch {batches[0]} - batch {batches[1]}): {welch_t(a, b):.2f}")
+    if fwd is not None:
+        lines.append(f"- FP block outputs at batch 8 vs batch 1 ({fwd['windows']} windows, all {fwd['blocks']} blocks, "
+                     f"{fwd['threads']} thread): max |difference| {fwd['max_abs_diff']:.1e} (--forward-check)")
     lines += ["", "Regenerate: see the docstring of `experiments/diag_gptq_numerics.py`."]
     return "\n".join(lines) + "\n"
 
@@ -127,6 +153,8 @@ def main() -> int:
         os.environ.get("QRESEARCH_SHARED", "/work/shared")) / "data")))
     ap.add_argument("--json", default=None)
     ap.add_argument("--merge", nargs="+", default=None, help="JSON files of earlier runs: write the report only")
+    ap.add_argument("--forward-check", action="store_true",
+                    help="only compare FP block outputs at batch 8 and 1 (JSON to --json), no GPTQ")
     ap.add_argument("--md", default=None)
     args = ap.parse_args()
     if args.merge:
@@ -134,6 +162,12 @@ def main() -> int:
         if args.md:
             Path(args.md).write_text(text)
         print(text)
+        return 0
+    if args.forward_check:
+        out = forward_check(args)
+        print(json.dumps(out))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"forward_check": out}, indent=1))
         return 0
     run(args)
     return 0
