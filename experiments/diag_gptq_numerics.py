@@ -64,7 +64,34 @@ def forward_check(args) -> dict:
         worst = max(worst, float((torch.cat(io[8].hidden) - torch.cat(io[1].hidden)).abs().max()))
         io = {b: BlockIO(run_block(blk, v), v.kwargs) for b, v in io.items()}
     worst = max(worst, float((torch.cat(io[8].hidden) - torch.cat(io[1].hidden)).abs().max()))
-    return {"windows": 16, "blocks": len(blocks_of(fp, arch)), "threads": args.threads, "max_abs_diff": worst}
+    return {"windows": 16, "blocks": len(blocks_of(fp, arch)), "threads": args.threads, "max_abs_diff": worst,
+            "hessians": hessian_errors(fp, arch, calib, cpu)}
+
+
+def hessian_errors(fp, arch, calib: torch.Tensor, device, blocks=(0, 10, 20, 29)) -> list[dict]:
+    """Relative Frobenius error of the fp32 Hessian (qresearch.calib.stats, as GPTQ accumulates it) at batch 8 and
+    at batch 1 against the float64 one, for the first linear of every input group of some FP blocks."""
+    from qresearch.calib.blockio import BlockIO, capture_inputs, run_block
+    from qresearch.calib.hooks import record_inputs
+    from qresearch.calib.stats import input_stats
+    from qresearch.models.arch import blocks_of, present_groups
+
+    io8 = capture_inputs(fp, arch, calib, device, 8)
+    rows = []
+    for i, blk in enumerate(blocks_of(fp, arch)):
+        if i in blocks:
+            io1 = BlockIO([h[j:j + 1] for h in io8.hidden for j in range(h.shape[0])],
+                          [kw for h, kw in zip(io8.hidden, io8.kwargs) for _ in range(h.shape[0])])
+            for grp in present_groups(blk, arch):
+                xs = []
+                record_inputs(blk, io8, [grp[0]], lambda _n, x: xs.append(x.reshape(-1, x.shape[-1]).double()))
+                X = torch.cat(xs)
+                H64 = 2 * X.T @ X / X.shape[0]
+                err = {b: float((input_stats(blk, io, [grp[0]])[grp[0]].hessian.double() - H64).norm() / H64.norm())
+                       for b, io in ((8, io8), (1, io1))}
+                rows.append({"block": i, "linear": grp[0], "batch8_rel_err": err[8], "batch1_rel_err": err[1]})
+        io8 = BlockIO(run_block(blk, io8), io8.kwargs)
+    return rows
 
 
 def run(args) -> dict:
@@ -136,6 +163,13 @@ def report(parts: list[dict]) -> str:
     if fwd is not None:
         lines.append(f"- FP block outputs at batch 8 vs batch 1 ({fwd['windows']} windows, all {fwd['blocks']} blocks, "
                      f"{fwd['threads']} thread): max |difference| {fwd['max_abs_diff']:.1e} (--forward-check)")
+        hs = fwd.get("hessians") or []
+        if hs:
+            e8, e1 = [r["batch8_rel_err"] for r in hs], [r["batch1_rel_err"] for r in hs]
+            lines.append(f"- fp32 Hessians vs float64, {len(hs)} linears of FP blocks "
+                         f"{sorted({r['block'] for r in hs})}, all windows: batch 8 {min(e8):.1e}..{max(e8):.1e} "
+                         f"(mean {sum(e8) / len(e8):.1e}), batch 1 {min(e1):.1e}..{max(e1):.1e} "
+                         f"(mean {sum(e1) / len(e1):.1e}) relative (--forward-check)")
     lines += ["", "Regenerate: see the docstring of `experiments/diag_gptq_numerics.py`."]
     return "\n".join(lines) + "\n"
 
