@@ -38,6 +38,27 @@ def _code_times_x(part, src, xi, P: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _words_dot_x(words, x2, BITS: tl.constexpr, PER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+                 MAGIC: tl.constexpr):
+    """sum_i q_i(word) * x[PER * w + i] per word: words [BLOCK_N, BLOCK_KW] uint32, x2 [BLOCK_KW, PER] fp32 ->
+    [BLOCK_N, BLOCK_KW] fp32. MAGIC: codes to floats by logic and an add; else int-to-float conversions of the
+    codes in place (the same products, for an A/B on GPUs)."""
+    part = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
+    if MAGIC:  # each half word under the float bits of 2^23 (once per word): a code then takes one AND
+        low = (words & 0xFFFF) | F32_MAGIC
+        high = (words >> 16) | F32_MAGIC
+        for i in tl.static_range(PER // 2):  # codes in the low half word, then in the high one
+            part = _code_times_x(part, low, _column(x2, i, PER, BLOCK_KW)[None, :], i * BITS, BITS)
+        for i in tl.static_range(PER // 2, PER):
+            part = _code_times_x(part, high, _column(x2, i, PER, BLOCK_KW)[None, :], (i - PER // 2) * BITS, BITS)
+    else:
+        for i in tl.static_range(PER):
+            qs = (words & (((1 << BITS) - 1) << (i * BITS))).to(tl.float32)
+            part += qs * (_column(x2, i, PER, BLOCK_KW)[None, :] * (2.0 ** (-i * BITS)))
+    return part
+
+
+@triton.jit
 def wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, N, K, stride_qw, stride_s, stride_z,
                    GROUP: tl.constexpr, BITS: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
@@ -76,20 +97,8 @@ def wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, N,
             x2 = tl.load(x_ptr + k2).to(tl.float32)
         else:
             x2 = tl.load(x_ptr + k2, mask=k2 < K, other=0.0).to(tl.float32)
-        part = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
+        part = _words_dot_x(words, x2, BITS, PER, BLOCK_N, BLOCK_KW, MAGIC)  # [BLOCK_N, BLOCK_KW]
         xsum = tl.sum(x2, axis=1)[None, :]  # [1, BLOCK_KW]
-        if MAGIC:  # each half word under the float bits of 2^23 (once per word): a code then takes one AND
-            low = (words & 0xFFFF) | F32_MAGIC
-            high = (words >> 16) | F32_MAGIC
-            for i in tl.static_range(PER // 2):  # codes in the low half word, then in the high one
-                part = _code_times_x(part, low, _column(x2, i, PER, BLOCK_KW)[None, :], i * BITS, BITS)
-            for i in tl.static_range(PER // 2, PER):
-                part = _code_times_x(part, high, _column(x2, i, PER, BLOCK_KW)[None, :], (i - PER // 2) * BITS,
-                                     BITS)
-        else:  # the same products through int-to-float conversions of the codes in place (an A/B for GPUs)
-            for i in tl.static_range(PER):
-                qs = (words & (((1 << BITS) - 1) << (i * BITS))).to(tl.float32)
-                part += qs * (_column(x2, i, PER, BLOCK_KW)[None, :] * (2.0 ** (-i * BITS)))
         grp = k0 // GROUP
         s = tl.load(s_ptr + offs_n[:, None] * stride_s + grp, mask=nmask[:, None], other=0.0).to(tl.float32)
         if SYM:
