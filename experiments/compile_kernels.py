@@ -20,7 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from qresearch.kernels.aot import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from qresearch.kernels.aot import (  # noqa: E402
     SMEM_LIMIT,
     WQ_VARIANTS,
     compile_job,
