@@ -41,6 +41,22 @@ def test_gemv_codes_by_magic_equal_codes_by_conversion(bits, group, k):
         assert torch.equal(y, G.wq_gemv(x, meta, qw, s, qz, None, {**blk, "MAGIC": False}))
 
 
+def test_gemv_conversions_by_environment(monkeypatch):
+    """QRESEARCH_GEMV_MAGIC=0 (the GPU suite's gemv-i2f row) runs the conversion build: same bits, and its
+    suite helper sets and restores both variables."""
+    from experiments.gpusuite import lib
+
+    meta, qw, s, qz, _ = packed_args(rtn_layer(24, 256, 4, 128, False, seed=3))
+    x = torch.randn(1, 256)
+    blk = {"BLOCK_N": 16, "BLOCK_K_CODES": 64, "SPLIT_K": 1}
+    y = G.wq_gemv(x, meta, qw, s, qz, None, blk)
+    monkeypatch.delenv("QRESEARCH_SMALL_M", raising=False)
+    with lib.small_m_path("gemv-i2f"):
+        assert not G._magic() and os.environ["QRESEARCH_SMALL_M"] == "gemv"
+        assert torch.equal(G.wq_gemv(x, meta, qw, s, qz, None, blk), y)
+    assert G._magic() and "QRESEARCH_SMALL_M" not in os.environ and "QRESEARCH_GEMV_MAGIC" not in os.environ
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gemv_half(dtype):
     res = rtn_layer(48, 256, 4, 128, False, seed=3)

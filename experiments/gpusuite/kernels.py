@@ -41,7 +41,9 @@ def reference(mod, x):
 
 
 ALT_VARIANTS = ("w4a16_g128",)  # the goals' variant (each costs a compile and tune of every small-M config)
-ALT_PATHS = {1: ("small", "splitk"), 16: ("splitk",)}  # the small-M kernels the auto path did not pick, per M
+# the small-M kernels the auto path did not pick, per M; gemv-i2f: the M = 1 GEMV at its tuned tile with codes
+# converted int-to-float, an A/B of its default conversion-free unpacking (untimed on a GPU before)
+ALT_PATHS = {1: ("small", "splitk", "gemv-i2f"), 16: ("splitk",)}
 
 
 @torch.no_grad()

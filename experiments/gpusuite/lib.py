@@ -33,33 +33,36 @@ RTN_VARIANTS = {"w4_g128": dict(bits=4, group_size=128, sym=False),
                 "w8a8": dict(bits=8, group_size=-1, sym=True, act_bits=8, act_granularity="token")}
 
 
-@contextlib.contextmanager
 def forced_kernels(backend: str):
     """Run packed layers on `backend` ('torch' = the reference) inside the block; dispatch reads the variable per
     call."""
-    old = os.environ.get(KERNEL_ENV)
-    os.environ[KERNEL_ENV] = backend
+    return _env(KERNEL_ENV, backend)
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    """The environment variable `name` set to `value` inside the block, restored after."""
+    old = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if old is None:
-            os.environ.pop(KERNEL_ENV, None)
+            os.environ.pop(name, None)
         else:
-            os.environ[KERNEL_ENV] = old
+            os.environ[name] = old
 
 
 @contextlib.contextmanager
 def small_m_path(path: str):
-    """Calls of M <= 16 tokens take `path` (splitk | gemv | small) inside the block."""
-    old = os.environ.get("QRESEARCH_SMALL_M")
-    os.environ["QRESEARCH_SMALL_M"] = path  # LIBRARY: read per call by kernels/dispatch.py
-    try:
+    """Calls of M <= 16 tokens take `path` (splitk | gemv | small | gemv-i2f) inside the block; gemv-i2f: the
+    GEMV with int-to-float conversions of its codes instead of its default logic-and-add unpacking."""
+    env = {"QRESEARCH_SMALL_M": "gemv", "QRESEARCH_GEMV_MAGIC": "0"} if path == "gemv-i2f" else \
+        {"QRESEARCH_SMALL_M": path}  # LIBRARY: read per call by kernels/dispatch.py and kernels/triton_gemv.py
+    with contextlib.ExitStack() as stack:
+        for name, value in env.items():
+            stack.enter_context(_env(name, value))
         yield
-    finally:
-        if old is None:
-            os.environ.pop("QRESEARCH_SMALL_M", None)
-        else:
-            os.environ["QRESEARCH_SMALL_M"] = old
 
 
 def pack_random_layer(n: int, k: int, bits: int, group: int, sym: bool, act_order: bool, scale_dtype: torch.dtype,

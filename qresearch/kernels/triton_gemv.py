@@ -155,9 +155,15 @@ def _launch(x, meta, qweight, scales, qzeros, bias, cfg: dict, warps: int = 4) -
                          meta.in_features, qweight.stride(0), scales.stride(0), z.stride(0), GROUP=meta.group,
                          BITS=meta.bits, SYM=meta.sym or qzeros is None, HAS_BIAS=bias is not None,
                          BLOCK_N=cfg["BLOCK_N"], BLOCK_KW=bkw, SPLIT_K=split,
-                         EVEN_K=meta.in_features % cfg["BLOCK_K_CODES"] == 0, MAGIC=cfg.get("MAGIC", True),
+                         EVEN_K=meta.in_features % cfg["BLOCK_K_CODES"] == 0, MAGIC=cfg.get("MAGIC", _magic()),
                          num_warps=warps)
     return y
+
+
+def _magic() -> bool:
+    """Conversion-free unpacking (the default) unless QRESEARCH_GEMV_MAGIC=0 (the same output bits through
+    int-to-float conversions: an A/B of the tuned tile on a GPU)."""
+    return os.environ.get("QRESEARCH_GEMV_MAGIC", "1") != "0"
 
 
 _BEST: dict[tuple, tuple[dict, int]] = {}
