@@ -27,17 +27,17 @@ GPU_TILES = {"gemv": dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4),
              "splitk": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2),
              "prefill": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1),
              "w8a8_small": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64), "w8a8": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
-             "gemv2": dict(BLOCK_N=64, BLOCK_K_CODES=128, SPLIT_K=2)}
+             "gemv2": dict(BLOCK_N=64, BLOCK_K_CODES=128, SPLIT_K=2), "dequant": None}
 QUICK_TILES = {"gemv": dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=64, SPLIT_K=2),
                "splitk": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=3),
                "prefill": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1),
                "w8a8_small": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32), "w8a8": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32),
-               "gemv2": dict(BLOCK_N=16, BLOCK_K_CODES=64, SPLIT_K=2)}
+               "gemv2": dict(BLOCK_N=16, BLOCK_K_CODES=64, SPLIT_K=2), "dequant": None}
 
 
 @dataclass(frozen=True)
 class Case:
-    family: str  # wq | gemv2 (the one-token GEMV, triton_gemv) | w8a8 | act_quant
+    family: str  # wq | gemv2 (the one-token GEMV, triton_gemv) | dequant (triton_dequant + dense GEMM) | w8a8 | act_quant
     m: int
     n: int
     k: int
@@ -55,15 +55,15 @@ class Case:
         if self.family == "act_quant":
             return f"act_quant int8 {dt} M={self.m} K={self.k}"
         w = f"w{self.bits}{'a8' if self.family == 'w8a8' else 'a16'} g{self.group if self.group > 0 else 'ch'}" \
-            f" {'sym' if self.sym else 'asym'}{' gemv2' if self.family == 'gemv2' else ''}"
+            f" {'sym' if self.sym else 'asym'}{' ' + self.family if self.family in ('gemv2', 'dequant') else ''}"
         extras = [e for e, on in (("act-order", self.act_order), ("bias", self.bias), ("static", self.static)) if on]
         return f"{w}{' ' + '+'.join(extras) if extras else ''} {dt} M={self.m} {self.n}x{self.k}"
 
     def tile(self, tiles: dict) -> tuple[str, dict | None]:
         if self.family == "act_quant":
             return "act_quant", None
-        if self.family == "gemv2":
-            key = "gemv2"
+        if self.family in ("gemv2", "dequant"):
+            key = self.family
         elif self.family == "w8a8":
             key = "w8a8_small" if self.m <= 16 else "w8a8"
         else:
@@ -72,7 +72,7 @@ class Case:
 
 
 def cases(quick: bool) -> list[Case]:
-    """The case matrix (GPU: 104 cases; quick: small shapes the interpreter can run, fp32 + some 16-bit)."""
+    """The case matrix (GPU: 112 cases; quick: small shapes the interpreter can run, fp32 + some 16-bit)."""
     n, k = QUICK_SHAPE if quick else GPU_SHAPE
     ms, few = (QUICK_MS, (1, 33)) if quick else (GPU_MS, (1, 3, 300))
     half = torch.float32 if quick else torch.float16  # quick: the interpreter is exact in fp32
@@ -86,6 +86,9 @@ def cases(quick: bool) -> list[Case]:
     gemv = lambda b, g, s, dt=half, **kw: Case("gemv2", 1, n, k, dt, b, g, s, **kw)  # noqa: E731
     out += [gemv(b, 128, False) for b in (2, 4, 8)] + [gemv(4, 128, True), gemv(8, -1, True), gemv(4, 128, False,
                                                                                                   bias=True)]
+    deq = lambda b, g, s, dt=half, **kw: Case("dequant", few[-1], n, k, dt, b, g, s, **kw)  # noqa: E731
+    out += [deq(b, 128, False) for b in (2, 3, 4, 8)] + [deq(4, -1, True), deq(3, 32, False),
+                                                          deq(4, 128, False, act_order=True, bias=True)]
     if quick:  # the interpreter emulates 16-bit dots poorly: fp16 on every path, bf16 on the GEMV only
         out += [wq(m, 4, 128, False, torch.float16) for m in ms] + [wq(1, 4, 128, False, torch.bfloat16)]
         out += [Case("w8a8", m, n, k, dt, bias=True) for m, dt in ((1, torch.float32), (19, torch.float32),
@@ -95,6 +98,7 @@ def cases(quick: bool) -> list[Case]:
     bf = torch.bfloat16
     out += [wq(m, 4, 128, False, bf) for m in ms] + [wq(m, 8, -1, True, bf) for m in ms]
     out += [wq(m, 4, 128, False, bf, act_order=True) for m in (1, 300)] + [gemv(4, 128, False, bf)]
+    out += [deq(4, 128, False, bf)]
     out += [Case("w8a8", m, n, k, dt, bias=dt == half) for dt in (half, bf) for m in ms]
     out += [Case("w8a8", m, n, k, half, static=True) for m in (3, 300)]
     out += [Case("act_quant", 300, n, 4096 + 5, dt) for dt in (half, bf)]
@@ -122,6 +126,8 @@ def launch(case: Case, tile: dict | None, meta, bufs, x, bias, static):
         return lib.wq_kernel(x, meta, bufs, bias, tile)
     if case.family == "gemv2":
         return lib.gemv_kernel(x, meta, bufs, bias, tile)
+    if case.family == "dequant":
+        return lib.dequant_kernel(x, meta, bufs, bias)
     if case.family == "w8a8":
         return lib.w8a8_kernel(x, meta, bufs, bias, static, tile)
     return lib.act_quant_kernel(x)
@@ -138,7 +144,7 @@ def run_case(case: Case, device: torch.device, tiles: dict, seed: int = 0, kerne
         if case.family == "act_quant":
             got = kernel(case, tile, meta, bufs, x, bias, static)
             return {**row, **_act_quant_row(got, lib.act_quant_reference(x))}
-        if case.family in ("wq", "gemv2"):
+        if case.family in ("wq", "gemv2", "dequant"):
             truth = x.double() @ lib.dequant_weight64(meta, bufs).t() + (0 if bias is None else bias.double())
             ref_y = lib.wa16_reference(x, meta, bufs, bias)
         else:

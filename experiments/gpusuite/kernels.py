@@ -41,15 +41,17 @@ def reference(mod, x):
 
 
 ALT_VARIANTS = ("w4a16_g128",)  # the goals' variant (each costs a compile and tune of every small-M config)
-# the small-M kernels the auto path did not pick, per M; gemv-i2f: the M = 1 GEMV at its tuned tile with codes
-# converted int-to-float, an A/B of its default conversion-free unpacking (untimed on a GPU before)
-ALT_PATHS = {1: ("small", "splitk", "gemv-i2f"), 16: ("splitk",)}
+# the kernels the auto path did not pick, per M: small-M paths; gemv-i2f: the M = 1 GEMV at its tuned tile with
+# codes converted int-to-float (an A/B of its default conversion-free unpacking); fused: the GEMM that dequantizes
+# in its main loop (auto dequantizes to a dense weight then runs the dense GEMM from 64 tokens on)
+ALT_PATHS = {1: ("small", "splitk", "gemv-i2f"), 16: ("splitk",), 256: ("fused",), 2048: ("fused",)}
 
 
 @torch.no_grad()
 def alt_path_rows(shape: str, ctx: Ctx, flush, repeats: int, warmup: int) -> list[dict]:
-    """M = 1 / 16 through the small-M kernels the default path (auto: kernels/dispatch.py) did not pick
-    (QRESEARCH_SMALL_M=small | splitk), beside the same fp16 matmul: rows labelled '<variant> <path>'."""
+    """Each M of ALT_PATHS through the kernels the default path (auto: kernels/dispatch.py) did not pick
+    (QRESEARCH_SMALL_M for M <= 16, QRESEARCH_PREFILL above), beside the same fp16 matmul: rows labelled
+    '<variant> <path>'."""
     out_f, in_f = map(int, shape.split("x"))
     w = (torch.randn(out_f, in_f, device=ctx.device) * 0.02).to(ctx.dtype)
     rows = []
@@ -61,7 +63,7 @@ def alt_path_rows(shape: str, ctx: Ctx, flush, repeats: int, warmup: int) -> lis
             mod = bk.build(v, out_f, in_f, ctx.device, ctx.dtype)
             bits, group, sym, _ = bk.VARIANTS[v]
             for path in paths:
-                with lib.small_m_path(path):
+                with lib.prefill_path(path) if m > 16 else lib.small_m_path(path):
                     t = bk._row_times(t_fp, bk.time_call(lambda m=mod: m(x), ctx.device, repeats, warmup, flush,
                                                          ctx.gpu))
                     err = bk.rel_err(mod(x), reference(mod, x))

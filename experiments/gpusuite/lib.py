@@ -53,6 +53,11 @@ def _env(name: str, value: str):
             os.environ[name] = old
 
 
+def prefill_path(path: str):
+    """Calls of M > 16 tokens take `path` (auto | dequant | fused) inside the block."""
+    return _env("QRESEARCH_PREFILL", path)  # LIBRARY: read per call by kernels/triton_dequant.py
+
+
 @contextlib.contextmanager
 def small_m_path(path: str):
     """Calls of M <= 16 tokens take `path` (splitk | gemv | small | gemv-i2f) inside the block; gemv-i2f: the
@@ -119,6 +124,13 @@ def gemv_kernel(x, meta, bufs, bias, block):
     from qresearch.kernels.triton_gemv import wq_gemv  # LIBRARY: Triton M = 1 GEMV
 
     return wq_gemv(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bias, block)
+
+
+def dequant_kernel(x, meta, bufs, bias):
+    """Prefill as the Triton dequantize kernel then the dense GEMM."""
+    from qresearch.kernels.triton_dequant import dequant_linear  # LIBRARY: Triton dequantize + dense GEMM
+
+    return dequant_linear(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["g_idx"], bias)
 
 
 def w8a8_kernel(x, meta, bufs, bias, static, block):

@@ -184,6 +184,12 @@ def _run_triton_wq(x, meta, bufs, mode):
 
             if small_supports(meta, has_gidx, x.shape[0]) is None:
                 return small_m_linear(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["bias"])
+    if x.shape[0] > 16:
+        from .triton_dequant import dequant_linear, use_dequant
+
+        if use_dequant(x.shape[0]):  # QRESEARCH_PREFILL: dequantize-then-GEMM for long calls
+            return dequant_linear(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["g_idx"],
+                                  bufs["bias"])
     return wq_linear(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["g_idx"], bufs["bias"])
 
 
