@@ -25,6 +25,7 @@ from qresearch.kernels.aot import (  # noqa: E402
     SMEM_LIMIT,
     WQ_VARIANTS,
     compile_job,
+    dequant_jobs,
     gemv_jobs,
     small_jobs,
     tool,
@@ -66,8 +67,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--archs", nargs="+", type=int, default=[80, 90], choices=sorted(SMEM_LIMIT))
-    ap.add_argument("--kernels", nargs="+", default=["wq_prefill", "wq_decode", "gemv", "small", "w8a8"],
-                    choices=["wq_prefill", "wq_decode", "gemv", "small", "w8a8"])
+    kinds = ["wq_prefill", "wq_decode", "gemv", "small", "dequant", "w8a8"]
+    ap.add_argument("--kernels", nargs="+", default=kinds, choices=kinds)
     ap.add_argument("--variants", nargs="+", default=["w4 asym", "w3 asym", "w8 asym", "w4 asym act-order"],
                     choices=list(WQ_VARIANTS), help="weight variants for the prefill GEMM (decode: w4 asym)")
     ap.add_argument("--out", default=str(REPO / "results" / "triton_compile"))
@@ -83,6 +84,8 @@ def main() -> None:
         jobs += gemv_jobs(["w4 asym"])
     if "small" in args.kernels:
         jobs += small_jobs(["w4 asym"])
+    if "dequant" in args.kernels:
+        jobs += dequant_jobs(args.variants)
     if "w8a8" in args.kernels:
         jobs += w8a8_jobs()
     rows = []

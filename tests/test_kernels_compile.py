@@ -110,3 +110,12 @@ def test_gemv_codes_become_floats_without_conversions():
     i2f = aot.compile_job(aot.Job(job.kernel, job.variant, job.fn, job.signature, {**job.constants, "MAGIC": False},
                                   8, 3), 90, opcodes=True)
     assert conv(magic) <= 4 and conv(i2f) >= 64, (magic["loop_ops"], i2f["loop_ops"])
+
+
+def test_prefill_dequantize_kernel_compiles_without_spills():
+    """triton_dequant's kernel, every weight variant (2/3/4/8 bits, sym, act-order) on sm_80 and sm_90: no spills,
+    no tensor cores (it only writes the dense weight)."""
+    for job in aot.dequant_jobs(list(aot.WQ_VARIANTS)):
+        for arch in (80, 90):
+            r = aot.compile_job(job, arch)
+            assert r["stack_bytes"] == 0 and r["tensor_cores"] == "none" and r["fits_smem"], (job.variant, r)

@@ -124,6 +124,21 @@ def w8a8_jobs() -> list[Job]:
     return jobs
 
 
+def dequant_jobs(variants: list[str]) -> list[Job]:
+    """The prefill dequantize kernel (triton_dequant.py) per weight variant, g128, its launch tile."""
+    from qresearch.kernels import triton_dequant as k
+
+    ptrs = {"qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*i32", "gidx_ptr": "*i32", "w_ptr": "*fp16"}
+    ints = ["N", "K", "stride_qw", "stride_s", "stride_z", "stride_w"]
+    jobs = []
+    for v in variants:
+        bits, sym, gidx = WQ_VARIANTS[v]
+        const = dict(GROUP=128, BITS=bits, SYM=sym, HAS_GIDX=gidx, BLOCK_K=64, BLOCK_N=128)
+        sig = {**ptrs, **{n: "i32" for n in ints}, **{n: "constexpr" for n in const}}
+        jobs.append(Job("dequant", v, k.dequant_kernel, sig, const, 4, 1))
+    return jobs
+
+
 def aligned_attrs(job: Job) -> dict:
     """The specialization Triton's JIT gives a launch on Llama-shaped layers: every pointer 16-byte aligned and
     every size/stride divisible by 16 (tt.divisibility=16; it decides vectorized loads), except the token count M."""
