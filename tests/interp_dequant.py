@@ -32,8 +32,8 @@ def test_dequant_linear_matches_reference_with_bias():
     assert y.shape == (70, 40) and rel_err(y, ref.wa16_ref(x, meta, qw, s, qz, gi, b)) < 1e-5
 
 
-@pytest.mark.parametrize("path,m,dequant", [("auto", 64, True), ("auto", 63, False), ("auto", 17, False),
-                                            ("dequant", 17, True), ("fused", 2048, False)])
+@pytest.mark.parametrize("path,m,dequant", [("auto", 128, True), ("auto", 127, False), ("auto", 17, False),
+                                            ("dequant", 17, True), ("fused", 300, False)])
 def test_dispatch_prefill_path(monkeypatch, path, m, dequant):
     """QRESEARCH_PREFILL: auto dequantizes calls from DEQUANT_MIN_M tokens on, dequant / fused force one path for
     every call past the small-M kernels; both give the reference's output."""

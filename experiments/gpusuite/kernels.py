@@ -43,8 +43,10 @@ def reference(mod, x):
 ALT_VARIANTS = ("w4a16_g128",)  # the goals' variant (each costs a compile and tune of every small-M config)
 # the kernels the auto path did not pick, per M: small-M paths; gemv-i2f: the M = 1 GEMV at its tuned tile with
 # codes converted int-to-float (an A/B of its default conversion-free unpacking); fused: the GEMM that dequantizes
-# in its main loop (auto dequantizes to a dense weight then runs the dense GEMM from 64 tokens on)
-ALT_PATHS = {1: ("small", "splitk", "gemv-i2f"), 16: ("splitk",), 256: ("fused",), 2048: ("fused",)}
+# in its main loop (auto dequantizes to a dense weight then runs the dense GEMM from 128 tokens on); at 64 and 128
+# tokens both, for the crossover (triton_dequant.DEQUANT_MIN_M)
+ALT_PATHS = {1: ("small", "splitk", "gemv-i2f"), 16: ("splitk",), 64: ("dequant", "fused"),
+             128: ("dequant", "fused"), 256: ("fused",), 2048: ("fused",)}
 
 
 @torch.no_grad()

@@ -19,7 +19,9 @@ import triton.language as tl
 from .triton_wq import _weight_tile
 
 PREFILL_PATHS = ("auto", "dequant", "fused")
-DEQUANT_MIN_M = 64  # auto: calls of at least this many tokens dequantize (the H100 lost 2.4-4x fused at 256)
+# auto: calls of at least this many tokens dequantize. The H100 ran the fused GEMM 2.4-4x slower than fp16 at 256 and
+# 2048 tokens; where the two cross below 256 is not measured yet (the suite's `fused` rows time 256 and 2048)
+DEQUANT_MIN_M = 128
 
 
 @triton.jit

@@ -2,7 +2,7 @@
 
 One kernel, two launch shapes:
   prefill  (M > 16): 2-D tiles over (M, N), tensor-core tl.dot, autotuned BLOCK_M/N/K (dispatch sends calls of
-           64+ tokens to triton_dequant's dequantize-then-GEMM instead unless QRESEARCH_PREFILL=fused);
+           128+ tokens to triton_dequant's dequantize-then-GEMM instead unless QRESEARCH_PREFILL=fused);
   decode   (M <= 16): split-K over a grid of (N blocks, K slices), the last slice of a tile reducing the fp32
            partials (triton_splitk: one kernel per call), BLOCK_M = 1 (GEMV, no tensor cores) or 16 (tl.dot on a
            padded tile), autotuned BLOCK_N/K and SPLIT_K.
