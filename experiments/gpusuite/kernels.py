@@ -97,7 +97,7 @@ def run(ctx: Ctx, state: dict) -> None:
         state["rows"] += bk.bench_shape(shape, ms, ctx.device, ctx.dtype, repeats, warmup, ctx.copy_bw,
                                         before=flush, reference=reference, graphs=ctx.gpu)
         if ctx.gpu:  # the alternative Triton paths and the read floor exist only on CUDA
-            state["rows"] += alt_path_rows(shape, ctx, flush, repeats, warmup)
+            state["rows"] += alt_path_rows(shape, ctx, flush, max(5, repeats // 3), warmup)  # A/B rows: fewer
             state.setdefault("floor", []).append(floor_row(shape, ctx.device, flush, ctx.copy_bw))
         free_device_memory(ctx.device)
         ctx.save()
