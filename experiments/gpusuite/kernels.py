@@ -71,6 +71,7 @@ def alt_path_rows(shape: str, ctx: Ctx, flush, repeats: int, warmup: int) -> lis
                     err = bk.rel_err(mod(x), reference(mod, x))
                     kernel = mod.kernel_name
                 rows.append({"shape": shape, "M": m, "variant": f"{v} {path}", "kernel": kernel, **t,
+                             "repeats": repeats,
                              "bw_frac": (mod.weight_bytes() + io) / (t["q_ms"] / 1e3) / ctx.copy_bw,
                              "fp16_bw_frac": (w.numel() * w.element_size() + io) / (t["fp16_ms"] / 1e3) / ctx.copy_bw,
                              "limit": bk.memory_bound_limit(bits, group, in_f, sym), "ref_rel_err": err})
