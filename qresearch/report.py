@@ -275,10 +275,11 @@ def build(results: Path, out: Path, models: list[str] | None = None, dataset: st
     for (m, ev) in sorted(by_group):
         lines += model_table(m, by_group[(m, ev)], eval_label(by_group[(m, ev)])) + [""]
     written, not_drawn = {}, {}
-    def label(m: str, ev: str) -> str:
+
+    def series_name(m: str, ev: str) -> str:  # the model, with its protocol when it has rows under several
         return m if sum(1 for g in by_group if g[0] == m) == 1 else f"{m} [{ev.split(';')[0].split(' ', 1)[-1]}]"
 
-    series = {label(m, ev): collapse_seeds(rs) for (m, ev), rs in by_group.items()}  # seeds: one point, the mean
+    series = {series_name(m, ev): collapse_seeds(rs) for (m, ev), rs in by_group.items()}  # seeds: one point
     for key, label, name in (("bits_per_weight", "bits per weight (as stored)", "ppl_vs_bits"),
                              (LATENCY_KEY, "decode latency, ms/token, batch 1", "ppl_vs_latency")):
         png = out.with_name(f"{out.name}_{name}.png")
