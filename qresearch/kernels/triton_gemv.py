@@ -147,7 +147,7 @@ def _launch(x, meta, qweight, scales, qzeros, bias, cfg: dict, warps: int = 4) -
     """One call: y [1, N] in x's dtype, written by the kernel alone (no memset or cast kernels)."""
     bkw = _block_kw(cfg["BLOCK_K_CODES"], meta.bits, meta.group, meta.in_features)
     n, split = meta.out_features, cfg["SPLIT_K"]
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
+    grid = (-(-n // cfg["BLOCK_N"]), split)  # ceil division (triton.cdiv is a jit function: slower from Python)
     y = torch.empty(1, n, device=x.device, dtype=x.dtype)
     p, cnt = (workspace(split, 1, n, x.device), counters(x.device, grid[0])) if split > 1 else (y, y)
     z = qzeros if qzeros is not None else qweight

@@ -114,7 +114,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [M, in]
-        regular = x2 if self.outliers is None else x2.masked_fill(self.outliers, 0)
+        b = self._buffers  # all registered buffers (None where absent); skips nn.Module.__getattr__ per name
+        regular = x2 if b["outliers"] is None else x2.masked_fill(b["outliers"], 0)
         dyn = None
         if self.outlier_counter is not None:  # LLM.int8(): this call's outlier columns leave the int8 path
             dyn = outlier_columns(x2, self.act.outlier_threshold, self.outlier_counter)
@@ -122,13 +123,13 @@ class QuantLinear(nn.Module):
         if self.mode.kind == "fake":
             static = None if self.act_scale is None else self.act_scale.reshape(1, 1)  # [1, 1] per-tensor
             regular = fake_quant_act(regular, ActQuant(self.act.spec, static))
-        bufs = {k: getattr(self, k) for k in KERNEL_BUFFERS}
+        bufs = {k: b[k] for k in KERNEL_BUFFERS}
         kernel, _ = self._kernel(x2.device, x2.dtype)
         y = kernel.run(regular, self.meta, bufs, self.mode)  # [M, out]
         if dyn is not None and bool(dyn.any()):
             y = y + F.linear(x2[:, dyn], weight_columns(self.meta, bufs, dyn).to(x2.dtype))
-        if self.outliers is not None:
-            y = y + F.linear(x2[:, self.outliers], self.fp_cols)
+        if b["outliers"] is not None:
+            y = y + F.linear(x2[:, b["outliers"]], b["fp_cols"])
         return y.reshape(*lead, self.out_features)  # [..., out]
 
     def weight_bytes(self) -> int:
