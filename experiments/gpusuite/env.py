@@ -73,7 +73,10 @@ def versions() -> dict:
 
     return {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
             "triton": triton.__version__, "transformers": transformers.__version__, "platform": platform.platform(),
-            "triton_interpret": os.environ.get("TRITON_INTERPRET", "0")}
+            "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
+            # the kernel paths packed layers take per call (defaults: the library's auto choices)
+            **{name.lower(): os.environ.get(name, "auto" if name != "QRESEARCH_GEMV_MAGIC" else "1")
+               for name in ("QRESEARCH_SMALL_M", "QRESEARCH_PREFILL", "QRESEARCH_GEMV_MAGIC")}}
 
 
 def matmul_tflops(device: torch.device, n: int, dtype: torch.dtype, repeats: int) -> float:

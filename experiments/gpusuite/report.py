@@ -87,7 +87,8 @@ def _status_line(sec: dict) -> str:
 def _env(sec: dict) -> list[str]:
     keys = ["device", "date", "commit", "commit_source", "driver_version", "cuda", "torch", "triton", "transformers",
             "python", "capability", "sm_count", "memory_gib", "l2_mib", "clocks.sm", "clocks.max.sm", "power.limit",
-            "cpu", "cpu_count", "load_avg", "triton_interpret"]
+            "cpu", "cpu_count", "load_avg", "triton_interpret", "qresearch_small_m", "qresearch_prefill",
+            "qresearch_gemv_magic"]
     lines = [f"- {k}: {sec[k]}" for k in keys if k in sec]
     if "copy_bw_gbs" in sec:
         lines.append(f"- measured device copy bandwidth: {sec['copy_bw_gbs']:.0f} GB/s (read + write)")
