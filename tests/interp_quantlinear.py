@@ -32,7 +32,7 @@ def _both(mod, x, monkeypatch):
 
 @pytest.mark.parametrize("bits,group,sym,act_order", [(4, 32, False, True), (3, 64, True, False),
                                                       (2, 16, False, False)])
-@pytest.mark.parametrize("lead", [(1,), (2, 9)])
+@pytest.mark.parametrize("lead", [(1,), (2, 9), (2, 80)])  # M = 1, 18 (fused prefill), 160 (dequantize-then-GEMM)
 def test_weight_only_layer(bits, group, sym, act_order, lead, monkeypatch):
     mod = _module(rtn_layer(24, 100, bits, group, sym, act_order))
     y, want = _both(mod, torch.randn(*lead, 100), monkeypatch)
