@@ -28,6 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from qresearch.report import mean_sd  # noqa: E402
+
 
 def permuted(calib: torch.Tensor, perm: int) -> torch.Tensor:
     """The same windows [n, seq] in another order (perm 0: as drawn)."""
@@ -35,11 +37,6 @@ def permuted(calib: torch.Tensor, perm: int) -> torch.Tensor:
         return calib
     g = torch.Generator().manual_seed(1000 + perm)
     return calib[torch.randperm(calib.shape[0], generator=g)]
-
-
-def mean_sd(xs: list[float]) -> tuple[float, float]:
-    m = sum(xs) / len(xs)
-    return m, (sum((x - m) ** 2 for x in xs) / max(len(xs) - 1, 1)) ** 0.5
 
 
 def welch_t(a: list[float], b: list[float]) -> float:

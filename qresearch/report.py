@@ -57,7 +57,8 @@ def setting_hash(cfg: dict) -> str:
     return config_hash({k: v for k, v in cfg.items() if k not in HASH_EXCLUDE + ("seed",)})
 
 
-def _mean_sd(xs: list[float]) -> tuple[float, float]:
+def mean_sd(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
     m = sum(xs) / len(xs)
     return m, ((sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0)
 
@@ -84,7 +85,7 @@ def collapse_seeds(rows: list[dict]) -> list[dict]:
                 if len(vals) < len(runs):  # not measured in every run: no mean that mixes in fewer seeds
                     row.pop(k, None)
                     continue
-                row[k], sd = _mean_sd(vals)
+                row[k], sd = mean_sd(vals)
                 if k.startswith("ppl_") or k.endswith(("_acc", "_acc_norm")):
                     row[f"{k}_sd"] = sd
             for k in [k for k in row if k.endswith("_stderr")]:  # a per-run stderr does not describe a mean

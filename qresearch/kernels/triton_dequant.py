@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_splitk import cdiv
 from .triton_wq import _weight_tile
 
 PREFILL_PATHS = ("auto", "dequant", "fused")
@@ -44,7 +45,7 @@ def dequantize(meta, qweight, scales, qzeros, g_idx, dtype: torch.dtype, block_k
     k, n = meta.in_features, meta.out_features
     w = torch.empty(k, n, device=qweight.device, dtype=dtype)
     z = qzeros if qzeros is not None else qweight  # dummy pointer when SYM
-    grid = (triton.cdiv(k, block_k), triton.cdiv(n, block_n))
+    grid = (cdiv(k, block_k), cdiv(n, block_n))
     dequant_kernel[grid](qweight, scales, z, g_idx if g_idx is not None else qweight, w, n, k, qweight.stride(0),
                          scales.stride(0), z.stride(0), w.stride(0), GROUP=meta.group, BITS=meta.bits,
                          SYM=meta.sym or qzeros is None, HAS_GIDX=g_idx is not None, BLOCK_K=block_k,

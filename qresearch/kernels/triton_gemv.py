@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .triton_small import F32_MAGIC, _column
-from .triton_splitk import counters, finish_tile, workspace
+from .triton_splitk import cdiv, counters, finish_tile, workspace
 from .triton_wq import _codes
 
 
@@ -147,7 +147,7 @@ def _launch(x, meta, qweight, scales, qzeros, bias, cfg: dict, warps: int = 4) -
     """One call: y [1, N] in x's dtype, written by the kernel alone (no memset or cast kernels)."""
     bkw = _block_kw(cfg["BLOCK_K_CODES"], meta.bits, meta.group, meta.in_features)
     n, split = meta.out_features, cfg["SPLIT_K"]
-    grid = (-(-n // cfg["BLOCK_N"]), split)  # ceil division (triton.cdiv is a jit function: slower from Python)
+    grid = (cdiv(n, cfg["BLOCK_N"]), split)
     y = torch.empty(1, n, device=x.device, dtype=x.dtype)
     p, cnt = (workspace(split, 1, n, x.device), counters(x.device, grid[0])) if split > 1 else (y, y)
     z = qzeros if qzeros is not None else qweight

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_splitk import counters, finish_tile, workspace
+from .triton_splitk import cdiv, counters, finish_tile, workspace
 from .triton_wq import _codes
 
 F32_MAGIC = tl.constexpr(0x4B000000)  # float32 bits of 2^23
@@ -267,7 +267,7 @@ def permute_x(x: torch.Tensor, bits: int, dtype: torch.dtype | None = None) -> t
 
 def _launch_wide(x, meta, qweight, scales, qzeros, bias, y, p, cnt, cfg: tuple) -> None:
     a = _wide_args(meta, cfg)
-    grid = (triton.cdiv(meta.out_features, a["BLOCK_N"]), a["SPLIT_K"])
+    grid = (cdiv(meta.out_features, a["BLOCK_N"]), a["SPLIT_K"])
     z = qzeros if qzeros is not None else qweight
     xk = permute_x(x, meta.bits, torch.float32)[:, 0] if a["XPERM"] else x  # fp32 [PER, K / PER]
     gemv_wide_kernel[grid](xk, qweight, scales, z, bias if bias is not None else scales, y, p, cnt, meta.out_features,
@@ -279,7 +279,7 @@ def _launch_wide(x, meta, qweight, scales, qzeros, bias, y, p, cnt, cfg: tuple) 
 
 def _launch_dot(x, meta, qweight, scales, qzeros, bias, y, p, cnt, cfg: tuple) -> None:
     a = _dot_args(meta, cfg)
-    grid = (triton.cdiv(meta.out_features, a["BLOCK_N"]), a["SPLIT_K"])
+    grid = (cdiv(meta.out_features, a["BLOCK_N"]), a["SPLIT_K"])
     z = qzeros if qzeros is not None else qweight
     xk, sxi, sxm = (x, 0, x.stride(0)) if a["XPERM"] != 1 else (lambda p: (p, p.stride(0), p.stride(1)))(
         permute_x(x, meta.bits))
@@ -342,7 +342,7 @@ def small_m_linear(x, meta, qweight, scales, qzeros, bias, block: tuple | None =
         """One call, one kernel: y in x's dtype (split-K partials in a workspace, reduced by the last slice)."""
         split, n = (cfg[2] if kernel == "wide" else cfg[1]), meta.out_features
         y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-        p, cnt = (workspace(split, m, n, x.device), counters(x.device, triton.cdiv(n, cfg[0]))) if split > 1 \
+        p, cnt = (workspace(split, m, n, x.device), counters(x.device, cdiv(n, cfg[0]))) if split > 1 \
             else (y, y)
         launch(x, meta, qweight, scales, qzeros, bias, y, p, cnt, cfg)
         return y

@@ -36,6 +36,12 @@ def counters(device: torch.device, tiles: int) -> torch.Tensor:
     return buf
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceil division for launch grids on the host (triton.cdiv is a constexpr function: ~1.5 us per Python call,
+    paid per launch on the decode path)."""
+    return -(-a // b)
+
+
 def workspace(split_k: int, m: int, n: int, device) -> torch.Tensor:
     """fp32 partials [SPLIT_K, M, N] (uninitialised: every program writes its slice before it is read)."""
     return torch.empty(split_k, m, n, dtype=torch.float32, device=device)

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_splitk import cdiv
+
 
 @triton.jit
 def _round_half_even(v):
@@ -23,6 +25,19 @@ def _round_half_even(v):
 
 
 @triton.jit
+def _row_scale(amax):
+    """Per-token scale absmax / 127; 1.0 for an all-zero row."""
+    s = amax / 127.0
+    return tl.where(s > 0, s, 1.0)
+
+
+@triton.jit
+def _to_int8(x, s):
+    """x / s rounded half-to-even (correctly rounded division) and clamped to int8."""
+    return tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(x, s)), -128.0), 127.0).to(tl.int8)
+
+
+@triton.jit
 def act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr):
     """One program per token: absmax / 127 scale (1.0 for a zero row), round-half-even, clamp to int8. BLOCK >= K:
     the row is read once and kept in registers; else two passes (max, then quantize)."""
@@ -30,26 +45,21 @@ def act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.con
     if BLOCK >= K:
         offs = tl.arange(0, BLOCK)
         x = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
-        s = tl.max(tl.abs(x), axis=0) / 127.0
-        s = tl.where(s > 0, s, 1.0)
+        s = _row_scale(tl.max(tl.abs(x), axis=0))
         tl.store(s_ptr + row, s)
-        q = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(x, s)), -128.0), 127.0)
-        tl.store(q_ptr + row * stride_qm + offs, q.to(tl.int8), mask=offs < K)
+        tl.store(q_ptr + row * stride_qm + offs, _to_int8(x, s), mask=offs < K)
     else:
         amax = tl.zeros((BLOCK,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK):
             offs = k0 + tl.arange(0, BLOCK)
             x = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(x))
-        s = tl.max(amax, axis=0) / 127.0
-        s = tl.where(s > 0, s, 1.0)
+        s = _row_scale(tl.max(amax, axis=0))
         tl.store(s_ptr + row, s)
         for k0 in range(0, K, BLOCK):
             offs = k0 + tl.arange(0, BLOCK)
             x = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
-            q = _round_half_even(tl.math.div_rn(x, s))
-            q = tl.minimum(tl.maximum(q, -128.0), 127.0)
-            tl.store(q_ptr + row * stride_qm + offs, q.to(tl.int8), mask=offs < K)
+            tl.store(q_ptr + row * stride_qm + offs, _to_int8(x, s), mask=offs < K)
 
 
 @triton.jit
@@ -158,14 +168,14 @@ def w8a8_linear(x, meta, qweight, scales, bias, static_scale=None, block: dict |
     if block is None and os.environ.get("TRITON_INTERPRET") == "1":  # no autotuning without a GPU driver
         block = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
     if block is not None:
-        grid = (triton.cdiv(M, block["BLOCK_M"]), triton.cdiv(N, block["BLOCK_N"]))
+        grid = (cdiv(M, block["BLOCK_M"]), cdiv(N, block["BLOCK_N"]))
         int8_matmul_kernel[grid](*args, HAS_BIAS=bias is not None, **{"W_AS_A": False, **block})
         return y
     if "gemm" not in _TUNED:
         _TUNED["gemm"] = triton.autotune(CONFIGS, key=["M_BUCKET", "N", "K"])(int8_matmul_kernel)
 
     def grid(a):
-        return triton.cdiv(M, a["BLOCK_M"]), triton.cdiv(N, a["BLOCK_N"])
+        return cdiv(M, a["BLOCK_M"]), cdiv(N, a["BLOCK_N"])
 
     _TUNED["gemm"][grid](*args, HAS_BIAS=bias is not None)
     return y

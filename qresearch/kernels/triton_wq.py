@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_splitk import counters, finish_tile, workspace
+from .triton_splitk import cdiv, counters, finish_tile, workspace
 
 
 @triton.jit
@@ -200,7 +200,7 @@ def wq_linear(x, meta, qweight, scales, qzeros, g_idx, bias, block: dict | None 
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     # the tuner may pick any decode config: room for the most slices and the most tiles
     split, bn = (MAX_SPLIT_K, MIN_BLOCK_N) if block is None else (block.get("SPLIT_K", 1), block["BLOCK_N"])
-    p, cnt = (workspace(split, M, N, x.device), counters(x.device, M * triton.cdiv(N, bn))) if decode and split > 1 \
+    p, cnt = (workspace(split, M, N, x.device), counters(x.device, M * cdiv(N, bn))) if decode and split > 1 \
         else (y, y)
     z = qzeros if qzeros is not None else qweight  # dummy pointer when SYM
     args = (x, qweight, scales, z, g_idx if g_idx is not None else qweight, bias if bias is not None else scales, y,
@@ -209,13 +209,13 @@ def wq_linear(x, meta, qweight, scales, qzeros, g_idx, bias, block: dict | None 
     flags = dict(GROUP=meta.group, BITS=meta.bits, SYM=meta.sym or qzeros is None, HAS_GIDX=g_idx is not None,
                  HAS_BIAS=bias is not None)
     if block is not None:
-        grid = (triton.cdiv(M, block["BLOCK_M"]), triton.cdiv(N, block["BLOCK_N"]), block.get("SPLIT_K", 1))
+        grid = (cdiv(M, block["BLOCK_M"]), cdiv(N, block["BLOCK_N"]), block.get("SPLIT_K", 1))
         wq_matmul_kernel[grid](*args, **flags, **{"SPLIT_K": 1, **block})
     else:
         kern = _tuned("decode" if decode else "prefill")
 
         def grid(a):
-            return triton.cdiv(M, a["BLOCK_M"]), triton.cdiv(N, a["BLOCK_N"]), a["SPLIT_K"]
+            return cdiv(M, a["BLOCK_M"]), cdiv(N, a["BLOCK_N"]), a["SPLIT_K"]
 
         kern[grid](*args, **flags)
     return y
