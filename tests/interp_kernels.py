@@ -110,3 +110,15 @@ def test_w8a8_static_scale():
     x, scale = torch.randn(4, 64), torch.tensor([0.02])
     y = W8.w8a8_linear(x, meta, qw, s, None, scale, block=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32))
     assert rel_err(y, ref.w8a8_ref(x, meta, qw, s, None, scale)) < 1e-6
+
+
+def test_w8a8_parts_row_splits_a_call():
+    """The GPU suite's W8A8 breakdown (experiments/gpusuite/w8a8_parts.py) on CPU: every part timed, and our GEMM's
+    output equals torch._int_mm's integer sums rescaled (K = 200 is not a multiple of the interpreter tile's 32)."""
+    from experiments.gpusuite.w8a8_parts import parts_row, signed_weight
+
+    row = parts_row("40x200", 24, torch.device("cpu"), torch.float32, None, 1, 0, False)
+    assert row["gemm_rel_err"] < 1e-6 and row["kernel"] == "triton_w8a8"
+    assert all(row[f"{k}_us"] > 0 for k in ("fp16", "call", "act_quant", "gemm", "cublas_int8"))
+    words = torch.tensor([[0x80FF7F00]], dtype=torch.int64).to(torch.int32)  # bytes 0x00 0x7F 0xFF 0x80 (little end)
+    assert signed_weight(words, 4).tolist() == [[-128, -1, 127, 0]]

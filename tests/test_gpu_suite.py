@@ -181,6 +181,13 @@ def test_goals_table_met_missed_not_measured():
 
     table = "\n".join(_kernels({"floor": state["sections"]["kernels"]["floor"]}))
     assert "| 4096x11008 | 16.0 | 1400 | 46.2 | 1950 | 2.89x |" in table
+    part = {"shape": "4096x11008", "M": 2048, "fp16_us": 237.0, "call_us": 300.0, "speedup": 0.79,
+            "act_quant_us": 20.0, "gemm_us": 270.0, "cublas_int8_us": 140.0, "gemm_vs_cublas": 0.52,
+            "cublas_bound": 1.48, "gemm_rel_err": 1e-4}
+    state["sections"]["kernels"]["w8a8_parts"] = [part]
+    assert "cuBLAS bound 1.48x" in goals(state)[2]["note"] and "cuBLAS" not in goals(state)[0]["note"]
+    table = "\n".join(_kernels({"w8a8_parts": [part]}))
+    assert "| 4096x11008 | 2048 | 237.0 | 300.0 | 0.79x | 20.0 | 270.0 | 140.0 | 0.52x | 1.48x | 1.0e-04 |" in table
 
 
 def test_markdown_renders_partial_and_failed_states():

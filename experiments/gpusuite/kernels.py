@@ -18,6 +18,7 @@ from experiments import bench_kernels as bk  # builds QuantLinear modules (its o
 from . import lib
 from .common import Ctx, free_device_memory
 from .floor import floor_row
+from .w8a8_parts import parts_row
 
 GPU_SHAPES, GPU_MS = bk.SHAPES, [1, 16, 256, 2048]  # SHAPES: 4096x4096, 11008x4096, 4096x11008 (out x in)
 QUICK_SHAPES, QUICK_MS = ["48x256", "64x384"], [1, 16]
@@ -45,6 +46,7 @@ ALT_VARIANTS = ("w4a16_g128",)  # the goals' variant (each costs a compile and t
 # codes converted int-to-float (an A/B of its default conversion-free unpacking); fused: the GEMM that dequantizes
 # in its main loop (auto dequantizes to a dense weight then runs the dense GEMM from 128 tokens on); at 64 and 128
 # tokens both, for the crossover (triton_dequant.DEQUANT_MIN_M)
+W8A8_PARTS_MS = (256, 2048)  # the W8A8 call split into its kernels (w8a8_parts.py), beside cuBLAS int8
 ALT_PATHS = {1: ("small", "splitk", "gemv-i2f"), 16: ("splitk",), 64: ("dequant", "fused"),
              128: ("dequant", "fused"), 256: ("fused",), 2048: ("fused",)}
 
@@ -100,6 +102,9 @@ def run(ctx: Ctx, state: dict) -> None:
         if ctx.gpu:  # the alternative Triton paths and the read floor exist only on CUDA
             state["rows"] += alt_path_rows(shape, ctx, flush, max(5, repeats // 3), warmup)  # A/B rows: fewer
             state.setdefault("floor", []).append(floor_row(shape, ctx.device, flush, ctx.copy_bw))
+            state.setdefault("w8a8_parts", []).extend(
+                parts_row(shape, m, ctx.device, ctx.dtype, flush, max(5, repeats // 3), warmup, True)
+                for m in W8A8_PARTS_MS)
         free_device_memory(ctx.device)
         ctx.save()
     bad = [r for r in state["rows"] if not r.get("ref_rel_err", 0.0) <= REF_TOL[ctx.dtype]]

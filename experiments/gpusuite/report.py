@@ -39,6 +39,12 @@ def goals(state: dict) -> list[dict]:
         if fl and variant.startswith("w4"):
             note = (f"{note}; read floor {fl[0]['w4_us']:.1f} us (W4 codes) vs {fl[0]['fp16_us']:.1f} us (fp16 "
                     f"weight): {fl[0]['ratio']:.2f}x before fixed per-call costs")
+        parts = [p for p in state["sections"].get("kernels", {}).get("w8a8_parts", [])
+                 if (p["shape"], p["M"]) == (shape, m)]
+        if parts and variant == "w8a8":
+            p = parts[0]
+            note = (f"{note}; act quant {p['act_quant_us']:.1f} us + our GEMM {p['gemm_us']:.1f} us vs cuBLAS int8 "
+                    f"{p['cublas_int8_us']:.1f} us: cuBLAS bound {p['cublas_bound']:.2f}x")
         if r is not None:
             note = f"{note}; kernel {r['kernel']}".strip("; ")
         out.append(_goal(label, target, r["speedup"] if r else None, bool(r and r["kernel"].startswith("triton_")),
@@ -128,6 +134,18 @@ def _kernels(sec: dict) -> list[str]:
         lines += _table(["shape", "W4 g128 codes us", "GB/s", "fp16 weight us", "GB/s", "fp16 / W4"],
                         [[f["shape"], f"{f['w4_us']:.1f}", f"{f['w4_gbs']:.0f}", f"{f['fp16_us']:.1f}",
                           f"{f['fp16_gbs']:.0f}", f"{f['ratio']:.2f}x"] for f in sec["floor"]])
+    if sec.get("w8a8_parts"):
+        lines += ["", "W8A8 call in parts (us; CUDA-graph replays, L2 flushed): the per-token activation quantizer, "
+                  "our int8 GEMM with its rescale epilogue, and cuBLAS's int8 GEMM (torch._int_mm, int32 out, no "
+                  "epilogue) on the same int8 operands. cuBLAS bound = fp16 / (act quant + cuBLAS int8): the speedup "
+                  "with cuBLAS's GEMM and a free epilogue. GEMM rel err: our GEMM's output vs cuBLAS's integer sums "
+                  "rescaled in float64.", ""]
+        lines += _table(["shape", "M", "fp16", "W8A8 call", "speedup", "act quant", "our GEMM", "cuBLAS int8",
+                         "cuBLAS / ours", "cuBLAS bound", "GEMM rel err"],
+                        [[p["shape"], p["M"], f"{p['fp16_us']:.1f}", f"{p['call_us']:.1f}", f"{p['speedup']:.2f}x",
+                          f"{p['act_quant_us']:.1f}", f"{p['gemm_us']:.1f}", f"{p['cublas_int8_us']:.1f}",
+                          f"{p['gemm_vs_cublas']:.2f}x", f"{p['cublas_bound']:.2f}x", _f(p["gemm_rel_err"], ".1e")]
+                         for p in sec["w8a8_parts"]])
     return lines
 
 

@@ -1,0 +1,48 @@
+"""Where a W8A8 prefill call's time goes: the per-token activation quantizer, our int8 GEMM with its rescale
+epilogue, and, for scale, cuBLAS's int8 GEMM (torch._int_mm, int32 out, no epilogue) on the same int8 operands,
+beside the fp16 matmul. One row per (shape, M); the W8A8 goal is the whole call against fp16.
+
+`cublas_bound` = fp16 / (act quant + cuBLAS int8 GEMM): the speedup a call would reach with cuBLAS's GEMM and a
+free epilogue; our GEMM's distance from cuBLAS's is `gemm_vs_cublas`.
+"""
+from __future__ import annotations
+
+import torch
+
+from experiments import bench_kernels as bk
+
+
+def signed_weight(qweight: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The signed int8 weight [N, K] of a sym 8-bit layer's int32_k words (code - 128 = code ^ 0x80 as int8)."""
+    return (qweight.view(torch.uint8)[:, :in_features] ^ 0x80).view(torch.int8).contiguous()
+
+
+@torch.no_grad()
+def parts_row(shape: str, m: int, device, dtype, flush, repeats: int, warmup: int, graphs: bool) -> dict:
+    """Times (us, CUDA-graph replays where they captured, else eager) of one W8A8 call and its parts."""
+    from qresearch.kernels.triton_w8a8 import act_quant, int8_gemm  # LIBRARY: the W8A8 Triton kernels
+
+    out_f, in_f = map(int, shape.split("x"))
+    mod = bk.build("w8a8", out_f, in_f, device, dtype)
+    w = (torch.randn(out_f, in_f, device=device) * 0.02).to(dtype)
+    x = torch.randn(m, in_f, device=device, dtype=dtype)
+    xq, sx = act_quant(x)
+    wq_t = signed_weight(mod.qweight, in_f).t()  # [K, N] view of the row-major [N, K]: the layout _int_mm takes
+
+    def us(fn) -> tuple[float, str]:
+        t = bk.time_call(fn, device, repeats, warmup, flush, graphs)
+        return (t["graph_s"], "cuda_graph") if t.get("graph_s") else (t["eager_s"], "eager")
+
+    parts = {"fp16": lambda: torch.matmul(x, w.t()), "call": lambda: mod(x), "act_quant": lambda: act_quant(x),
+             "gemm": lambda: int8_gemm(xq, sx, mod.qweight, mod.scales, None, dtype),
+             "cublas_int8": lambda: torch._int_mm(xq, wq_t)}
+    times = {k: us(fn) for k, fn in parts.items()}
+    row = {"shape": shape, "M": m, **{f"{k}_us": s * 1e6 for k, (s, _) in times.items()},
+           "timing": sorted({t for _, t in times.values()}), "repeats": repeats, "kernel": mod.kernel_name}
+    row["speedup"] = row["fp16_us"] / row["call_us"]
+    row["gemm_vs_cublas"] = row["cublas_int8_us"] / row["gemm_us"]
+    row["cublas_bound"] = row["fp16_us"] / (row["act_quant_us"] + row["cublas_int8_us"])
+    # exactness of the pieces timed: our GEMM's integer sums equal cuBLAS's (epilogue undone in float64)
+    acc = torch._int_mm(xq, wq_t).double() * sx.double()[:, None] * mod.scales.double().reshape(1, -1)
+    row["gemm_rel_err"] = bk.rel_err(int8_gemm(xq, sx, mod.qweight, mod.scales, None, dtype), acc)
+    return row
