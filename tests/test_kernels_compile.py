@@ -130,3 +130,15 @@ def test_w8a8_gemm_main_loop_selects_no_bytes():
                    W_AS_A=w_as_a)
         r = aot.compile_job(job, 90, opcodes=True)
         assert r["loop_ops"].get("PRMT", 0) < 16 and r["loop_instrs"] < 200, (w_as_a, r["loop_ops"])
+
+
+def test_skinny_dot_pairs_code_positions_without_repacking():
+    """triton_small XPERM 2 (x tile split in registers) dots over code-position pairs, whose 16-bit halves are the
+    MMA's register pairs as they stand: at the H100's pick (BN=64 SK=8) on sm_90 its main loop repacks half as
+    much (PRMT 68 -> 36 per step, sym and asym) and is shorter than the per-position XPERM 1 loop."""
+    jobs = [j for j in aot.small_jobs(["w4 asym", "w4 sym"]) if j.kernel == "small_dot"]
+    for variant in ("w4 asym", "w4 sym"):
+        r = {x: aot.compile_job(_job([j for j in jobs if j.variant == variant], BLOCK_N=64, SPLIT_K=8, XPERM=x), 90,
+                                opcodes=True) for x in (1, 2)}
+        assert r[2]["loop_ops"].get("PRMT", 0) <= 40 and r[2]["stack_bytes"] == 0, (variant, r[2]["loop_ops"])
+        assert r[2]["loop_instrs"] < r[1]["loop_instrs"], (variant, r[1]["loop_instrs"], r[2]["loop_instrs"])

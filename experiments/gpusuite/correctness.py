@@ -27,17 +27,20 @@ GPU_TILES = {"gemv": dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4),
              "splitk": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2),
              "prefill": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1),
              "w8a8_small": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64), "w8a8": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
-             "gemv2": dict(BLOCK_N=64, BLOCK_K_CODES=128, SPLIT_K=2), "dequant": None}
+             "gemv2": dict(BLOCK_N=64, BLOCK_K_CODES=128, SPLIT_K=2), "dequant": None,
+             "small1": (64, 2, 4, 2, 1), "small2": (64, 2, 4, 2, 2)}  # triton_small DOT_CONFIGS tuples
 QUICK_TILES = {"gemv": dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=64, SPLIT_K=2),
                "splitk": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=3),
                "prefill": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1),
                "w8a8_small": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32), "w8a8": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32),
-               "gemv2": dict(BLOCK_N=16, BLOCK_K_CODES=64, SPLIT_K=2), "dequant": None}
+               "gemv2": dict(BLOCK_N=16, BLOCK_K_CODES=64, SPLIT_K=2), "dequant": None,
+               "small1": (16, 2, 4, 2, 1), "small2": (16, 2, 4, 2, 2)}
 
 
 @dataclass(frozen=True)
 class Case:
-    family: str  # wq | gemv2 (the one-token GEMV, triton_gemv) | dequant (triton_dequant + dense GEMM) | w8a8 | act_quant
+    family: str  # wq | gemv2 (the one-token GEMV, triton_gemv) | dequant (triton_dequant + dense GEMM) | small
+    # (triton_small's skinny tensor-core kernel, M = 2..16) | w8a8 | act_quant
     m: int
     n: int
     k: int
@@ -48,6 +51,7 @@ class Case:
     act_order: bool = False
     bias: bool = False
     static: bool = False  # W8A8 with a static per-tensor activation scale
+    xperm: int = 0  # small: how x reaches the dots (1: a copy in code-position order, 2: a tile split in registers)
 
     @property
     def name(self) -> str:
@@ -55,7 +59,8 @@ class Case:
         if self.family == "act_quant":
             return f"act_quant int8 {dt} M={self.m} K={self.k}"
         w = f"w{self.bits}{'a8' if self.family == 'w8a8' else 'a16'} g{self.group if self.group > 0 else 'ch'}" \
-            f" {'sym' if self.sym else 'asym'}{' ' + self.family if self.family in ('gemv2', 'dequant') else ''}"
+            f" {'sym' if self.sym else 'asym'}{' ' + self.family if self.family in ('gemv2', 'dequant') else ''}" \
+            f"{f' small xperm={self.xperm}' if self.family == 'small' else ''}"
         extras = [e for e, on in (("act-order", self.act_order), ("bias", self.bias), ("static", self.static)) if on]
         return f"{w}{' ' + '+'.join(extras) if extras else ''} {dt} M={self.m} {self.n}x{self.k}"
 
@@ -64,6 +69,8 @@ class Case:
             return "act_quant", None
         if self.family in ("gemv2", "dequant"):
             key = self.family
+        elif self.family == "small":
+            key = f"small{self.xperm}"
         elif self.family == "w8a8":
             key = "w8a8_small" if self.m <= 16 else "w8a8"
         else:
@@ -72,7 +79,7 @@ class Case:
 
 
 def cases(quick: bool) -> list[Case]:
-    """The case matrix (GPU: 112 cases; quick: small shapes the interpreter can run, fp32 + some 16-bit)."""
+    """The case matrix (GPU: 119 cases; quick: small shapes the interpreter can run, fp32 + some 16-bit)."""
     n, k = QUICK_SHAPE if quick else GPU_SHAPE
     ms, few = (QUICK_MS, (1, 33)) if quick else (GPU_MS, (1, 3, 300))
     half = torch.float32 if quick else torch.float16  # quick: the interpreter is exact in fp32
@@ -89,6 +96,9 @@ def cases(quick: bool) -> list[Case]:
     deq = lambda b, g, s, dt=half, **kw: Case("dequant", few[-1], n, k, dt, b, g, s, **kw)  # noqa: E731
     out += [deq(b, 128, False) for b in (2, 3, 4, 8)] + [deq(4, -1, True), deq(3, 32, False),
                                                           deq(4, 128, False, act_order=True, bias=True)]
+    small = lambda m, b, g, s, xp, dt=half, **kw: Case("small", m, n, k, dt, b, g, s, xperm=xp, **kw)  # noqa: E731
+    out += [small(16, 4, 128, False, 1), small(16, 4, 128, False, 2, bias=True), small(3, 8, 128, False, 2),
+            small(16, 4, 128, True, 2), small(16, 2, -1, False, 2), small(3, 8, -1, True, 1)]
     if quick:  # the interpreter emulates 16-bit dots poorly: fp16 on every path, bf16 on the GEMV only
         out += [wq(m, 4, 128, False, torch.float16) for m in ms] + [wq(1, 4, 128, False, torch.bfloat16)]
         out += [Case("w8a8", m, n, k, dt, bias=True) for m, dt in ((1, torch.float32), (19, torch.float32),
@@ -98,7 +108,7 @@ def cases(quick: bool) -> list[Case]:
     bf = torch.bfloat16
     out += [wq(m, 4, 128, False, bf) for m in ms] + [wq(m, 8, -1, True, bf) for m in ms]
     out += [wq(m, 4, 128, False, bf, act_order=True) for m in (1, 300)] + [gemv(4, 128, False, bf)]
-    out += [deq(4, 128, False, bf)]
+    out += [deq(4, 128, False, bf)] + [small(16, 4, 128, False, 2, bf)]
     out += [Case("w8a8", m, n, k, dt, bias=dt == half) for dt in (half, bf) for m in ms]
     out += [Case("w8a8", m, n, k, half, static=True) for m in (3, 300)]
     out += [Case("act_quant", 300, n, 4096 + 5, dt) for dt in (half, bf)]
@@ -128,6 +138,8 @@ def launch(case: Case, tile: dict | None, meta, bufs, x, bias, static):
         return lib.gemv_kernel(x, meta, bufs, bias, tile)
     if case.family == "dequant":
         return lib.dequant_kernel(x, meta, bufs, bias)
+    if case.family == "small":
+        return lib.small_kernel(x, meta, bufs, bias, tile)
     if case.family == "w8a8":
         return lib.w8a8_kernel(x, meta, bufs, bias, static, tile)
     return lib.act_quant_kernel(x)
@@ -144,7 +156,7 @@ def run_case(case: Case, device: torch.device, tiles: dict, seed: int = 0, kerne
         if case.family == "act_quant":
             got = kernel(case, tile, meta, bufs, x, bias, static)
             return {**row, **_act_quant_row(got, lib.act_quant_reference(x))}
-        if case.family in ("wq", "gemv2", "dequant"):
+        if case.family in ("wq", "gemv2", "dequant", "small"):
             truth = x.double() @ lib.dequant_weight64(meta, bufs).t() + (0 if bias is None else bias.double())
             ref_y = lib.wa16_reference(x, meta, bufs, bias)
         else:

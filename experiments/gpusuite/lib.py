@@ -126,6 +126,13 @@ def gemv_kernel(x, meta, bufs, bias, block):
     return wq_gemv(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bias, block)
 
 
+def small_kernel(x, meta, bufs, bias, block):
+    """triton_small's kernels (M <= 16) with a fixed DOT_CONFIGS / WIDE_CONFIGS tuple (None: tuned per shape)."""
+    from qresearch.kernels.triton_small import small_m_linear  # LIBRARY: Triton small-M kernels
+
+    return small_m_linear(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bias, block)
+
+
 def dequant_kernel(x, meta, bufs, bias):
     """Prefill as the Triton dequantize kernel then the dense GEMM."""
     from qresearch.kernels.triton_dequant import dequant_linear  # LIBRARY: Triton dequantize + dense GEMM

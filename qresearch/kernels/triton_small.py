@@ -19,7 +19,10 @@ skinny_dot_kernel (2 <= M <= 16, tensor cores): per step one group slice of SUB 
       acc[m, n] += s_n * sum_k x_mk (q_nk - z_n)
   x reaches the dots strided (XPERM 0), from a copy in code-position order (1: one more kernel per call), or as
   each step's contiguous [16, WPG, PER] tile split into code positions in registers (2: `_column`, shared with
-  triton_gemv; its 16-byte reads without the copy). The tuner times 1 and 2.
+  triton_gemv; its 16-byte reads without the copy). XPERM 2 pairs code positions h and h + PER / 2 (the two
+  16-bit halves of a word) in one dot of K = 2 WPG (`_paired_dots`): one shift and one logic op or add per two
+  codes, and each half-word pair is the MMA's register pair as it stands (sm_90 SASS per main-loop step at the
+  H100's pick BN=64 SK=8: 355 -> 311 instructions asym, 297 -> 240 sym). The tuner times 1 and 2.
 
 Tiles are chosen per layer shape by timing every config once (CUDA; `TUNED` keeps the times, for reports);
 `block` fixes one (tests, interpreter). experiments/tune_small_m.py compares them with the other paths. Measured on
@@ -66,6 +69,38 @@ def _column(x2, I: tl.constexpr, PER: tl.constexpr, BLOCK_KW: tl.constexpr):
         v = _halve(v, I % 2, BLOCK_KW, 4)
         v = _halve(v, I // 2, BLOCK_KW, 2)
     return tl.reshape(v, (BLOCK_KW,))
+
+
+@triton.jit
+def _paired_dots(part, words, x2, z, z16, BITS: tl.constexpr, SYM: tl.constexpr, PER: tl.constexpr,
+                 WPG: tl.constexpr, BLOCK_N: tl.constexpr):
+    """part [16, BLOCK_N] + x [16, SUB] @ (q - z)^T of one step, in PER / 2 dots over code-position pairs.
+
+    Positions h and h + PER / 2 sit 16 bits apart in a word, so one shift and one logic op (sym) or add (asym,
+    512 - z folded in: each half stays below 1024, no carry) make both 16-bit halves fp16 magic floats 1024
+    (+ 512 - z) + q, which are adjacent K of one dot [BLOCK_N, 2 * WPG]: the MMA's register pairs, with no
+    repacking. words [BLOCK_N, WPG] uint32; x2 [16 * WPG, PER] (the step's x tile); z [BLOCK_N, 1] fp32 and z16
+    = 1024 + z in fp16."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    if not SYM:  # per row, in both halves: fp16 bits of 1024 + 512 - z
+        zc = ((-z.to(tl.int32) + (F16_MAGIC + 512)) * 0x10001).to(tl.uint32)  # [BLOCK_N, 1]
+    for h in tl.static_range(PER // 2):
+        codes = (words >> (h * BITS)) & (MASK | (MASK << 16))
+        if SYM:
+            pair = codes | (F16_MAGIC | (F16_MAGIC << 16))  # halves 1024 + q
+        else:
+            pair = codes + zc  # halves 1024 + 512 + q - z
+        lo = pair.to(tl.uint16).to(tl.float16, bitcast=True)
+        hi = (pair >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
+        if SYM:
+            w = tl.reshape(tl.join(lo, hi), (BLOCK_N, 2 * WPG)) - z16  # q - z, exact
+        else:
+            w = tl.reshape(tl.join(lo, hi), (BLOCK_N, 2 * WPG)) - 1536.0  # q - z, exact
+        xl = tl.reshape(_column(x2, h, PER, 16 * WPG), (16, WPG))
+        xh = tl.reshape(_column(x2, h + PER // 2, PER, 16 * WPG), (16, WPG))
+        xi = tl.reshape(tl.join(xl, xh), (16, 2 * WPG))  # x at the same (word, position) pairs
+        part = tl.dot(xi, tl.trans(w.to(xi.dtype)), part)  # [16, BLOCK_N]
+    return part
 
 
 @triton.jit
@@ -146,7 +181,8 @@ def skinny_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr,
     EVEN_K: K % SUB == 0, no masks along K. XPERM 1: x_ptr is x [PER, M, K / PER] (x[m, PER * w + i] at
     [i, m, w]; stride_xi, stride_xm; a copy kernel per call), so each code position is a contiguous tile;
     0: x [M, K], read with stride PER per code position; 2: x [M, K], each step's [16, WPG, PER] tile read once,
-    contiguous, and split into code positions in registers (contiguous reads without the copy kernel).
+    contiguous, and split into code positions in registers (contiguous reads without the copy kernel), its
+    dots over code-position pairs (_paired_dots).
     """
     PER: tl.constexpr = 32 // BITS
     WPG: tl.constexpr = SUB // PER  # words per step (>= 16: the dot's K)
@@ -179,22 +215,21 @@ def skinny_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr,
             m3 = mmask[:, None, None] if EVEN_K else mmask[:, None, None] & (k3 < K)
             x3 = tl.load(x_ptr + offs_m[:, None, None] * stride_xm + k3, mask=m3, other=0.0)  # [16, WPG, PER]
             x2 = tl.reshape(x3, (16 * WPG, PER))
-        for i in tl.static_range(PER):
-            k = kw * PER + i
-            if XPERM == 2:
-                xi = tl.reshape(_column(x2, i, PER, 16 * WPG), (16, WPG))
-            else:
+        if XPERM == 2:
+            part = _paired_dots(part, words, x2, z, z16, BITS, SYM, PER, WPG, BLOCK_N)
+        else:
+            for i in tl.static_range(PER):
                 if XPERM == 1:
                     xp = x_ptr + i * stride_xi + offs_m[:, None] * stride_xm + kw[None, :]
                 else:
-                    xp = x_ptr + offs_m[:, None] * stride_xm + k[None, :]
+                    xp = x_ptr + offs_m[:, None] * stride_xm + (kw * PER + i)[None, :]
                 if EVEN_K:
                     xi = tl.load(xp, mask=mmask[:, None], other=0.0)  # [16, WPG]
                 else:
-                    xi = tl.load(xp, mask=mmask[:, None] & (k < K)[None, :], other=0.0)
-            c = (((words >> (i * BITS)) & MASK) | F16_MAGIC).to(tl.uint16)
-            w = c.to(tl.float16, bitcast=True) - z16  # q - z, exact [BLOCK_N, WPG]
-            part = tl.dot(xi, tl.trans(w.to(xi.dtype)), part)  # [16, BLOCK_N]
+                    xi = tl.load(xp, mask=mmask[:, None] & (kw * PER + i < K)[None, :], other=0.0)
+                c = (((words >> (i * BITS)) & MASK) | F16_MAGIC).to(tl.uint16)
+                w = c.to(tl.float16, bitcast=True) - z16  # q - z, exact [BLOCK_N, WPG]
+                part = tl.dot(xi, tl.trans(w.to(xi.dtype)), part)  # [16, BLOCK_N]
         acc += part * tl.trans(s)
     finish_tile(acc, y_ptr, stride_ym, p_ptr, cnt_ptr, b_ptr, offs_m, offs_n, M, N, pid_n, pid_k, SPLIT_K, HAS_BIAS)
 
