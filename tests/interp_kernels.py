@@ -93,12 +93,13 @@ def test_act_quant_kernel_exact(block):
 
 @pytest.mark.parametrize("w_as_a", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("m", [1, 19])
-def test_w8a8_matmul(dtype, m, w_as_a):
-    """Both operand orders (W_AS_A: the transposed product, weights the MMA's A operand); odd M, N, K; bias."""
-    res = rtn_layer(37, 203, 8, -1, True, seed=m)  # K = 203: bytes beyond the row are masked
+@pytest.mark.parametrize("m,k", [(1, 203), (19, 203), (19, 256)])
+def test_w8a8_matmul(dtype, m, k, w_as_a):
+    """Both operand orders (W_AS_A: the transposed product, weights the MMA's A operand); odd M and N (tile rows
+    wrapped into range); K = 203: bytes beyond the row masked, K = 256: EVEN_K (unmasked loads); bias."""
+    res = rtn_layer(37, k, 8, -1, True, seed=m)
     meta, qw, s, _, _ = packed_args(res)
-    x, b = torch.randn(m, 203).to(dtype), torch.randn(37)
+    x, b = torch.randn(m, k).to(dtype), torch.randn(37)
     y = W8.w8a8_linear(x, meta, qw, s, b, block=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, W_AS_A=w_as_a))
     want = ref.w8a8_ref(x, meta, qw, s, b)
     assert y.dtype == dtype and rel_err(y, want) < (1e-6 if dtype == torch.float32 else 1e-3)

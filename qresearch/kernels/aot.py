@@ -113,7 +113,7 @@ def w8a8_jobs() -> list[Job]:
     ints = ["M", "N", "K", "stride_xm", "stride_wn", "stride_ym", "M_BUCKET"]
     jobs = []
     for c in k.CONFIGS:
-        const = dict(HAS_BIAS=False, **c.kwargs)
+        const = dict(HAS_BIAS=False, EVEN_K=True, **c.kwargs)  # Llama K (4096, 11008): multiples of BLOCK_K
         sig = {**ptrs, **{n: "i32" for n in ints}, **{n: "constexpr" for n in const}}
         jobs.append(Job("w8a8_gemm", "w8a8 per-token x per-channel", k.int8_matmul_kernel, sig, const, c.num_warps,
                         c.num_stages))

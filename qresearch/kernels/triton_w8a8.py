@@ -63,35 +63,42 @@ def act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.con
 
 
 @triton.jit
-def _dot_x_w(xq_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn, BLOCK_M: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _dot_x_w(xq_ptr, w_ptr, rows_m, rows_n, K, stride_xm, stride_wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     """sum_k xq[m, k] (code[n, k] - 128) as int32 [BLOCK_M, BLOCK_N]: activations the A operand, weights (xor'ed in
-    registers) the B operand. Masked weight bytes are zero-filled, not 128: each meets a zero activation (masked K)
-    or lands in an unstored column (masked N), so its value never reaches y, and a zero fill costs no per-byte
-    select after the asynchronous copy (other=128 cost ~190 PRMT/SEL per step at 128x128x128 on sm_90)."""
+    registers) the B operand. rows_m / rows_n: the tile's rows wrapped into range (row % M), so loads need no row
+    mask (a wrapped row's sums land in an unstored output). Past K (not EVEN_K) both tiles read zeros: the weight
+    byte's value then never reaches y, and a zero fill costs no per-byte select after the asynchronous copy
+    (other=128 cost ~190 PRMT/SEL per step at 128x128x128 on sm_90)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(xq_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)  # [BLOCK_M, BLOCK_K] int8
-        wb = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None],
-                     mask=(offs_n[None, :] < N) & (offs_k[:, None] < K), other=0)  # [BLOCK_K, BLOCK_N] uint8
+        a_ptrs = xq_ptr + rows_m[:, None] * stride_xm + offs_k[None, :]  # [BLOCK_M, BLOCK_K] int8
+        w_ptrs = w_ptr + rows_n[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N] uint8
+        if EVEN_K:
+            a, wb = tl.load(a_ptrs), tl.load(w_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < K, other=0)
+            wb = tl.load(w_ptrs, mask=offs_k[:, None] < K, other=0)
         acc = tl.dot(a, (wb ^ 0x80).to(tl.int8, bitcast=True), acc, out_dtype=tl.int32)
     return acc
 
 
 @triton.jit
-def _dot_w_x(xq_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn, BLOCK_M: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _dot_w_x(xq_ptr, w_ptr, rows_m, rows_n, K, stride_xm, stride_wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     """The same sums transposed, int32 [BLOCK_N, BLOCK_M]: the xor'ed weight tile is the A operand (an MMA may
     take A from registers; B must come from shared memory), the activations the B operand."""
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        wb = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
-                     mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0)  # [BLOCK_N, BLOCK_K] uint8
-        xt = tl.load(xq_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
-                     mask=(offs_m[None, :] < M) & (offs_k[:, None] < K), other=0)  # [BLOCK_K, BLOCK_M] int8
+        w_ptrs = w_ptr + rows_n[:, None] * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K] uint8
+        x_ptrs = xq_ptr + rows_m[None, :] * stride_xm + offs_k[:, None]  # [BLOCK_K, BLOCK_M] int8
+        if EVEN_K:
+            wb, xt = tl.load(w_ptrs), tl.load(x_ptrs)
+        else:
+            wb = tl.load(w_ptrs, mask=offs_k[None, :] < K, other=0)
+            xt = tl.load(x_ptrs, mask=offs_k[:, None] < K, other=0)
         acc = tl.dot((wb ^ 0x80).to(tl.int8, bitcast=True), xt, acc, out_dtype=tl.int32)
     return acc
 
@@ -99,8 +106,10 @@ def _dot_w_x(xq_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn, BLOCK
 @triton.jit
 def int8_matmul_kernel(xq_ptr, w_ptr, sx_ptr, sw_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                        M_BUCKET, HAS_BIAS: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_AS_A: tl.constexpr):
-    """y[M, N] tile = int32 dot * sx[m] * sw[n] (+ b[n]); W_AS_A: computed as its transpose (_dot_w_x)."""
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_AS_A: tl.constexpr,
+                       EVEN_K: tl.constexpr):
+    """y[M, N] tile = int32 dot * sx[m] * sw[n] (+ b[n]); W_AS_A: computed as its transpose (_dot_w_x).
+    EVEN_K: K % BLOCK_K == 0, the main loop's loads unmasked."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -112,12 +121,12 @@ def int8_matmul_kernel(xq_ptr, w_ptr, sx_ptr, sw_ptr, b_ptr, y_ptr, M, N, K, str
     else:
         b = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if W_AS_A:
-        acc = _dot_w_x(xq_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K)
+        acc = _dot_w_x(xq_ptr, w_ptr, offs_m % M, offs_n % N, K, stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
         y = acc.to(tl.float32) * sw[:, None] * sx[None, :] + b[:, None]  # [BLOCK_N, BLOCK_M]
         tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], y.to(y_ptr.dtype.element_ty),
                  mask=(offs_m[None, :] < M) & (offs_n[:, None] < N))
     else:
-        acc = _dot_x_w(xq_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K)
+        acc = _dot_x_w(xq_ptr, w_ptr, offs_m % M, offs_n % N, K, stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
         y = acc.to(tl.float32) * sx[:, None] * sw[None, :] + b[None, :]  # [BLOCK_M, BLOCK_N]
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
@@ -178,10 +187,12 @@ def int8_gemm(xq, sx, qweight, scales, bias, out_dtype: torch.dtype, block: dict
         block = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
     if block is not None:
         grid = (cdiv(M, block["BLOCK_M"]), cdiv(N, block["BLOCK_N"]))
-        int8_matmul_kernel[grid](*args, HAS_BIAS=bias is not None, **{"W_AS_A": False, **block})
+        int8_matmul_kernel[grid](*args, HAS_BIAS=bias is not None, EVEN_K=K % block["BLOCK_K"] == 0,
+                                 **{"W_AS_A": False, **block})
         return y
     if "gemm" not in _TUNED:
-        _TUNED["gemm"] = triton.autotune(CONFIGS, key=["M_BUCKET", "N", "K"])(int8_matmul_kernel)
+        even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(int8_matmul_kernel)
+        _TUNED["gemm"] = triton.autotune(CONFIGS, key=["M_BUCKET", "N", "K"])(even_k)
 
     def grid(a):
         return cdiv(M, a["BLOCK_M"]), cdiv(N, a["BLOCK_N"])
