@@ -143,3 +143,15 @@ def test_skinny_dot_pairs_code_positions_without_repacking():
                                 opcodes=True) for x in (1, 2)}
         assert r[2]["loop_ops"].get("PRMT", 0) <= 40 and r[2]["stack_bytes"] == 0, (variant, r[2]["loop_ops"])
         assert r[2]["loop_instrs"] < r[1]["loop_instrs"], (variant, r[1]["loop_instrs"], r[2]["loop_instrs"])
+
+
+def test_wq_decode_tiles_do_not_spill_on_sm90():
+    """triton_wq's decode tiles (the M <= 16 path of 3-bit and other layers the GEMV / skinny kernels do not take)
+    fit the registers on sm_90 for 3/4/8 bits: under Triton 3.6 the old BLOCK_K = 256 and 64-codes-per-thread
+    GEMV tiles spilled up to 1.6 KB per thread (act-order's per-element gathers still spill: not checked)."""
+    for variant in ("w4 asym", "w3 asym", "w8 asym"):
+        for job in aot.wq_jobs("wq_decode", [variant]):
+            if job.constants["SPLIT_K"] != 2:
+                continue
+            r = aot.compile_job(job, 90)
+            assert r["stack_bytes"] <= 8, (variant, job.config(), r["regs"], r["stack_bytes"])

@@ -159,9 +159,15 @@ def _cfg(bm, bn, bk, sk, warps, stages):
 
 PREFILL_CONFIGS = [_cfg(64, 128, 64, 1, 4, 4), _cfg(128, 128, 64, 1, 8, 3), _cfg(128, 256, 64, 1, 8, 3),
                    _cfg(64, 64, 128, 1, 4, 4), _cfg(32, 128, 128, 1, 4, 4), _cfg(128, 64, 64, 1, 4, 4)]
-# BLOCK_K <= 128 keeps g128 tiles inside one group (one scale row per tile); 256 serves per-channel / big groups
-DECODE_CONFIGS = [_cfg(bm, bn, bk, sk, w, 3) for bm in (1, 16) for bn, bk, w in
-                  ((32, 128, 4), (64, 128, 4), (64, 256, 4), (128, 128, 8), (128, 64, 4)) for sk in (1, 2, 4, 8)]
+# (BLOCK_N, BLOCK_K, warps); BLOCK_K <= 128 keeps g128 tiles inside one group (one scale row per tile). These serve
+# the layers triton_gemv / triton_small do not take (3/5/6/7 bits, act-order). Under Triton 3.6 (the GPU image) on
+# sm_90, BLOCK_K = 256 tiles spilled at both BLOCK_M (64x256: 152-1592 B of stack for 3/4/8 bits) and BLOCK_M = 1
+# tiles above 64 codes per thread did (64x128 at 4 warps: 648 B); these do not for 3/4/8 bits without act-order
+# (act-order's per-element scale and zero gathers spill at every tile: experiments/compile_kernels.py)
+_GEMV_TILES = ((64, 64, 4), (64, 128, 8), (128, 64, 4), (128, 64, 8), (256, 64, 8))
+_TILE16 = ((32, 128, 4), (64, 128, 4), (64, 64, 4), (128, 128, 8), (128, 64, 4))
+DECODE_CONFIGS = [_cfg(bm, bn, bk, sk, w, 3) for bm, tiles in ((1, _GEMV_TILES), (16, _TILE16))
+                  for bn, bk, w in tiles for sk in (1, 2, 4, 8)]
 MAX_SPLIT_K = max(c.kwargs["SPLIT_K"] for c in DECODE_CONFIGS)  # workspace slices an autotuned call may use
 MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in DECODE_CONFIGS)  # counters: at most M x cdiv(N, this) tiles
 _TUNED: dict[str, object] = {}
