@@ -188,6 +188,11 @@ def test_goals_table_met_missed_not_measured():
     assert "cuBLAS bound 1.48x" in goals(state)[2]["note"] and "cuBLAS" not in goals(state)[0]["note"]
     table = "\n".join(_kernels({"w8a8_parts": [part]}))
     assert "| 4096x11008 | 2048 | 237.0 | 300.0 | 0.79x | 20.0 | 270.0 | 140.0 | 0.52x | 1.48x | 1.0e-04 |" in table
+    failed = {**part, "cublas_int8_us": None, "gemm_vs_cublas": None, "cublas_bound": None, "gemm_rel_err": None,
+              "cublas_error": "RuntimeError: layout"}
+    state["sections"]["kernels"]["w8a8_parts"] = [failed]
+    assert "cuBLAS" not in goals(state)[2]["note"]
+    assert "| 270.0 | - | - | - | RuntimeError: layout |" in "\n".join(_kernels({"w8a8_parts": [failed]}))
 
 
 def test_markdown_renders_partial_and_failed_states():

@@ -41,7 +41,7 @@ def goals(state: dict) -> list[dict]:
                     f"weight): {fl[0]['ratio']:.2f}x before fixed per-call costs")
         parts = [p for p in state["sections"].get("kernels", {}).get("w8a8_parts", [])
                  if (p["shape"], p["M"]) == (shape, m)]
-        if parts and variant == "w8a8":
+        if parts and variant == "w8a8" and parts[0]["cublas_int8_us"] is not None:
             p = parts[0]
             note = (f"{note}; act quant {p['act_quant_us']:.1f} us + our GEMM {p['gemm_us']:.1f} us vs cuBLAS int8 "
                     f"{p['cublas_int8_us']:.1f} us: cuBLAS bound {p['cublas_bound']:.2f}x")
@@ -73,6 +73,10 @@ def goals(state: dict) -> list[dict]:
 
 def _f(v, fmt=".3g"):
     return "-" if v is None else format(v, fmt)
+
+
+def _x(v) -> str:
+    return "-" if v is None else f"{v:.2f}x"
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
@@ -143,8 +147,9 @@ def _kernels(sec: dict) -> list[str]:
         lines += _table(["shape", "M", "fp16", "W8A8 call", "speedup", "act quant", "our GEMM", "cuBLAS int8",
                          "cuBLAS / ours", "cuBLAS bound", "GEMM rel err"],
                         [[p["shape"], p["M"], f"{p['fp16_us']:.1f}", f"{p['call_us']:.1f}", f"{p['speedup']:.2f}x",
-                          f"{p['act_quant_us']:.1f}", f"{p['gemm_us']:.1f}", f"{p['cublas_int8_us']:.1f}",
-                          f"{p['gemm_vs_cublas']:.2f}x", f"{p['cublas_bound']:.2f}x", _f(p["gemm_rel_err"], ".1e")]
+                          f"{p['act_quant_us']:.1f}", f"{p['gemm_us']:.1f}", _f(p["cublas_int8_us"], ".1f"),
+                          _x(p["gemm_vs_cublas"]), _x(p["cublas_bound"]),
+                          _f(p["gemm_rel_err"], ".1e") if p["cublas_int8_us"] is not None else p["cublas_error"]]
                          for p in sec["w8a8_parts"]])
     return lines
 
