@@ -26,7 +26,8 @@ GPU_MS, QUICK_MS = (1, 3, 16, 64, 300), (1, 3, 33)
 GPU_TILES = {"gemv": dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4),
              "splitk": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2),
              "prefill": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1),
-             "w8a8_small": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64), "w8a8": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
+             # w8a8: K = 576 is a multiple of the small tile's BLOCK_K (unmasked main loop) and not of the big one's
+             "w8a8_small": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64), "w8a8": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128),
              "gemv2": dict(BLOCK_N=64, BLOCK_K_CODES=128, SPLIT_K=2), "dequant": None,
              "small1": (64, 2, 4, 2, 1), "small2": (64, 2, 4, 2, 2)}  # triton_small DOT_CONFIGS tuples
 QUICK_TILES = {"gemv": dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=64, SPLIT_K=2),
