@@ -5,7 +5,13 @@ machine's start and the transfers inside the session's 15 device minutes; on an 
 with the e2e section cut short (2026-11-26), hence 520):
 
     set -o pipefail; PYTHONUNBUFFERED=1 QRESEARCH_COMMIT=<git rev-parse --short=12 HEAD, clean tree> \
-        python3 experiments/gpu_suite.py --out $OUT --budget-s 520 2>&1 | tee $OUT/gpu_suite.log
+        python3 experiments/gpu_suite.py --out $OUT --budget-s 520 --triton-cache .triton_cache \
+        2>&1 | tee $OUT/gpu_suite.log
+
+with carry [".triton_cache"] when the folder exists here: the compiled kernels of the last GPU run (the
+triton_cache.tar.gz it returned, saved as .triton_cache/cache.tar.gz; git-ignored), so unchanged kernels are not
+compiled again on the device (gpusuite/tcache.py). Later calls on the same warm machine keep passing
+--triton-cache .triton_cache but carry nothing: the device's folder then still holds what the first call compiled.
 
 It writes gpu_<device-slug>.md and .json under --out (default results/) after every step, so a timeout still
 leaves partial results; at --budget-s the running step is interrupted (recorded as such) and the report finished.
@@ -54,6 +60,9 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--sections", nargs="+", default=list(SECTION_NAMES), choices=SECTION_NAMES,
                     help="sections to run (env always runs: the others use its measured copy bandwidth)")
     ap.add_argument("--tag", default="", help="suffix of the report's file name (e.g. for a partial rerun)")
+    ap.add_argument("--triton-cache", default=None, metavar="DIR",
+                    help="carry Triton's compile cache: restore DIR/cache.tar.gz, write <out>/triton_cache.tar.gz "
+                         "(gpusuite/tcache.py)")
     args = ap.parse_args(argv)
     args.sections = ["env"] + [s for s in args.sections if s != "env"]
     if args.tag and not args.tag.replace("-", "").replace("_", "").isalnum():
@@ -134,6 +143,9 @@ def main(argv=None) -> int:
     if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):
         args.quick = True  # without a GPU there is only the quick mode
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+    from experiments.gpusuite import tcache
+
+    carried = tcache.restore(Path(args.triton_cache)) if args.triton_cache else None  # before triton's import
 
     from experiments.gpusuite import correctness, e2e, env, gptq_block, kernels, lib, report
     from experiments.gpusuite.common import Budget, BudgetExceeded, Ctx
@@ -171,6 +183,8 @@ def main(argv=None) -> int:
     finally:
         budget.disarm()
     state["meta"]["finished"] = True
+    if carried is not None:
+        state["meta"]["triton_cache"] = tcache.save(carried, out)
     state["goals"] = report.goals(state)
     save()
     print(stem.with_suffix(".md").read_text())

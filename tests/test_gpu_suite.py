@@ -4,7 +4,9 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -30,13 +32,30 @@ def test_importing_the_suite_pulls_none_of_the_missing_packages():
     assert proc.stdout.strip().splitlines()[-1] == "[]"
 
 
+def _fake_cache_archive(folder: Path) -> None:
+    """folder/cache.tar.gz holding one Triton cache entry (a metadata group file and a binary)."""
+    from experiments.gpusuite import tcache
+
+    entry = folder / "src" / "abc123"
+    entry.mkdir(parents=True)
+    (entry / "__grp__k.json").write_text("{}")
+    (entry / "k.cubin").write_bytes(b"\0" * 64)
+    (folder / tcache.ARCHIVE).write_bytes(tcache.pack(folder / "src"))
+
+
 def test_quick_mode_writes_every_section_without_the_missing_packages(tmp_path):
-    code = BLOCKER + (f"import runpy\nsys.argv = ['experiments/gpu_suite.py', '--quick', '--out', {str(tmp_path)!r}]\n"
+    _fake_cache_archive(tmp_path / "tc")
+    code = BLOCKER + (f"import runpy\nsys.argv = ['experiments/gpu_suite.py', '--quick', '--out', {str(tmp_path)!r}, "
+                      f"'--triton-cache', {str(tmp_path / 'tc')!r}]\n"
                       "runpy.run_path('experiments/gpu_suite.py', run_name='__main__')")
     proc = _py(code)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     (js,) = tmp_path.glob("gpu_quick_*.json")
     state = json.loads(js.read_text())
+    tc = state["meta"]["triton_cache"]  # the carried entry is restored, counted and written back
+    assert tc["carried_entries"] == 1 and tc["entries"] >= 1 and tc["written"], tc
+    with tarfile.open(tmp_path / "triton_cache.tar.gz") as tar:
+        assert "abc123/k.cubin" in tar.getnames()
     secs = state["sections"]
     assert {k: v["status"] for k, v in secs.items()} == {k: "done" for k in
                                                          ("env", "correctness", "kernels", "e2e", "gptq")}
@@ -54,6 +73,7 @@ def test_quick_mode_writes_every_section_without_the_missing_packages(tmp_path):
     assert all(g["graph"] is False and g["ms_per_step"] > 0 for g in graph)  # the static-cache loop, eager on CPU
     md = js.with_suffix(".md").read_text()
     assert "CPU quick mode" in md.splitlines()[0] and "the goals are NOT measured" in md
+    assert "Triton compile cache: 1 kernels carried in" in md
     for heading in ("## Goals", "## 1. Environment", "## 2. Kernel correctness", "## 3. Kernel benchmark",
                     "## 4. End to end", "## 5. GPTQ"):
         assert heading in md
@@ -210,3 +230,16 @@ def test_markdown_renders_partial_and_failed_states():
     md = markdown(state)
     assert "ERROR OOM" in md and "status: **skipped**" in md and "RuntimeError: x" in md
     assert "interrupted" in short_summary(state)
+
+
+def test_triton_cache_too_large_is_not_written(tmp_path, monkeypatch):
+    from experiments.gpusuite import tcache
+
+    _fake_cache_archive(tmp_path / "tc")
+    monkeypatch.setenv("TRITON_CACHE_DIR", "unset")
+    monkeypatch.setenv("TRITON_STORE_BINARY_ONLY", "0")
+    info = tcache.restore(tmp_path / "tc")
+    assert info["carried_entries"] == 1 and os.environ["TRITON_CACHE_DIR"].endswith("kernels")
+    got = tcache.save(info, tmp_path, max_bytes=10)
+    assert got["written"] is None and "MiB >" in got["why_not"] and not (tmp_path / tcache.OUT_NAME).exists()
+    assert tcache.pack(tmp_path / "tc" / "kernels") == tcache.pack(tmp_path / "tc" / "kernels")  # deterministic

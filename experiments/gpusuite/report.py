@@ -239,8 +239,13 @@ def markdown(state: dict) -> str:
         lines += ["**CPU quick mode: tiny shapes; Triton kernels run by the interpreter (correctness only); the "
                   "benchmark and end-to-end sections run the torch reference kernels. No number here is a GPU "
                   "measurement; the goals are NOT measured.**", ""]
+    tc = meta.get("triton_cache")
+    cache = [] if not tc else [
+        f"- Triton compile cache: {tc['carried_entries']} kernels carried in, {tc['compiled_this_run']} compiled "
+        f"this run; " + (f"written back ({tc['archive_bytes'] / 2**20:.1f} MiB)" if tc.get("written")
+                         else f"not written back: {tc.get('why_not')}")]
     lines += [f"- command: `{meta['command']}`", f"- budget: {meta['budget_s']:.0f} s, used {meta['used_s']:.0f} s; "
-              f"finished: {meta['finished']}", "", "## Goals", "",
+              f"finished: {meta['finished']}", *cache, "", "## Goals", "",
               *_table(["goal", "target", "reached", "status", "note"],
                       [list(g.values()) for g in goals(state)]), ""]
     for key, heading, render in SECTIONS:
