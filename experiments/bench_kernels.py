@@ -62,10 +62,15 @@ def memory_bound_limit(bits: int, group: int, in_f: int, sym: bool) -> float:
     return 16 / (bits + (16 + (0 if sym else bits)) / g)
 
 
-def build(variant: str, out_f: int, in_f: int, device, dtype) -> QuantLinear:
+def build(variant: str, out_f: int, in_f: int, device, dtype, act_order: bool = False) -> QuantLinear:
+    """A packed layer of `variant` for a random weight; act_order: input columns assigned to groups by a random
+    permutation (every group `group` columns, as GPTQ act-order writes g_idx)."""
     bits, group, sym, a8 = VARIANTS[variant]
     w = (torch.randn(out_f, in_f, device=device) * 0.02).to(dtype)
     q = quantize_tensor(w.float(), weight_spec(bits, group, sym))
+    if act_order:
+        g = torch.arange(in_f, device=device) // q.spec.group_for(in_f)
+        q.g_idx = g[torch.randperm(in_f, device=device)].to(torch.int32)
     act = ActQuant(QuantSpec(bits=8, sym=True, granularity="token")) if a8 else None
     lin = nn.Linear(in_f, out_f, bias=False, device=device, dtype=dtype)
     lin.weight.data.copy_(w)

@@ -123,3 +123,17 @@ def test_w8a8_parts_row_splits_a_call():
     assert all(row[f"{k}_us"] > 0 for k in ("fp16", "call", "act_quant", "gemm", "cublas_int8"))
     words = torch.tensor([[0x80FF7F00]], dtype=torch.int64).to(torch.int32)  # bytes 0x00 0x7F 0xFF 0x80 (little end)
     assert signed_weight(words, 4).tolist() == [[-128, -1, 127, 0]]
+
+
+def test_act_order_rows_time_both_paths():
+    """The GPU suite's act-order rows on CPU (interpreted kernels): both QRESEARCH_ACT_ORDER paths, each matching
+    the torch reference on the same module."""
+    from types import SimpleNamespace
+
+    from experiments.gpusuite.kernels import ACT_ORDER_MS, act_order_rows
+
+    ctx = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32, gpu=False, copy_bw=1e10)
+    rows = act_order_rows("40x256", ctx, None, 1, 0)
+    assert [(r["M"], r["variant"].split()[-1]) for r in rows] == [(m, p) for m in ACT_ORDER_MS
+                                                                  for p in ("permute", "gather")]
+    assert all(r["ref_rel_err"] < 1e-5 and r["q_ms"] > 0 and r["kernel"] == "triton_w4a16" for r in rows), rows

@@ -56,3 +56,28 @@ def test_outlier_columns(monkeypatch):
     mod = _module(res)
     y, want = _both(mod, torch.randn(4, 64) * 3, monkeypatch)
     assert mod.kernel_name.endswith("+fp_outliers") and rel_err(y, want) < 1e-6
+
+
+@pytest.mark.parametrize("path", ["permute", "gather"])
+@pytest.mark.parametrize("lead", [(1,), (5,), (18,)])  # GEMV, split-K tile, fused prefill
+def test_act_order_permuted_or_gathered(path, lead, monkeypatch):
+    """QRESEARCH_ACT_ORDER: a clean act-order layer runs the contiguous-group kernels on its codes permuted once
+    (x[:, perm] per call; the permuted copy made at the first call only) or triton_wq's per-element gathers; a
+    g_idx with uneven groups cannot be permuted and is gathered. Both match the reference."""
+    from qresearch.kernels import prepared
+
+    monkeypatch.setenv("QRESEARCH_ACT_ORDER", path)
+    mod = _module(rtn_layer(24, 128, 4, 32, False, act_order=True, seed=3))
+    made = []
+    real = prepared.pack_rows
+    monkeypatch.setattr(prepared, "pack_rows", lambda *a: made.append(1) or real(*a))
+    x = torch.randn(*lead, 128)
+    y, want = _both(mod, x, monkeypatch)
+    monkeypatch.setenv("QRESEARCH_KERNELS", "triton")
+    assert rel_err(y, want) < 1e-5 and torch.equal(mod(x), y)
+    assert len(made) == (1 if path == "permute" else 0), made  # once per layer, not per call
+    uneven = rtn_layer(24, 128, 4, 32, False, seed=4)
+    uneven.weight.g_idx = torch.randint(0, 4, (128,), generator=torch.Generator().manual_seed(0)).to(torch.int32)
+    mod = _module(uneven)
+    y, want = _both(mod, x, monkeypatch)
+    assert rel_err(y, want) < 1e-5

@@ -21,6 +21,7 @@ from qresearch.kernels import cpu_lowbit
 from qresearch.kernels import cpu_packed as cp
 from qresearch.kernels import dispatch
 from qresearch.kernels import reference as ref
+from qresearch.kernels.prepared import is_cached
 from qresearch.nn.packed import QuantLinear
 from qresearch.quant.packing import PackedMeta
 from tests._qhelpers import REPO, packed_args, rel_err, rtn_layer, shared_dir
@@ -174,7 +175,7 @@ def test_quantlinear_prepares_once_and_follows_its_buffers(monkeypatch):
     assert len(calls) == 1 and torch.equal(y1, y2) and mod.kernel_name == "c_lowbit_w4a16"
     assert mod.state_dict().keys() == before.keys() and all(torch.equal(mod.state_dict()[k], v)
                                                             for k, v in before.items())
-    assert mod.qweight in cp._PREPARED and mod.weight_bytes() == stored  # prepared tensors: no stored bytes
+    assert is_cached(mod.qweight) and mod.weight_bytes() == stored  # prepared tensors: no stored bytes
     other = QuantLinear.from_result(nn.Linear(96, 32), rtn_layer(32, 96, 4, 32, False, act_order=True, seed=7))
     mod.load_state_dict(other.state_dict())  # written in place -> prepared again, output follows the new weights
     assert rel_err(mod(x), _reference(other, x, monkeypatch)) < 1e-5 and len(calls) == 2

@@ -29,19 +29,21 @@ GPU_TILES = {"gemv": dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4),
              # w8a8: K = 576 is a multiple of the small tile's BLOCK_K (unmasked main loop) and not of the big one's
              "w8a8_small": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64), "w8a8": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128),
              "gemv2": dict(BLOCK_N=64, BLOCK_K_CODES=128, SPLIT_K=2), "dequant": None,
-             "small1": (64, 2, 4, 2, 1), "small2": (64, 2, 4, 2, 2)}  # triton_small DOT_CONFIGS tuples
+             "small1": (64, 2, 4, 2, 1), "small2": (64, 2, 4, 2, 2),  # triton_small DOT_CONFIGS tuples
+             "act_perm": None}  # the tuned production launch
 QUICK_TILES = {"gemv": dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=64, SPLIT_K=2),
                "splitk": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=3),
                "prefill": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1),
                "w8a8_small": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32), "w8a8": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32),
                "gemv2": dict(BLOCK_N=16, BLOCK_K_CODES=64, SPLIT_K=2), "dequant": None,
-               "small1": (16, 2, 4, 2, 1), "small2": (16, 2, 4, 2, 2)}
+               "small1": (16, 2, 4, 2, 1), "small2": (16, 2, 4, 2, 2), "act_perm": None}
 
 
 @dataclass(frozen=True)
 class Case:
     family: str  # wq | gemv2 (the one-token GEMV, triton_gemv) | dequant (triton_dequant + dense GEMM) | small
-    # (triton_small's skinny tensor-core kernel, M = 2..16) | w8a8 | act_quant
+    # (triton_small's skinny tensor-core kernel, M = 2..16) | act_perm (an act-order layer permuted to contiguous
+    # groups, through dispatch) | w8a8 | act_quant
     m: int
     n: int
     k: int
@@ -60,7 +62,8 @@ class Case:
         if self.family == "act_quant":
             return f"act_quant int8 {dt} M={self.m} K={self.k}"
         w = f"w{self.bits}{'a8' if self.family == 'w8a8' else 'a16'} g{self.group if self.group > 0 else 'ch'}" \
-            f" {'sym' if self.sym else 'asym'}{' ' + self.family if self.family in ('gemv2', 'dequant') else ''}" \
+            f" {'sym' if self.sym else 'asym'}" \
+            f"{' ' + self.family if self.family in ('gemv2', 'dequant', 'act_perm') else ''}" \
             f"{f' small xperm={self.xperm}' if self.family == 'small' else ''}"
         extras = [e for e, on in (("act-order", self.act_order), ("bias", self.bias), ("static", self.static)) if on]
         return f"{w}{' ' + '+'.join(extras) if extras else ''} {dt} M={self.m} {self.n}x{self.k}"
@@ -68,7 +71,7 @@ class Case:
     def tile(self, tiles: dict) -> tuple[str, dict | None]:
         if self.family == "act_quant":
             return "act_quant", None
-        if self.family in ("gemv2", "dequant"):
+        if self.family in ("gemv2", "dequant", "act_perm"):
             key = self.family
         elif self.family == "small":
             key = f"small{self.xperm}"
@@ -80,7 +83,7 @@ class Case:
 
 
 def cases(quick: bool) -> list[Case]:
-    """The case matrix (GPU: 119 cases; quick: small shapes the interpreter can run, fp32 + some 16-bit)."""
+    """The case matrix (GPU: 124 cases; quick: small shapes the interpreter can run, fp32 + some 16-bit)."""
     n, k = QUICK_SHAPE if quick else GPU_SHAPE
     ms, few = (QUICK_MS, (1, 33)) if quick else (GPU_MS, (1, 3, 300))
     half = torch.float32 if quick else torch.float16  # quick: the interpreter is exact in fp32
@@ -100,6 +103,8 @@ def cases(quick: bool) -> list[Case]:
     small = lambda m, b, g, s, xp, dt=half, **kw: Case("small", m, n, k, dt, b, g, s, xperm=xp, **kw)  # noqa: E731
     out += [small(16, 4, 128, False, 1), small(16, 4, 128, False, 2, bias=True), small(3, 8, 128, False, 2),
             small(16, 4, 128, True, 2), small(16, 2, -1, False, 2), small(3, 8, -1, True, 1)]
+    perm = lambda m, b, dt=half: Case("act_perm", m, n, k, dt, b, 128, False, act_order=True, bias=True)  # noqa
+    out += [perm(m, 4) for m in few] + [perm(16, 4), perm(1, 3)]
     if quick:  # the interpreter emulates 16-bit dots poorly: fp16 on every path, bf16 on the GEMV only
         out += [wq(m, 4, 128, False, torch.float16) for m in ms] + [wq(1, 4, 128, False, torch.bfloat16)]
         out += [Case("w8a8", m, n, k, dt, bias=True) for m, dt in ((1, torch.float32), (19, torch.float32),
@@ -141,6 +146,8 @@ def launch(case: Case, tile: dict | None, meta, bufs, x, bias, static):
         return lib.dequant_kernel(x, meta, bufs, bias)
     if case.family == "small":
         return lib.small_kernel(x, meta, bufs, bias, tile)
+    if case.family == "act_perm":
+        return lib.act_order_kernel(x, meta, bufs, bias)
     if case.family == "w8a8":
         return lib.w8a8_kernel(x, meta, bufs, bias, static, tile)
     return lib.act_quant_kernel(x)
@@ -157,7 +164,7 @@ def run_case(case: Case, device: torch.device, tiles: dict, seed: int = 0, kerne
         if case.family == "act_quant":
             got = kernel(case, tile, meta, bufs, x, bias, static)
             return {**row, **_act_quant_row(got, lib.act_quant_reference(x))}
-        if case.family in ("wq", "gemv2", "dequant", "small"):
+        if case.family in ("wq", "gemv2", "dequant", "small", "act_perm"):
             truth = x.double() @ lib.dequant_weight64(meta, bufs).t() + (0 if bias is None else bias.double())
             ref_y = lib.wa16_reference(x, meta, bufs, bias)
         else:

@@ -75,8 +75,11 @@ def versions() -> dict:
             "triton": triton.__version__, "transformers": transformers.__version__, "platform": platform.platform(),
             "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
             # the kernel paths packed layers take per call (defaults: the library's auto choices)
-            **{name.lower(): os.environ.get(name, "auto" if name != "QRESEARCH_GEMV_MAGIC" else "1")
-               for name in ("QRESEARCH_SMALL_M", "QRESEARCH_PREFILL", "QRESEARCH_GEMV_MAGIC")}}
+            **{name.lower(): os.environ.get(name, default) for name, default in PATH_ENV.items()}}
+
+
+PATH_ENV = {"QRESEARCH_SMALL_M": "auto", "QRESEARCH_PREFILL": "auto", "QRESEARCH_GEMV_MAGIC": "1",
+            "QRESEARCH_ACT_ORDER": "permute"}  # LIBRARY: per-call kernel path switches and their defaults
 
 
 def matmul_tflops(device: torch.device, n: int, dtype: torch.dtype, repeats: int) -> float:

@@ -70,6 +70,20 @@ def small_m_path(path: str):
         yield
 
 
+def act_order_path(path: str):
+    """Act-order layers take `path` (permute | gather) inside the block."""
+    return _env("QRESEARCH_ACT_ORDER", path)  # LIBRARY: read per call by kernels/dispatch.py
+
+
+def act_order_kernel(x, meta, bufs, bias):
+    """An act-order layer through the Triton dispatch path (its codes permuted once, x[:, perm] per call, then
+    the contiguous-group kernel auto picks for this M)."""
+    from qresearch.kernels.dispatch import ActMode, _run_triton_wq  # LIBRARY: the Triton weight-only dispatch
+
+    with act_order_path("permute"):
+        return _run_triton_wq(x, meta, {**bufs, "bias": bias}, ActMode("none"))
+
+
 def pack_random_layer(n: int, k: int, bits: int, group: int, sym: bool, act_order: bool, scale_dtype: torch.dtype,
                       gen: torch.Generator) -> tuple[PackedMeta, dict]:
     """RTN-quantize a random weight [n, k] and pack it: (meta, buffers qweight/scales/qzeros/g_idx) on the CPU.

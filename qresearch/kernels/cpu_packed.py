@@ -19,11 +19,9 @@ error naming QRESEARCH_KERNELS=torch (never a silent switch to another kernel).
 """
 from __future__ import annotations
 
-import weakref
 from functools import partial
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ..quant.packing import PackedMeta, unpack_rows
 from . import cpu_aten, cpu_lowbit
@@ -31,24 +29,12 @@ from . import reference as ref
 from .cpu_aten import INT4_GROUPS, int4_op_group
 from .dispatch import Kernel, LayerKey, register
 from .int_mm import prepare_int8_weight
+from .prepared import STAMPED, act_order_perm, cached
 from .reference import weight_zeros
 
 FAST_ATEN_DTYPES = (torch.bfloat16,)
 KERNELS = ("aten_int4", "aten_int8", "c_lowbit")
 PRIORITY = {"aten_int4": 20, "aten_int8": 21, "c_lowbit": 30}
-STAMPED = ("qweight", "scales", "qzeros", "g_idx")  # the buffers a prepared layer is made from
-_PREPARED = WeakIdKeyDictionary()  # qweight tensor -> {(kind, dtype): (buffer stamps, prepared)}
-
-
-def act_order_perm(g_idx: torch.Tensor | None, meta: PackedMeta) -> tuple[torch.Tensor | None, str | None]:
-    """(perm making groups contiguous or None without g_idx, reason when g_idx is not `group` columns a group)."""
-    if g_idx is None:
-        return None, None
-    perm = torch.argsort(g_idx.long(), stable=True)
-    want = torch.arange(meta.in_features) // meta.group  # sorted g_idx of a clean act-order layer
-    if not torch.equal(g_idx.long().cpu()[perm.cpu()], want):
-        return None, f"act-order g_idx does not give every group exactly {meta.group} columns"
-    return perm, None
 
 
 def _layer_reason(key: LayerKey, op: str | None = None) -> str | None:
@@ -118,32 +104,10 @@ LINEAR = {"aten_int4": cpu_aten.int4_linear, "aten_int8": cpu_aten.int8_linear,
           "c_lowbit": cpu_lowbit.lowbit_linear}  # (x, prepared, bias) -> y
 
 
-def _stamp(t: torch.Tensor | None) -> tuple:
-    """(weakref, in-place version) of a buffer: stale when the buffer is replaced (module.to, a new tensor) or
-    written in place (load_state_dict copies into the buffers)."""
-    if t is None:
-        return None, None
-    try:
-        version = t._version
-    except RuntimeError:  # inference-mode tensors keep no version counter (and cannot be written outside it)
-        version = -1
-    return weakref.ref(t), version
-
-
-def _fresh(stamps: tuple, bufs: dict) -> bool:
-    return all((ref_ is None and t is None) or (ref_ is not None and ref_() is t and _stamp(t)[1] == version)
-               for (ref_, version), t in zip(stamps, (bufs[k] for k in STAMPED)))
-
-
 def prepared_for(kind: str, meta: PackedMeta, bufs: dict, dtype: torch.dtype):
     """The layer's weights in kernel `kind`'s layout, made once per (kind, dtype) and kept while the layer's
-    buffers are the same tensors at the same version (the cache holds the qweight tensor weakly)."""
-    cache = _PREPARED.setdefault(bufs["qweight"], {})
-    hit = cache.get((kind, dtype))
-    if hit is None or not _fresh(hit[0], bufs):
-        hit = (tuple(_stamp(bufs[k]) for k in STAMPED), prepare(kind, meta, *(bufs[k] for k in STAMPED), dtype))
-        cache[(kind, dtype)] = hit
-    return hit[1]
+    buffers are the same tensors at the same version (kernels/prepared.py)."""
+    return cached((kind, dtype), bufs, lambda: prepare(kind, meta, *(bufs[k] for k in STAMPED), dtype))
 
 
 def run(kind: str, x: torch.Tensor, meta: PackedMeta, bufs: dict, mode=None) -> torch.Tensor:

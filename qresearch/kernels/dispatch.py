@@ -168,9 +168,31 @@ def _small_m_order(path: str, m: int) -> tuple[str, ...]:
     return (path,) if path == "small" or m == 1 else ()
 
 
+ACT_ORDER_PATHS = ("permute", "gather")
+
+
+def act_order_path() -> str:
+    """How the Triton path runs act-order layers (QRESEARCH_ACT_ORDER): 'permute' (default: the layer's codes with
+    columns sorted by group, one extra copy of its packed weight made at its first call, and x[:, perm] per call,
+    so the contiguous-group kernels serve it; a g_idx that is no clean act-order assignment keeps 'gather') or
+    'gather' (scales and zeros gathered per weight element by triton_wq, which spills registers on sm_90;
+    dequantize-then-GEMM calls gather in any case: their dequantize kernel reads g_idx without spilling)."""
+    p = os.environ.get("QRESEARCH_ACT_ORDER", "permute")
+    if p not in ACT_ORDER_PATHS:
+        raise ValueError(f"QRESEARCH_ACT_ORDER={p!r} is unknown; allowed: {', '.join(ACT_ORDER_PATHS)}")
+    return p
+
+
 def _run_triton_wq(x, meta, bufs, mode):
     from .triton_wq import wq_linear
 
+    if bufs["g_idx"] is not None and act_order_path() == "permute" and not _dequant_call(x.shape[0]):
+        from .prepared import permuted_act_order
+
+        permuted = permuted_act_order(meta, bufs)
+        if permuted is not None:
+            perm, qweight = permuted
+            x, bufs = x.index_select(1, perm), {**bufs, "qweight": qweight, "g_idx": None}
     has_gidx = bufs["g_idx"] is not None
     for name in _small_m_order(small_m_path(), x.shape[0]):
         if name == "gemv":
@@ -184,13 +206,20 @@ def _run_triton_wq(x, meta, bufs, mode):
 
             if small_supports(meta, has_gidx, x.shape[0]) is None:
                 return small_m_linear(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["bias"])
-    if x.shape[0] > 16:
-        from .triton_dequant import dequant_linear, use_dequant
+    if _dequant_call(x.shape[0]):  # QRESEARCH_PREFILL: dequantize-then-GEMM for long calls
+        from .triton_dequant import dequant_linear
 
-        if use_dequant(x.shape[0]):  # QRESEARCH_PREFILL: dequantize-then-GEMM for long calls
-            return dequant_linear(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["g_idx"],
-                                  bufs["bias"])
+        return dequant_linear(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["g_idx"], bufs["bias"])
     return wq_linear(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["g_idx"], bufs["bias"])
+
+
+def _dequant_call(m: int) -> bool:
+    """Whether a call of m tokens goes to dequantize-then-GEMM (triton_dequant; QRESEARCH_PREFILL)."""
+    if m <= 16:
+        return False
+    from .triton_dequant import use_dequant
+
+    return use_dequant(m)
 
 
 def _run_triton_w8a8(x, meta, bufs, mode):
