@@ -29,14 +29,13 @@ GPU_TILES = {"gemv": dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4),
              # w8a8: K = 576 is a multiple of the small tile's BLOCK_K (unmasked main loop) and not of the big one's
              "w8a8_small": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64), "w8a8": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128),
              "gemv2": dict(BLOCK_N=64, BLOCK_K_CODES=128, SPLIT_K=2), "dequant": None,
-             "small1": (64, 2, 4, 2, 1), "small2": (64, 2, 4, 2, 2),  # triton_small DOT_CONFIGS tuples
-             "act_perm": None}  # the tuned production launch
+             "small1": (64, 2, 4, 2, 1), "small2": (64, 2, 4, 2, 2)}  # triton_small DOT_CONFIGS tuples
 QUICK_TILES = {"gemv": dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=64, SPLIT_K=2),
                "splitk": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=3),
                "prefill": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1),
                "w8a8_small": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32), "w8a8": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32),
                "gemv2": dict(BLOCK_N=16, BLOCK_K_CODES=64, SPLIT_K=2), "dequant": None,
-               "small1": (16, 2, 4, 2, 1), "small2": (16, 2, 4, 2, 2), "act_perm": None}
+               "small1": (16, 2, 4, 2, 1), "small2": (16, 2, 4, 2, 2)}
 
 
 @dataclass(frozen=True)
@@ -71,7 +70,9 @@ class Case:
     def tile(self, tiles: dict) -> tuple[str, dict | None]:
         if self.family == "act_quant":
             return "act_quant", None
-        if self.family in ("gemv2", "dequant", "act_perm"):
+        if self.family == "act_perm":  # the kernel for its M is picked inside (lib.act_order_kernel)
+            return "act_perm", tiles
+        if self.family in ("gemv2", "dequant"):
             key = self.family
         elif self.family == "small":
             key = f"small{self.xperm}"
@@ -147,7 +148,7 @@ def launch(case: Case, tile: dict | None, meta, bufs, x, bias, static):
     if case.family == "small":
         return lib.small_kernel(x, meta, bufs, bias, tile)
     if case.family == "act_perm":
-        return lib.act_order_kernel(x, meta, bufs, bias)
+        return lib.act_order_kernel(x, meta, bufs, bias, tile)
     if case.family == "w8a8":
         return lib.w8a8_kernel(x, meta, bufs, bias, static, tile)
     return lib.act_quant_kernel(x)
@@ -158,7 +159,8 @@ def run_case(case: Case, device: torch.device, tiles: dict, seed: int = 0, kerne
     path, tile = case.tile(tiles)
     row = {"case": case.name, "family": case.family, "bits": case.bits, "group": case.group, "sym": case.sym,
            "act_order": case.act_order, "dtype": str(case.dtype).removeprefix("torch."), "M": case.m, "N": case.n,
-           "K": case.k, "path": path, "tile": tile, "tol": TOL[case.dtype]}
+           "K": case.k, "path": path, "tol": TOL[case.dtype],
+           "tile": tile if case.family != "act_perm" else "the fixed tile of the kernel its M takes"}
     try:
         meta, bufs, x, bias, static = _inputs(case, device, seed)
         if case.family == "act_quant":

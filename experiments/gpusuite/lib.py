@@ -75,13 +75,25 @@ def act_order_path(path: str):
     return _env("QRESEARCH_ACT_ORDER", path)  # LIBRARY: read per call by kernels/dispatch.py
 
 
-def act_order_kernel(x, meta, bufs, bias):
-    """An act-order layer through the Triton dispatch path (its codes permuted once, x[:, perm] per call, then
-    the contiguous-group kernel auto picks for this M)."""
-    from qresearch.kernels.dispatch import ActMode, _run_triton_wq  # LIBRARY: the Triton weight-only dispatch
+def act_order_kernel(x, meta, bufs, bias, tiles: dict):
+    """An act-order layer as QRESEARCH_ACT_ORDER=permute runs it: codes permuted once to contiguous groups
+    (kernels/prepared.py), x[:, perm], then a fixed-tile contiguous-group kernel for this M (tiles: the
+    correctness section's gemv2 / gemv / small2 / splitk / prefill tiles; fixed tiles keep the case free of
+    autotuning)."""
+    from qresearch.kernels.prepared import permuted_act_order  # LIBRARY: the act-order permutation
+    from qresearch.kernels.triton_small import supports  # LIBRARY: triton_small's layer check
 
-    with act_order_path("permute"):
-        return _run_triton_wq(x, meta, {**bufs, "bias": bias}, ActMode("none"))
+    permuted = permuted_act_order(meta, bufs)
+    if permuted is None:
+        raise ValueError("g_idx is no clean act-order assignment: it cannot be permuted")
+    perm, qweight = permuted
+    xp, bp = x.index_select(1, perm), {**bufs, "qweight": qweight, "g_idx": None}
+    m = x.shape[0]
+    if m == 1 and 32 % meta.bits == 0:
+        return gemv_kernel(xp, meta, bp, bias, tiles["gemv2"])
+    if 1 < m <= 16 and supports(meta, False, m) is None:
+        return small_kernel(xp, meta, bp, bias, tiles["small2"])
+    return wq_kernel(xp, meta, bp, bias, tiles["gemv" if m == 1 else "splitk" if m <= 16 else "prefill"])
 
 
 def pack_random_layer(n: int, k: int, bits: int, group: int, sym: bool, act_order: bool, scale_dtype: torch.dtype,
