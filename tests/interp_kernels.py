@@ -126,14 +126,13 @@ def test_w8a8_parts_row_splits_a_call():
 
 
 def test_act_order_rows_time_both_paths():
-    """The GPU suite's act-order rows on CPU (interpreted kernels): both QRESEARCH_ACT_ORDER paths, each matching
-    the torch reference on the same module."""
+    """The GPU suite's act-order rows on CPU (interpreted kernels): QRESEARCH_ACT_ORDER paths permute and gather,
+    each matching the torch reference on the same module."""
     from types import SimpleNamespace
 
-    from experiments.gpusuite.kernels import ACT_ORDER_MS, act_order_rows
+    from experiments.gpusuite.kernels import ACT_ORDER_RUNS, act_order_rows
 
     ctx = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32, gpu=False, copy_bw=1e10)
     rows = act_order_rows("40x256", ctx, None, 1, 0)
-    assert [(r["M"], r["variant"].split()[-1]) for r in rows] == [(m, p) for m in ACT_ORDER_MS
-                                                                  for p in ("permute", "gather")]
+    assert [(r["M"], r["variant"].split()[-1]) for r in rows] == list(ACT_ORDER_RUNS)
     assert all(r["ref_rel_err"] < 1e-5 and r["q_ms"] > 0 and r["kernel"] == "triton_w4a16" for r in rows), rows

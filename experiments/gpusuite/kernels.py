@@ -51,24 +51,25 @@ ALT_PATHS = {1: ("small", "splitk", "gemv-i2f"), 16: ("splitk",), 64: ("dequant"
              128: ("dequant", "fused"), 256: ("fused",), 2048: ("fused",)}
 
 
-ACT_ORDER_SHAPE, ACT_ORDER_MS = "4096x11008", (1, 16)  # the goal shape only: gather tunes every decode tile
+# the goal shape only; gather (triton_wq's own autotune over its decode tiles: ~20 compiles per M bucket) at M = 1
+ACT_ORDER_SHAPE, ACT_ORDER_RUNS, ACT_ORDER_S = "4096x11008", ((1, "permute"), (1, "gather"), (16, "permute")), 40.0
 
 
 @torch.no_grad()
 def act_order_rows(shape: str, ctx: Ctx, flush, repeats: int, warmup: int) -> list[dict]:
-    """An act-order W4 g128 layer (random clean g_idx) at ACT_ORDER_MS, through QRESEARCH_ACT_ORDER=permute (codes
-    permuted once, the contiguous-group kernels) and gather (triton_wq's per-element scale / zero gathers), beside
-    the same fp16 matmul: rows labelled 'w4a16_g128 act-order <path>'."""
+    """An act-order W4 g128 layer (random clean g_idx) for the (M, path) of ACT_ORDER_RUNS: QRESEARCH_ACT_ORDER=
+    permute (codes permuted once, the contiguous-group kernels) or gather (triton_wq's per-element scale / zero
+    gathers), beside the same fp16 matmul: rows labelled 'w4a16_g128 act-order <path>'."""
     out_f, in_f = map(int, shape.split("x"))
     w = (torch.randn(out_f, in_f, device=ctx.device) * 0.02).to(ctx.dtype)
     mod = bk.build("w4a16_g128", out_f, in_f, ctx.device, ctx.dtype, act_order=True)
     bits, group, sym, _ = bk.VARIANTS["w4a16_g128"]
     rows = []
-    for m in ACT_ORDER_MS:
+    for m in sorted({m for m, _ in ACT_ORDER_RUNS}):
         x = torch.randn(m, in_f, device=ctx.device, dtype=ctx.dtype)
         t_fp = bk.time_call(lambda: torch.matmul(x, w.t()), ctx.device, repeats, warmup, flush, ctx.gpu)
         io = (in_f + out_f) * m * x.element_size()
-        for path in ("permute", "gather"):
+        for path in (p for mm, p in ACT_ORDER_RUNS if mm == m):
             with lib.act_order_path(path):
                 t = bk._row_times(t_fp, bk.time_call(lambda: mod(x), ctx.device, repeats, warmup, flush, ctx.gpu))
                 err = bk.rel_err(mod(x), reference(mod, x))
@@ -130,7 +131,11 @@ def run(ctx: Ctx, state: dict) -> None:
         if ctx.gpu:  # the alternative Triton paths and the read floor exist only on CUDA
             state["rows"] += alt_path_rows(shape, ctx, flush, max(5, repeats // 3), warmup)  # A/B rows: fewer
             if shape == ACT_ORDER_SHAPE:
-                state["rows"] += act_order_rows(shape, ctx, flush, max(5, repeats // 3), warmup)
+                why = ctx.skip_reason(ACT_ORDER_S, "act-order rows")
+                if why:
+                    state["skipped"].append(why)
+                else:
+                    state["rows"] += act_order_rows(shape, ctx, flush, max(5, repeats // 3), warmup)
             state.setdefault("floor", []).append(floor_row(shape, ctx.device, flush, ctx.copy_bw))
             state.setdefault("w8a8_parts", []).extend(
                 parts_row(shape, m, ctx.device, ctx.dtype, flush, max(5, repeats // 3), warmup, True)
