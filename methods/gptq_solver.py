@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from qresearch.kernels import cpu_gptq
 from qresearch.quant import QTensor, QuantSpec
 from qresearch.quant.format_base import LayerParams
 from qresearch.quant.formats import IntFormat
@@ -31,6 +32,7 @@ from .gptq_qparams import GroupQP, fit_cols, fixed_groups, layer_params, stack_q
 
 
 INVERSES = ("exact", "fast")
+USE_C_LOOP = True  # the int fast path's column loop in C (kernels/cpu_gptq.py); False: numpy (same output)
 
 
 def _lower_inverse(L: torch.Tensor) -> torch.Tensor:
@@ -141,6 +143,13 @@ def int_fast_path(spec: QuantSpec, device: torch.device) -> bool:
     """The numpy loop is exactly the format's arithmetic only for the int format with plain float scales, on CPU."""
     fmt = spec.format
     return type(fmt) is IntFormat and fmt.scale_coding(spec) == ScaleCoding() and device.type == "cpu"
+
+
+def _columns_int(blk: Block, a: int, e: int, s: torch.Tensor, z: torch.Tensor, maxq: float) -> None:
+    """Quantize columns a..e-1 of the block with qparams s, z [out | 1] (int format, CPU): the C loop
+    (kernels/cpu_gptq.py), else the numpy loop; both do the same float32 operations in the same order."""
+    if not USE_C_LOOP or not cpu_gptq.columns(blk.WT, blk.QT, blk.ET, blk.H1, s, z, a, e, maxq):
+        _columns_int_numpy(blk, a, e, s, z, maxq)
 
 
 def _columns_int_numpy(blk: Block, a: int, e: int, s: torch.Tensor, z: torch.Tensor, maxq: float) -> None:
@@ -311,7 +320,7 @@ def _solve(sv: Solve, blocksize: int, groups: list[int], qps: list[GroupQP], cod
             while e < b and groups[i1 + e] == k:
                 e += 1
             if fast:
-                _columns_int_numpy(blk, i, e, qps[k][0], qps[k][1], maxq)
+                _columns_int(blk, i, e, qps[k][0], qps[k][1], maxq)
             else:
                 _columns_format(blk, i, e, qps[k], spec)
             _tally_clamped(blk, i, e, qps[k], spec, tally)

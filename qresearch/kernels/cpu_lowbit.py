@@ -60,20 +60,20 @@ def flags() -> tuple[str, ...]:
     return (*FLAGS, f"-march={os.environ.get('QRESEARCH_CPU_MARCH', 'native')}")
 
 
-def build(cc: str, out_dir: Path) -> Path:
-    """Compile the kernel (if this source + flags + CPU has no library yet) and return the .so path."""
-    src = SRC.read_bytes()
-    key = hashlib.sha256(b"\0".join([src, " ".join(flags()).encode(), cc.encode(), _cpu_flags().encode()]))
-    so = out_dir / f"lowbit_cpu_{key.hexdigest()[:16]}.so"
+def build(cc: str, out_dir: Path, src: Path = SRC, extra: tuple[str, ...] = ()) -> Path:
+    """Compile `src` (if this source + flags + CPU has no library yet) and return the .so path."""
+    code, opts = src.read_bytes(), (*flags(), *extra)
+    key = hashlib.sha256(b"\0".join([code, " ".join(opts).encode(), cc.encode(), _cpu_flags().encode()]))
+    so = out_dir / f"{src.stem}_{key.hexdigest()[:16]}.so"
     if so.exists():
         return so
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)  # build aside, then rename: concurrent runs are safe
     os.close(fd)
     try:
-        r = subprocess.run([cc, *flags(), str(SRC), "-o", tmp], capture_output=True, text=True, timeout=300)
+        r = subprocess.run([cc, *opts, str(src), "-o", tmp], capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
-            raise RuntimeError(f"{cc} failed to build {SRC.name}: {r.stderr.strip()[-500:]}")
+            raise RuntimeError(f"{cc} failed to build {src.name}: {r.stderr.strip()[-500:]}")
         os.replace(tmp, so)
     finally:
         if os.path.exists(tmp):
@@ -81,20 +81,25 @@ def build(cc: str, out_dir: Path) -> Path:
     return so
 
 
-@functools.lru_cache(maxsize=None)
-def load() -> tuple[ctypes.CDLL | None, str]:
-    """(library, '') or (None, why it is unavailable). Built on first call, cached per process."""
+def load_library(src: Path, signatures: dict, extra: tuple[str, ...] = ()) -> tuple[ctypes.CDLL | None, str]:
+    """(library with `signatures` declared, '') or (None, why it is unavailable): `src` built on first use."""
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
-        return None, f"no C compiler ({cc!r} not on PATH) to build {SRC.name}"
+        return None, f"no C compiler ({cc!r} not on PATH) to build {src.name}"
     try:
-        lib = ctypes.CDLL(str(build(cc, cache_dir())))
+        lib = ctypes.CDLL(str(build(cc, cache_dir(), src, extra)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        return None, f"building/loading {SRC.name} failed: {e}"
-    for name, (res, args) in SIGNATURES.items():
+        return None, f"building/loading {src.name} failed: {e}"
+    for name, (res, args) in signatures.items():
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = res, args
     return lib, ""
+
+
+@functools.lru_cache(maxsize=None)
+def load() -> tuple[ctypes.CDLL | None, str]:
+    """(library, '') or (None, why it is unavailable). Built on first call, cached per process."""
+    return load_library(SRC, SIGNATURES)
 
 
 @dataclass(frozen=True)

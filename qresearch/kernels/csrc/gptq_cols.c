@@ -1,0 +1,43 @@
+/* GPTQ's in-block column loop (methods/gptq_solver.py, int format, CPU): the float32 operations of its numpy
+ * loop, in the same order, so the results are bit-identical to it (and to the reference implementation).
+ * Build without FMA contraction (-ffp-contract=off) and without fast-math: every product is rounded before the
+ * subtraction that uses it, as numpy's separate multiply and subtract do. rintf rounds half to even in the
+ * default rounding mode, as np.rint. */
+#include <math.h>
+#include <stdint.h>
+
+/* Quantize columns a..e-1 of a block (rows of the transposed block WT [b, out], row stride `out`):
+ *   q = clamp(rint(w / s) + z, 0, maxq);  err = (w - (q - z) * s) / d_i
+ * QT / ET receive q and err; the rows i+1..b-1 of WT get the rank-1 update WT[j] -= H1[i, j] * err.
+ * s, z: the group's scale and zero per output row (stride 1) or one for all (stride 0); H1: the block's part of the
+ * inverse-Hessian factor, element (i, j) at H1[i * h0 + j * h1] (it may be a transposed view). */
+void qr_gptq_columns(float *WT, float *QT, float *ET, const float *H1, int64_t h0, int64_t h1, const float *s,
+                     int64_t ss, const float *z, int64_t zs, int64_t out, int64_t b, int64_t a, int64_t e,
+                     float maxq) {
+    for (int64_t i = a; i < e; i++) {
+        const float *w = WT + i * out;
+        float *q = QT + i * out, *err = ET + i * out;
+        const float d = H1[i * h0 + i * h1];
+        for (int64_t r = 0; r < out; r++) {
+            const float sr = s[r * ss], zr = z[r * zs];
+            float v = w[r] / sr;
+            v = rintf(v);
+            v = v + zr;
+            v = v < 0.0f ? 0.0f : v;  /* np.maximum(q, 0): keeps q when q >= 0 (also -0.0) */
+            v = v > maxq ? maxq : v;  /* np.minimum(q, maxq) */
+            q[r] = v;
+            float dq = v - zr;
+            dq = dq * sr;
+            dq = w[r] - dq;
+            err[r] = dq / d;
+        }
+        for (int64_t j = i + 1; j < b; j++) {
+            const float h = H1[i * h0 + j * h1];
+            float *wj = WT + j * out;
+            for (int64_t r = 0; r < out; r++) {
+                const float t = h * err[r];
+                wj[r] = wj[r] - t;
+            }
+        }
+    }
+}
