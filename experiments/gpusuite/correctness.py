@@ -42,7 +42,7 @@ QUICK_TILES = {"gemv": dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=64, SPLIT_K=2),
 class Case:
     family: str  # wq | gemv2 (the one-token GEMV, triton_gemv) | dequant (triton_dequant + dense GEMM) | small
     # (triton_small's skinny tensor-core kernel, M = 2..16) | act_perm (an act-order layer permuted to contiguous
-    # groups, through dispatch) | w8a8 | act_quant
+    # groups, then the fixed-tile kernel of its M: lib.act_order_kernel) | w8a8 | act_quant
     m: int
     n: int
     k: int

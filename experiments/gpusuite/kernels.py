@@ -46,9 +46,9 @@ ALT_VARIANTS = ("w4a16_g128",)  # the goals' variant (each costs a compile and t
 # codes converted int-to-float (an A/B of its default conversion-free unpacking); fused: the GEMM that dequantizes
 # in its main loop (auto dequantizes to a dense weight then runs the dense GEMM from 128 tokens on); at 64 and 128
 # tokens both, for the crossover (triton_dequant.DEQUANT_MIN_M)
-W8A8_PARTS_MS = (256, 2048)  # the W8A8 call split into its kernels (w8a8_parts.py), beside cuBLAS int8
 ALT_PATHS = {1: ("small", "splitk", "gemv-i2f"), 16: ("splitk",), 64: ("dequant", "fused"),
              128: ("dequant", "fused"), 256: ("fused",), 2048: ("fused",)}
+W8A8_PARTS_MS = (256, 2048)  # the W8A8 call split into its kernels (w8a8_parts.py), beside cuBLAS int8
 
 
 # the goal shape only; gather (triton_wq's own autotune over its decode tiles: ~20 compiles per M bucket) at M = 1
