@@ -43,6 +43,8 @@ def columns(WT: torch.Tensor, QT: torch.Tensor, ET: torch.Tensor, H1: torch.Tens
     assert all(t.dtype == torch.float32 and t.stride() == (out, 1) for t in (WT, QT, ET)), "float32 rows of stride out"
     assert H1.dtype == torch.float32 and tuple(H1.shape) == (b, b), (H1.dtype, tuple(H1.shape), b)
     s, z = s.contiguous(), z.contiguous()
+    assert s.dtype == z.dtype == torch.float32 and s.numel() in (1, out) and z.numel() in (1, out), \
+        f"s {s.dtype} {tuple(s.shape)}, z {z.dtype} {tuple(z.shape)}: float32, one per row or one for all"
     lib.qr_gptq_columns(WT.data_ptr(), QT.data_ptr(), ET.data_ptr(), H1.data_ptr(), *H1.stride(), s.data_ptr(),
                         int(s.numel() > 1), z.data_ptr(), int(z.numel() > 1), out, b, a, e, maxq)
     return True
