@@ -55,6 +55,21 @@ W8A8_PARTS_MS = (256, 2048)  # the W8A8 call split into its kernels (w8a8_parts.
 ACT_ORDER_SHAPE, ACT_ORDER_RUNS, ACT_ORDER_S = "4096x11008", ((1, "permute"), (1, "gather"), (16, "permute")), 40.0
 
 
+def _path_row(shape: str, variant: str, label: str, mod, x, w, t_fp: dict, ctx: Ctx, flush, repeats: int,
+              warmup: int) -> dict:
+    """One A/B row: `mod` (of bench_kernels variant `variant`) timed on x under the caller's path setting, beside
+    the fp16 times t_fp of the same shape and M, with its output checked against the torch reference."""
+    out_f, in_f = w.shape
+    bits, group, sym, _ = bk.VARIANTS[variant]
+    t = bk._row_times(t_fp, bk.time_call(lambda: mod(x), ctx.device, repeats, warmup, flush, ctx.gpu))
+    err = bk.rel_err(mod(x), reference(mod, x))
+    io = (in_f + out_f) * x.shape[0] * x.element_size()
+    return {"shape": shape, "M": x.shape[0], "variant": label, "kernel": mod.kernel_name, **t, "repeats": repeats,
+            "bw_frac": (mod.weight_bytes() + io) / (t["q_ms"] / 1e3) / ctx.copy_bw,
+            "fp16_bw_frac": (w.numel() * w.element_size() + io) / (t["fp16_ms"] / 1e3) / ctx.copy_bw,
+            "limit": bk.memory_bound_limit(bits, group, in_f, sym), "ref_rel_err": err}
+
+
 @torch.no_grad()
 def act_order_rows(shape: str, ctx: Ctx, flush, repeats: int, warmup: int) -> list[dict]:
     """An act-order W4 g128 layer (random clean g_idx) for the (M, path) of ACT_ORDER_RUNS: QRESEARCH_ACT_ORDER=
@@ -63,20 +78,14 @@ def act_order_rows(shape: str, ctx: Ctx, flush, repeats: int, warmup: int) -> li
     out_f, in_f = map(int, shape.split("x"))
     w = (torch.randn(out_f, in_f, device=ctx.device) * 0.02).to(ctx.dtype)
     mod = bk.build("w4a16_g128", out_f, in_f, ctx.device, ctx.dtype, act_order=True)
-    bits, group, sym, _ = bk.VARIANTS["w4a16_g128"]
     rows = []
     for m in sorted({m for m, _ in ACT_ORDER_RUNS}):
         x = torch.randn(m, in_f, device=ctx.device, dtype=ctx.dtype)
         t_fp = bk.time_call(lambda: torch.matmul(x, w.t()), ctx.device, repeats, warmup, flush, ctx.gpu)
-        io = (in_f + out_f) * m * x.element_size()
         for path in (p for mm, p in ACT_ORDER_RUNS if mm == m):
             with lib.act_order_path(path):
-                t = bk._row_times(t_fp, bk.time_call(lambda: mod(x), ctx.device, repeats, warmup, flush, ctx.gpu))
-                err = bk.rel_err(mod(x), reference(mod, x))
-            rows.append({"shape": shape, "M": m, "variant": f"w4a16_g128 act-order {path}", "kernel": mod.kernel_name,
-                         **t, "repeats": repeats, "bw_frac": (mod.weight_bytes() + io) / (t["q_ms"] / 1e3) / ctx.copy_bw,
-                         "fp16_bw_frac": (w.numel() * w.element_size() + io) / (t["fp16_ms"] / 1e3) / ctx.copy_bw,
-                         "limit": bk.memory_bound_limit(bits, group, in_f, sym), "ref_rel_err": err})
+                rows.append(_path_row(shape, "w4a16_g128", f"w4a16_g128 act-order {path}", mod, x, w, t_fp, ctx,
+                                      flush, repeats, warmup))
     return rows
 
 
@@ -91,21 +100,11 @@ def alt_path_rows(shape: str, ctx: Ctx, flush, repeats: int, warmup: int) -> lis
     for m, paths in ALT_PATHS.items():
         x = torch.randn(m, in_f, device=ctx.device, dtype=ctx.dtype)
         t_fp = bk.time_call(lambda: torch.matmul(x, w.t()), ctx.device, repeats, warmup, flush, ctx.gpu)
-        io = (in_f + out_f) * m * x.element_size()
         for v in ALT_VARIANTS:
             mod = bk.build(v, out_f, in_f, ctx.device, ctx.dtype)
-            bits, group, sym, _ = bk.VARIANTS[v]
             for path in paths:
                 with lib.prefill_path(path) if m > 16 else lib.small_m_path(path):
-                    t = bk._row_times(t_fp, bk.time_call(lambda m=mod: m(x), ctx.device, repeats, warmup, flush,
-                                                         ctx.gpu))
-                    err = bk.rel_err(mod(x), reference(mod, x))
-                    kernel = mod.kernel_name
-                rows.append({"shape": shape, "M": m, "variant": f"{v} {path}", "kernel": kernel, **t,
-                             "repeats": repeats,
-                             "bw_frac": (mod.weight_bytes() + io) / (t["q_ms"] / 1e3) / ctx.copy_bw,
-                             "fp16_bw_frac": (w.numel() * w.element_size() + io) / (t["fp16_ms"] / 1e3) / ctx.copy_bw,
-                             "limit": bk.memory_bound_limit(bits, group, in_f, sym), "ref_rel_err": err})
+                    rows.append(_path_row(shape, v, f"{v} {path}", mod, x, w, t_fp, ctx, flush, repeats, warmup))
             del mod
     return rows
 

@@ -63,6 +63,14 @@ def act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.con
 
 
 @triton.jit
+def _load_k(ptrs, in_k, EVEN_K: tl.constexpr):
+    """A tile of int8 / uint8 bytes: unmasked when EVEN_K, else zero past K (in_k)."""
+    if EVEN_K:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=in_k, other=0)
+
+
+@triton.jit
 def _dot_x_w(xq_ptr, w_ptr, rows_m, rows_n, K, stride_xm, stride_wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     """sum_k xq[m, k] (code[n, k] - 128) as int32 [BLOCK_M, BLOCK_N]: activations the A operand, weights (xor'ed in
@@ -75,11 +83,7 @@ def _dot_x_w(xq_ptr, w_ptr, rows_m, rows_n, K, stride_xm, stride_wn, BLOCK_M: tl
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a_ptrs = xq_ptr + rows_m[:, None] * stride_xm + offs_k[None, :]  # [BLOCK_M, BLOCK_K] int8
         w_ptrs = w_ptr + rows_n[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N] uint8
-        if EVEN_K:
-            a, wb = tl.load(a_ptrs), tl.load(w_ptrs)
-        else:
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < K, other=0)
-            wb = tl.load(w_ptrs, mask=offs_k[:, None] < K, other=0)
+        a, wb = _load_k(a_ptrs, offs_k[None, :] < K, EVEN_K), _load_k(w_ptrs, offs_k[:, None] < K, EVEN_K)
         acc = tl.dot(a, (wb ^ 0x80).to(tl.int8, bitcast=True), acc, out_dtype=tl.int32)
     return acc
 
@@ -94,11 +98,7 @@ def _dot_w_x(xq_ptr, w_ptr, rows_m, rows_n, K, stride_xm, stride_wn, BLOCK_M: tl
         offs_k = k0 + tl.arange(0, BLOCK_K)
         w_ptrs = w_ptr + rows_n[:, None] * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K] uint8
         x_ptrs = xq_ptr + rows_m[None, :] * stride_xm + offs_k[:, None]  # [BLOCK_K, BLOCK_M] int8
-        if EVEN_K:
-            wb, xt = tl.load(w_ptrs), tl.load(x_ptrs)
-        else:
-            wb = tl.load(w_ptrs, mask=offs_k[None, :] < K, other=0)
-            xt = tl.load(x_ptrs, mask=offs_k[:, None] < K, other=0)
+        wb, xt = _load_k(w_ptrs, offs_k[None, :] < K, EVEN_K), _load_k(x_ptrs, offs_k[:, None] < K, EVEN_K)
         acc = tl.dot((wb ^ 0x80).to(tl.int8, bitcast=True), xt, acc, out_dtype=tl.int32)
     return acc
 
