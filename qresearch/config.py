@@ -338,10 +338,21 @@ def _check_export(kind: str, spec: ModelSpec, steps: list[Method], facts: dict) 
                      weight_step.spec.format.code_bits(weight_step.spec), bool(getattr(weight_step, "lm_head", False)))
 
 
+def _check_kernel_env() -> None:
+    """The QRESEARCH_* kernel-path switches (kernels/dispatch.py), checked before anything loads."""
+    from .kernels.dispatch import check_env
+
+    try:
+        check_env()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def plan(cfg: DictConfig) -> Plan:
     """Validate the composed config; every user error surfaces here as a one-line ConfigError."""
     check_top_level(cfg)
     check_logger(cfg.logger)
+    _check_kernel_env()
     m = OmegaConf.to_container(cfg.model, resolve=True)
     spec = ModelSpec(**{k: m[k] for k in ModelSpec.__dataclass_fields__ if k in m})
     resolve_path(spec)

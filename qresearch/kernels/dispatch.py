@@ -168,6 +168,19 @@ def _small_m_order(path: str, m: int) -> tuple[str, ...]:
     return (path,) if path == "small" or m == 1 else ()
 
 
+PREFILL_PATHS = ("auto", "dequant", "fused")
+
+
+def prefill_path() -> str:
+    """How Triton packed layers run calls of M > 16 tokens (QRESEARCH_PREFILL): 'fused' (triton_wq's GEMM with
+    dequantization in its main loop), 'dequant' (triton_dequant: dequantize, then the dense GEMM), or 'auto'
+    (default): dequant from triton_dequant.DEQUANT_MIN_M tokens, fused below."""
+    p = os.environ.get("QRESEARCH_PREFILL", "auto")
+    if p not in PREFILL_PATHS:
+        raise ValueError(f"QRESEARCH_PREFILL={p!r} is unknown; allowed: {', '.join(PREFILL_PATHS)}")
+    return p
+
+
 ACT_ORDER_PATHS = ("permute", "gather")
 
 
@@ -181,6 +194,12 @@ def act_order_path() -> str:
     if p not in ACT_ORDER_PATHS:
         raise ValueError(f"QRESEARCH_ACT_ORDER={p!r} is unknown; allowed: {', '.join(ACT_ORDER_PATHS)}")
     return p
+
+
+def check_env() -> None:
+    """Raise ValueError (one line: the variable, its value, what is allowed) for an unknown kernel-path switch:
+    run before any loading, since the switches are otherwise read only at the first packed call."""
+    backend(), small_m_path(), prefill_path(), act_order_path()
 
 
 def _run_triton_wq(x, meta, bufs, mode):

@@ -16,10 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import prefill_path
 from .triton_splitk import cdiv
 from .triton_wq import _weight_tile
 
-PREFILL_PATHS = ("auto", "dequant", "fused")
 # auto: calls of at least this many tokens dequantize. The H100 ran the fused GEMM 2.4-4x slower than fp16 at 256 and
 # 2048 tokens; where the two cross below 256 is not measured yet (the suite's `fused` rows time 256 and 2048)
 DEQUANT_MIN_M = 128
@@ -58,16 +58,6 @@ def dequant_linear(x, meta, qweight, scales, qzeros, g_idx, bias) -> torch.Tenso
     w = dequantize(meta, qweight, scales, qzeros, g_idx, x.dtype)  # [K, N]
     y = x @ w
     return y + bias.to(y.dtype) if bias is not None else y
-
-
-def prefill_path() -> str:
-    """How Triton packed layers run calls of M > 16 tokens (QRESEARCH_PREFILL): 'fused' (triton_wq's GEMM with
-    dequantization in its main loop), 'dequant' (this module), or 'auto' (default): dequant from DEQUANT_MIN_M
-    tokens, fused below."""
-    p = os.environ.get("QRESEARCH_PREFILL", "auto")
-    if p not in PREFILL_PATHS:
-        raise ValueError(f"QRESEARCH_PREFILL={p!r} is unknown; allowed: {', '.join(PREFILL_PATHS)}")
-    return p
 
 
 def use_dequant(m: int) -> bool:
