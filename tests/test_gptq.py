@@ -7,7 +7,7 @@ from qresearch.method import Context
 from qresearch.models.arch import arch_for, blocks_of
 from qresearch.calib.blockio import capture_inputs
 from qresearch.calib.hooks import record_inputs
-from qresearch.calib.stats import accumulate_hessian, output_rel_error
+from qresearch.calib.stats import accumulate_hessian, add_gram_, output_rel_error
 from qresearch.quant import QTensor, QuantSpec, choose_qparams, quantize, quantize_tensor, weight_spec
 from qresearch.quant.spec import ConfigError
 from tests.pipeline_helpers import stories260k, tiny_model
@@ -33,6 +33,18 @@ def test_accumulate_hessian_matches_definition():
         H, n = accumulate_hessian(H, n, chunk.reshape(-1, 7, 40) if len(chunk) % 7 == 0 else chunk)
     assert n == 300
     torch.testing.assert_close(H.double(), 2 * x.T @ x / 300, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("n", [3, 129, 300, 2100])
+def test_gram_over_the_lower_triangle_is_the_full_product(n):
+    """add_gram_ computes block rows of the lower triangle and mirrors them: the same values as one GEMM (float64
+    check), the blocks above the diagonal exact transposes, and the update lands in H."""
+    x = torch.randn(64, n, generator=torch.Generator().manual_seed(n))
+    H = torch.full((n, n), 0.25)
+    assert add_gram_(H, x) is H
+    torch.testing.assert_close(H.double(), 0.25 + x.double().T @ x.double(), rtol=1e-5, atol=1e-4)
+    if n > 256:  # blocks are at most 256 high: entries 256+ above the diagonal are copies of those below
+        assert torch.equal(H.triu(256), H.T.triu(256))
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.tag)
