@@ -27,6 +27,7 @@ from qresearch.kernels.aot import (  # noqa: E402
     compile_job,
     dequant_jobs,
     gemv_jobs,
+    gptq_jobs,
     small_jobs,
     tool,
     w8a8_jobs,
@@ -67,7 +68,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--archs", nargs="+", type=int, default=[80, 90], choices=sorted(SMEM_LIMIT))
-    kinds = ["wq_prefill", "wq_decode", "gemv", "small", "dequant", "w8a8"]
+    kinds = ["wq_prefill", "wq_decode", "gemv", "small", "dequant", "w8a8", "gptq"]
     ap.add_argument("--kernels", nargs="+", default=kinds, choices=kinds)
     ap.add_argument("--variants", nargs="+", default=["w4 asym", "w3 asym", "w8 asym", "w4 asym act-order"],
                     choices=list(WQ_VARIANTS), help="weight variants for the prefill GEMM (decode: w4 asym)")
@@ -88,6 +89,8 @@ def main() -> None:
         jobs += dequant_jobs(args.variants)
     if "w8a8" in args.kernels:
         jobs += w8a8_jobs()
+    if "gptq" in args.kernels:
+        jobs += gptq_jobs()
     rows = []
     for arch in args.archs:
         for job in jobs:

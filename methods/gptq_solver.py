@@ -10,8 +10,9 @@ the work around it is arranged for speed:
 - group qparams are fitted once per group (fixed ones once per layer), clamp statistics once per group segment;
 - for the int format with float scales on CPU the column loop runs on numpy views of the same memory (a numpy
   ufunc costs a fraction of a torch op's dispatch; both round IEEE-exactly: x / s, round half to even, + z, clamp,
-  (q - z) s, (w - dq) / d, w - e h); other formats (two-level scales, palettes, grids) and devices go through the
-  format's encode / decode with torch;
+  (q - z) s, (w - dq) / d, w - e h), in C (kernels/cpu_gptq.py); on CUDA it is one Triton kernel per group
+  segment (kernels/triton_gptq.py, the same float32 operations); other formats (two-level scales, palettes,
+  grids) go through the format's encode / decode with torch;
 - the lazy batch update writes its product into a reused buffer (no fresh allocation of [out, rest] per block).
 """
 from __future__ import annotations
@@ -33,6 +34,9 @@ from .gptq_qparams import GroupQP, fit_cols, fixed_groups, layer_params, stack_q
 
 INVERSES = ("exact", "fast")
 USE_C_LOOP = True  # the int fast path's column loop in C (kernels/cpu_gptq.py); False: numpy (same output)
+INT_LOOP = True  # the int format's own column loop (C / numpy on CPU, the Triton kernel on CUDA); False: the
+# format path's torch ops on every device (same output; the GPU suite times both)
+TRITON_MAX_BLOCK = 256  # the Triton loop holds a block of columns in registers: larger blocksizes take torch ops
 
 
 def _lower_inverse(L: torch.Tensor) -> torch.Tensor:
@@ -150,16 +154,26 @@ def take_cols(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t.index_select(1, idx)
 
 
-def int_fast_path(spec: QuantSpec, device: torch.device) -> bool:
-    """The numpy loop is exactly the format's arithmetic only for the int format with plain float scales, on CPU."""
+def int_fast_path(spec: QuantSpec, device: torch.device, blocksize: int = 128) -> bool:
+    """Whether the int format's own column loop serves this solve: the int format with plain float scales, on CPU
+    (numpy / C) or on CUDA (the Triton kernel, blocks up to TRITON_MAX_BLOCK columns). It is exactly the format's
+    arithmetic, so the choice changes speed only."""
     fmt = spec.format
-    return type(fmt) is IntFormat and fmt.scale_coding(spec) == ScaleCoding() and device.type == "cpu"
+    if not INT_LOOP or type(fmt) is not IntFormat or fmt.scale_coding(spec) != ScaleCoding():
+        return False
+    if device.type == "cuda":
+        return blocksize <= TRITON_MAX_BLOCK
+    return device.type == "cpu"
 
 
 def _columns_int(blk: Block, a: int, e: int, s: torch.Tensor, z: torch.Tensor, maxq: float) -> None:
-    """Quantize columns a..e-1 of the block with qparams s, z [out | 1] (int format, CPU): the C loop
-    (kernels/cpu_gptq.py), else the numpy loop; both do the same float32 operations in the same order."""
-    if not USE_C_LOOP or not cpu_gptq.columns(blk.WT, blk.QT, blk.ET, blk.H1, s, z, a, e, maxq):
+    """Quantize columns a..e-1 of the block with qparams s, z [out | 1] (int format): on CUDA the Triton kernel,
+    on CPU the C loop (kernels/cpu_gptq.py), else the numpy loop; all do the same float32 operations in order."""
+    if blk.WT.is_cuda:
+        from qresearch.kernels import triton_gptq
+
+        triton_gptq.columns(blk.WT, blk.QT, blk.ET, blk.H1, s, z, a, e, maxq)
+    elif not USE_C_LOOP or not cpu_gptq.columns(blk.WT, blk.QT, blk.ET, blk.H1, s, z, a, e, maxq):
         _columns_int_numpy(blk, a, e, s, z, maxq)
 
 
@@ -292,7 +306,7 @@ def gptq_quantize(W: torch.Tensor, H: "torch.Tensor | PreparedHessian", spec: Qu
     tally = Tally(torch.zeros(out, device=dev), clamp=stats is not None)
     qps = list(fixed) if fixed is not None else []  # dynamic groups are appended as the loop reaches them
     sv = Solve(W, prep.Hinv, spec, g, wdiag, layer, fixed is None)
-    _solve(sv, blocksize, groups, qps, codes, tally, int_fast_path(spec, dev))
+    _solve(sv, blocksize, groups, qps, codes, tally, int_fast_path(spec, dev, blocksize))
     scale, zero, luts = stack_qparams(qps, spec, out)
     g_idx = None
     if perm is not None:

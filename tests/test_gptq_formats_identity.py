@@ -69,6 +69,20 @@ def test_fast_path_only_for_plain_int():
     for spec in (weight_spec(4, 128, False, "int", 6), weight_spec(4, 32, True, "nf4"),
                  weight_spec(3, -1, True, "kmeans"), weight_spec(8, -1, True, "fp8_e4m3")):
         assert not int_fast_path(spec, cpu), spec.tag
+        assert not int_fast_path(spec, torch.device("cuda")), spec.tag
+
+
+def test_fast_path_on_cuda_is_the_triton_loop_for_blocks_it_holds(monkeypatch):
+    """CUDA: the int column loop runs as the Triton kernel for blocks up to TRITON_MAX_BLOCK columns (it keeps a
+    block in registers); larger blocks take the format path (the same arithmetic), as every solve does with
+    INT_LOOP off."""
+    import methods.gptq_solver as solver
+
+    cuda, spec = torch.device("cuda"), weight_spec(4, 128, False)
+    assert int_fast_path(spec, cuda, 128) and int_fast_path(spec, cuda, solver.TRITON_MAX_BLOCK)
+    assert not int_fast_path(spec, cuda, solver.TRITON_MAX_BLOCK + 1)
+    monkeypatch.setattr(solver, "INT_LOOP", False)
+    assert not int_fast_path(spec, cuda, 128) and not int_fast_path(spec, torch.device("cpu"))
 
 
 def test_prepared_hessian_carries_the_fit_weights():

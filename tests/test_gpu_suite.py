@@ -69,6 +69,8 @@ def test_quick_mode_writes_every_section_without_the_missing_packages(tmp_path):
     assert {(r["model"], r["variant"]) for r in secs["e2e"]["rows"] if "decode" in r} == {
         (m, v) for m in ("llama2_7b", "smollm2_135m") for v in ("fp16", "w4_g128", "w8a8")}
     assert secs["gptq"]["method_total_s"] > 0 and secs["gptq"]["solve_total_s"] > 0
+    ab = secs["gptq"]["loop_ab"]  # the column-loop A/B: both paths ran and gave the same codes and qparams
+    assert [r["layer"] for r in ab] == ["self_attn.q_proj", "mlp.down_proj"] and all(r["identical"] for r in ab)
     assert [g["status"] for g in state["goals"]] == ["NOT MEASURED"] * 5
     graph = [r["graph_decode"]["1"] for r in secs["e2e"]["rows"] if "decode" in r]
     assert all(g["graph"] is False and g["ms_per_step"] > 0 for g in graph)  # the static-cache loop, eager on CPU

@@ -155,3 +155,15 @@ def test_wq_decode_tiles_do_not_spill_on_sm90():
                 continue
             r = aot.compile_job(job, 90)
             assert r["stack_bytes"] <= 8, (variant, job.config(), r["regs"], r["stack_bytes"])
+
+
+def test_gptq_column_loop_rounds_every_product_on_sm90():
+    """GPTQ's column loop (triton_gptq.py) as the solver launches it: IEEE division (div.rn) and no fused
+    multiply-add in the PTX, so w - h * err and w - (q - z) * s round the product first, as the CPU loops do; the
+    block of 128 columns stays in registers (no spills). A launch with contraction on would fuse them."""
+    job = aot.gptq_jobs()[0]
+    r = aot.compile_job(job, 90)
+    assert r["stack_bytes"] == 0 and r["ptx_fma"] == 0, r
+    fused = aot.compile_job(aot.Job(job.kernel, job.variant, job.fn, job.signature, job.constants, 4, 1,
+                                    {"enable_fp_fusion": True}), 90)
+    assert fused["ptx_fma"] > 0, fused

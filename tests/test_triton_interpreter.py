@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("cases", ["interp_kernels.py", "interp_quantlinear.py", "interp_gemv.py",
-                                   "interp_small.py", "interp_dequant.py"])
+                                   "interp_small.py", "interp_dequant.py", "interp_gptq.py"])
 def test_triton_kernels_under_interpreter(cases):
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONUNBUFFERED": "1"}

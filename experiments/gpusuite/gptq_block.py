@@ -3,7 +3,9 @@
 A 1-layer 7B-shaped model (random weights) and random calibration token ids. Timed apart: capturing block 0's
 inputs (embedding), the Hessians of the four input groups (q/k/v, o, gate/up, down) in one pass; then the GPTQ
 method end to end (methods/gptq.py through qresearch/calib: true-sequential Hessians with block re-forwards,
-the per-linear solves, the quantized block's outputs), with the per-linear solve seconds it records.
+the per-linear solves, the quantized block's outputs), with the per-linear solve seconds it records. Before the
+method, q_proj's and down_proj's solves run twice on block 0's Hessians: with the int column loop (the Triton kernel
+on CUDA) and with the format path's torch ops, timed, their codes and qparams compared.
 """
 from __future__ import annotations
 
@@ -60,6 +62,7 @@ def run(ctx: Ctx, state: dict) -> None:
     with Stopwatch(ctx.device) as sw:
         hs = lib.block0_hessians(model, io)
     state.update(hessians_s=sw.s, hessian_shapes={k: list(v.shape) for k, v in hs.items()})
+    state["loop_ab"] = lib.gptq_loop_ab(model, hs)  # the column loop: Triton kernel vs the format path's torch ops
     del io, hs
     free_device_memory(ctx.device)
     ctx.save()

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections import Counter
 
 import torch
 
+import methods.gptq_solver as gptq_solver  # LIBRARY: GPTQ solve (INT_LOOP: the int column loop on or off)
 from methods.gptq import GPTQ  # LIBRARY: GPTQ method
 from qresearch.calib.blockio import capture_inputs  # LIBRARY: block-0 input capture
 from qresearch.calib.stats import input_stats  # LIBRARY: per-linear Hessians over a block's inputs
@@ -211,3 +213,36 @@ def block0_hessians(model, io) -> dict[str, torch.Tensor]:
     arch = arch_for(model)
     stats = input_stats(blocks_of(model, arch)[0], io, [grp[0] for grp in arch.sequential])
     return {name: st.hessian for name, st in stats.items()}
+
+
+LOOP_AB_LAYERS = ("self_attn.q_proj", "mlp.down_proj")  # 4096 and 11008 inputs on Llama-2-7B
+
+
+def gptq_loop_ab(model, hs: dict[str, torch.Tensor], layers=LOOP_AB_LAYERS) -> list[dict]:
+    """One GPTQ solve (w4 g128 asym) per layer of block 0, with its Hessian from `hs`, through the int format's own
+    column loop (the Triton kernel on CUDA, C on CPU; one untimed solve first compiles it) and through the format
+    path's torch ops: seconds of each and whether codes, scales and zeros are identical."""
+    blk, spec, rows = blocks_of(model, arch_for(model))[0], weight_spec(4, 128, False), []
+    dev = next(model.parameters()).device
+
+    def solve(W, H, int_loop: bool):
+        gptq_solver.INT_LOOP = int_loop
+        try:
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            q, _ = gptq_solver.gptq_quantize(W, H, spec)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            return q, time.perf_counter() - t0
+        finally:
+            gptq_solver.INT_LOOP = True
+
+    for name in layers:
+        W, H = blk.get_submodule(name).weight.detach(), hs[name]
+        solve(W, H, True)  # compiles the Triton kernel for this shape (CUDA)
+        (q_loop, s_loop), (q_fmt, s_fmt) = solve(W, H, True), solve(W, H, False)
+        same = all(torch.equal(getattr(q_loop, k), getattr(q_fmt, k)) for k in ("codes", "scale", "zero"))
+        rows.append({"layer": name, "shape": list(W.shape), "loop": "triton" if dev.type == "cuda" else "c",
+                     "int_loop_s": s_loop, "format_path_s": s_fmt, "speedup": s_fmt / s_loop, "identical": same})
+    return rows

@@ -222,6 +222,13 @@ def _gptq(sec: dict) -> list[str]:
         ["  of which Hessians + block forwards + capture", _f(sec.get("other_s"), ".2f")]])]
     if sec.get("solve_s"):
         lines += ["", "Solve seconds per linear: " + ", ".join(f"{k} {v:.2f}" for k, v in sec["solve_s"].items())]
+    if sec.get("loop_ab"):
+        lines += ["", "GPTQ column loop, one solve per layer on block 0's Hessian: the int format's own loop (Triton "
+                  "kernel on CUDA, C on CPU) vs the format path's torch ops (a dozen small ops per column):", "",
+                  *_table(["layer", "W [out x in]", "loop", "loop s", "format path s", "speedup", "identical"], [
+                      [r["layer"], "x".join(map(str, r["shape"])), r["loop"], _f(r["int_loop_s"], ".3f"),
+                       _f(r["format_path_s"], ".3f"), f"{r['speedup']:.1f}x", "yes" if r["identical"] else "NO"]
+                      for r in sec["loop_ab"]])]
     return lines
 
 

@@ -10,7 +10,7 @@ import re
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # max dynamic shared memory per CTA (bytes), CUDA guide
@@ -31,6 +31,7 @@ class Job:
     constants: dict
     num_warps: int
     num_stages: int
+    options: dict = field(default_factory=dict)  # more compile options, as the launch passes them
 
     def config(self) -> str:
         keys = [k for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_KW", "NG", "SUB", "SPLIT_K", "XPERM", "BLOCK")
@@ -139,6 +140,18 @@ def dequant_jobs(variants: list[str]) -> list[Job]:
     return jobs
 
 
+def gptq_jobs() -> list[Job]:
+    """GPTQ's column loop (triton_gptq.py) at blocksize 128, launched as the solver does: FMA contraction off."""
+    from qresearch.kernels import triton_gptq as k
+
+    ptrs = {n: "*fp32" for n in ("wt_ptr", "qt_ptr", "et_ptr", "h_ptr", "s_ptr", "z_ptr")}
+    ints = {n: "i32" for n in ("h0", "h1", "ss", "zs", "OUT", "B", "A", "E")}
+    const = dict(BLOCK_B=128, BLOCK_O=k.BLOCK_O)
+    sig = {**ptrs, **ints, "maxq": "fp32", **{n: "constexpr" for n in const}}
+    return [Job("gptq_columns", "int, per-row qparams", k.gptq_columns_kernel, sig, const, 4, 1,
+                {"enable_fp_fusion": False})]
+
+
 def aligned_attrs(job: Job) -> dict:
     """The specialization Triton's JIT gives a launch on Llama-shaped layers: every pointer 16-byte aligned and
     every size/stride divisible by 16 (tt.divisibility=16; it decides vectorized loads), except the token count M."""
@@ -226,12 +239,14 @@ def compile_job(job: Job, arch: int, maxnreg: int | None = None, opcodes: bool =
     t0 = time.perf_counter()
     src = ASTSource(job.fn, job.signature, job.constants, aligned_attrs(job))
     k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                       options={"num_warps": job.num_warps, "num_stages": job.num_stages, "maxnreg": maxnreg})
+                       options={"num_warps": job.num_warps, "num_stages": job.num_stages, "maxnreg": maxnreg,
+                                **job.options})
     res = resource_usage(k.asm["cubin"])
     shared = int(k.metadata.shared)
     text = sass(k.asm["cubin"])
     return {"kernel": job.kernel, "variant": job.variant, "config": job.config(), "arch": f"sm_{arch}",
             "regs": res["reg"], "stack_bytes": res["stack"], "shared_bytes": shared,
             "fits_smem": shared <= SMEM_LIMIT[arch], "tensor_cores": tensor_core_op(k.asm["ptx"]),
-            **sync_ops(k.asm["ptx"]), "loop_instrs": loop_instructions(text),
+            **sync_ops(k.asm["ptx"]), "ptx_fma": len(re.findall(r"\bfma\.rn\.f32\b", k.asm["ptx"])),
+            "loop_instrs": loop_instructions(text),
             **({"loop_ops": loop_opcodes(text)} if opcodes else {}), "compile_s": round(time.perf_counter() - t0, 2)}
