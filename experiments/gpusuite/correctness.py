@@ -203,11 +203,16 @@ def run(ctx: Ctx, state: dict) -> None:
     all_cases = cases(quick=not ctx.gpu)
     state.update(tolerances={str(k).removeprefix("torch."): v for k, v in TOL.items()}, tiles=tiles,
                  executor="Triton interpreter on CPU (TRITON_INTERPRET=1)" if not ctx.gpu else f"{ctx.device}",
-                 n_cases=len(all_cases), rows=[])
+                 n_cases=len(all_cases) + 1, rows=[])
     for i, case in enumerate(all_cases):
         state["rows"].append(run_case(case, ctx.device, tiles, seed=i))
         if i % 10 == 9:
             ctx.save()
+    try:  # GPTQ's column loop (the Triton kernel on CUDA) against the format path's torch ops
+        state["rows"].append(lib.gptq_loop_row(ctx.device))
+    except Exception as exc:  # noqa: BLE001 - recorded as a failed case
+        state["rows"].append({"case": "gptq column loop", "family": "gptq_loop", "path": "-", "tol": 0.0,
+                              "status": "ERROR", "note": f"{type(exc).__name__}: {exc}"[:300]})
     rows = state["rows"]
     state["passed"] = sum(r["status"] == "PASS" for r in rows)
     state["failed"] = [r["case"] for r in rows if r["status"] != "PASS"]

@@ -246,3 +246,28 @@ def gptq_loop_ab(model, hs: dict[str, torch.Tensor], layers=LOOP_AB_LAYERS) -> l
         rows.append({"layer": name, "shape": list(W.shape), "loop": "triton" if dev.type == "cuda" else "c",
                      "int_loop_s": s_loop, "format_path_s": s_fmt, "speedup": s_fmt / s_loop, "identical": same})
     return rows
+
+
+def gptq_loop_row(device: torch.device) -> dict:
+    """Correctness row for GPTQ's column loop on `device`: a w4 g128 solve of a random 256 x 512 weight (correlated
+    inputs) through the int loop (the Triton kernel on CUDA, C on CPU) and through the format path's torch ops.
+    PASS = identical codes, scales and zeros."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(2048, 512, generator=g) * torch.linspace(0.2, 3.0, 512)
+    X[:, 1:] += 0.5 * X[:, :-1]
+    W, H = (torch.randn(256, 512, generator=g) * 0.02).to(device), (X.T @ X / X.shape[0]).to(device)
+    spec, out = weight_spec(4, 128, False), []
+    for int_loop in (True, False):
+        gptq_solver.INT_LOOP = int_loop
+        try:
+            out.append(gptq_solver.gptq_quantize(W, H, spec)[0])
+        finally:
+            gptq_solver.INT_LOOP = True
+    (a, b), loop = out, "triton" if device.type == "cuda" else "c"
+    same = {k: bool(torch.equal(getattr(a, k), getattr(b, k))) for k in ("codes", "scale", "zero")}
+    diff = int((a.codes != b.codes).sum())
+    return {"case": "gptq column loop w4 g128 asym 256x512", "family": "gptq_loop", "path": loop, "bits": 4,
+            "group": 128, "max_abs": float((a.codes.float() - b.codes.float()).abs().max()), "rel": 0.0 if diff == 0
+            else diff / a.codes.numel(), "ref_rel": 0.0, "tol": 0.0, "status": "PASS" if all(same.values()) else
+            "FAIL", "note": f"{loop} loop vs the format path: codes, scales, zeros bit-identical" if all(same.values())
+            else f"identical: {same}; {diff} codes differ"}
