@@ -17,6 +17,7 @@ the work around it is arranged for speed:
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import numpy as np
@@ -162,7 +163,7 @@ def int_fast_path(spec: QuantSpec, device: torch.device, blocksize: int = 128) -
     if not INT_LOOP or type(fmt) is not IntFormat or fmt.scale_coding(spec) != ScaleCoding():
         return False
     if device.type == "cuda":
-        return blocksize <= TRITON_MAX_BLOCK
+        return blocksize <= TRITON_MAX_BLOCK and importlib.util.find_spec("triton") is not None
     return device.type == "cpu"
 
 
