@@ -215,6 +215,17 @@ def block0_hessians(model, io) -> dict[str, torch.Tensor]:
     return {name: st.hessian for name, st in stats.items()}
 
 
+@contextlib.contextmanager
+def gptq_int_loop(on: bool):
+    """GPTQ solves inside take the int format's own column loop (on: the Triton kernel on CUDA, C on CPU) or the
+    format path's torch ops (off); the default (on) comes back after."""
+    gptq_solver.INT_LOOP = on
+    try:
+        yield
+    finally:
+        gptq_solver.INT_LOOP = True
+
+
 LOOP_AB_LAYERS = ("self_attn.q_proj", "mlp.down_proj")  # 4096 and 11008 inputs on Llama-2-7B
 
 
@@ -226,8 +237,7 @@ def gptq_loop_ab(model, hs: dict[str, torch.Tensor], layers=LOOP_AB_LAYERS) -> l
     dev = next(model.parameters()).device
 
     def solve(W, H, int_loop: bool):
-        gptq_solver.INT_LOOP = int_loop
-        try:
+        with gptq_int_loop(int_loop):
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             t0 = time.perf_counter()
@@ -235,8 +245,6 @@ def gptq_loop_ab(model, hs: dict[str, torch.Tensor], layers=LOOP_AB_LAYERS) -> l
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             return q, time.perf_counter() - t0
-        finally:
-            gptq_solver.INT_LOOP = True
 
     for name in layers:
         W, H = blk.get_submodule(name).weight.detach(), hs[name]
@@ -258,11 +266,8 @@ def gptq_loop_row(device: torch.device) -> dict:
     W, H = (torch.randn(256, 512, generator=g) * 0.02).to(device), (X.T @ X / X.shape[0]).to(device)
     spec, out = weight_spec(4, 128, False), []
     for int_loop in (True, False):
-        gptq_solver.INT_LOOP = int_loop
-        try:
+        with gptq_int_loop(int_loop):
             out.append(gptq_solver.gptq_quantize(W, H, spec)[0])
-        finally:
-            gptq_solver.INT_LOOP = True
     (a, b), loop = out, "triton" if device.type == "cuda" else "c"
     same = {k: bool(torch.equal(getattr(a, k), getattr(b, k))) for k in ("codes", "scale", "zero")}
     diff = int((a.codes != b.codes).sum())
