@@ -271,8 +271,10 @@ def gptq_loop_row(device: torch.device) -> dict:
     (a, b), loop = out, "triton" if device.type == "cuda" else "c"
     same = {k: bool(torch.equal(getattr(a, k), getattr(b, k))) for k in ("codes", "scale", "zero")}
     diff = int((a.codes != b.codes).sum())
+    ok = all(same.values())
+    note = f"{loop} loop vs the format path: codes, scales, zeros bit-identical" if ok else \
+        f"identical: {same}; {diff} codes differ"
     return {"case": "gptq column loop w4 g128 asym 256x512", "family": "gptq_loop", "path": loop, "bits": 4,
-            "group": 128, "max_abs": float((a.codes.float() - b.codes.float()).abs().max()), "rel": 0.0 if diff == 0
-            else diff / a.codes.numel(), "ref_rel": 0.0, "tol": 0.0, "status": "PASS" if all(same.values()) else
-            "FAIL", "note": f"{loop} loop vs the format path: codes, scales, zeros bit-identical" if all(same.values())
-            else f"identical: {same}; {diff} codes differ"}
+            "group": 128, "max_abs": float((a.codes.float() - b.codes.float()).abs().max()),
+            "rel": diff / a.codes.numel(), "ref_rel": 0.0, "tol": 0.0, "status": "PASS" if ok else "FAIL",
+            "note": note}
