@@ -34,7 +34,8 @@ class Job:
     options: dict = field(default_factory=dict)  # more compile options, as the launch passes them
 
     def config(self) -> str:
-        keys = [k for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_KW", "NG", "SUB", "SPLIT_K", "XPERM", "BLOCK")
+        keys = [k for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_KW", "BLOCK_B", "BLOCK_O", "NG", "SUB", "SPLIT_K",
+                            "XPERM", "BLOCK")
                 if k in self.constants]
         return " ".join(f"{k.replace('BLOCK_', 'B').replace('SPLIT_K', 'SK')}={self.constants[k]}" for k in keys) \
             + f" w={self.num_warps} s={self.num_stages}"
