@@ -45,3 +45,10 @@ def packed_args(res: LayerResult):
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     y, ref = y.double(), ref.double()
     return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def correlated_hessian(n: int, g: torch.Generator) -> torch.Tensor:
+    """H = X^T X / rows of 4n rows of n inputs with uneven channel scales and correlated neighbours (from g)."""
+    X = torch.randn(4 * n, n, generator=g) * torch.linspace(0.2, 3.0, n)
+    X[:, 1:] += 0.5 * X[:, :-1]  # correlated neighbours
+    return X.T @ X / X.shape[0]

@@ -14,13 +14,11 @@ import methods.gptq_solver as solver  # noqa: E402
 from methods.gptq_solver import gptq_quantize, inverse_hessian_cholesky  # noqa: E402
 from qresearch.kernels import cpu_gptq, triton_gptq  # noqa: E402
 from qresearch.quant import QuantSpec, weight_spec  # noqa: E402
+from tests._qhelpers import correlated_hessian  # noqa: E402
 
 
 def _hessian(n: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(4 * n, n, generator=g) * torch.linspace(0.2, 3.0, n)
-    X[:, 1:] += 0.5 * X[:, :-1]  # correlated neighbours
-    return X.T @ X / X.shape[0]
+    return correlated_hessian(n, torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("out,b,a,e,bits,per_row,transposed", [

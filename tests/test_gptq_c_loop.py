@@ -8,6 +8,7 @@ import methods.gptq_solver as solver
 from methods.gptq_solver import gptq_quantize
 from qresearch.kernels import cpu_gptq
 from qresearch.quant import QuantSpec, weight_spec
+from tests._qhelpers import correlated_hessian
 
 CONFIGS = [  # (out, in, spec, blocksize, act_order)
     (64, 384, weight_spec(4, 128, False), 128, False),
@@ -22,9 +23,7 @@ CONFIGS = [  # (out, in, spec, blocksize, act_order)
 def _inputs(out_f, in_f, seed):
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(out_f, in_f, generator=g) * 0.02
-    X = torch.randn(4 * in_f, in_f, generator=g) * torch.linspace(0.2, 3.0, in_f)
-    X[:, 1:] += 0.5 * X[:, :-1]  # correlated neighbours
-    return W, X.T @ X / X.shape[0]
+    return W, correlated_hessian(in_f, g)
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c[0]}x{c[1]}-{c[2].bits}b-g{c[2].group_size}-ao{int(c[4])}"

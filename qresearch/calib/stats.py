@@ -19,7 +19,7 @@ GRAM_BLOCK_ROWS = (2048, 128, 256)  # (in features up to which, block rows, bloc
 
 def add_gram_(H: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """H [n, n] += x^T x (x [tokens, n]) over the lower block triangle only, then the blocks above the diagonal
-    copied from their transposes: (b + 1) / 2b of one GEMM's flops for b block rows (1.5-1.65x faster on CPU).
+    copied from their transposes: (b + 1) / 2b of one GEMM's flops for b block rows (1.5-1.8x faster on CPU).
     Each entry is still one float32 dot over the tokens (bit for bit the full product's with MKL at 576 / 1536 /
     4096 inputs; the blocks are of even height, so no sliver of a few rows takes another GEMM kernel)."""
     n = H.shape[0]

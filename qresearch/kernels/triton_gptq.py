@@ -15,6 +15,7 @@ interpreter the result equals the C loop bit for bit (tests/interp_gptq.py).
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -61,7 +62,8 @@ def columns(WT, QT, ET, H1, s, z, a: int, e: int, maxq: float) -> None:
     """Quantize block columns a..e-1 on the tensors' device (WT / QT / ET [b, out] float32 rows of stride out,
     H1 [b, b] float32 with any strides, s / z [out | 1] float32), as cpu_gptq.columns does on CPU."""
     b, out = WT.shape
-    assert all(t.dtype.is_floating_point and t.stride() == (out, 1) for t in (WT, QT, ET)), "float32 rows"
+    assert all(t.dtype == torch.float32 and t.stride() == (out, 1) for t in (WT, QT, ET)), \
+        "float32 rows of stride out"
     s, z = s.contiguous(), z.contiguous()
     block_b = max(16, triton.next_power_of_2(b))
     extra = {} if WT.device.type == "cpu" else {"enable_fp_fusion": False}  # the interpreter has no FMA to fuse
