@@ -27,7 +27,8 @@ from qresearch.quant.packing import PackedMeta
 from tests._qhelpers import REPO, packed_args, rel_err, rtn_layer, shared_dir
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-MS = (1, 5, 64, 300)  # 1: decode tile; 5, 64: multi-row tiles; 300: the C kernel's dequantize-once + dense matmul
+MS = (1, 5, 64, 301)  # 1: decode tile; 5: multi-row tiles; 64, 301: the C kernel's many-row loop (301: a 45-row
+# last chunk of 256 and a 1-row last tile of 6)
 # (bits, group, sym, act_order): per-channel, g32/g64/g128, sym/asym, act-order, all bit widths 2..8
 SPECS = [(4, 128, False, False), (4, 64, True, False), (4, 32, False, True), (4, -1, False, False),
          (4, -1, True, True), (8, -1, True, False), (8, -1, False, True), (8, 128, False, False),
@@ -83,7 +84,7 @@ assert cpu_lowbit.load()[0] is not None, cpu_lowbit.load()[1]
 for bits, group, sym, ao in [(4, 64, False, True), (8, -1, True, False), (5, 32, False, False)]:
     meta, qw, s, qz, gi = packed_args(rtn_layer(40, 200, bits, group, sym, ao))
     bufs = {"qweight": qw, "scales": s, "qzeros": qz, "g_idx": gi, "bias": torch.randn(40)}
-    for m in (1, 5):
+    for m in (1, 5, 40):  # 40: dequantized panels + the dense matmul
         x = torch.randn(m, 200)
         err = rel_err(cp.run("c_lowbit", x, meta, bufs), ref.wa16_ref(x, meta, qw, s, qz, gi, bufs["bias"]))
         assert err < 1e-5, (bits, group, m, err)
@@ -98,6 +99,34 @@ def test_portable_c_path_without_avx512(tmp_path):
     r = subprocess.run([sys.executable, "-c", PORTABLE_CHECK], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and "portable ok -march=x86-64-v2" in r.stdout, r.stderr[-2000:]
+
+
+@pytest.mark.skipif(not (cpu_lowbit.load()[0] and cpu_lowbit.load()[0].qr_lowbit_has_many()),
+                    reason="qr_lowbit_mm_many is built with AVX-512 only")
+@pytest.mark.parametrize("out_f,in_f,bits,group,ao", [(37, 200, 4, 64, True), (42, 6500, 3, 128, False),
+                                                      (21, 96, 8, -1, False)])
+def test_many_row_loop_equals_fused_tiles_bit_for_bit(out_f, in_f, bits, group, ao, monkeypatch):
+    """qr_lowbit_mm_many forms the fused tiles' weights (same fmsub) and sums in their order: equal outputs.
+    37 / 42 / 21 rows: partial 4-row tiles and weight blocks; 6500 inputs: 12-row blocks (many_block_rows)."""
+    meta, bufs = _layer(out_f, in_f, bits, group, False, ao, torch.float32)
+    assert cpu_lowbit.many_block_rows(-(-in_f // 128) * 128) == (12 if in_f > 6144 else 16)
+    for m in (24, 31, 263):  # tails of the 6-row tile; 263: a 7-row second chunk
+        x = torch.randn(m, in_f)
+        with monkeypatch.context() as mp:
+            mp.setattr(cpu_lowbit, "kernel_loop", lambda m: "fused")
+            fused = cp.run("c_lowbit", x, meta, bufs)
+        assert cpu_lowbit.kernel_loop(m) == "many"
+        assert torch.equal(cp.run("c_lowbit", x, meta, bufs), fused), (out_f, in_f, m)
+
+
+def test_dense_panels_equal_reference(monkeypatch):
+    """Builds without AVX-512 run many rows as dequantized panels + the dense matmul: several panels, a short one."""
+    meta, bufs = _layer(45, 200, 4, 64, False, True, torch.float32)
+    monkeypatch.setattr(cpu_lowbit, "kernel_loop", lambda m: "panels")
+    monkeypatch.setattr(cpu_lowbit, "PANEL_BYTES", 4 * 256 * 16)  # 16 rows of 256 padded columns: 16 + 16 + 13
+    x = torch.randn(33, 200)
+    want = ref.wa16_ref(x, meta, *(bufs[k] for k in ("qweight", "scales", "qzeros", "g_idx", "bias")))
+    assert rel_err(cp.run("c_lowbit", x, meta, bufs), want) < 1e-6
 
 
 def test_prepared_layouts_hold_what_they_claim():

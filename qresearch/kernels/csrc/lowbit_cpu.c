@@ -122,7 +122,116 @@ static void block512(const float *x, int64_t M, int64_t ldx, const uint8_t *w, i
                 y[(m0 + m) * N + n0 + r] = out[m * RT + r] + (bias ? bias[n0 + r] : 0.0f);
     }
 }
+
+/* Many activation rows: the fused tiles above dequantize every weight vector once per 4 activation rows, which
+ * costs about as many vector operations as the FMAs. Here a block of weight rows is dequantized once into a
+ * buffer (the same fmsub, so the same values) and reused by every activation row of the chunk. */
+#define LM_MT 6  /* activation rows per register tile */
+#define LM_RT 4  /* weight rows per register tile: 6 x 4 accumulators + 4 weights + 1 activation = 29 zmm */
+
+/* wb [RB, K] = (code - z) * s for rows n0 .. n0 + RB - 1 (clamped to N - 1 at the edge), K = G * gp */
+static void dequant_rows512(const uint8_t *w, int64_t n0, int64_t RB, int64_t N, int64_t G, int64_t gp, int nib,
+                            const float *s, const float *zs, float *wb) {
+    const int64_t gb = nib ? gp / 2 : gp, rowb = G * gb, K = G * gp;
+    const __m512i low4 = _mm512_set1_epi32(15);
+    for (int64_t r = 0; r < RB; r++) {
+        const int64_t n = n0 + r < N ? n0 + r : N - 1;
+        for (int64_t g = 0; g < G; g++) {
+            const __m512 sv = _mm512_set1_ps(s[n * G + g]), zv = _mm512_set1_ps(zs[n * G + g]);
+            const uint8_t *b = w + n * rowb + g * gb;
+            float *o = wb + r * K + g * gp;
+            for (int64_t c = 0; c < gp; c += 32)
+                for (int h = 0; h < 2; h++) {
+                    __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b + (nib ? c / 2 : c + 16 * h))));
+                    if (nib) q = h ? _mm512_srli_epi32(q, 4) : _mm512_and_si512(q, low4);
+                    _mm512_storeu_ps(o + c + 16 * h, _mm512_fmsub_ps(_mm512_cvtepi32_ps(q), sv, zv));
+                }
+        }
+    }
+}
+
+/* out[m * LM_RT + r] = x[m] . wb[r] over K (a multiple of 16) for MT activation rows */
+static inline __attribute__((always_inline)) void dot_tile512(const float *x, int64_t ldx, const float *wb,
+                                                              int64_t K, const int MT, float *out) {
+    __m512 acc[LM_MT][LM_RT];
+    for (int m = 0; m < MT; m++)
+        for (int r = 0; r < LM_RT; r++) acc[m][r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+        __m512 wv[LM_RT];
+        for (int r = 0; r < LM_RT; r++) wv[r] = _mm512_loadu_ps(wb + r * K + k);
+        for (int m = 0; m < MT; m++) {
+            const __m512 xv = _mm512_loadu_ps(x + m * ldx + k);
+            for (int r = 0; r < LM_RT; r++) acc[m][r] = _mm512_fmadd_ps(xv, wv[r], acc[m][r]);
+        }
+    }
+    for (int m = 0; m < MT; m++)
+        for (int r = 0; r < LM_RT; r++) out[m * LM_RT + r] = _mm512_reduce_add_ps(acc[m][r]);
+}
+
+/* y[0:M, n0:n0 + RB] from the dequantized rows wb [RB, K] */
+static void rows_many512(const float *x, int64_t M, int64_t ldx, const float *wb, int64_t n0, int64_t RB,
+                         int64_t N, int64_t K, const float *bias, float *y) {
+    float out[LM_MT * LM_RT];
+    for (int64_t m0 = 0; m0 < M; m0 += LM_MT) {
+        const int mt = M - m0 < LM_MT ? (int)(M - m0) : LM_MT;
+        for (int64_t r0 = 0; r0 < RB && n0 + r0 < N; r0 += LM_RT) {
+            const float *xm = x + m0 * ldx, *w0 = wb + r0 * K;
+            switch (mt) { /* constant tile shapes: the accumulators stay in registers */
+                case 1: dot_tile512(xm, ldx, w0, K, 1, out); break;
+                case 2: dot_tile512(xm, ldx, w0, K, 2, out); break;
+                case 3: dot_tile512(xm, ldx, w0, K, 3, out); break;
+                case 4: dot_tile512(xm, ldx, w0, K, 4, out); break;
+                case 5: dot_tile512(xm, ldx, w0, K, 5, out); break;
+                default: dot_tile512(xm, ldx, w0, K, LM_MT, out); break;
+            }
+            for (int m = 0; m < mt; m++)
+                for (int r = 0; r < LM_RT && n0 + r0 + r < N; r++)
+                    y[(m0 + m) * N + n0 + r0 + r] = out[m * LM_RT + r] + (bias ? bias[n0 + r0 + r] : 0.0f);
+        }
+    }
+}
+
+/* y [M, N] = x [M, G * gp] @ dequant(w)^T + bias for many rows: weight rows in blocks of RB (a multiple of LM_RT)
+ * dequantized once per chunk of MC activation rows. Returns 0, or 1 if a buffer could not be allocated. */
+int qr_lowbit_mm_many(const float *x, int64_t M, int64_t ldx, const uint8_t *w, int64_t N, int64_t G, int64_t gp,
+                      int nib, const float *s, const float *zs, const float *bias, float *y, int64_t RB, int64_t MC,
+                      int nthreads) {
+    int failed = 0;
+    const int64_t K = G * gp, nblocks = (N + RB - 1) / RB;
+    if (ldx != K || RB % LM_RT) return 2;
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        float *wb = aligned_alloc(64, sizeof(float) * RB * K);
+        if (!wb) failed = 1;
+        for (int64_t c0 = 0; c0 < M; c0 += MC) {
+            const int64_t mc = M - c0 < MC ? M - c0 : MC;
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t nb = 0; nb < nblocks; nb++) {
+                if (!wb) continue;
+                dequant_rows512(w, nb * RB, RB, N, G, gp, nib, s, zs, wb);
+                rows_many512(x + c0 * ldx, mc, ldx, wb, nb * RB, RB, N, K, bias, y + c0 * N);
+            }
+        }
+        free(wb);
+    }
+    return failed;
+}
+#else
+int qr_lowbit_mm_many(const float *x, int64_t M, int64_t ldx, const uint8_t *w, int64_t N, int64_t G, int64_t gp,
+                      int nib, const float *s, const float *zs, const float *bias, float *y, int64_t RB, int64_t MC,
+                      int nthreads) {
+    return 3; /* built without AVX-512: the caller dequantizes panels and runs the dense matmul */
+}
 #endif
+
+/* 1 if qr_lowbit_mm_many is built (AVX-512), else 0 */
+int qr_lowbit_has_many(void) {
+#if defined(__AVX512F__)
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 /* y [M, N] = x [M, G * gp] (row stride ldx) @ dequant(w)^T + bias; zs = z * s (exact for 16-bit scales).
  * Returns 0, or 1 if a row buffer could not be allocated. */
