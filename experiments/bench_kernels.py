@@ -142,7 +142,7 @@ def bench_shape(shape: str, ms: list[int], device, dtype, repeats: int, warmup: 
             t = _row_times(t_fp, time_call(lambda: mod(x), device, repeats, warmup, before, graphs))
             bits, group, sym, _ = VARIANTS[v]
             moved = mod.weight_bytes() + io
-            row = {"shape": shape, "M": m, "variant": v, "kernel": mod.kernel_name, **t,
+            row = {"shape": shape, "M": m, "variant": v, "kernel": _kernel_label(mod, m), **t,
                    "bw_frac": moved / (t["q_ms"] / 1e3) / copy_bw,
                    "fp16_bw_frac": fp_moved / (t["fp16_ms"] / 1e3) / copy_bw,
                    "limit": memory_bound_limit(bits, group, in_f, sym)}
@@ -150,6 +150,12 @@ def bench_shape(shape: str, ms: list[int], device, dtype, repeats: int, warmup: 
                 row["ref_rel_err"] = rel_err(mod(x), reference(mod, x))
             rows.append(row)
     return rows
+
+
+def _kernel_label(mod: QuantLinear, m: int) -> str:
+    """Dispatch's kernel for `mod`; for our C kernel also the loop that runs `m` rows (fused / many / panels)."""
+    name = mod.kernel_name
+    return f"{name} ({cpu_packed.cpu_lowbit.kernel_loop(m)})" if name.startswith("c_lowbit") else name
 
 
 # CPU candidates: name -> (bits, group, sym); the torch reference is timed for the REF_VARIANTS at M=1 only (slow)
@@ -345,7 +351,9 @@ def _cpu_lines(args) -> list[str]:
             f"load average at start (1/5/15 min) {load}; {args.load_note}",
             f"- command: python experiments/bench_kernels.py {' '.join(sys.argv[1:])}",
             f"- C kernel: {cpu_packed.cpu_lowbit.SRC.name} built with {os.environ.get('CC', 'cc')} "
-            f"{' '.join(cpu_packed.cpu_lowbit.flags())}; {cpu_packed.cpu_lowbit.load()[1] or 'loaded'}"]
+            f"{' '.join(cpu_packed.cpu_lowbit.flags())}; {cpu_packed.cpu_lowbit.load()[1] or 'loaded'}; its loop per "
+            f"call (in brackets): fused tiles below M = {cpu_packed.cpu_lowbit.MANY_M}, from there the many-row loop "
+            "(AVX-512 builds; panels + dense matmul on others)"]
 
 
 def write_markdown(rows: list[dict], device, dtype, copy_bw: float, args, cand_rows=(), cold_rows=()) -> Path:
