@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qresearch.eval.latency import timed  # noqa: E402
-from qresearch.kernels import cpu_packed, dispatch  # noqa: E402
+from qresearch.kernels import cpu_packed, cpu_panels, dispatch  # noqa: E402
 from qresearch.kernels.reference import wa16_ref  # noqa: E402
 from qresearch.records import ActQuant, LayerResult  # noqa: E402
 from qresearch.nn.packed import QuantLinear  # noqa: E402
@@ -163,6 +163,7 @@ CPU_VARIANTS = {"w2_g128": (2, 128, False), "w3_g128": (3, 128, False), "w4_g128
                 "w4_g32": (4, 32, False), "w4_perchannel": (4, -1, True), "w5_g128": (5, 128, False),
                 "w6_perchannel": (6, -1, False), "w8_perchannel": (8, -1, True), "w8_g128": (8, 128, False)}
 REF_VARIANTS = ("w4_g128", "w8_perchannel")
+PANELS = "panels"  # cpu_panels.py: dequantized weight panels + the dense matmul (many rows)
 ACT_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -184,17 +185,25 @@ def bench_cpu_candidates(shape: str, ms: list[int], repeats: int, warmup: int) -
         for name, (bits, group, sym) in CPU_VARIANTS.items():
             mod = build_cpu(w, bits, group, sym)
             args = (mod.meta, mod.qweight, mod.scales, mod.qzeros, None)
-            for kind in (*cpu_packed.KERNELS, "torch_ref"):
+            bufs = dict(zip(("qweight", "scales", "qzeros", "g_idx", "bias"), (*args[1:], None)))
+            for kind in (*cpu_packed.KERNELS, PANELS, "torch_ref"):
                 if not _can_time(kind, bits, group) or (kind == "torch_ref" and (name not in REF_VARIANTS or m > 1)):
                     continue
                 for dt in ACT_DTYPES:
                     x = x32.to(dt)
+                    pick = dispatch.choose(_cpu_key(mod, dt))[0].name
+                    panels = cpu_panels.use_panels(pick, m, dt)
                     if kind == "torch_ref":
                         fn, refused = (lambda: wa16_ref(x, *args, None)), ""
+                    elif kind == PANELS:
+                        fn = lambda: cpu_panels.linear(x, mod.meta, bufs)  # noqa: E731
+                        refused = "" if panels else f"{pick} runs these rows itself"
                     else:
+                        refused = cpu_packed.WHY_NOT[kind](_cpu_key(mod, dt)) or ""
+                        if refused and m > 16:  # refused kernels are slow on many rows: timed up to M = 16 only
+                            continue
                         prep = cpu_packed.prepare(kind, *args, dt)
                         fn = lambda: cpu_packed.LINEAR[kind](x, prep, None)  # noqa: E731
-                        refused = cpu_packed.WHY_NOT[kind](_cpu_key(mod, dt)) or ""
                     ts = _times_ms(fn, repeats, warmup)
                     t = statistics.median(ts)
                     rows.append({"variant": name, "M": m, "kernel": kind, "dtype": str(dt)[6:], "ms": t,
@@ -202,7 +211,7 @@ def bench_cpu_candidates(shape: str, ms: list[int], repeats: int, warmup: int) -
                                  "vs_fp32": dense[torch.float32] / t, "vs_bf16": dense[torch.bfloat16] / t,
                                  "dense_fp32_ms": dense[torch.float32], "dense_bf16_ms": dense[torch.bfloat16],
                                  "refused": refused,
-                                 "chosen": kind == dispatch.choose(_cpu_key(mod, dt))[0].name})
+                                 "chosen": panels if kind == PANELS else (kind == pick and not panels)})
     return rows
 
 
@@ -212,6 +221,7 @@ def _cpu_key(mod: QuantLinear, dt: torch.dtype) -> dispatch.LayerKey:
 
 
 COLD_VARIANTS = ("w4_g128", "w8_perchannel")
+COLD_MAX_M = 16  # the cold table times decode-sized calls (the kernel alone, as a decode step runs it)
 
 
 @torch.no_grad()
@@ -302,7 +312,9 @@ def candidates_markdown(rows: list[dict], shape: str) -> list[str]:
     lines = ["", f"## CPU kernel candidates on {shape} (each kernel forced, weights prepared once)", "",
              "Speedups are over the dense torch.matmul of the same M in fp32 and in bf16. `refused`: why dispatch "
              "does not pick that kernel for that activation dtype (it still computes the layer correctly). "
-             "**bold** = fastest kernel for that variant, M and activation dtype; `<- dispatch` = dispatch's pick.",
+             "**bold** = fastest kernel for that variant, M and activation dtype; `<- dispatch` = what a packed "
+             "layer runs (dispatch's kernel, or `panels`: dequantized weight panels + the dense matmul, which "
+             "cpu_packed.run takes for many rows where that is faster). Refused kernels are timed up to M = 16.",
              "ms = median (min) of the repeats; on a shared machine a parallel region can wait a whole scheduler "
              "slice for a preempted thread (the ~8 ms steps), so the min shows the uncontended time.",
              "", "| variant | M | act dtype | kernel | ms (min) | vs dense fp32 | vs dense bf16 | note |",
@@ -422,7 +434,8 @@ def main(argv=None) -> Path:
     cand = [] if gpu or args.candidates == "none" else \
         bench_cpu_candidates(args.candidates, args.candidate_m, args.repeats, args.warmup)
     cold = [] if gpu or args.candidates == "none" or not args.cold_mib else \
-        bench_cpu_cold(args.candidates, args.candidate_m, args.repeats, args.warmup, args.cold_mib)
+        bench_cpu_cold(args.candidates, [m for m in args.candidate_m if m <= COLD_MAX_M], args.repeats, args.warmup,
+                       args.cold_mib)
     out = write_markdown(rows, device, dtype, copy_bw, args, cand, cold)
     print(out.read_text())
     return out

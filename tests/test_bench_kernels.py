@@ -10,15 +10,17 @@ def test_bench_script_writes_labelled_table(tmp_path):
     spec.loader.exec_module(bench)
     out = bench.main(["--device", "cpu", "--shapes", "48x256", "--m", "1", "3", "--repeats", "1", "--warmup", "1",
                       "--copy-mib", "8", "--out", str(tmp_path / "k.md"), "--candidates", "32x256",
-                      "--candidate-m", "2", "--cold-mib", "1"])
+                      "--candidate-m", "2", "130", "--cold-mib", "1"])
     text = out.read_text()
     assert "NOT measured" in text and "CPU" in text.splitlines()[0]
     rows = [line for line in text.splitlines() if line.startswith("| 48x256")]
     assert len(rows) == 2 * 3 and "c_lowbit_w4a16" in text and "torch_int_mm_w8a8" in text  # CPU int8: torch._int_mm
     cand = [line for line in text.splitlines() if line.startswith("| w")]
     kernels = {line.split("|")[4].strip(" *") for line in cand}
-    assert kernels == {"aten_int4", "aten_int8", "c_lowbit"} and len(cand) > len(bench.CPU_VARIANTS) * 2
-    assert sum("<- dispatch" in line for line in cand) == len(bench.CPU_VARIANTS) * 2  # one pick per dtype
+    assert kernels == {"aten_int4", "aten_int8", "c_lowbit", "panels"} and len(cand) > len(bench.CPU_VARIANTS) * 4
+    picks = [line.split("|")[2:5] for line in cand if "<- dispatch" in line]
+    assert len(picks) == len(bench.CPU_VARIANTS) * 2 * 2  # one per (variant, M, activation dtype)
+    assert all((k.strip(" *") == "panels") == (m.strip() == "130" and d.strip() == "bfloat16") for m, d, k in picks)
     cold = text[text.index("## Cold weights"):].splitlines()
     assert sum(line.startswith("| w") for line in cold) == len(bench.COLD_VARIANTS) * 2  # x 2 activation dtypes
     assert abs(bench.memory_bound_limit(4, 128, 4096, True) - 16 / (4 + 16 / 128)) < 1e-12  # 3.88x

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from qresearch.kernels import cpu_lowbit
+from qresearch.kernels import cpu_lowbit, cpu_panels
 from qresearch.kernels import cpu_packed as cp
 from qresearch.kernels import dispatch
 from qresearch.kernels import reference as ref
@@ -119,14 +119,35 @@ def test_many_row_loop_equals_fused_tiles_bit_for_bit(out_f, in_f, bits, group, 
         assert torch.equal(cp.run("c_lowbit", x, meta, bufs), fused), (out_f, in_f, m)
 
 
-def test_dense_panels_equal_reference(monkeypatch):
-    """Builds without AVX-512 run many rows as dequantized panels + the dense matmul: several panels, a short one."""
-    meta, bufs = _layer(45, 200, 4, 64, False, True, torch.float32)
-    monkeypatch.setattr(cpu_lowbit, "kernel_loop", lambda m: "panels")
-    monkeypatch.setattr(cpu_lowbit, "PANEL_BYTES", 4 * 256 * 16)  # 16 rows of 256 padded columns: 16 + 16 + 13
-    x = torch.randn(33, 200)
-    want = ref.wa16_ref(x, meta, *(bufs[k] for k in ("qweight", "scales", "qzeros", "g_idx", "bias")))
-    assert rel_err(cp.run("c_lowbit", x, meta, bufs), want) < 1e-6
+@pytest.mark.parametrize("bits,group,sym,ao", [(4, 64, False, True), (3, 32, False, False), (5, -1, True, False),
+                                            (8, 64, False, True), (2, 128, True, False), (7, 32, False, True)])
+def test_dense_panels_decode_as_the_reference(bits, group, sym, ao, monkeypatch):
+    """Many rows as dequantized panels (cpu_panels.py) from the stored bit stream: the reference's weights (bits
+    that straddle int32 words, act-order groups), several panels and a short last one."""
+    monkeypatch.setattr(cpu_panels, "PANEL_BYTES", 4 * 200 * 16)  # 16 rows of 200 columns: 16 + 16 + 13
+    for dt in (torch.float32, torch.bfloat16):
+        meta, bufs = _layer(45, 200, bits, group, sym, ao, dt)
+        args = [bufs[k] for k in ("qweight", "scales", "qzeros", "g_idx", "bias")]
+        eye = torch.eye(200, dtype=dt)
+        w = cpu_panels.linear(eye, meta, {**bufs, "bias": None}).t()  # [out, in]: the panels' weights
+        assert torch.equal(w, ref.dequant_weight(meta, *args[:4]).to(dt)), (bits, group, dt)
+        x = torch.randn(33, 200).to(dt)
+        assert rel_err(cpu_panels.linear(x, meta, bufs), ref.wa16_ref(x, meta, *args)) < TOL[dt] / 10
+
+
+def test_many_bf16_rows_run_as_panels(monkeypatch):
+    """bf16 from PANEL_M rows (any CPU kernel), fp32 only where the C kernel has no many-row loop."""
+    meta, bufs = _layer(16, 256, 4, 128, False, False, torch.bfloat16)
+    calls = []
+    real = cpu_panels.linear
+    monkeypatch.setattr(cpu_panels, "linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    m = cpu_panels.PANEL_M[torch.bfloat16]
+    for kind in ("aten_int4", "c_lowbit"):
+        for rows in (m - 1, m):
+            cp.run(kind, torch.randn(rows, 256).bfloat16(), meta, bufs)
+    assert calls == [m, m]
+    assert cpu_panels.use_panels("c_lowbit", 64, torch.float32) == (cpu_lowbit.kernel_loop(64) == "panels")
+    assert not cpu_panels.use_panels("aten_int4", 1 << 20, torch.float32)
 
 
 def test_prepared_layouts_hold_what_they_claim():

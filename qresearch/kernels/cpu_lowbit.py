@@ -3,8 +3,8 @@
 The C source is built with the system C compiler once per machine (cached under $QRESEARCH_CACHE/kernels). No
 compiler, or a failed build, is a reason the kernel cannot run (reported by cpu_packed.select, never silent).
 prepare_lowbit lays out the codes once (nibbles for bits <= 4, bytes otherwise, groups padded to 32 columns);
-lowbit_linear runs the fused kernel for few rows and, for many, a loop that dequantizes each weight block once
-(AVX-512 builds) or dequantized panels + the dense matmul (other builds): see MANY_M.
+lowbit_linear runs the fused kernel for few rows and, on AVX-512 builds, a loop that dequantizes each weight block
+once for many (see MANY_M).
 
 The library links OpenMP by soname (libgomp.so.1), so in a process that imported torch it shares torch's own
 libgomp and thread pool instead of starting a second one. Override the compiler with CC=..., the target with
@@ -20,7 +20,6 @@ import platform
 import shutil
 import subprocess
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,11 +36,11 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # activations it takes 
 # - AVX-512 build, M >= MANY_M: qr_lowbit_mm_many, weight rows dequantized once per chunk of MANY_CHUNK rows into
 #   a per-thread block of at most MANY_BLOCK_BYTES (L2) and reused by every row (M = 256: 25 vs 33 fused vs 43
 #   dense; M = 2048 on 4096x11008: 650 vs 1608 vs 896; M = 16: 1.8 vs 2.3, M = 8: 2.4 vs 2.2);
-# - other builds, M >= PANEL_M: panels of PANEL_BYTES of weight rows dequantized into one reused buffer, then the
-#   dense matmul (x86-64-v3 build, M = 64: fused 27 vs dense 18 ms; dequantizing the whole weight into a fresh
-#   tensor cost 16 ms of page faults alone).
+# - other builds, M >= PANEL_M: cpu_panels.py (weight rows dequantized a panel at a time into one reused buffer,
+#   then the dense matmul; x86-64-v3 build, M = 64: fused 27 vs dense 18 ms; dequantizing the whole weight into
+#   a fresh tensor cost 16 ms of page faults alone).
 MANY_M, MANY_CHUNK, MANY_BLOCK_BYTES = 24, 256, 384 << 10
-PANEL_M, PANEL_BYTES = 16, 4 << 20
+PANEL_M = 16
 FLAGS = ("-O3", "-fopenmp", "-std=c11", "-shared", "-fPIC")  # + -march=$QRESEARCH_CPU_MARCH (native)
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 SIGNATURES = {  # name -> (restype, argtypes), as declared in lowbit_cpu.c
@@ -49,6 +48,7 @@ SIGNATURES = {  # name -> (restype, argtypes), as declared in lowbit_cpu.c
     "qr_lowbit_mm_many": (_F, [_P, _I, _I, _P, _I, _I, _I, _F, _P, _P, _P, _P, _I, _I, _F]),
     "qr_lowbit_dequant": (None, [_P, _I, _I, _I, _F, _P, _P, _P, _F]),
     "qr_lowbit_has_many": (_F, []),
+    "qr_stream_dequant": (None, [_P, _I, _I, _I, _F, _P, _P, _I, _I, _P, _P, _F, _F]),
 }
 
 
@@ -185,32 +185,9 @@ def _many(lib, xin: torch.Tensor, p: LowbitPrepared, b: torch.Tensor | None, y: 
         raise MemoryError(f"qr_lowbit_mm_many failed (code {failed}) for x {tuple(xin.shape)}")
 
 
-_PANEL = threading.local()  # .buf: this thread's dequantized weight panel, reused across calls
-
-
-def _panel_buffer(numel: int) -> torch.Tensor:
-    buf = getattr(_PANEL, "buf", None)
-    if buf is None or buf.numel() < numel:
-        buf = _PANEL.buf = torch.empty(numel, dtype=torch.float32)
-    return buf[:numel]
-
-
-def _dense_by_panels(lib, xin: torch.Tensor, p: LowbitPrepared, b: torch.Tensor | None, y: torch.Tensor) -> None:
-    """y = xin @ dequant(W)^T + b, dequantizing PANEL_BYTES of weight rows at a time into one reused buffer."""
-    n, ng = p.codes.shape[:2]
-    k, row_bytes = ng * p.gp, p.codes[0].numel()
-    rows = max(1, min(n, PANEL_BYTES // (4 * k)))
-    wbuf = _panel_buffer(rows * k).view(rows, k)  # [rows, k]
-    for n0 in range(0, n, rows):
-        r = min(rows, n - n0)
-        lib.qr_lowbit_dequant(p.codes.data_ptr() + n0 * row_bytes, r, ng, p.gp, int(p.nibbles),
-                              p.scale.data_ptr() + 4 * n0 * ng, p.zero.data_ptr() + 4 * n0 * ng, wbuf.data_ptr(),
-                              torch.get_num_threads())
-        y[:, n0:n0 + r] = F.linear(xin, wbuf[:r], None if b is None else b[n0:n0 + r])
-
-
 def kernel_loop(m: int) -> str:
-    """Which of our loops runs a call with `m` activation rows on this build: fused, many or panels."""
+    """Which loop runs a call of `m` fp32 activation rows on this build: fused, many, or panels (cpu_panels.py,
+    chosen by cpu_packed.run; lowbit_linear itself runs the fused tiles then)."""
     lib = load()[0]
     if lib is not None and lib.qr_lowbit_has_many():
         return "many" if m >= MANY_M else "fused"
@@ -224,11 +201,8 @@ def lowbit_linear(x: torch.Tensor, p: LowbitPrepared, bias: torch.Tensor | None)
     xin = _lowbit_x(x, p)  # [M, n_groups * gp] fp32
     b = None if bias is None else bias.float().contiguous()
     y = torch.empty(xin.shape[0], p.codes.shape[0], dtype=torch.float32)  # [M, out]
-    loop = kernel_loop(xin.shape[0])
-    if loop == "many":
+    if kernel_loop(xin.shape[0]) == "many":
         _many(lib, xin, p, b, y)
-    elif loop == "panels":
-        _dense_by_panels(lib, xin, p, b, y)
     elif lib.qr_lowbit_mm(xin.data_ptr(), xin.shape[0], xin.shape[1], *p.weight_args,
                           None if b is None else b.data_ptr(), y.data_ptr(), torch.get_num_threads()):
         raise MemoryError("c_lowbit kernel could not allocate its row buffers")

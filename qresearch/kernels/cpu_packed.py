@@ -10,7 +10,8 @@ Three kernels, tried in this order (priorities between Triton's 10 and the refer
              fp32/bf16/fp16 activations.
 The aten ops' fp32/fp16 paths are slower than a dense fp32 matmul (experiments/bench_kernels.py), so they take
 bf16 only. `prepare(kind, ...)` unpacks the int32_k buffers once and hands the codes to that kernel's prepare_*;
-`LINEAR[kind](x, prepared, bias)` runs it; `run` keeps the prepared weights until the layer's buffers change.
+`LINEAR[kind](x, prepared, bias)` runs it; `run` keeps the prepared weights until the layer's buffers change,
+and sends calls with many rows where the dense matmul is faster (bf16 from 96 rows) to cpu_panels.py.
 
 Act-order (g_idx): when every group holds exactly `group` input columns (as GPTQ act-order writes them),
 permuting the weight's columns once and the input's columns per call (x[:, perm]) makes the groups contiguous.
@@ -24,7 +25,7 @@ from functools import partial
 import torch
 
 from ..quant.packing import PackedMeta, unpack_rows
-from . import cpu_aten, cpu_lowbit
+from . import cpu_aten, cpu_lowbit, cpu_panels
 from . import reference as ref
 from .cpu_aten import INT4_GROUPS, int4_op_group
 from .dispatch import Kernel, LayerKey, register
@@ -112,6 +113,8 @@ def prepared_for(kind: str, meta: PackedMeta, bufs: dict, dtype: torch.dtype):
 
 def run(kind: str, x: torch.Tensor, meta: PackedMeta, bufs: dict, mode=None) -> torch.Tensor:
     """y [M, out] = layer(x [M, in]) with kernel `kind` (the registry's run signature with `kind` bound)."""
+    if cpu_panels.use_panels(kind, x.shape[0], x.dtype):  # many rows: dequantized panels + the dense matmul
+        return cpu_panels.linear(x, meta, bufs)
     prepared = prepared_for(kind, meta, bufs, x.dtype)
     if torch.is_grad_enabled() and x.requires_grad:  # the kernels have no backward: d/dx through the reference
         weight_fn = partial(ref.dequant_weight, meta, *(bufs[k] for k in STAMPED))

@@ -287,3 +287,70 @@ void qr_lowbit_dequant(const uint8_t *w, int64_t N, int64_t G, int64_t gp, int n
             for (int64_t i = 0; i < gp; i++) o[i] *= sc;
         }
 }
+
+/* fp32 -> bf16 bits, round to nearest even (torch's rounding for finite values) */
+static inline uint16_t bf16_bits(float f) {
+    union { float f; uint32_t u; } v = {f};
+    return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+/* one decoded weight into out[j]: fp32, or bf16 bits when BF16 */
+static inline __attribute__((always_inline)) void put(void *out, int64_t j, float v, const int BF16) {
+    if (BF16) ((uint16_t *)out)[j] = bf16_bits(v);
+    else ((float *)out)[j] = v;
+}
+
+/* out[j0 .. j1) of one row for codes that never straddle words (BITS divides 32), j0 a multiple of 32 / BITS */
+static inline __attribute__((always_inline)) void decode_words(const uint32_t *w, int64_t j0, int64_t j1,
+                                                               const int BITS, float z, float s, void *out,
+                                                               const int BF16) {
+    const int per = 32 / BITS;
+    const uint32_t mask = (1u << BITS) - 1;
+    int64_t j = j0;
+    for (; j + per <= j1; j += per) {
+        const uint32_t word = w[j / per];
+        for (int i = 0; i < per; i++) put(out, j + i, ((float)((word >> (i * BITS)) & mask) - z) * s, BF16);
+    }
+    for (; j < j1; j++) put(out, j, ((float)((w[j / per] >> ((j % per) * BITS)) & mask) - z) * s, BF16);
+}
+
+/* one row: out[j] = (code j - z[g]) * s[g], g = g_idx[j] or j / group */
+static inline __attribute__((always_inline)) void decode_row(const uint32_t *w, int64_t K, int bits, const float *s,
+                                                             const float *z, int64_t G, int64_t group,
+                                                             const int32_t *g_idx, void *out, const int BF16) {
+    const uint32_t mask = (1u << bits) - 1;
+    if (32 % bits == 0 && !g_idx && group % (32 / bits) == 0) { /* group by group, constant shifts per word */
+        for (int64_t g = 0; g < G; g++) {
+            const int64_t j0 = g * group, j1 = j0 + group < K ? j0 + group : K;
+            switch (bits) {
+                case 2: decode_words(w, j0, j1, 2, z[g], s[g], out, BF16); break;
+                case 4: decode_words(w, j0, j1, 4, z[g], s[g], out, BF16); break;
+                default: decode_words(w, j0, j1, 8, z[g], s[g], out, BF16); break;
+            }
+        }
+        return;
+    }
+    for (int64_t j = 0; j < K; j++) { /* the bit stream: 32 codes take `bits` words */
+        const int64_t bit = (j >> 5) * 32 * bits + (j & 31) * bits, wi = bit >> 5;
+        const int sh = (int)(bit & 31);
+        uint32_t v = w[wi] >> sh;
+        if (sh + bits > 32) v |= w[wi + 1] << (32 - sh);
+        const int64_t g = g_idx ? g_idx[j] : j / group;
+        put(out, j, ((float)(v & mask) - z[g]) * s[g], BF16);
+    }
+}
+
+/* out [rows, K] = (code - z) * s, the reference's decode (fp32; out_bf16: then rounded to bf16 as torch rounds),
+ * from the stored buffers: codes in pack_rows' int32 bit stream (wpr words a row, the last block of 32 codes
+ * truncated), column j in group g_idx[j] (or j / group); s, z fp32 [rows, G]. qw, s, z point at the first row. */
+void qr_stream_dequant(const uint32_t *qw, int64_t wpr, int64_t rows, int64_t K, int bits, const float *s,
+                       const float *z, int64_t G, int64_t group, const int32_t *g_idx, void *out, int out_bf16,
+                       int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        if (out_bf16)
+            decode_row(qw + r * wpr, K, bits, s + r * G, z + r * G, G, group, g_idx, (uint16_t *)out + r * K, 1);
+        else
+            decode_row(qw + r * wpr, K, bits, s + r * G, z + r * G, G, group, g_idx, (float *)out + r * K, 0);
+    }
+}
