@@ -108,6 +108,15 @@ def markdown(meta: dict) -> str:
     return "\n".join(lines)
 
 
+def git_commit() -> str:
+    """HEAD's short hash, + '+dirty' when tracked files outside results/ differ from it (tables the run itself
+    or an earlier benchmark of the same session wrote do not count)."""
+    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True,  # noqa: E731
+                                    cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!results")
+    return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -121,8 +130,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
                platform.machine())
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    commit = git_commit()
     load = lambda: " ".join(f"{x:.1f}" for x in os.getloadavg())  # noqa: E731
     meta = {"machine": {"cpu": cpu, "cores": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
                         "commit": commit, "load_start": load()}, "argv": sys.argv[1:], "repeat": args.repeat,

@@ -120,10 +120,12 @@ def test_many_row_loop_equals_fused_tiles_bit_for_bit(out_f, in_f, bits, group, 
 
 
 @pytest.mark.parametrize("bits,group,sym,ao", [(4, 64, False, True), (3, 32, False, False), (5, -1, True, False),
-                                            (8, 64, False, True), (2, 128, True, False), (7, 32, False, True)])
+                                            (8, 64, False, True), (2, 128, True, False), (7, 32, False, True),
+                                            (4, 32, False, False), (4, -1, True, False), (8, 128, False, False)])
 def test_dense_panels_decode_as_the_reference(bits, group, sym, ao, monkeypatch):
     """Many rows as dequantized panels (cpu_panels.py) from the stored bit stream: the reference's weights (bits
-    that straddle int32 words, act-order groups), several panels and a short last one."""
+    that straddle int32 words, act-order groups, the 16-code vector steps of 2 / 4 / 8 bits and their scalar tails
+    at 200 columns), several panels and a short last one."""
     monkeypatch.setattr(cpu_panels, "PANEL_BYTES", 4 * 200 * 16)  # 16 rows of 200 columns: 16 + 16 + 13
     for dt in (torch.float32, torch.bfloat16):
         meta, bufs = _layer(45, 200, bits, group, sym, ao, dt)

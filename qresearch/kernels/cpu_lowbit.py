@@ -181,8 +181,10 @@ def _many(lib, xin: torch.Tensor, p: LowbitPrepared, b: torch.Tensor | None, y: 
     failed = lib.qr_lowbit_mm_many(xin.data_ptr(), xin.shape[0], k, *p.weight_args[:5], p.scale.data_ptr(),
                                    p.zero_scale.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
                                    many_block_rows(k), MANY_CHUNK, torch.get_num_threads())
-    if failed:
-        raise MemoryError(f"qr_lowbit_mm_many failed (code {failed}) for x {tuple(xin.shape)}")
+    if failed == 1:
+        raise MemoryError("qr_lowbit_mm_many could not allocate its weight blocks")
+    if failed:  # 2: x's row stride is not the padded width / the block is no multiple of the tile
+        raise RuntimeError(f"qr_lowbit_mm_many refused x {tuple(xin.shape)} (code {failed})")
 
 
 def kernel_loop(m: int) -> str:

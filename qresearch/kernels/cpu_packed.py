@@ -11,7 +11,7 @@ Three kernels, tried in this order (priorities between Triton's 10 and the refer
 The aten ops' fp32/fp16 paths are slower than a dense fp32 matmul (experiments/bench_kernels.py), so they take
 bf16 only. `prepare(kind, ...)` unpacks the int32_k buffers once and hands the codes to that kernel's prepare_*;
 `LINEAR[kind](x, prepared, bias)` runs it; `run` keeps the prepared weights until the layer's buffers change,
-and sends calls with many rows where the dense matmul is faster (bf16 from 96 rows) to cpu_panels.py.
+and sends calls with many rows where the dense matmul is faster (bf16 from 32 rows) to cpu_panels.py.
 
 Act-order (g_idx): when every group holds exactly `group` input columns (as GPTQ act-order writes them),
 permuting the weight's columns once and the input's columns per call (x[:, perm]) makes the groups contiguous.

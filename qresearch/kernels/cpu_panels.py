@@ -2,10 +2,12 @@
 cast to the activation dtype, then the dense matmul (torch's, which is bf16-native on CPUs with AVX512-BF16).
 
 For bf16 activations at M >= PANEL_M the low-bit ops lose to that: on 4096x4096 w4 g128 (AMD EPYC, 2 threads)
-at M = 64 / 96 / 128 / 256 / 1024, aten's int4 op takes 6.4 / 9.5 / 12.9 / 25.2 / 101 ms, panels 7.7 / 8.8 /
-9.7 / 14.1 / 45 ms, the dense bf16 matmul 3.1 / 4.2 / 5.3 / 9.5 / 38 ms. The panel is decoded exactly as the torch reference decodes (csrc qr_stream_dequant: fp32
-(code - z) * s, column j in group g_idx[j]) and rounded to bf16 as torch rounds (in the same pass), so the
-weights are the reference's bit for bit.
+at M = 16 / 32 / 64 / 256 / 1024, aten's int4 op takes 1.6 / 3.2 / 6.3 / 24.8 / 98 ms, panels 2.4 / 2.9 / 3.9
+/ 10.2 / 37.9 ms, the dense bf16 matmul 1.3 / 1.9 / 3.0 / 9.3 / 37.9 ms (decoding all 16M weights to bf16:
+0.8 ms; 1 thread, M = 24: aten 4.5, panels 4.3 ms). The panel is decoded exactly as the torch reference decodes (csrc qr_stream_dequant: fp32
+(code - z) * s, column j in group g_idx[j]; 16 codes per AVX-512 step where codes do not straddle words and
+groups are contiguous) and rounded to bf16 as torch rounds (in the same pass), so the weights are the
+reference's bit for bit.
 One buffer of PANEL_BYTES per thread is reused, so no call pays page faults for a whole fresh fp32 weight.
 fp32 activations take this path only on builds without AVX-512 (cpu_lowbit.kernel_loop).
 """
@@ -20,7 +22,7 @@ from ..quant.packing import PackedMeta
 from . import cpu_lowbit
 from .reference import weight_scales, weight_zeros
 
-PANEL_M = {torch.bfloat16: 96, torch.float32: cpu_lowbit.PANEL_M}  # from this many rows, by activation dtype
+PANEL_M = {torch.bfloat16: 32, torch.float32: cpu_lowbit.PANEL_M}  # from this many rows, by activation dtype
 PANEL_BYTES = 4 << 20  # fp32 weight rows dequantized at a time
 _BUF = threading.local()  # .panel / .cast: this thread's panel buffers, reused across calls
 

@@ -307,6 +307,32 @@ static inline __attribute__((always_inline)) void decode_words(const uint32_t *w
     const int per = 32 / BITS;
     const uint32_t mask = (1u << BITS) - 1;
     int64_t j = j0;
+#if defined(__AVX512F__)
+    { /* 16 codes a step: lane i takes word (j + i) / per, shifted right by ((j + i) % per) * BITS */
+        int lane_word[16], lane_shift[16];
+        for (int i = 0; i < 16; i++) lane_word[i] = i / per, lane_shift[i] = (i % per) * BITS;
+        const __m512i idx = _mm512_loadu_si512(lane_word), sh = _mm512_loadu_si512(lane_shift);
+        const __m512i mv = _mm512_set1_epi32((int)mask), half = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
+        const __m512 zv = _mm512_set1_ps(z), sv = _mm512_set1_ps(s);
+        for (; j + 16 <= j1; j += 16) {
+            const uint32_t *wj = w + j / per;
+            const __m512i wv = per == 16 ? _mm512_set1_epi32((int)wj[0])
+                               : per == 8 ? _mm512_permutexvar_epi32(idx, _mm512_castsi128_si512(
+                                                _mm_loadl_epi64((const __m128i *)wj)))
+                                          : _mm512_permutexvar_epi32(idx, _mm512_castsi128_si512(
+                                                _mm_loadu_si128((const __m128i *)wj)));
+            const __m512i q = _mm512_and_si512(_mm512_srlv_epi32(wv, sh), mv);
+            const __m512 v = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(q), zv), sv);
+            if (BF16) { /* bf16_bits on 16 lanes */
+                __m512i u = _mm512_castps_si512(v);
+                u = _mm512_add_epi32(u, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
+                _mm256_storeu_si256((__m256i *)((uint16_t *)out + j), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+            } else {
+                _mm512_storeu_ps((float *)out + j, v);
+            }
+        }
+    }
+#endif
     for (; j + per <= j1; j += per) {
         const uint32_t word = w[j / per];
         for (int i = 0; i < per; i++) put(out, j + i, ((float)((word >> (i * BITS)) & mask) - z) * s, BF16);
