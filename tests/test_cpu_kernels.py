@@ -148,6 +148,10 @@ def test_many_bf16_rows_run_as_panels(monkeypatch):
         for rows in (m - 1, m):
             cp.run(kind, torch.randn(rows, 256).bfloat16(), meta, bufs)
     assert calls == [m, m]
+    x = torch.randn(m, 256).bfloat16().requires_grad_()  # autograd would keep the reused panel buffer: not panels
+    (cp.run("aten_int4", x, meta, bufs).float() * torch.arange(16.0)).sum().backward()
+    w = ref.dequant_weight(meta, *(bufs[k] for k in ("qweight", "scales", "qzeros", "g_idx"))).bfloat16()
+    assert calls == [m, m] and rel_err(x.grad, (torch.arange(16.0).bfloat16().expand(m, 16) @ w)) < 1e-2
     assert cpu_panels.use_panels("c_lowbit", 64, torch.float32) == (cpu_lowbit.kernel_loop(64) == "panels")
     assert not cpu_panels.use_panels("aten_int4", 1 << 20, torch.float32)
 

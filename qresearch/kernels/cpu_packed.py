@@ -113,10 +113,11 @@ def prepared_for(kind: str, meta: PackedMeta, bufs: dict, dtype: torch.dtype):
 
 def run(kind: str, x: torch.Tensor, meta: PackedMeta, bufs: dict, mode=None) -> torch.Tensor:
     """y [M, out] = layer(x [M, in]) with kernel `kind` (the registry's run signature with `kind` bound)."""
-    if cpu_panels.use_panels(kind, x.shape[0], x.dtype):  # many rows: dequantized panels + the dense matmul
-        return cpu_panels.linear(x, meta, bufs)
+    grad = torch.is_grad_enabled() and x.requires_grad
+    if not grad and cpu_panels.use_panels(kind, x.shape[0], x.dtype):  # many rows: panels + the dense matmul
+        return cpu_panels.linear(x, meta, bufs)  # (its panel buffer is reused: autograd must not keep it)
     prepared = prepared_for(kind, meta, bufs, x.dtype)
-    if torch.is_grad_enabled() and x.requires_grad:  # the kernels have no backward: d/dx through the reference
+    if grad:  # the kernels have no backward: d/dx through the reference
         weight_fn = partial(ref.dequant_weight, meta, *(bufs[k] for k in STAMPED))
         return _WithInputGrad.apply(x, kind, prepared, bufs.get("bias"), weight_fn)
     return LINEAR[kind](x, prepared, bufs.get("bias"))
