@@ -246,3 +246,26 @@ def test_triton_cache_too_large_is_not_written(tmp_path, monkeypatch):
     got = tcache.save(info, tmp_path, max_bytes=10)
     assert got["written"] is None and "MiB >" in got["why_not"] and not (tmp_path / tcache.OUT_NAME).exists()
     assert tcache.pack(tmp_path / "tc" / "kernels") == tcache.pack(tmp_path / "tc" / "kernels")  # deterministic
+
+
+def test_gptq_section_runs_the_method_on_the_format_path_when_the_int_loop_fails(monkeypatch):
+    """A column loop that fails on the device costs the A/B table only: the error is recorded, the method runs with
+    INT_LOOP off, and the report names the path it took."""
+    import methods.gptq as gptq_method
+    import methods.gptq_solver as solver
+    from experiments.gpusuite import gptq_block, lib, report
+    from experiments.gpusuite.common import Budget, Ctx
+
+    def broken(*a, **k):
+        raise RuntimeError("PTX assembly failed")
+
+    seen = []
+    real = solver.gptq_quantize
+    monkeypatch.setattr(lib, "gptq_loop_ab", broken)
+    monkeypatch.setattr(gptq_method, "gptq_quantize", lambda *a, **k: seen.append(solver.INT_LOOP) or real(*a, **k))
+    state = {}
+    gptq_block.run(Ctx(torch.device("cpu"), True, Budget(600)), state)
+    assert "PTX assembly failed" in state["loop_ab_error"] and seen and not any(seen) and solver.INT_LOOP
+    assert state["method_total_s"] > 0 and "loop_ab" not in state
+    assert "format path's torch ops: the int loop failed (RuntimeError: PTX assembly failed)" in "\n".join(
+        report._gptq(state))

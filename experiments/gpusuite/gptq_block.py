@@ -5,7 +5,8 @@ inputs (embedding), the Hessians of the four input groups (q/k/v, o, gate/up, do
 method end to end (methods/gptq.py through qresearch/calib: true-sequential Hessians with block re-forwards,
 the per-linear solves, the quantized block's outputs), with the per-linear solve seconds it records. Before the
 method, q_proj's and down_proj's solves run twice on block 0's Hessians: with the int column loop (the Triton kernel
-on CUDA) and with the format path's torch ops, timed, their codes and qparams compared.
+on CUDA) and with the format path's torch ops, timed, their codes and qparams compared; if that loop fails, the
+error is recorded and the method runs on the format path, which the report names.
 """
 from __future__ import annotations
 
@@ -62,12 +63,18 @@ def run(ctx: Ctx, state: dict) -> None:
     with Stopwatch(ctx.device) as sw:
         hs = lib.block0_hessians(model, io)
     state.update(hessians_s=sw.s, hessian_shapes={k: list(v.shape) for k, v in hs.items()})
-    state["loop_ab"] = lib.gptq_loop_ab(model, hs)  # the column loop: Triton kernel vs the format path's torch ops
+    try:  # the column loop: Triton kernel vs the format path's torch ops
+        state["loop_ab"] = lib.gptq_loop_ab(model, hs)
+    except Exception as exc:  # noqa: BLE001 - recorded; the method below then runs (and says it runs) without it
+        state["loop_ab_error"] = f"{type(exc).__name__}: {exc}"[:500]
+    int_loop = "loop_ab_error" not in state
+    state["column_loop"] = "int format's loop (Triton on CUDA)" if int_loop else \
+        f"format path's torch ops: the int loop failed ({state['loop_ab_error'][:200]})"
     del io, hs
     free_device_memory(ctx.device)
     ctx.save()
     method = lib.gptq_method(batch)
-    with Stopwatch(ctx.device) as sw:
+    with lib.gptq_int_loop(int_loop), Stopwatch(ctx.device) as sw:
         result = method.quantize(model, lib.gptq_context(model, calib, ctx.device))
     state["method_total_s"] = sw.s
     solves = {s["layer"].split(".", 3)[-1]: s["seconds"] for s in result.stats}

@@ -214,6 +214,8 @@ def _gptq(sec: dict) -> list[str]:
              f"({sec.get('tokens')} hidden states), batch {sec.get('batch_size')}; {sec.get('method')}."]
     if sec.get("note"):
         lines.append(f"- note: {sec['note']}")
+    if sec.get("column_loop"):
+        lines.append(f"- column loop of the method's solves: {sec['column_loop']}")
     lines += ["", *_table(["step", "seconds"], [
         ["capture block-0 inputs", _f(sec.get("capture_s"), ".2f")],
         ["Hessians of q/o/gate/down inputs, one pass", _f(sec.get("hessians_s"), ".2f")],
