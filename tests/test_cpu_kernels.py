@@ -137,6 +137,20 @@ def test_dense_panels_decode_as_the_reference(bits, group, sym, ao, monkeypatch)
         assert rel_err(cpu_panels.linear(x, meta, bufs), ref.wa16_ref(x, meta, *args)) < TOL[dt] / 10
 
 
+def test_stream_decode_reads_every_packable_width():
+    """qr_stream_dequant against unpack_rows for each width pack_rows writes (1 bit too: no vector path misreads it)."""
+    from qresearch.quant.packing import PACK_BITS, pack_rows
+
+    lib = cpu_lowbit.load()[0]
+    for bits in PACK_BITS:
+        codes = torch.randint(0, 2**bits, (3, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
+        qw, s, z, out = pack_rows(codes, bits), torch.rand(3, 3) + 0.5, torch.rand(3, 3) * 3, torch.empty(3, 96)
+        lib.qr_stream_dequant(qw.data_ptr(), qw.shape[1], 3, 96, bits, s.data_ptr(), z.data_ptr(), 3, 32, None,
+                              out.data_ptr(), 0, 1)
+        want = (codes.float() - z.repeat_interleave(32, 1)) * s.repeat_interleave(32, 1)
+        assert torch.equal(out, want), bits
+
+
 def test_many_bf16_rows_run_as_panels(monkeypatch):
     """bf16 from PANEL_M rows (any CPU kernel), fp32 only where the C kernel has no many-row loop."""
     meta, bufs = _layer(16, 256, 4, 128, False, False, torch.bfloat16)

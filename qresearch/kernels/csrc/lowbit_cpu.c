@@ -345,7 +345,7 @@ static inline __attribute__((always_inline)) void decode_row(const uint32_t *w, 
                                                              const float *z, int64_t G, int64_t group,
                                                              const int32_t *g_idx, void *out, const int BF16) {
     const uint32_t mask = (1u << bits) - 1;
-    if (32 % bits == 0 && !g_idx && group % (32 / bits) == 0) { /* group by group, constant shifts per word */
+    if ((bits == 2 || bits == 4 || bits == 8) && !g_idx && group % (32 / bits) == 0) { /* constant shifts */
         for (int64_t g = 0; g < G; g++) {
             const int64_t j0 = g * group, j1 = j0 + group < K ? j0 + group : K;
             switch (bits) {
