@@ -1,4 +1,5 @@
-"""Decode throughput of packed models on CPU vs the dense model, measured by qresearch/eval/latency.py.
+"""Decode throughput (and prefill time) of packed models on CPU vs the dense model, measured by
+qresearch/eval/latency.py.
 
     flock /tmp/qresearch-heavy.lock python experiments/bench_decode_cpu.py            # SmolLM2-135M
     python experiments/bench_decode_cpu.py --model stories260k --tokens 8 --repeats 1  # smoke run
@@ -7,7 +8,9 @@ One process, one model load; every variant gets the same seeded prompt and proto
 a 16-token prompt, then `--tokens` greedy steps with the KV cache, median of `--repeats` after `--warmup`):
   dense fp32, packed RTN w4 g128 (asym), w8 per-channel (sym) and W8A8 (w8 + per-token int8 activations) in fp32 (dispatch's CPU kernel), the same four
   in bf16, and the packed w4 g128 fp32 model on the torch reference (QRESEARCH_KERNELS=torch: the path packed CPU
-  inference took before the CPU kernels) with `--ref-tokens` steps. Writes results/decode_cpu_<model>.md.
+  inference took before the CPU kernels) with `--ref-tokens` steps. `--prefill L` also times one forward of an
+  L-token prompt without the cache (median of the same repeats; not for the reference row). Writes
+  results/decode_cpu_<model>.md.
 """
 from __future__ import annotations
 
@@ -51,7 +54,9 @@ def load(name: str):
 
 
 def decode(model, cfg: LatencyConfig) -> dict:
-    return measure_latency(model, torch.device("cpu"), cfg)["decode"]["1"]
+    """measure_latency's batch-1 decode entry, with its prefill entries under 'prefill'."""
+    res = measure_latency(model, torch.device("cpu"), cfg)
+    return {**res["decode"]["1"], "prefill": res["prefill"]}
 
 
 def variants(base, results: dict):
@@ -74,6 +79,7 @@ def main(argv=None) -> Path:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()],
                     help="torch thread counts; every variant is measured at each")
+    ap.add_argument("--prefill", type=int, nargs="*", default=[512], help="prompt lengths of the prefill column(s)")
     ap.add_argument("--load-note", default="other processes may share the cores")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -81,7 +87,7 @@ def main(argv=None) -> Path:
     base, args.weights_note = load(args.model)
     results = {q: RTN(b, g, s, act_bits=a).quantize(base, Context(None, arch_for(base), torch.device("cpu")))
                for q, (b, g, s, a) in QUANT.items()}
-    cfg = LatencyConfig(enabled=True, prompt_lengths=[], decode_tokens=args.tokens, batch_sizes=[1],
+    cfg = LatencyConfig(enabled=True, prompt_lengths=args.prefill, decode_tokens=args.tokens, batch_sizes=[1],
                         repeats=args.repeats, warmup=args.warmup)
     ref_cfg = LatencyConfig(enabled=True, prompt_lengths=[], decode_tokens=args.ref_tokens, batch_sizes=[1],
                             repeats=1, warmup=1)
@@ -107,11 +113,14 @@ def main(argv=None) -> Path:
 def row(label: str, model, kernels: dict, r: dict, threads: int, repeats: int) -> dict:
     return {"label": label, "threads": threads, "kernels": dict(Counter(kernels.values())),
             "tok_s": r["tokens_per_s"], "ms": r["ms_per_step"], "tokens": r["new_tokens"], "repeats": repeats,
+            "prefill_ms": {int(k): v["ms"] for k, v in r["prefill"].items()},
             "packed_mb": packed_weight_bytes(model) / 2**20 if kernels else None}
 
 
 def write(rows: list[dict], args, load_start: str) -> Path:
     dense = {(r["label"], r["threads"]): r["tok_s"] for r in rows if r["label"].startswith("dense")}
+    dense_pf = {(r["label"], r["threads"]): r["prefill_ms"] for r in rows if r["label"].startswith("dense")}
+    lengths = sorted({n for r in rows for n in r["prefill_ms"]})
     commit = _sh(["git", "rev-parse", "--short", "HEAD"])
     dirty = " +dirty" if _sh(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"]) else ""
     lines = [f"# Decode throughput on CPU: {args.model}, batch 1", "",
@@ -122,19 +131,25 @@ def write(rows: list[dict], args, load_start: str) -> Path:
              f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])}; {args.load_note}",
              "- protocol: qresearch.eval.latency.measure_latency, batch 1, 16-token prompt, greedy decode with KV "
              f"cache, median of the stated repeats after {args.warmup} warm-up (perf_counter); tokens/s = steps / "
-             "time (the time includes the prompt forward)",
+             "time (the time includes the prompt forward); prefill = one forward of an L-token prompt without "
+             "the KV cache (same repeats), its ratio = dense fp32 ms / ms",
              f"- model weights: {args.weights_note or 'as published (float)'}",
              f"- command: python experiments/bench_decode_cpu.py {' '.join(sys.argv[1:])}",
              f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}, commit {commit}{dirty}, "
              f"torch {torch.__version__}", "",
              "| model | threads | kernels (layers) | packed MiB | decode steps x repeats | ms / step | tokens/s | "
-             "vs dense fp32 | vs dense bf16 |", "|---|---|---|---|---|---|---|---|---|"]
+             "vs dense fp32 | vs dense bf16 |" + "".join(f" prefill {n} ms | vs dense fp32 |" for n in lengths),
+             "|---" * (9 + 2 * len(lengths)) + "|"]
     for r in sorted(rows, key=lambda r: r["threads"]):
         k = ", ".join(f"{n} ({c})" for n, c in r["kernels"].items()) or "dense"
         mb = "" if r["packed_mb"] is None else f"{r['packed_mb']:.1f}"
         fp32, bf16 = dense[("dense float32", r["threads"])], dense[("dense bfloat16", r["threads"])]
+        pf = dense_pf[("dense float32", r["threads"])]
+        cells = "".join(f" {r['prefill_ms'][n]:.1f} | {pf[n] / r['prefill_ms'][n]:.2f}x |" if n in r["prefill_ms"]
+                        else " | |" for n in lengths)
         lines.append(f"| {r['label']} | {r['threads']} | {k} | {mb} | {r['tokens']} x {r['repeats']} | "
-                     f"{r['ms']:.1f} | {r['tok_s']:.2f} | {r['tok_s'] / fp32:.2f}x | {r['tok_s'] / bf16:.2f}x |")
+                     f"{r['ms']:.1f} | {r['tok_s']:.2f} | {r['tok_s'] / fp32:.2f}x | {r['tok_s'] / bf16:.2f}x |"
+                     + cells)
     out = Path(args.out) if args.out else ROOT / "results" / f"decode_cpu_{args.model}.md"
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())
