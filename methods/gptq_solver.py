@@ -13,7 +13,8 @@ the work around it is arranged for speed:
   (q - z) s, (w - dq) / d, w - e h), in C (kernels/cpu_gptq.py); on CUDA it is one Triton kernel per group
   segment (kernels/triton_gptq.py, the same float32 operations); other formats (two-level scales, palettes,
   grids) go through the format's encode / decode with torch;
-- the lazy batch update writes its product into a reused buffer (no fresh allocation of [out, rest] per block).
+- the lazy batch update is one in-place addmm on CPU where a probe shows it gives the same bits as the product
+  then the subtraction (fused_update_exact), else it writes its product into a reused buffer.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ INVERSES = ("exact", "fast")
 USE_C_LOOP = True  # the int fast path's column loop in C (kernels/cpu_gptq.py); False: numpy (same output)
 INT_LOOP = True  # the int format's own column loop (C / numpy on CPU, the Triton kernel on CUDA); False: the
 # format path's torch ops on every device (same output; the GPU suite times both)
+FUSED_UPDATE = True  # the lazy batch update as one addmm where a probe shows it exact (fused_update_exact)
 TRITON_MAX_BLOCK = 256  # the Triton loop holds a block of columns in registers: larger blocksizes take torch ops
 
 
@@ -321,6 +323,25 @@ def gptq_quantize(W: torch.Tensor, H: "torch.Tensor | PreparedHessian", spec: Qu
     return QTensor(codes, scale, zero, spec, g_idx, lut=luts, scale2=layer.scale2), loss
 
 
+_FUSED_OK: dict[tuple[int, int], bool] = {}
+
+
+def fused_update_exact(k: int, device: torch.device) -> bool:
+    """Whether W.addmm_(E, H, alpha=-1) equals W - E @ H bit for bit for an inner dimension of `k` here (CPU,
+    this BLAS and thread count): the lazy batch update then runs as one GEMM instead of a GEMM, a stored product
+    and a subtraction. MKL on AMD EPYC gives equal bits up to k = 192 (its product finished in registers, then
+    C - product rounded once) and differs from k = 200 (partial sums added to C), at every shape tried (out 300 to
+    4096, 1536 to 4096 columns); probed once per (k, threads) on random data, since the bound is the BLAS's own. Off with FUSED_UPDATE = False, and on CUDA."""
+    if not FUSED_UPDATE or device.type != "cpu":
+        return False
+    key = (k, torch.get_num_threads())
+    if key not in _FUSED_OK:
+        g = torch.Generator().manual_seed(k)
+        W, E, H = (torch.randn(*shape, generator=g) for shape in ((96, 200), (96, k), (k, 200)))
+        _FUSED_OK[key] = bool(torch.equal(W - torch.matmul(E, H), W.clone().addmm_(E, H, alpha=-1)))
+    return _FUSED_OK[key]
+
+
 def _solve(sv: Solve, blocksize: int, groups: list[int], qps: list[GroupQP], codes: torch.Tensor, tally: Tally,
            fast: bool) -> None:
     """The block loop: round each block's columns (segments of one group), then the lazy batch update of the rest."""
@@ -354,5 +375,8 @@ def _solve(sv: Solve, blocksize: int, groups: list[int], qps: list[GroupQP], cod
         _finish_block(blk, codes, tally)
         if i2 < cols:
             n = cols - i2
-            prod = torch.matmul(ET[:b].T.contiguous(), Hinv[i1:i2, i2:], out=gbuf[:out * n].view(out, n))
-            W[:, i2:] -= prod
+            if fused_update_exact(b, dev):  # W - E^T H in one GEMM: the same bits, one pass over W less
+                W[:, i2:].addmm_(ET[:b].T.contiguous(), Hinv[i1:i2, i2:], alpha=-1)
+            else:
+                prod = torch.matmul(ET[:b].T.contiguous(), Hinv[i1:i2, i2:], out=gbuf[:out * n].view(out, n))
+                W[:, i2:] -= prod

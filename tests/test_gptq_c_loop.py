@@ -43,3 +43,18 @@ def test_c_loop_matches_numpy_bit_for_bit(cfg, monkeypatch):
         a, b = getattr(q_c, name), getattr(q_np, name)
         assert (a is None and b is None) or torch.equal(a, b), name
     assert loss_c == loss_np
+
+
+@pytest.mark.parametrize("bs", [64, 128, 256])
+def test_fused_lazy_update_solves_bit_for_bit(bs, monkeypatch):
+    """The lazy batch update as one addmm (where fused_update_exact's probe allows it) gives the solve of the
+    product-then-subtraction form; blocksize 256 is past MKL's exact bound here, so the probe keeps it unfused."""
+    W, H = _inputs(96, 640, seed=3)
+    spec, used = weight_spec(4, 128, False), []
+    real = solver.fused_update_exact
+    monkeypatch.setattr(solver, "fused_update_exact", lambda k, d: used.append(real(k, d)) or used[-1])
+    q_f, loss_f = gptq_quantize(W, H, spec, bs)
+    monkeypatch.setattr(solver, "FUSED_UPDATE", False)
+    q_u, loss_u = gptq_quantize(W, H, spec, bs)
+    assert used and all(torch.equal(getattr(q_f, k), getattr(q_u, k)) for k in ("codes", "scale", "zero"))
+    assert loss_f == loss_u
