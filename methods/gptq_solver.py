@@ -331,7 +331,8 @@ def fused_update_exact(k: int, device: torch.device) -> bool:
     this BLAS and thread count): the lazy batch update then runs as one GEMM instead of a GEMM, a stored product
     and a subtraction. MKL on AMD EPYC gives equal bits up to k = 192 (its product finished in registers, then
     C - product rounded once) and differs from k = 200 (partial sums added to C), at every shape tried (out 300 to
-    4096, 1536 to 4096 columns); probed once per (k, threads) on random data, since the bound is the BLAS's own. Off with FUSED_UPDATE = False, and on CUDA."""
+    4096, 1536 to 4096 columns); probed once per (k, threads) on random data, since the bound is the BLAS's own.
+    Off with FUSED_UPDATE = False, and on CUDA."""
     if not FUSED_UPDATE or device.type != "cpu":
         return False
     key = (k, torch.get_num_threads())
