@@ -168,6 +168,9 @@ def test_many_bf16_rows_run_as_panels(monkeypatch):
     assert calls == [m, m] and rel_err(x.grad, (torch.arange(16.0).bfloat16().expand(m, 16) @ w)) < 1e-2
     assert cpu_panels.use_panels("c_lowbit", 64, torch.float32) == (cpu_lowbit.kernel_loop(64) == "panels")
     assert not cpu_panels.use_panels("aten_int4", 1 << 20, torch.float32)
+    assert not cpu_panels.use_panels("c_lowbit", 1 << 20, torch.float16)  # fp16 rows stay on the C kernel
+    with pytest.raises(TypeError, match="not torch.float16"):
+        cpu_panels.linear(torch.randn(m, 256).half(), meta, bufs)
 
 
 def test_prepared_layouts_hold_what_they_claim():
