@@ -101,7 +101,7 @@ def test_portable_c_path_without_avx512(tmp_path):
     assert r.returncode == 0 and "portable ok -march=x86-64-v2" in r.stdout, r.stderr[-2000:]
 
 
-@pytest.mark.skipif(not (cpu_lowbit.load()[0] and cpu_lowbit.load()[0].qr_lowbit_has_many()),
+@pytest.mark.skipif(not cpu_lowbit.has_many(),
                     reason="qr_lowbit_mm_many is built with AVX-512 only")
 @pytest.mark.parametrize("out_f,in_f,bits,group,ao", [(37, 200, 4, 64, True), (42, 6500, 3, 128, False),
                                                       (21, 96, 8, -1, False)])

@@ -187,11 +187,17 @@ def _many(lib, xin: torch.Tensor, p: LowbitPrepared, b: torch.Tensor | None, y: 
         raise RuntimeError(f"qr_lowbit_mm_many refused x {tuple(xin.shape)} (code {failed})")
 
 
+@functools.lru_cache(maxsize=None)
+def has_many() -> bool:
+    """Whether this build has qr_lowbit_mm_many (AVX-512); asked once per process."""
+    lib = load()[0]
+    return lib is not None and bool(lib.qr_lowbit_has_many())
+
+
 def kernel_loop(m: int) -> str:
     """Which loop runs a call of `m` fp32 activation rows on this build: fused, many, or panels (cpu_panels.py,
     chosen by cpu_packed.run; lowbit_linear itself runs the fused tiles then)."""
-    lib = load()[0]
-    if lib is not None and lib.qr_lowbit_has_many():
+    if has_many():
         return "many" if m >= MANY_M else "fused"
     return "panels" if m >= PANEL_M else "fused"
 
