@@ -64,6 +64,14 @@ static void row_block(const float *restrict x, int64_t M, int64_t ldx, const uin
 #include <immintrin.h>
 #define RT_MAX 8 /* weight rows per register tile (8 for one activation row, 4 for up to 4 rows) */
 
+/* 16 weights (code - z) * s of one row and group from its codes at b: bytes b[0..15] (nib = 0), or the low (h = 0) or
+ * high (h = 1) nibbles of b[0..15] (nib = 1); formed with one fmsub, code * s - z * s (see tile512) */
+static inline __attribute__((always_inline)) __m512 weights16(const uint8_t *b, int nib, int h, __m512 sv, __m512 zsv) {
+    __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)b));
+    if (nib) q = h ? _mm512_srli_epi32(q, 4) : _mm512_and_si512(q, _mm512_set1_epi32(15));
+    return _mm512_fmsub_ps(_mm512_cvtepi32_ps(q), sv, zsv);
+}
+
 /* out[m * RT + r] = sum over all groups of x[m] . w[rows[r]], w = (code - z) * s formed exactly with one fmsub
  * (code * s - z * s: z * s is exact in fp32 for 16-bit scales, so the rounding gives (code - z) * s exactly). */
 static inline __attribute__((always_inline)) void tile512(const float *x, int64_t ldx, const int MT, const int RT,
@@ -71,7 +79,6 @@ static inline __attribute__((always_inline)) void tile512(const float *x, int64_
                                                           int64_t gp, int nib, const float *s, const float *zs,
                                                           float *out) {
     const int64_t gb = nib ? gp / 2 : gp, rowb = G * gb;
-    const __m512i low4 = _mm512_set1_epi32(15);
     __m512 acc[4][RT_MAX];
     for (int m = 0; m < MT; m++)
         for (int r = 0; r < RT; r++) acc[m][r] = _mm512_setzero_ps();
@@ -84,12 +91,8 @@ static inline __attribute__((always_inline)) void tile512(const float *x, int64_
         for (int64_t c = 0; c < gp; c += 32)
             for (int h = 0; h < 2; h++) { /* codes c + 16h .. c + 16h + 15 */
                 __m512 wv[RT_MAX];
-                for (int r = 0; r < RT; r++) {
-                    const uint8_t *b = w + rows[r] * rowb + g * gb + (nib ? c / 2 : c + 16 * h);
-                    __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)b));
-                    if (nib) q = h ? _mm512_srli_epi32(q, 4) : _mm512_and_si512(q, low4);
-                    wv[r] = _mm512_fmsub_ps(_mm512_cvtepi32_ps(q), sv[r], zv[r]);
-                }
+                for (int r = 0; r < RT; r++)
+                    wv[r] = weights16(w + rows[r] * rowb + g * gb + (nib ? c / 2 : c + 16 * h), nib, h, sv[r], zv[r]);
                 for (int m = 0; m < MT; m++) {
                     __m512 xv = _mm512_loadu_ps(x + m * ldx + g * gp + c + 16 * h);
                     for (int r = 0; r < RT; r++) acc[m][r] = _mm512_fmadd_ps(xv, wv[r], acc[m][r]);
@@ -133,7 +136,6 @@ static void block512(const float *x, int64_t M, int64_t ldx, const uint8_t *w, i
 static void dequant_rows512(const uint8_t *w, int64_t n0, int64_t RB, int64_t N, int64_t G, int64_t gp, int nib,
                             const float *s, const float *zs, float *wb) {
     const int64_t gb = nib ? gp / 2 : gp, rowb = G * gb, K = G * gp;
-    const __m512i low4 = _mm512_set1_epi32(15);
     for (int64_t r = 0; r < RB; r++) {
         const int64_t n = n0 + r < N ? n0 + r : N - 1;
         for (int64_t g = 0; g < G; g++) {
@@ -141,11 +143,8 @@ static void dequant_rows512(const uint8_t *w, int64_t n0, int64_t RB, int64_t N,
             const uint8_t *b = w + n * rowb + g * gb;
             float *o = wb + r * K + g * gp;
             for (int64_t c = 0; c < gp; c += 32)
-                for (int h = 0; h < 2; h++) {
-                    __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b + (nib ? c / 2 : c + 16 * h))));
-                    if (nib) q = h ? _mm512_srli_epi32(q, 4) : _mm512_and_si512(q, low4);
-                    _mm512_storeu_ps(o + c + 16 * h, _mm512_fmsub_ps(_mm512_cvtepi32_ps(q), sv, zv));
-                }
+                for (int h = 0; h < 2; h++)
+                    _mm512_storeu_ps(o + c + 16 * h, weights16(b + (nib ? c / 2 : c + 16 * h), nib, h, sv, zv));
         }
     }
 }
