@@ -88,20 +88,24 @@ def solver_row(ref, shape: str, act_order: bool, repeat: int) -> dict:
 
 
 def lapack_row(in_f: int) -> dict:
-    """The inverse factor alone: the exact path (the reference's Cholesky, inverse, Cholesky) and the fast one,
-    seconds (one run each) and relative error against the float64 factor."""
+    """The inverse factor alone, one run each: torch's chain (the reference's own calls), our exact path (the same
+    LAPACK routines in place, kernels/cpu_lapack.py; must equal torch's bit for bit) and the fast one; seconds and
+    relative error against the float64 factor."""
     from methods.gptq_solver import inverse_factor_exact, inverse_factor_fast
+    from qresearch.kernels.cpu_lapack import torch_chain
 
     _, H = problem(8, in_f)
     H = H + 0.01 * torch.diag(H).mean() * torch.eye(in_f)
     U64 = inverse_factor_exact(H.double())
     inverse_factor_fast(torch.eye(8))  # warm-up: the first call imports scipy's LAPACK wrappers
-    row = {}
-    for name, fn in (("exact", inverse_factor_exact), ("fast", inverse_factor_fast)):
+    inverse_factor_exact(torch.eye(8))  # and this one checks the direct LAPACK path once
+    row, out = {}, {}
+    for name, fn in (("torch", torch_chain), ("exact", inverse_factor_exact), ("fast", inverse_factor_fast)):
         t0 = time.perf_counter()
-        U = fn(H)
+        out[name] = fn(H)
         row[f"{name}_s"] = time.perf_counter() - t0
-        row[f"{name}_err"] = float((U.double() - U64).norm() / U64.norm())
+        row[f"{name}_err"] = float((out[name].double() - U64).norm() / U64.norm())
+    row["exact_is_torch"] = bool(torch.equal(out["exact"], out["torch"]))
     return row
 
 

@@ -14,7 +14,9 @@ the work around it is arranged for speed:
   segment (kernels/triton_gptq.py, the same float32 operations); other formats (two-level scales, palettes,
   grids) go through the format's encode / decode with torch;
 - the lazy batch update is one in-place addmm on CPU where a probe shows it gives the same bits as the product
-  then the subtraction (fused_update_exact), else it writes its product into a reused buffer.
+  then the subtraction (fused_update_exact), else it writes its product into a reused buffer;
+- the exact inverse factor runs the reference's LAPACK routines in place on one buffer on CPU (kernels/cpu_lapack.py:
+  no copies or masks between them; checked once per thread count to give torch's chain's bits).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from qresearch.kernels import cpu_gptq
+from qresearch.kernels import cpu_gptq, cpu_lapack
 from qresearch.quant import QTensor, QuantSpec
 from qresearch.quant.format_base import LayerParams
 from qresearch.quant.formats import IntFormat
@@ -55,10 +57,19 @@ def _lower_inverse(L: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(L, torch.eye(L.shape[0], dtype=L.dtype, device=L.device), upper=False)
 
 
-def inverse_factor_exact(H: torch.Tensor) -> torch.Tensor:
+def transposed_copy(H: torch.Tensor) -> torch.Tensor:
+    """H^T as a new contiguous tensor, always a copy (H.T.contiguous() is H's own memory when H is column-major)."""
+    return H.T.clone(memory_format=torch.contiguous_format)
+
+
+def inverse_factor_exact(H: torch.Tensor, transposed: bool = False) -> torch.Tensor:
     """Upper U with U^T U = H^-1 as the reference computes it (Cholesky, Cholesky inverse, upper Cholesky:
-    4 n^3 / 3 flops): bit-identical to it on the same LAPACK and threads."""
-    L, info = torch.linalg.cholesky_ex(H)
+    4 n^3 / 3 flops): bit-identical to it on the same LAPACK and threads. On CPU in float32 the same LAPACK
+    routines run in place without torch's copies (kernels/cpu_lapack.py; checked to give torch's bits).
+    transposed=True: `H` holds H^T (H's column-major form) and is the caller's scratch (it may become U)."""
+    if H.device.type == "cpu" and H.dtype == torch.float32 and cpu_lapack.available():
+        return cpu_lapack.factor_inplace(H if transposed else transposed_copy(H))
+    L, info = torch.linalg.cholesky_ex(H.T if transposed else H)
     if info != 0:
         raise torch.linalg.LinAlgError("not positive definite")
     return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
@@ -75,18 +86,20 @@ def inverse_factor_fast(H: torch.Tensor) -> torch.Tensor:
 
 
 def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float, inverse: str = "exact",
-                             copy: bool = True) -> torch.Tensor:
+                             copy: bool = True, transposed: bool = False) -> torch.Tensor:
     """Upper Cholesky factor of (H + percdamp * mean(diag H) * I)^-1, the form GPTQ's updates use. `inverse`:
     exact (the reference's arithmetic) | fast (inverse_factor_fast). copy=False: H is the caller's scratch (damped
-    in place; 485 MB per copy at 11008 inputs)."""
+    in place; 485 MB per copy at 11008 inputs). transposed=True: H holds H^T (the exact path reads it in place)."""
     if inverse not in INVERSES:
         raise ValueError(f"GPTQ inverse={inverse!r} is unknown; allowed: {', '.join(INVERSES)}")
     if copy:
-        H = H.clone()
+        H, transposed = transposed_copy(H), not transposed  # the copy the exact path needs anyway
     idx = torch.arange(H.shape[0], device=H.device)
     H[idx, idx] += percdamp * torch.diag(H).mean()
     try:
-        return (inverse_factor_exact if inverse == "exact" else inverse_factor_fast)(H)
+        if inverse == "exact":
+            return inverse_factor_exact(H, transposed)
+        return inverse_factor_fast(H.T if transposed else H)
     except torch.linalg.LinAlgError as e:
         raise torch.linalg.LinAlgError(f"GPTQ: dampened Hessian is not positive definite (percdamp={percdamp}); "
                                        f"raise percdamp") from e
@@ -110,14 +123,15 @@ class PreparedHessian:
 def prepare_hessian(H: torch.Tensor, percdamp: float = 0.01, act_order: bool = False,
                     inverse: str = "exact") -> PreparedHessian:
     """Dead channels get H_jj = 1 (their weights are zeroed by the solve), then the order and the inverse factor."""
-    H = H.detach().float().clone()  # [in, in]
+    H = transposed_copy(H.detach().float())  # [in, in] H^T: H's column-major form, which the exact factor reads
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     diag = torch.diag(H).clone()
     perm = torch.argsort(diag, descending=True) if act_order else None
     if perm is not None:
         H = take_cols(H[perm], perm)
-    return PreparedHessian(dead, diag, perm, inverse_hessian_cholesky(H, percdamp, inverse, copy=False), percdamp,
+    return PreparedHessian(dead, diag, perm, inverse_hessian_cholesky(H, percdamp, inverse, copy=False, transposed=True),
+                           percdamp,
                            act_order, inverse)
 
 

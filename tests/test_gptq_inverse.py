@@ -6,6 +6,7 @@ import torch
 from methods.gptq import GPTQ
 from methods.gptq_solver import gptq_quantize, inverse_factor_exact, inverse_factor_fast, inverse_hessian_cholesky
 from qresearch.errors import ConfigError
+from qresearch.kernels import cpu_gptq, cpu_lapack
 from qresearch.quant import weight_spec
 
 
@@ -55,3 +56,66 @@ def test_gptq_method_rejects_unknown_inverse():
     with pytest.raises(ConfigError, match="inverse='lu'.*exact, fast"):
         GPTQ(bits=4, group_size=128, inverse="lu")
     assert "invfast" in GPTQ(bits=4, group_size=128, inverse="fast").flags()
+
+
+def _asym_hessian(n: int, seed: int) -> torch.Tensor:
+    H = _hessian(n, seed)
+    H[-1, 0] += 1e-3 if n > 1 else 0.0  # not symmetric bit for bit: the lower triangle is the one LAPACK must read, as torch reads it
+    return H
+
+
+needs_lapack = pytest.mark.skipif(cpu_lapack._routines() is None, reason="libtorch_cpu exports no spotrf_/spotri_")
+
+
+@needs_lapack
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n", [1, 65, 1100])
+def test_direct_lapack_chain_is_torch_chain_bit_for_bit(n, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        H = _asym_hessian(n, seed=n)
+        want = cpu_lapack.torch_chain(H)
+        got = cpu_lapack.factor_inplace(H.T.clone(memory_format=torch.contiguous_format))
+        assert torch.equal(got, want) and got.stride() == want.stride()  # values and layout (the GEMMs read it)
+        assert cpu_lapack.available()
+        # the solver's entry points: a row-major H (copied) and the caller's transposed scratch (used in place)
+        assert torch.equal(inverse_factor_exact(H), want)
+        Hc = H.T.contiguous().T  # column-major: its .T is contiguous, yet the caller's H must stay untouched
+        assert torch.equal(inverse_factor_exact(Hc), want) and torch.equal(Hc, H)
+        scratch = H.T.clone(memory_format=torch.contiguous_format)
+        U = inverse_factor_exact(scratch, transposed=True)
+        assert torch.equal(U, want) and U.data_ptr() == scratch.data_ptr()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_exact_factor_without_direct_lapack_is_torch_chain(monkeypatch):
+    """A failed check (here: a broken direct path) leaves torch's chain in charge, with the same bits."""
+    H = _asym_hessian(70, seed=3)
+    want = cpu_lapack.torch_chain(H)
+    monkeypatch.setattr(cpu_lapack, "factor_inplace", lambda R: torch.zeros_like(R))
+    cpu_lapack._exact.cache_clear()
+    try:
+        assert not cpu_lapack.available()
+        assert torch.equal(inverse_factor_exact(H), want)
+        assert torch.equal(inverse_factor_exact(H.T.contiguous(), transposed=True), want)
+    finally:
+        cpu_lapack._exact.cache_clear()
+
+
+def test_tri_mirror_c_and_torch_agree(monkeypatch):
+    a = torch.randn(130, 130)
+    want = a.triu() + a.triu(1).T
+    c = a.clone()
+    cpu_gptq.tri_mirror(c)
+    monkeypatch.setattr(cpu_gptq, "load", lambda: (None, "no compiler"))
+    t = a.clone()
+    cpu_gptq.tri_mirror(t)
+    assert torch.equal(c, want) and torch.equal(t, want)
+
+
+@pytest.mark.parametrize("inverse", ["exact", "fast"])
+def test_not_positive_definite_is_one_clear_error(inverse):
+    with pytest.raises(torch.linalg.LinAlgError, match="not positive definite.*raise percdamp"):
+        inverse_hessian_cholesky(-torch.eye(40), 0.0, inverse)

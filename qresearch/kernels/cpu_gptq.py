@@ -20,7 +20,8 @@ from .cpu_lowbit import load_library
 SRC = Path(__file__).with_name("csrc") / "gptq_cols.c"
 EXTRA = ("-ffp-contract=off", "-fno-fast-math")  # every product rounded before its subtraction, as numpy's
 _P, _I = ctypes.c_void_p, ctypes.c_int64
-SIGNATURES = {"qr_gptq_columns": (None, [_P, _P, _P, _P, _I, _I, _P, _I, _P, _I, _I, _I, _I, _I, ctypes.c_float])}
+SIGNATURES = {"qr_gptq_columns": (None, [_P, _P, _P, _P, _I, _I, _P, _I, _P, _I, _I, _I, _I, _I, ctypes.c_float]),
+              "qr_tri_mirror": (None, [_P, _I])}
 log = logging.getLogger(__name__)
 
 
@@ -48,3 +49,15 @@ def columns(WT: torch.Tensor, QT: torch.Tensor, ET: torch.Tensor, H1: torch.Tens
     lib.qr_gptq_columns(WT.data_ptr(), QT.data_ptr(), ET.data_ptr(), H1.data_ptr(), *H1.stride(), s.data_ptr(),
                         int(s.numel() > 1), z.data_ptr(), int(z.numel() > 1), out, b, a, e, maxq)
     return True
+
+
+def tri_mirror(a: torch.Tensor) -> None:
+    """The upper triangle of a square contiguous float32 `a` [n, n] mirrored into its lower one, in place: C tiles
+    when the library is built, torch ops otherwise (same values: pure data movement)."""
+    n = a.shape[0]
+    assert a.dtype == torch.float32 and a.is_contiguous() and tuple(a.shape) == (n, n), (a.dtype, tuple(a.shape))
+    lib = load()[0]
+    if lib is not None:
+        lib.qr_tri_mirror(a.data_ptr(), n)
+    else:
+        a.copy_(a.triu() + a.triu(1).T)

@@ -41,3 +41,20 @@ void qr_gptq_columns(float *WT, float *QT, float *ET, const float *H1, int64_t h
         }
     }
 }
+
+/* The upper triangle of a row-major n x n float matrix mirrored into its lower one, in place, in 64 x 64 tiles:
+ * a[j][i] = a[i][j] for i < j (the inverse-factor chain of kernels/cpu_lapack.py; pure data movement). */
+void qr_tri_mirror(float *a, int64_t n) {
+    const int64_t T = 64;
+    for (int64_t bi = 0; bi < n; bi += T) {
+        const int64_t ie = bi + T < n ? bi + T : n;
+        for (int64_t bj = bi; bj < n; bj += T) {
+            const int64_t je = bj + T < n ? bj + T : n;
+            for (int64_t i = bi; i < ie; i++) {
+                const float *row = a + i * n;
+                for (int64_t j = bj > i + 1 ? bj : i + 1; j < je; j++)
+                    a[j * n + i] = row[j];
+            }
+        }
+    }
+}
