@@ -58,3 +58,29 @@ def test_fused_lazy_update_solves_bit_for_bit(bs, monkeypatch):
     q_u, loss_u = gptq_quantize(W, H, spec, bs)
     assert used and all(torch.equal(getattr(q_f, k), getattr(q_u, k)) for k in ("codes", "scale", "zero"))
     assert loss_f == loss_u
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+@pytest.mark.parametrize("with_rows", [False, True])
+def test_take_cols_is_indexing(dtype, with_rows, monkeypatch):
+    """The act-order gathers (C, and numpy without the library) equal torch's indexing, on a view whose rows are
+    longer than its columns (row stride > width)."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(70, 90, generator=g) if dtype == torch.float32 else torch.randint(0, 255, (70, 90),
+                                                                                           dtype=torch.uint8)
+    t = base[:, 7:67]  # [70, 60], row stride 90
+    cols, rows = torch.randperm(60, generator=g), torch.randperm(70, generator=g) if with_rows else None
+    want = (t if rows is None else t[rows])[:, cols]
+    got = solver.take_cols(t, cols, rows=rows)
+    assert got.is_contiguous() and got.dtype == dtype and torch.equal(got, want)
+    monkeypatch.setattr(cpu_gptq, "load", lambda: (None, "no compiler"))
+    assert torch.equal(solver.take_cols(t, cols, rows=rows), want)
+
+
+def test_take2d_refuses_out_of_range_indices():
+    t = torch.zeros(4, 5)
+    with pytest.raises(IndexError, match=r"outside \[0, 5\)"):
+        cpu_gptq.take2d(t, None, torch.tensor([0, 5]))
+    with pytest.raises(IndexError, match=r"outside \[0, 4\)"):
+        cpu_gptq.take2d(t, torch.tensor([-1]), torch.tensor([0]))
+    assert cpu_gptq.take2d(t.double(), None, torch.tensor([0])) is None  # other dtypes: the caller indexes

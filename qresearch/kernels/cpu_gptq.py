@@ -21,7 +21,9 @@ SRC = Path(__file__).with_name("csrc") / "gptq_cols.c"
 EXTRA = ("-ffp-contract=off", "-fno-fast-math")  # every product rounded before its subtraction, as numpy's
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 SIGNATURES = {"qr_gptq_columns": (None, [_P, _P, _P, _P, _I, _I, _P, _I, _P, _I, _I, _I, _I, _I, ctypes.c_float]),
-              "qr_tri_mirror": (None, [_P, _I])}
+              "qr_tri_mirror": (None, [_P, _I]),
+              "qr_take2d_f32": (None, [_P, _P, _I, _I, _I, _P, _P]),
+              "qr_take2d_u8": (None, [_P, _P, _I, _I, _I, _P, _P])}
 log = logging.getLogger(__name__)
 
 
@@ -61,3 +63,25 @@ def tri_mirror(a: torch.Tensor) -> None:
         lib.qr_tri_mirror(a.data_ptr(), n)
     else:
         a.copy_(a.triu() + a.triu(1).T)
+
+
+TAKE2D = {torch.float32: "qr_take2d_f32", torch.uint8: "qr_take2d_u8"}
+
+
+def take2d(t: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor) -> torch.Tensor | None:
+    """t[rows][:, cols] (rows None: all, in order) as a new contiguous tensor from torch's allocator, for a CPU
+    float32 / uint8 `t` with unit column stride and int64 indices (bounds checked); None when the library is
+    unavailable or the dtype is not one of those (the caller indexes another way: same values)."""
+    lib, name = load()[0], TAKE2D.get(t.dtype)
+    if lib is None or name is None or t.dim() != 2 or t.stride(1) != 1:
+        return None
+    cols = cols.to(torch.int64).contiguous()
+    rows = None if rows is None else rows.to(torch.int64).contiguous()
+    for idx, size in ((cols, t.shape[1]), (rows, t.shape[0])):
+        if idx is not None and idx.numel() and not (0 <= int(idx.min()) and int(idx.max()) < size):
+            raise IndexError(f"take2d: an index lies outside [0, {size})")
+    n_rows = t.shape[0] if rows is None else rows.numel()
+    out = torch.empty(n_rows, cols.numel(), dtype=t.dtype)
+    getattr(lib, name)(out.data_ptr(), t.data_ptr(), n_rows, cols.numel(), t.stride(0),
+                       None if rows is None else rows.data_ptr(), cols.data_ptr())
+    return out

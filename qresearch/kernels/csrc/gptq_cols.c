@@ -58,3 +58,19 @@ void qr_tri_mirror(float *a, int64_t n) {
         }
     }
 }
+
+/* out[i][j] = src[r(i)][cols[j]] for a row-major src of row stride `ss` (elements), out [rows, n] contiguous;
+ * r(i) = rows_idx[i], or i when rows_idx is NULL. Every source row is read whole while it is hot in cache: the
+ * act-order permutations of GPTQ (H[perm][:, perm], W[:, perm], codes[:, inv]); pure data movement. */
+#define QR_TAKE2D(NAME, T)                                                                                       \
+    void NAME(T *out, const T *src, int64_t rows, int64_t n, int64_t ss, const int64_t *rows_idx,              \
+              const int64_t *cols) {                                                                           \
+        for (int64_t i = 0; i < rows; i++) {                                                                   \
+            const T *row = src + (rows_idx ? rows_idx[i] : i) * ss;                                            \
+            T *o = out + i * n;                                                                                \
+            for (int64_t j = 0; j < n; j++)                                                                    \
+                o[j] = row[cols[j]];                                                                           \
+        }                                                                                                      \
+    }
+QR_TAKE2D(qr_take2d_f32, float)
+QR_TAKE2D(qr_take2d_u8, uint8_t)
