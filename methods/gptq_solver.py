@@ -130,9 +130,8 @@ def prepare_hessian(H: torch.Tensor, percdamp: float = 0.01, act_order: bool = F
     perm = torch.argsort(diag, descending=True) if act_order else None
     if perm is not None:
         H = take_cols(H, perm, rows=perm)  # P H^T P^T = (P H P^T)^T: still H's column-major form
-    return PreparedHessian(dead, diag, perm, inverse_hessian_cholesky(H, percdamp, inverse, copy=False, transposed=True),
-                           percdamp,
-                           act_order, inverse)
+    Hinv = inverse_hessian_cholesky(H, percdamp, inverse, copy=False, transposed=True)
+    return PreparedHessian(dead, diag, perm, Hinv, percdamp, act_order, inverse)
 
 
 @dataclass
