@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from qresearch.errors import NumericalError
 from qresearch.kernels import cpu_gptq, cpu_lapack
 from qresearch.quant import QTensor, QuantSpec
 from qresearch.quant.format_base import LayerParams
@@ -122,7 +123,14 @@ class PreparedHessian:
 
 def prepare_hessian(H: torch.Tensor, percdamp: float = 0.01, act_order: bool = False,
                     inverse: str = "exact") -> PreparedHessian:
-    """Dead channels get H_jj = 1 (their weights are zeroed by the solve), then the order and the inverse factor."""
+    """Dead channels get H_jj = 1 (their weights are zeroed by the solve), then the order and the inverse factor.
+    A non-finite diagonal (NaN / inf among the calibration inputs: for H = X^T X every non-finite input value reaches
+    its channel's H_jj, and a finite diagonal bounds every other entry) raises NumericalError naming the channels."""
+    bad = ~torch.isfinite(torch.diagonal(H))
+    if bool(bad.any()):
+        idx = bad.nonzero().flatten().tolist()
+        raise NumericalError(f"GPTQ: the input Hessian is NaN/inf on {len(idx)} channel(s) (first: {idx[:5]}); the "
+                             f"calibration activations reaching this layer are not finite")
     H = transposed_copy(H.detach().float())  # [in, in] H^T: H's column-major form, which the exact factor reads
     dead = torch.diag(H) == 0
     H[dead, dead] = 1

@@ -5,7 +5,7 @@ import torch
 
 from methods.gptq import GPTQ
 from methods.gptq_solver import gptq_quantize, inverse_factor_exact, inverse_factor_fast, inverse_hessian_cholesky
-from qresearch.errors import ConfigError
+from qresearch.errors import ConfigError, NumericalError
 from qresearch.kernels import cpu_gptq, cpu_lapack
 from qresearch.quant import weight_spec
 
@@ -119,3 +119,12 @@ def test_tri_mirror_c_and_torch_agree(monkeypatch):
 def test_not_positive_definite_is_one_clear_error(inverse):
     with pytest.raises(torch.linalg.LinAlgError, match="not positive definite.*raise percdamp"):
         inverse_hessian_cholesky(-torch.eye(40), 0.0, inverse)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_hessian_is_named_not_blamed_on_percdamp(bad):
+    X = torch.randn(64, 12)
+    X[5, 7] = bad  # one calibration value reaches H's row / column 7
+    H = X.T @ X
+    with pytest.raises(NumericalError, match=r"NaN/inf on 1 channel\(s\) \(first: \[7\]\)"):
+        gptq_quantize(torch.randn(4, 12), H, weight_spec(4, -1, False))
