@@ -20,6 +20,7 @@ the work around it is arranged for speed:
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 
@@ -350,9 +351,6 @@ def gptq_quantize(W: torch.Tensor, H: "torch.Tensor | PreparedHessian", spec: Qu
     return QTensor(codes, scale, zero, spec, g_idx, lut=luts, scale2=layer.scale2), loss
 
 
-_FUSED_OK: dict[tuple[int, int], bool] = {}
-
-
 def fused_update_exact(k: int, device: torch.device) -> bool:
     """Whether W.addmm_(E, H, alpha=-1) equals W - E @ H bit for bit for an inner dimension of `k` here (CPU,
     this BLAS and thread count): the lazy batch update then runs as one GEMM instead of a GEMM, a stored product
@@ -360,14 +358,14 @@ def fused_update_exact(k: int, device: torch.device) -> bool:
     C - product rounded once) and differs from k = 200 (partial sums added to C), at every shape tried (out 300 to
     4096, 1536 to 4096 columns); probed once per (k, threads) on random data, since the bound is the BLAS's own.
     Off with FUSED_UPDATE = False, and on CUDA."""
-    if not FUSED_UPDATE or device.type != "cpu":
-        return False
-    key = (k, torch.get_num_threads())
-    if key not in _FUSED_OK:
-        g = torch.Generator().manual_seed(k)
-        W, E, H = (torch.randn(*shape, generator=g) for shape in ((96, 200), (96, k), (k, 200)))
-        _FUSED_OK[key] = bool(torch.equal(W - torch.matmul(E, H), W.clone().addmm_(E, H, alpha=-1)))
-    return _FUSED_OK[key]
+    return FUSED_UPDATE and device.type == "cpu" and _fused_probe(k, torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_probe(k: int, threads: int) -> bool:
+    g = torch.Generator().manual_seed(k)
+    W, E, H = (torch.randn(*shape, generator=g) for shape in ((96, 200), (96, k), (k, 200)))
+    return bool(torch.equal(W - torch.matmul(E, H), W.clone().addmm_(E, H, alpha=-1)))
 
 
 def _solve(sv: Solve, blocksize: int, groups: list[int], qps: list[GroupQP], codes: torch.Tensor, tally: Tally,

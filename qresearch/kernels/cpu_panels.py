@@ -55,6 +55,8 @@ def _qparams(meta: PackedMeta, bufs: dict) -> tuple:
 
 def linear(x: torch.Tensor, meta: PackedMeta, bufs: dict) -> torch.Tensor:
     """y [M, out] = x [M, in] @ dequant(W)^T + b in x's dtype, W decoded PANEL_BYTES of rows at a time."""
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"dequantized panels take float32 / bfloat16 activations, not {x.dtype}")
     lib, why = cpu_lowbit.load()
     if lib is None:
         raise RuntimeError(f"dequantized panels unavailable: {why}")
@@ -62,8 +64,6 @@ def linear(x: torch.Tensor, meta: PackedMeta, bufs: dict) -> torch.Tensor:
     n, k, wpr = meta.out_features, meta.in_features, qw.shape[1]
     s, z, gi = cached("panels", bufs, lambda: _qparams(meta, bufs))
     rows = max(1, min(n, PANEL_BYTES // (4 * k)))
-    if x.dtype not in (torch.float32, torch.bfloat16):
-        raise TypeError(f"dequantized panels take float32 / bfloat16 activations, not {x.dtype}")
     bf16 = x.dtype == torch.bfloat16
     wbuf = _buffer("panel", rows * k, x.dtype).view(rows, k)  # [rows, in]
     y = torch.empty(x.shape[0], n, dtype=x.dtype)  # [M, out]
