@@ -315,6 +315,40 @@ def _check_steps(cfg: DictConfig, steps: list[Method], facts: dict) -> None:
                           f"{facts['bits']} quantizes none; use modules=fake")
 
 
+STEP_KNOBS = ("bits", "group_size", "sym", "qformat", "scale_bits", "scale_level2", "bits_map")  # read by steps only
+
+
+def assigned(overrides: typing.Sequence[str]) -> dict[str, str]:
+    """{key: value} of a command line's assignments ('bits=4', '+bits=4', '++bits=4'; deletions '~k' skipped)."""
+    out = {}
+    for o in overrides:
+        key, eq, value = o.lstrip("+").partition("=")
+        if eq and not key.startswith("~"):
+            out[key] = value
+    return out
+
+
+def _show(v: Any) -> str:
+    """A config value as one writes it on the command line (true, null, 8)."""
+    return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def check_knobs_read(cfg: DictConfig, overrides: typing.Sequence[str]) -> None:
+    """A top-level weight knob set on the command line that no step of the recipe interpolates would change
+    nothing (method=llm_int8 bits=4 would run int8): refuse it, naming what the steps fix instead."""
+    if not cfg.method.get("order"):  # the unquantized baseline (method=fp16): sweeps cross it with any knob
+        return
+    raw = OmegaConf.to_yaml(cfg.method)  # unresolved: a step that reads a knob holds ${knob}
+    method = cfg.method.get("name", "?")
+    for key, value in assigned(overrides).items():
+        if key not in STEP_KNOBS or re.search(r"\$\{(?:oc\.select:)?" + key + r"\s*[},]", raw):
+            continue
+        fixed = [f"method.{s}.{key}={_show(OmegaConf.to_container(cfg.method[s])[key])}" if key in cfg.method.get(s, {})
+                 else f"method.{s} has no {key} option" for s in cfg.method.get("order", [])]
+        raise ConfigError(f"{key}={value} is read by no step of method={method} ({'; '.join(fixed)}); "
+                          f"allowed: drop {key}=..., or set a step's own option")
+
+
 def _check_export(kind: str, spec: ModelSpec, steps: list[Method], facts: dict) -> None:
     """What the chosen export cannot express, refused before any model loads (when the model's config can be
     read without loading it; otherwise the export itself refuses per layer after quantizing)."""
@@ -348,9 +382,11 @@ def _check_kernel_env() -> None:
         raise ConfigError(str(e)) from None
 
 
-def plan(cfg: DictConfig) -> Plan:
-    """Validate the composed config; every user error surfaces here as a one-line ConfigError."""
+def plan(cfg: DictConfig, overrides: typing.Sequence[str] = ()) -> Plan:
+    """Validate the composed config; every user error surfaces here as a one-line ConfigError. `overrides`: the
+    command line's (Hydra's task overrides), for knobs it set that the recipe would ignore."""
     check_top_level(cfg)
+    check_knobs_read(cfg, overrides)
     check_logger(cfg.logger)
     _check_kernel_env()
     m = OmegaConf.to_container(cfg.model, resolve=True)

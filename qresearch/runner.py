@@ -44,6 +44,16 @@ def _output_dir(cfg: DictConfig) -> Path:
         return Path(cfg.out_dir)
 
 
+def _cli_overrides() -> list[str]:
+    """This job's command-line overrides (empty outside a Hydra app, e.g. a composed config in a test)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except (ImportError, ValueError):
+        return []
+
+
 def _discard(out_dir: Path) -> None:
     """Remove a run dir that holds nothing but Hydra's own files (a run refused before it started)."""
     if out_dir.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in out_dir.iterdir()):
@@ -69,7 +79,7 @@ def run(cfg: DictConfig) -> dict:
     """Run one configured experiment; returns its metrics. Bad input raises ConfigError before any loading."""
     out_dir = _output_dir(cfg)
     try:
-        p = plan(cfg)
+        p = plan(cfg, _cli_overrides())
     except ConfigError:
         _discard(out_dir)
         raise

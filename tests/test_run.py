@@ -68,6 +68,7 @@ def test_cfg_job_prints_composed_config(results_dir):
     (["logger=wandb", "logger.mode=bogus"], "logger.mode='bogus' is unknown"),
     (["eval.protocol=sliding", "eval.stride=0"], "eval.stride=0 is invalid"),
     (["method=fp16", "modules=packed", "export=qresearch"], "modules=packed needs quantized weights"),
+    (["method=llm_int8", "bits=4"], "bits=4 is read by no step of method=llm_int8"),
 ])
 def test_cli_bad_input_fails_fast_and_leaves_nothing(results_dir, args, needle):
     r = run_cli("model=stories260k", "logger=none", *args)
