@@ -141,7 +141,7 @@ def test_wikitext2_calibration_offline_is_refused_early(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     text.hub_reachable.cache_clear()
     try:
-        msg = _plan_error(f"data.root={DATA}", "method=gptq", "data=wikitext2", "eval.source=auto")
+        msg = _plan_error(f"data.root={DATA}", "method=gptq", "data=wikitext2")  # eval: the local test file
     finally:
         text.hub_reachable.cache_clear()
     assert "calibration on wikitext2 needs its train split from the HF Hub, which is unreachable" in msg
