@@ -6,12 +6,14 @@ with the e2e section cut short (2026-11-26), hence 520):
 
     set -o pipefail; PYTHONUNBUFFERED=1 QRESEARCH_COMMIT=<git rev-parse --short=12 HEAD, clean tree> \
         python3 experiments/gpu_suite.py --out $OUT --budget-s 520 --triton-cache .triton_cache \
-        2>&1 | tee $OUT/gpu_suite.log
+        --reference .reference/gptq 2>&1 | tee $OUT/gpu_suite.log
 
-with carry [".triton_cache"] when the folder exists here: the compiled kernels of the last GPU run (the
-triton_cache.tar.gz it returned, saved as .triton_cache/cache.tar.gz; git-ignored), so unchanged kernels are not
-compiled again on the device (gpusuite/tcache.py). Later calls on the same warm machine keep passing
---triton-cache .triton_cache but carry nothing: the device's folder then still holds what the first call compiled.
+with carry [".reference/gptq"] (IST-DASLab/gptq's gptq.py + quant.py, git-ignored: section 6; leave --reference
+out where the folder is missing) and ".triton_cache" when that folder exists here: the compiled kernels of the
+last GPU run (the triton_cache.tar.gz it returned, saved as .triton_cache/cache.tar.gz; git-ignored), so
+unchanged kernels are not compiled again on the device (gpusuite/tcache.py). Later calls on the same warm machine
+keep passing --triton-cache .triton_cache but carry nothing: the device's folder then still holds what the first
+call compiled.
 
 It writes gpu_<device-slug>.md and .json under --out (default results/) after every step, so a timeout still
 leaves partial results; at --budget-s the running step is interrupted (recorded as such) and the report finished.
@@ -26,6 +28,10 @@ Sections, in order (each skips itself, with the reason recorded, when the budget
                  beside cuBLAS int8 (gpusuite/w8a8_parts.py); the streaming-read floor per shape (gpusuite/floor.py)
   4 e2e          7B- and SmolLM2-shaped models: prefill / decode, fp16 vs packed W4 g128 vs W8A8
   5 gptq         GPTQ calibration time of one 7B-shaped block
+  6 gptq_ref     with --reference DIR (the original GPTQ's gptq.py + quant.py, carried, never committed): its
+                 solver vs ours on the same W and H at Llama-2-7B layer shapes, act-order off / on, output identity
+                 (gpusuite/gptq_reference.py); skipped without it. Alone on a warm machine:
+                 `--sections gptq_ref --reference .reference/gptq --budget-s 150 --tag gptqref`
 and a goals table (goals vs reached). Needs only torch, triton, transformers (no hydra, omegaconf, wandb, lm-eval,
 datasets, gguf, pandas, pyarrow; tests/test_gpu_suite.py checks it). Exit status 1 when a correctness case fails.
 
@@ -46,9 +52,10 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTION_NAMES = ("env", "correctness", "kernels", "e2e", "gptq")
+SECTION_NAMES = ("env", "correctness", "kernels", "e2e", "gptq", "gptq_ref")
 # least seconds of budget a section needs to start (GPU, CPU quick mode)
-MIN_S = {"env": (5, 1), "correctness": (40, 5), "kernels": (45, 3), "e2e": (30, 3), "gptq": (25, 2)}
+MIN_S = {"env": (5, 1), "correctness": (40, 5), "kernels": (45, 3), "e2e": (30, 3), "gptq": (25, 2),
+         "gptq_ref": (20, 2)}
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -64,8 +71,15 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--triton-cache", default=None, metavar="DIR",
                     help="carry Triton's compile cache: restore DIR/cache.tar.gz, write <out>/triton_cache.tar.gz "
                          "(gpusuite/tcache.py)")
+    ap.add_argument("--reference", default=None, metavar="DIR",
+                    help="folder with the original GPTQ's gptq.py and quant.py (IST-DASLab/gptq): section gptq_ref")
     args = ap.parse_args(argv)
     args.sections = ["env"] + [s for s in args.sections if s != "env"]
+    if args.reference is not None:
+        missing = [f for f in ("gptq.py", "quant.py") if not (Path(args.reference) / f).is_file()]
+        if missing:
+            ap.error(f"--reference {args.reference}: {', '.join(missing)} missing; allowed: a folder holding "
+                     f"IST-DASLab/gptq's gptq.py and quant.py")
     if args.tag and not args.tag.replace("-", "").replace("_", "").isalnum():
         ap.error(f"--tag={args.tag!r}: allowed letters, digits, '-' and '_'")
     if args.budget_s <= 0:
@@ -104,8 +118,10 @@ def run_sections(args, ctx, state: dict, modules: dict) -> None:
     lost = None
     for i, name in enumerate(SECTION_NAMES):
         sec = state["sections"][name] = {"status": "running"}
-        ctx.reserve_s = sum(MIN_S[n][quick_idx] for n in SECTION_NAMES[i + 1:] if n in args.sections)
+        ctx.reserve_s = sum(MIN_S[n][quick_idx] for n in SECTION_NAMES[i + 1:] if n in args.sections
+                            and (n != "gptq_ref" or ctx.reference))
         why = ("not selected (--sections)" if name not in args.sections else lost
+               or ("no --reference folder given" if name == "gptq_ref" and not ctx.reference else None)
                or ctx.skip_reason(MIN_S[name][quick_idx], name, reserve=False))
         if why:
             sec.update(status="skipped", reason=why)
@@ -148,7 +164,7 @@ def main(argv=None) -> int:
 
     carried = tcache.restore(Path(args.triton_cache)) if args.triton_cache else None  # before triton's import
 
-    from experiments.gpusuite import correctness, e2e, env, gptq_block, kernels, lib, report
+    from experiments.gpusuite import correctness, e2e, env, gptq_block, gptq_reference, kernels, lib, report
     from experiments.gpusuite.common import Budget, BudgetExceeded, Ctx
 
     budget = Budget(args.budget_s)
@@ -171,8 +187,9 @@ def main(argv=None) -> int:
             md = f"# GPU suite: the markdown rendering failed\n\n```\n{traceback.format_exc()}```\n"
         _write(stem.with_suffix(".md"), md)
 
-    ctx = Ctx(device, args.quick, budget, save)
-    modules = {"env": env, "correctness": correctness, "kernels": kernels, "e2e": e2e, "gptq": gptq_block}
+    ctx = Ctx(device, args.quick, budget, save, reference=args.reference)
+    modules = {"env": env, "correctness": correctness, "kernels": kernels, "e2e": e2e, "gptq": gptq_block,
+               "gptq_ref": gptq_reference}
     budget.arm()
     # CPU: the benchmark / e2e measure the torch reference (correctness calls the interpreted kernels directly)
     forced = lib.forced_kernels("torch") if not ctx.gpu else contextlib.nullcontext()

@@ -43,10 +43,57 @@ def _fake_cache_archive(folder: Path) -> None:
     (folder / tcache.ARCHIVE).write_bytes(tcache.pack(folder / "src"))
 
 
+REFERENCE_STANDIN = {
+    "quant.py": """import torch
+
+
+def quantize(x, scale, zero, maxq):
+    q = torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+    return scale * (q - zero)
+
+
+class Quantizer(torch.nn.Module):
+    def configure(self, bits, perchannel=True, sym=False, mse=False):
+        self.maxq = torch.tensor(2 ** bits - 1)
+
+    def find_params(self, x, weight=True):
+        lo, hi = x.min(1).values.clamp(max=0), x.max(1).values.clamp(min=0)
+        self.scale = ((hi - lo) / self.maxq).clamp(min=1e-8)[:, None]
+        self.zero = torch.round(-lo[:, None] / self.scale)
+""",
+    "gptq.py": """from quant import *
+
+
+class GPTQ:
+    \"\"\"Test stand-in with the reference's interface: round-to-nearest per group, no error feedback.\"\"\"
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def fasterquant(self, blocksize=128, percdamp=.01, groupsize=-1, actorder=False):
+        W = self.layer.weight.data.clone().float()
+        Q = torch.zeros_like(W)
+        for i in range(W.shape[1]):
+            if i % groupsize == 0:
+                self.quantizer.find_params(W[:, i:i + groupsize])
+            Q[:, i] = quantize(W[:, i:i + 1], self.quantizer.scale, self.quantizer.zero, self.quantizer.maxq)[:, 0]
+        self.layer.weight.data = Q
+"""}
+
+
+def _reference_standin(folder: Path) -> Path:
+    """A folder with gptq.py + quant.py of the reference's interface (the real one is never in the repo or CI)."""
+    folder.mkdir()
+    for name, text in REFERENCE_STANDIN.items():
+        (folder / name).write_text(text)
+    return folder
+
+
 def test_quick_mode_writes_every_section_without_the_missing_packages(tmp_path):
     _fake_cache_archive(tmp_path / "tc")
+    ref = _reference_standin(tmp_path / "ref")
     code = BLOCKER + (f"import runpy\nsys.argv = ['experiments/gpu_suite.py', '--quick', '--out', {str(tmp_path)!r}, "
-                      f"'--triton-cache', {str(tmp_path / 'tc')!r}]\n"
+                      f"'--triton-cache', {str(tmp_path / 'tc')!r}, '--reference', {str(ref)!r}]\n"
                       "runpy.run_path('experiments/gpu_suite.py', run_name='__main__')")
     proc = _py(code)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
@@ -58,7 +105,7 @@ def test_quick_mode_writes_every_section_without_the_missing_packages(tmp_path):
         assert "abc123/k.cubin" in tar.getnames()
     secs = state["sections"]
     assert {k: v["status"] for k, v in secs.items()} == {k: "done" for k in
-                                                         ("env", "correctness", "kernels", "e2e", "gptq")}
+                                                         ("env", "correctness", "kernels", "e2e", "gptq", "gptq_ref")}
     corr = secs["correctness"]
     assert corr["passed"] == corr["n_cases"] == len(corr["rows"]) and not corr["failed"]
     assert {r["family"] for r in corr["rows"]} == {"wq", "gemv2", "dequant", "small", "act_perm", "w8a8",
@@ -71,14 +118,21 @@ def test_quick_mode_writes_every_section_without_the_missing_packages(tmp_path):
     assert secs["gptq"]["method_total_s"] > 0 and secs["gptq"]["solve_total_s"] > 0
     ab = secs["gptq"]["loop_ab"]  # the column-loop A/B: both paths ran and gave the same codes and qparams
     assert [r["layer"] for r in ab] == ["self_attn.q_proj", "mlp.down_proj"] and all(r["identical"] for r in ab)
-    assert [g["status"] for g in state["goals"]] == ["NOT MEASURED"] * 5
+    ref_rows = secs["gptq_ref"]["rows"]  # every cell timed; the RTN stand-in's output is not GPTQ's
+    assert [(r["shape"], r["act_order"]) for r in ref_rows] == [(s, a) for s in ("96x160", "160x96")
+                                                                for a in (False, True)]
+    assert all(r["ours_s"] > 0 and r["reference_s"] > 0 and not r["identical"]["codes"] for r in ref_rows)
+    assert all(0 < r["codes_differing"] < 1 for r in ref_rows)
+    assert set(secs["gptq_ref"]["files_sha256"]) == {"gptq.py", "quant.py"}
+    assert [g["status"] for g in state["goals"]] == ["NOT MEASURED"] * 6
     graph = [r["graph_decode"]["1"] for r in secs["e2e"]["rows"] if "decode" in r]
     assert all(g["graph"] is False and g["ms_per_step"] > 0 for g in graph)  # the static-cache loop, eager on CPU
     md = js.with_suffix(".md").read_text()
     assert "CPU quick mode" in md.splitlines()[0] and "the goals are NOT measured" in md
     assert "Triton compile cache: 1 kernels carried in" in md
+    assert "| 96x160 | on |" in md and "NO: codes" in md
     for heading in ("## Goals", "## 1. Environment", "## 2. Kernel correctness", "## 3. Kernel benchmark",
-                    "## 4. End to end", "## 5. GPTQ"):
+                    "## 4. End to end", "## 5. GPTQ", "## 6. GPTQ solver vs the reference"):
         assert heading in md
 
 
@@ -155,7 +209,7 @@ def test_budget_skips_sections_and_interrupts_a_running_one():
 
     args = argparse.Namespace(sections=list(SECTION_NAMES))
     budget = Budget(1.5)  # enough for env (1 s in quick mode), not for correctness (5 s)
-    ctx = Ctx(torch.device("cpu"), True, budget)
+    ctx = Ctx(torch.device("cpu"), True, budget, reference="ref")  # gptq_ref runs only with a reference
     state = {"sections": {}}
     budget.arm()
     try:
@@ -182,7 +236,7 @@ def test_goals_table_met_missed_not_measured():
     state = {"meta": {"quick": False}, "sections": {"kernels": {"status": "done", "rows": rows},
                                                     "e2e": {"status": "skipped", "reason": "no time"}}}
     got = [g["status"] for g in goals(state)]
-    assert got == ["MET", "MISSED", "NOT A GPU KERNEL", "NOT MEASURED", "NOT MEASURED"]
+    assert got == ["MET", "MISSED", "NOT A GPU KERNEL", "NOT MEASURED", "NOT MEASURED", "NOT MEASURED"]
     assert "no time" in goals(state)[3]["note"]
     e2e = [{"model": "llama2_7b", "variant": v, "layers": 32, "decode": {"1": tps}, "kernels": k,
             "decode_ms_per_step": {"1": 1e3 / tps}, "step_floor_ms": 1.2}
@@ -216,6 +270,37 @@ def test_goals_table_met_missed_not_measured():
     state["sections"]["kernels"]["w8a8_parts"] = [failed]
     assert "cuBLAS" not in goals(state)[2]["note"]
     assert "| 270.0 | - | - | - | RuntimeError: layout |" in "\n".join(_kernels({"w8a8_parts": [failed]}))
+
+
+def _ref_row(shape, act_order, ours, theirs, identical=True):
+    return {"shape": shape, "act_order": act_order, "ours_s": ours, "reference_s": theirs, "speedup": theirs / ours,
+            "identical": {"codes": identical, "scales": True, "zeros": True, "dequantized": identical},
+            "codes_differing": 0.0 if identical else 0.001}
+
+
+def test_gptq_reference_goal_wants_speed_and_identical_output():
+    from experiments.gpusuite.report import gptq_ref_goal
+
+    state = {"meta": {"quick": False}, "sections": {"gptq_ref": {"status": "skipped",
+                                                                 "reason": "no --reference folder given"}}}
+    g = gptq_ref_goal(state)
+    assert g["status"] == "NOT MEASURED" and "no --reference" in g["note"]
+    rows = [_ref_row("4096x4096", False, 0.2, 0.9), _ref_row("4096x11008", True, 0.5, 1.0)]
+    state["sections"]["gptq_ref"] = {"status": "done", "rows": rows}
+    g = gptq_ref_goal(state)
+    assert (g["status"], g["reached"]) == ("MET", "2.00x") and "4096x11008 act-order on" in g["note"]
+    assert "2 of 6 cells" in g["note"]
+    rows.append(_ref_row("11008x4096", False, 0.5, 0.6))
+    assert gptq_ref_goal(state)["status"] == "MISSED"
+    rows[-1] = _ref_row("11008x4096", False, 0.1, 0.6, identical=False)
+    g = gptq_ref_goal(state)
+    assert g["status"] == "NOT IDENTICAL" and "11008x4096 ao=0: 0.100% codes differ" in g["note"]
+
+
+def test_reference_folder_without_its_files_is_refused(tmp_path):
+    proc = _py(f"import sys; sys.path.insert(0, '.')\nfrom experiments.gpu_suite import parse\n"
+               f"parse(['--quick', '--reference', {str(tmp_path)!r}])")
+    assert proc.returncode == 2 and "gptq.py, quant.py missing" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_markdown_renders_partial_and_failed_states():

@@ -50,6 +50,7 @@ class Ctx:
     save: Callable[[], None] = lambda: None
     copy_bw: float = float("nan")  # bytes/s, read + write, measured in the env section
     facts: dict = field(default_factory=dict)
+    reference: str | None = None  # --reference: folder of the original GPTQ's gptq.py + quant.py (section gptq_ref)
 
     @property
     def gpu(self) -> bool:

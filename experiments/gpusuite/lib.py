@@ -226,6 +226,13 @@ def gptq_int_loop(on: bool):
         gptq_solver.INT_LOOP = True
 
 
+def gptq_exact_solve(W: torch.Tensor, H: torch.Tensor, act_order: bool):
+    """Our GPTQ solve as the reference configures its own (w4 g128 asym, blocksize 128, percdamp 0.01, the exact
+    inverse factor) -> (codes, scale, zero, dequantized W), on W's device."""
+    q, _ = gptq_solver.gptq_quantize(W, H, weight_spec(4, 128, False), 128, 0.01, act_order)
+    return q.codes, q.scale, q.zero, q.dequantize()
+
+
 LOOP_AB_LAYERS = ("self_attn.q_proj", "mlp.down_proj")  # 4096 and 11008 inputs on Llama-2-7B
 
 

@@ -7,6 +7,8 @@ KERNEL_GOALS = [("W4A16 g128 speedup at M=1, 4096x11008", "w4a16_g128", "4096x11
                 ("W8A8 speedup at M=2048, 4096x11008", "w8a8", "4096x11008", 2048, 1.5, "")]
 DECODE_GOAL = ("decode tok/s, 7B-shaped, batch 1: packed W4 / fp16", 2.5)
 GRAPH_GOAL = ("decode tok/s, 7B-shaped, batch 1, CUDA-graph step: packed W4 / fp16", 2.5)
+GPTQ_REF_GOAL = ("GPTQ solver vs the reference, same W and H, identical output (7B shapes, act-order off / on)", 1.5)
+GPTQ_REF_CELLS = 6  # 3 Llama-2-7B layer shapes x act-order off / on (gpusuite/gptq_reference.py)
 
 
 def _why_missing(state: dict, section: str, quick: bool) -> str:
@@ -68,7 +70,25 @@ def goals(state: dict) -> list[dict]:
     elif gfp.get("error") or gw4.get("error"):
         why = f"graph decode failed: {gfp.get('error') or gw4.get('error')}"
     out.append(_goal(GRAPH_GOAL[0], GRAPH_GOAL[1], value, gpu_kernels, note, why))
+    out.append(gptq_ref_goal(state))
     return out
+
+
+def gptq_ref_goal(state: dict) -> dict:
+    """The slowest cell's speedup over the reference; NOT IDENTICAL when any cell's output differs from it."""
+    label, target = GPTQ_REF_GOAL
+    rows = state["sections"].get("gptq_ref", {}).get("rows", [])
+    if state["meta"]["quick"] or not rows:
+        return _goal(label, target, None, False, "", _why_missing(state, "gptq_ref", state["meta"]["quick"]))
+    worst = min(rows, key=lambda r: r["speedup"])
+    differ = [f"{r['shape']} ao={int(r['act_order'])}: {r['codes_differing']:.3%} codes differ" for r in rows
+              if not all(r["identical"].values())]
+    note = (f"slowest: {worst['shape']} act-order {'on' if worst['act_order'] else 'off'} ({worst['ours_s']:.3f} vs "
+            f"{worst['reference_s']:.3f} s); {len(rows)} of {GPTQ_REF_CELLS} cells")
+    g = _goal(label, target, worst["speedup"], True, note + ("; " + "; ".join(differ) if differ else ""), "")
+    if differ:
+        g["status"] = "NOT IDENTICAL"
+    return g
 
 
 def _f(v, fmt=".3g"):
@@ -234,9 +254,31 @@ def _gptq(sec: dict) -> list[str]:
     return lines
 
 
+def _gptq_ref(sec: dict) -> list[str]:
+    if not sec.get("rows") and not sec.get("skipped"):
+        return []
+    sha = ", ".join(f"{k} {v}" for k, v in sec.get("files_sha256", {}).items())
+    lines = [f"Ours (`gptq_quantize`, exact inverse factor) vs the reference's `fasterquant` from "
+             f"`{sec.get('reference')}` (SHA-256 {sha}), {sec.get('setting')}; seconds are the best of "
+             f"{sec.get('repeat')} alternating runs after one untimed run of each, the device synchronized around "
+             "each. *Identical*: our codes, scales, zeros and dequantized weight equal the reference's (its codes and "
+             "qparams recorded through its `quantize` in one more run).", ""]
+    lines += _table(["W [out x in]", "act-order", "ours s", "reference s", "reference / ours", "identical",
+                     "codes differ"],
+                    [[r["shape"], "on" if r["act_order"] else "off", _f(r["ours_s"], ".3f"),
+                      _f(r["reference_s"], ".3f"), f"**{r['speedup']:.2f}x**", "yes" if all(r["identical"].values())
+                      else "NO: " + ", ".join(k for k, v in r["identical"].items() if not v),
+                      f"{r['codes_differing']:.3%}"]
+                     for r in sec.get("rows", [])])
+    if sec.get("skipped"):
+        lines += ["", "Not run (budget): " + "; ".join(sec["skipped"])]
+    return lines
+
+
 SECTIONS = [("env", "1. Environment", _env), ("correctness", "2. Kernel correctness on the device", _correctness),
             ("kernels", "3. Kernel benchmark, Llama-2-7B layer shapes", _kernels),
-            ("e2e", "4. End to end: prefill and decode", _e2e), ("gptq", "5. GPTQ calibration of one 7B block", _gptq)]
+            ("e2e", "4. End to end: prefill and decode", _e2e), ("gptq", "5. GPTQ calibration of one 7B block", _gptq),
+            ("gptq_ref", "6. GPTQ solver vs the reference implementation", _gptq_ref)]
 
 
 def markdown(state: dict) -> str:
