@@ -261,6 +261,10 @@ def _eval_plan(e: DictConfig) -> EvalPlan:
 
         check_lm_eval(lm, e.root)
     lat = OmegaConf.to_container(e.latency, resolve=True) if e.get("latency") else None
+    if lat and lat.get("enabled"):
+        from .eval.latency import check_latency
+
+        check_latency(lat)
     return EvalPlan(sets, e.root, e.source, int(e.seqlen), e.max_chunks, int(e.batch_size), e.baseline, e.protocol,
                     stride if e.protocol == "sliding" else None, lm if lm and lm["tasks"] else None,
                     lat if lat and lat.get("enabled") else None, _kv_plan(e))

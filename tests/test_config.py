@@ -79,6 +79,12 @@ def test_plan_builds_typed_steps():
     (["model.path=/nonexistent/model"], "/nonexistent/model"),
     (["eval.seqlen=1"], "eval.seqlen=1"),
     (["eval.splits.ptb=train", "eval.datasets=[ptb]"], "split='train'"),
+    (["eval.latency.enabled=true", "eval.latency.prompt_lengths=[0]"], "eval.latency.prompt_lengths=[0]"),
+    (["eval.latency.enabled=true", "eval.latency.batch_sizes=[]"], "eval.latency.batch_sizes=[]"),
+    (["eval.latency.enabled=true", "eval.latency.repeats=0"], "eval.latency.repeats=0"),
+    (["eval.latency.enabled=true", "+eval.latency.repeat=3"], "eval.latency.repeat is not an option"),
+    (["eval.lm_eval.tasks=[piqa_local]", "eval.lm_eval.limit=0"], "eval.lm_eval.limit=0"),
+    (["eval.lm_eval.tasks=[piqa_local]", "eval.lm_eval.num_fewshot=-1"], "eval.lm_eval.num_fewshot=-1"),
 ])
 def test_bad_input_is_one_line_config_error(overrides, needle):
     cfg = compose_cfg(["model=stories260k", f"data.root={DATA}", *overrides])

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from ..errors import ConfigError
 from .footprint import peak_memory, reset_peak_memory
 
 DECODE_PROMPT = 16  # prompt tokens before decoding starts
@@ -27,6 +28,24 @@ class LatencyConfig:
     batch_sizes: list[int] = field(default_factory=lambda: [1, 16])
     repeats: int = 5
     warmup: int = 2
+
+
+def check_latency(lat: dict) -> LatencyConfig:
+    """The eval.latency block -> LatencyConfig, or a one-line ConfigError (before any model loads)."""
+    unknown = sorted(set(lat) - set(LatencyConfig.__dataclass_fields__))
+    if unknown:
+        raise ConfigError(f"eval.latency.{unknown[0]} is not an option; allowed: "
+                          f"{', '.join(LatencyConfig.__dataclass_fields__)}")
+    for key in ("prompt_lengths", "batch_sizes"):
+        v = lat.get(key, [])
+        if not isinstance(v, list) or not v or not all(type(n) is int and n >= 1 for n in v):
+            raise ConfigError(f"eval.latency.{key}={v} is invalid; allowed: a non-empty list of positive ints "
+                              f"(eval.latency.enabled=false skips latency)")
+    for key, low in (("decode_tokens", 1), ("repeats", 1), ("warmup", 0)):
+        v = lat.get(key, getattr(LatencyConfig, key))
+        if type(v) is not int or v < low:
+            raise ConfigError(f"eval.latency.{key}={v!r} is invalid; allowed: an int >= {low}")
+    return LatencyConfig(**lat)
 
 
 def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int,

@@ -57,10 +57,16 @@ def _check_files(tasks: list[str], data_root: str, include_path: str | None) -> 
 
 
 def check_lm_eval(lm: dict, data_root: str) -> None:
-    """The eval.lm_eval block: tasks (check_tasks) and add_bos_token."""
+    """The eval.lm_eval block: tasks (check_tasks), add_bos_token, limit / num_fewshot / batch_size ranges."""
     if lm.get("add_bos_token", "auto") not in ("auto", True, False):
         raise ConfigError(f"eval.lm_eval.add_bos_token={lm['add_bos_token']!r} is invalid; allowed: auto, true, "
                           f"false")
+    for key, low, none_ok, default in (("limit", 1, True, None), ("num_fewshot", 0, False, 0),
+                                       ("batch_size", 1, False, 16)):
+        v = lm.get(key, default)
+        if not ((v is None and none_ok) or (type(v) is int and v >= low)):
+            raise ConfigError(f"eval.lm_eval.{key}={v!r} is invalid; allowed: an int >= {low}"
+                              + (" or null (all items)" if none_ok else ""))
     check_tasks(list(lm["tasks"]), data_root, lm.get("include_path"))
 
 
