@@ -323,14 +323,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--command", help="the command(s) that produced the runs, printed in the report")
     a = ap.parse_args(argv)
     written = build(a.results, a.out or a.results / "report", a.models, a.dataset, a.command)
-    if a.wandb:
-        log_to_wandb(written, a.wandb)
     for k, v in written.items():
         if k == "not_drawn":
             for name, why in v.items():
                 print(f"{name}: not drawn: {why}")
         else:
             print(f"{k}: {v}")
+    if a.wandb:
+        try:
+            log_to_wandb(written, a.wandb)
+        except Exception as e:  # noqa: BLE001 - wandb's own errors (no API key, no network): one line, exit 1
+            why = str(e).splitlines()[0] if str(e) else ""
+            raise SystemExit(f"error: the report is written above, but logging it to wandb ({a.wandb}) failed: "
+                             f"{type(e).__name__}: {why}; allowed: --wandb offline, or `wandb login` first")
 
 
 if __name__ == "__main__":

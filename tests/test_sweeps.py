@@ -136,3 +136,25 @@ def test_report_gives_one_row_per_setting_over_seeds(results_dir, tmp_path):
     assert len(rows) == 1 and "| 0,1 |" in rows[0] and " ± " in rows[0], md
     ppls = [json.loads((d / "metrics.json").read_text())["ppl"]["wikitext2"]["ppl"] for d in run_dirs(results_dir)]
     assert len(ppls) == 2 and f"{sum(ppls) / 2:.2f} ± " in rows[0], (ppls, rows)
+
+
+def test_report_wandb_failure_is_one_line_after_the_local_report(tmp_path, monkeypatch, capsys):
+    """wandb refusing (no API key, no network) ends the report command with one line naming the way out; the local
+    files, written first, are listed above it."""
+    import pytest
+
+    from qresearch import report
+
+    md = tmp_path / "report.md"
+    monkeypatch.setattr(report, "build", lambda *a, **k: {"markdown": md})
+
+    def no_key(*a, **k):
+        raise RuntimeError("No API key configured. Use `wandb login` to log in.\nmore detail")
+
+    monkeypatch.setattr(report, "log_to_wandb", no_key)
+    with pytest.raises(SystemExit) as e:
+        report.main(["--results", str(tmp_path), "--wandb", "online"])
+    msg = str(e.value)
+    assert msg.startswith("error: the report is written above") and "RuntimeError: No API key" in msg
+    assert "--wandb offline" in msg and "\n" not in msg
+    assert f"markdown: {md}" in capsys.readouterr().out
