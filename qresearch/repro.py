@@ -218,7 +218,13 @@ def main(argv: list[str] | None = None) -> list[Row]:
     ap.add_argument("--results", type=Path, default=Path(os.environ.get("QRESEARCH_RESULTS", ROOT / "results")))
     ap.add_argument("--out", type=Path, help="markdown table (default: <results>/repro.md)")
     a = ap.parse_args(argv)
+    if not a.presets.is_dir():
+        ap.error(f"--presets {a.presets} is not a folder; allowed: a folder of experiment presets (*.yaml)")
+    if not a.results.is_dir():
+        ap.error(f"--results {a.results} is not a folder; allowed: a results root (its runs/index.jsonl may be absent)")
     presets = load_presets(a.presets)
+    if not presets:
+        ap.error(f"--presets {a.presets} holds no preset with a paper: block")
     runs = finished_runs(a.results)
     rows = [check(p, runs, a.results) for p in presets]
     counts = {s: sum(w.status == s for w in rows) for s in ("PASS", "FAIL", "REFUSED", "NOT RUN")}

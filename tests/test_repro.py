@@ -147,3 +147,16 @@ def test_committed_presets_plan_and_match_their_protocol():
                                          "seqlen": proto["calibration"]["seqlen"]}
         assert calib == (want or None), p.name
         assert OmegaConf.select(cfg, "paper.value") == p.paper.value
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--presets", "{tmp}/missing"], "missing is not a folder"),
+    (["--presets", "{tmp}"], "holds no preset with a paper: block"),
+    (["--results", "{tmp}/missing"], "missing is not a folder"),
+])
+def test_bad_folders_are_refused_before_any_table(tmp_path, capsys, args, needle):
+    """A mistyped --presets / --results is a usage error, not an empty (or all NOT RUN) table written as if real."""
+    with pytest.raises(SystemExit) as e:
+        main([a.format(tmp=tmp_path) for a in args] + ["--out", str(tmp_path / "repro.md")])
+    assert e.value.code == 2 and needle in capsys.readouterr().err
+    assert not (tmp_path / "repro.md").exists()
