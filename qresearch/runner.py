@@ -163,8 +163,9 @@ def _evaluate(p: Plan, model, tok, streams: dict, fp: dict, device) -> tuple[dic
     return ppl, lm_eval, time.perf_counter() - t2
 
 
-def _extras(p: Plan, model, tok, kernels: dict, device, out_dir: Path) -> dict:
-    """Optional measurements: latency, export, per-layer kernels."""
+def _extras(p: Plan, model, tok, kernels: dict, device, out_dir: Path, source: dict) -> dict:
+    """Optional measurements: latency, export (`source`: the run that made it, written into its config.json),
+    per-layer kernels."""
     out = {}
     if p.modules == "packed":
         out["kernels_by_layer"] = kernels
@@ -175,8 +176,16 @@ def _extras(p: Plan, model, tok, kernels: dict, device, out_dir: Path) -> dict:
     if p.export:
         from .export import export_model
 
-        out["export"] = export_model(p.export, model, tok, out_dir / "export")
+        out["export"] = export_model(p.export, model, tok, out_dir / "export", source)
     return out
+
+
+def export_source(run: RunInfo) -> dict:
+    """What an export records of the run that wrote it (config.json "qresearch_source"): model, recipe and tag,
+    config hash (the run's metrics.json in the results index), code commit. No time or path: identical runs write
+    identical exports."""
+    return {"model": run.model, "method": run.method, "tag": run.tag, "config_hash": run.config_hash,
+            "commit": run.commit}
 
 
 def _footprint(p: Plan, model, result: QuantResult) -> Footprint:
@@ -200,7 +209,8 @@ def execute(p: Plan, cfg_dict: dict, chash: str, out_dir: Path, logger) -> Metri
     check_positions(p.model.name, limit, {"eval.seqlen": p.eval.seqlen} |
                     ({"data.seqlen": p.calib["seqlen"]} if p.needs_calibration else {}))
     model_info = ModelInfo(p.model.name, p.model.source, p.model.path, str(resolve_dtype(p.model, device)),
-                           p.model.weights_note, sum(x.numel() for x in model.parameters()), limit)
+                           p.model.weights_note, sum(x.numel() for x in model.parameters()), limit,
+                           getattr(model.config, "qresearch_source", None))
     arch = arch_for(model)
     streams = eval_streams(p.eval.datasets, tok, p.eval.seqlen)
     fp = _baseline(model, p, streams, device, tok) if p.eval.baseline and (p.steps or p.eval.kv_cache) else {}
@@ -222,7 +232,7 @@ def execute(p: Plan, cfg_dict: dict, chash: str, out_dir: Path, logger) -> Metri
                       kernels={k: sum(1 for v in kernels.values() if v == k) for k in sorted(set(kernels.values()))},
                       calibration=calib_prov, wandb=logger.status, lm_eval=lm_eval, wandb_run=logger.ref(),
                       activations=activations,
-                      **_extras(p, model, tok, kernels, device, out_dir),
+                      **_extras(p, model, tok, kernels, device, out_dir, export_source(run_info)),
                       kv_cache=kv_cache_report(kv, p.eval.kv_cache, p.eval.seqlen, limit))
     _write(out_dir, cfg_dict, metrics, result, prov, logger)
     return metrics

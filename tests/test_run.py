@@ -150,6 +150,10 @@ def test_export_then_reload_reproduces_perplexity(results_dir):
     m2 = _metrics([x for x in run_dirs(results_dir) if x != d][0])
     assert m2["ppl"]["wikitext2"]["ppl"] == pytest.approx(m["ppl"]["wikitext2"]["ppl"], rel=1e-6)
     assert m2["footprint"]["bits_per_weight"] == pytest.approx(m["footprint"]["bits_per_weight"], rel=0.03)
+    src = {k: m["run"][k] for k in ("model", "method", "tag", "config_hash", "commit")}
+    assert json.loads((d / "export" / "config.json").read_text())["qresearch_source"] == src
+    assert m2["model"]["exported_by"] == src and m["model"]["exported_by"] is None  # the reload names its maker
+    assert f"exported by: stories260k / {m['run']['tag']} (config hash {m['run']['config_hash']}" in r2.stdout
 
 
 def test_export_requires_packed_format(results_dir):

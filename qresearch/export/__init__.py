@@ -16,8 +16,9 @@ __all__ = ["EXPORTS", "export_model", "save_quantized", "load_quantized", "is_qr
            "save_compressed_tensors"]
 
 
-def export_model(kind: str, model: nn.Module, tokenizer, path: Path) -> dict:
-    """Write the packed model in export format `kind` to `path`; returns what was written."""
-    EXPORTS[kind](model, path, tokenizer)
+def export_model(kind: str, model: nn.Module, tokenizer, path: Path, source: dict | None = None) -> dict:
+    """Write the packed model in export format `kind` to `path`; returns what was written. `source`: the run
+    that writes it, recorded as config.json's "qresearch_source" (a run that reloads the export reports it)."""
+    EXPORTS[kind](model, path, tokenizer, source=source)
     size = sum(f.stat().st_size for f in Path(path).rglob("*.safetensors"))
     return {"format": kind, "path": str(path), "safetensors_bytes": size}

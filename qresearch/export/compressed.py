@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..models.checkpoint import quantized_layers
+from ..models.checkpoint import SOURCE_KEY, quantized_layers
 from ..models.st_writer import write_safetensors
 from ..nn.packed import QuantLinear
 from ..quant.packing import unpack_rows
@@ -126,7 +126,7 @@ def _groups(layers: dict[str, QuantLinear]) -> dict:
     return {f"group_{i}": g for i, g in enumerate(groups.values())}
 
 
-def save_compressed_tensors(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
+def save_compressed_tensors(model: nn.Module, path: str | Path, tokenizer=None, source: dict | None = None) -> Path:
     """Write a packed model (modules=packed) as a compressed-tensors pack-quantized HF checkpoint."""
     layers = quantized_layers(model)
     if not layers:
@@ -157,6 +157,8 @@ def save_compressed_tensors(model: nn.Module, path: str | Path, tokenizer=None) 
         "config_groups": groups, "ignore": linears, "kv_cache_scheme": None, "sparsity_config": {}}
     if any(not g["weights"]["symmetric"] for g in groups.values()):
         cfg["quantization_config"]["dequantize"] = True  # see the module docstring
+    if source is not None:
+        cfg[SOURCE_KEY] = source
     (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
     if tokenizer is not None:
         tokenizer.save_pretrained(path)

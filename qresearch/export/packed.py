@@ -23,11 +23,11 @@ from pathlib import Path
 
 from torch import nn
 
-from ..models.checkpoint import FORMAT, LAYERS_KEY, VERSION, quantized_layers
+from ..models.checkpoint import FORMAT, LAYERS_KEY, SOURCE_KEY, VERSION, quantized_layers
 from ..models.st_writer import dedup_shared, write_safetensors
 
 
-def save_quantized(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
+def save_quantized(model: nn.Module, path: str | Path, tokenizer=None, source: dict | None = None) -> Path:
     """Write `model` (already swapped to modules=packed) to `path` in the qresearch-packed format. The same model
     gives the same model.safetensors bytes in every process (st_writer)."""
     layers = quantized_layers(model)
@@ -42,6 +42,8 @@ def save_quantized(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
     cfg = model.config.to_dict()
     cfg["quantization_config"] = {"quant_method": "qresearch", "format": FORMAT, "version": VERSION,
                                   "layout": "int32_k", "layers": layer_cfg}
+    if source is not None:
+        cfg[SOURCE_KEY] = source
     (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
     if tokenizer is not None:
         tokenizer.save_pretrained(path)

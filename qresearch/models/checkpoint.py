@@ -16,6 +16,7 @@ from .files import read_config, safetensors_header
 
 FORMAT, VERSION = "qresearch-packed", 1
 LAYERS_KEY = "qresearch_layers"  # safetensors metadata: the layer settings the tensors were written with
+SOURCE_KEY = "qresearch_source"  # config.json: the run that wrote an export (runner.export_source)
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:

@@ -54,6 +54,7 @@ class ModelInfo:
     weights_note: str
     params: int  # all parameters of the model as loaded (before quantization)
     max_positions: int | None = None
+    exported_by: dict | None = None  # a reloaded export: the run that wrote it (its config.json qresearch_source)
 
 
 @dataclass

@@ -17,6 +17,10 @@ def summary_lines(m: Metrics, run_dir: Path) -> list[str]:
     lines = [f"== {r.model} / {r.tag} (modules={r.modules})  ->  {run_dir}"]
     if m.model.weights_note:
         lines.append(f"   note: {m.model.weights_note}")
+    if m.model.exported_by:
+        e = m.model.exported_by
+        lines.append(f"   exported by: {e.get('model')} / {e.get('tag')} (config hash {e.get('config_hash')}, "
+                     f"code {e.get('commit')})")
     lines.append(f"   {'dataset':<10} {'split':<11} {'seqlen':>6} {'tokens':>8} {'FP ppl':>10} {'ppl':>10} {'delta':>9}")
     for ds, p in m.ppl.items():
         lines.append(f"   {ds:<10} {p.split:<11} {p.seqlen:>6} {p.n_tokens:>8} "
