@@ -139,6 +139,17 @@ def test_sign_formats_match_reference_rules():
     assert encode(x, s, s, _spec("ternary")).tolist() == [0, 1, 1, 1, 1, 1, 2, 2]  # |r| = 1/2 ties to 0
 
 
+@pytest.mark.parametrize("qformat,bits", [("binary", 1), ("ternary", 2), ("int", 4), ("nf4", 4), ("kmeans", 2)])
+def test_an_all_zero_group_stays_zero(qformat, bits):
+    """A zero row / group (pruned weights, padding) dequantizes to 0 in every format; binary, which has no zero code,
+    once gave it the scale 1, so +-1."""
+    w = torch.randn(4, 256, generator=torch.Generator().manual_seed(0))
+    w[1] = 0
+    w[2, 128:] = 0
+    deq = quantize_tensor(w, weight_spec(bits, 128, qformat in ("binary", "ternary"), qformat)).dequantize()
+    assert deq[1].abs().max() == 0 and deq[2, 128:].abs().max() == 0
+
+
 def test_nf4_levels_match_published_constants():
     levels = FORMATS["nf4"].levels(_spec("nf4"))
     assert torch.allclose(levels.double(), torch.tensor(NF4_PUBLISHED, dtype=torch.float64), atol=2e-7, rtol=0)

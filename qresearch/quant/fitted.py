@@ -156,7 +156,7 @@ class _SignFormat(NumericFormat):
     def fit(self, xg, spec, weight=None, layer=None):
         layer = self.prepare_layer(xg, spec, weight) if layer is None else layer
         a = self._raw_scale(xg, weight)
-        a = torch.where(a > 0, a, torch.ones_like(a))
+        a = torch.where(a > 0, a, torch.zeros_like(a))  # an all-zero group: +-0, exact (a = 1 made binary's +-1)
         return QParams(self.coded_scale(a, spec, layer.scale2), torch.zeros_like(a))
 
     def qparams(self, xmin, xmax, spec, scale2=None):
