@@ -151,3 +151,24 @@ def test_stories260k_packed_ppl_equals_fake():
     pad_words = sum(r.weight.scale.shape[0] + r.weight.scale.shape[1] for r in result.layers.values())
     assert arithmetic <= measured < arithmetic + 4 * pad_words  # < one word per code row + per zero column
     assert (measured - arithmetic) / arithmetic < 0.03, (measured, arithmetic)
+
+
+def test_scale_overflowing_its_16_bit_storage_is_refused_with_the_layer_named():
+    """A group scale beyond fp16's range would be stored as inf (packed outputs NaN while the fake path is finite):
+    refused with the layer named; bf16 storage (bf16 models) holds it."""
+    from qresearch.errors import NumericalError
+    from qresearch.records import LayerResult
+
+    w = torch.randn(16, 256, generator=torch.Generator().manual_seed(0)) * 0.02
+    w[0, :128] = 1e6  # int4 asym scale ~6.7e4 > 65504
+    for dtype, ok in ((torch.float32, False), (torch.bfloat16, True)):
+        model = nn.Sequential(nn.Linear(256, 16, bias=False)).to(dtype)
+        model[0].weight.data = w.to(dtype)
+        res = QuantResult(layers={"0": LayerResult(weight=quantize_tensor(w.to(dtype), weight_spec(4, 128, False)))})
+        if ok:
+            swap_linears(model, res, "packed")
+            assert torch.isfinite(model(torch.randn(2, 256, dtype=dtype))).all()
+        else:
+            with pytest.raises(NumericalError, match=r"^0: packed 16x256 linear: a group scale of 6\.\d+e\+04 "
+                                                     r"overflows torch\.float16"):
+                swap_linears(model, res, "packed")

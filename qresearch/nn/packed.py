@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import NumericalError
 from ..kernels import dispatch
 from ..quant.packing import PackedMeta, pack_rows, pack_zeros, packed_words, scale_dtype_for
 from ..quant.scales import encode_scales
@@ -72,6 +73,10 @@ class QuantLinear(nn.Module):
         m.qweight.copy_(pack_rows(q.codes.reshape(out_f, in_f), meta.bits))  # codes [out, in] -> [out, words]
         if m.scales is not None:
             m.scales.copy_(encode_scales(scale, q.scale2, meta.scale_coding))
+            if not meta.scale_coding.coded and not torch.isfinite(m.scales).all() and torch.isfinite(scale).all():
+                raise NumericalError(f"packed {out_f}x{in_f} linear: a group scale of {scale.abs().max().item():.4g} "
+                                     f"overflows {m.scales.dtype} storage (max {torch.finfo(m.scales.dtype).max:.6g});"
+                                     f" allowed: weights within its range, or model.dtype=bfloat16 (bf16 scales)")
         if m.scale2 is not None:
             m.scale2.copy_(q.scale2.expand_as(m.scale2))
         if m.lut is not None:

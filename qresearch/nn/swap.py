@@ -5,7 +5,7 @@ from typing import Callable
 
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, NumericalError
 from ..records import LayerResult, QuantResult
 from .fake import build_fake
 from .integer import build_integer
@@ -33,7 +33,10 @@ def swap_linears(model: nn.Module, result: QuantResult, modules: str = "fake") -
         lin = model.get_submodule(name)
         if not isinstance(lin, nn.Linear):
             raise TypeError(f"{name} is {type(lin).__name__}, not nn.Linear; was it swapped twice?")
-        new = BUILDERS[modules](lin, res)
+        try:
+            new = BUILDERS[modules](lin, res)
+        except NumericalError as e:
+            raise NumericalError(f"{name}: {e}") from None
         set_module(model, name, new)
         used[name] = getattr(new, "kernel_name", modules)
     return used
