@@ -81,3 +81,22 @@ def test_make_observer_rejects_bad_input():
         make_observer("kl", QuantSpec(bits=8, granularity="token"))
     with pytest.raises(RuntimeError, match="no data"):
         MinMaxObserver(T8).qparams()
+
+
+@pytest.mark.parametrize("method", ["percentile", "mse", "kl"])
+def test_histogram_observers_on_degenerate_inputs(method):
+    """All zeros: exact qparams (an input that never fired is not 'no data'); a constant input: its value kept,
+    not clipped (KL once never tried the unclipped range, its candidate step skipping the last bin, and clipped a
+    constant 2.5 to 0.16)."""
+    spec = QuantSpec(bits=8, group_size=-1, sym=True, granularity="tensor")
+    zeros = make_observer(method, spec)
+    zeros.update(torch.zeros(64, 32))
+    s, _ = zeros.qparams()
+    assert float(s) == 1.0
+    const = make_observer(method, spec)
+    const.update(torch.full((64, 32), 2.5))
+    x = torch.full((4, 4), 2.5)
+    s, z = const.qparams()
+    assert torch.allclose(fake_quantize(x, spec, s, z), x, rtol=0.01)
+    with pytest.raises(RuntimeError, match="saw no data"):
+        make_observer(method, spec).qparams()

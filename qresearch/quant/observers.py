@@ -80,8 +80,10 @@ class HistogramObserver:
 
     def threshold(self) -> float:
         """Clip threshold T (|x| <= T is kept) by the configured method."""
-        if self.edge == 0:
+        if self.xmin == math.inf:
             raise RuntimeError("observer saw no data; run calibration batches through the model first")
+        if self.edge == 0:  # it saw only zeros: nothing to clip (qparams then fall back to scale 1, exact for 0)
+            return 0.0
         levels = self.spec.format.half_levels(self.spec)  # positive levels
         if self.method == "percentile":
             return percentile_threshold(self.hist, self.edge, self.percentile)
@@ -134,7 +136,8 @@ def kl_threshold(hist: torch.Tensor, edge: float, levels: int) -> float:
     n = len(hist)
     target = levels + 1  # quantized bins on the |x| side
     best, best_i = math.inf, n
-    for i in range(target, n + 1, max(1, (n - target) // 256)):
+    step = max(1, (n - target) // 256)
+    for i in sorted(set(range(target, n + 1, step)) | {n}):  # n (no clipping) always a candidate
         p = hist[:i].clone()
         p[-1] += hist[i:].sum()  # clipped mass goes to the last kept bin
         q = _requantize(hist[:i], target)
