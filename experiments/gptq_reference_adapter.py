@@ -14,6 +14,7 @@ import io
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -68,16 +69,29 @@ def _solver(ref: Reference, layer: nn.Linear, bits: int, sym: bool):
     return obj
 
 
+def reference_solver(ref: Reference, W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, sym: bool,
+                     act_order: bool, blocksize: int = 128, percdamp: float = 0.01) -> Callable[[], torch.Tensor]:
+    """Set up the reference's solver on copies of W [out, in] and H [in, in] (a layer holding W, its GPTQ object
+    holding H: what its own pipeline has in hand when it calls fasterquant), and return the call that runs
+    fasterquant alone, returning its dequantized weight: timing the call times the reference's solver and nothing
+    of this set-up. One call per set-up (fasterquant consumes its H)."""
+    layer = nn.Linear(W.shape[1], W.shape[0], bias=False, device="meta")  # no random init of a weight replaced next
+    layer.weight = nn.Parameter(W.clone(), requires_grad=False)
+    obj = _solver(ref, layer, bits, sym)
+    obj.H = H.clone()
+
+    def run() -> torch.Tensor:
+        with _cpu_ok():
+            obj.fasterquant(blocksize=blocksize, percdamp=percdamp, groupsize=group_size, actorder=act_order)
+        return layer.weight.data
+
+    return run
+
+
 def reference_solve(ref: Reference, W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, sym: bool,
                     act_order: bool, blocksize: int = 128, percdamp: float = 0.01) -> torch.Tensor:
     """The reference's fasterquant on weight W [out, in] with Hessian H [in, in]: returns its dequantized weight."""
-    layer = nn.Linear(W.shape[1], W.shape[0], bias=False)
-    layer.weight.data = W.clone()
-    obj = _solver(ref, layer, bits, sym)
-    obj.H = H.clone()
-    with _cpu_ok():
-        obj.fasterquant(blocksize=blocksize, percdamp=percdamp, groupsize=group_size, actorder=act_order)
-    return layer.weight.data
+    return reference_solver(ref, W, H, bits, group_size, sym, act_order, blocksize, percdamp)()
 
 
 def reference_codes(ref: Reference, W, H, bits, group_size, sym, act_order, blocksize=128, percdamp=0.01):

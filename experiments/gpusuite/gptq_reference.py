@@ -4,7 +4,8 @@ The reference (IST-DASLab/gptq: gptq.py + quant.py, never part of this repositor
 given with --reference, through experiments/gptq_reference_adapter.py, as bench_gptq_vs_reference.py does on CPU:
 the same weight and Hessian per Llama-2-7B layer shape (bench_gptq_vs_reference.problem), act-order off and on,
 w4 g128 asym, blocksize 128, percdamp 0.01. Per cell: one untimed run of each (compiles, allocator, cuSOLVER
-handles), then `repeat` alternating timed runs (best of), the device synchronized around each; then one more
+handles), then `repeat` alternating timed runs (best of), the device synchronized around each (the reference's
+timing is its fasterquant call alone: its layer and GPTQ object are set up before); then one more
 reference run that records the codes and (scale, zero) it rounds with, against ours. The files' SHA-256 name the
 reference's version (a carried folder has no .git).
 """
@@ -38,16 +39,16 @@ def _timed(device, fn):
 
 def cell(ref, W, H, act_order: bool, repeat: int, device) -> dict:
     """One (W, H, act-order): seconds of ours and of the reference, and whether the outputs are identical."""
-    from experiments.gptq_reference_adapter import reference_codes, reference_solve
+    from experiments.gptq_reference_adapter import reference_codes, reference_solver
 
     ours_fn = lambda: lib.gptq_exact_solve(W, H, act_order)  # noqa: E731
-    ref_fn = lambda: reference_solve(ref, W, H, 4, 128, False, act_order)  # noqa: E731
-    ours_fn(), ref_fn()  # untimed
+    ref_setup = lambda: reference_solver(ref, W, H, 4, 128, False, act_order)  # noqa: E731 - not timed
+    ours_fn(), ref_setup()()  # untimed
     t_ours, t_ref = [], []
     for _ in range(repeat):
         (codes, scale, zero, deq), s = _timed(device, ours_fn)
         t_ours.append(s)
-        t_ref.append(_timed(device, ref_fn)[1])
+        t_ref.append(_timed(device, ref_setup())[1])
     rdeq, rcodes, rscale, rzero = reference_codes(ref, W, H, 4, 128, False, act_order)
     same = {"codes": torch.equal(codes, rcodes.to(codes)), "scales": torch.equal(scale, rscale.to(scale)),
             "zeros": torch.equal(zero, rzero.to(zero)), "dequantized": torch.equal(deq, rdeq.to(deq))}
