@@ -68,9 +68,13 @@ def test_bad_entries_are_one_line_errors(entry, needle):
     ("cut.jsonl", b'{"text": "a"}\n{"text": "b', "line 2 is not JSON"),
     ("nofield.jsonl", b'{"body": "a"}\n', "no string field 'text'"),
     ("bad.parquet", b"PAR1 nope", "not a readable parquet"),
+    ("folder", None, "is a folder; allowed: a text, .jsonl or .parquet file"),
 ])
 def test_bad_own_files(tmp_path, name, content, needle):
-    (tmp_path / name).write_bytes(content)
+    if content is None:
+        (tmp_path / name).mkdir()
+    else:
+        (tmp_path / name).write_bytes(content)
     with pytest.raises(ConfigError) as e:
         parse_eval_sets([f"t:{tmp_path / name}"], {}, str(DATA), "auto")
     assert needle in str(e.value) and str(tmp_path / name) in str(e.value), str(e.value)

@@ -114,7 +114,8 @@ def read_file_text(s: EvalSet) -> str:
     """The text of an own file: a text file as it is, jsonl / parquet rows joined with blank lines."""
     p = Path(s.path)
     if not p.is_file():
-        raise ConfigError(f"eval dataset {s.name!r}: file {p} does not exist")
+        what = "is a folder; allowed: a text, .jsonl or .parquet file" if p.is_dir() else "does not exist"
+        raise ConfigError(f"eval dataset {s.name!r}: file {p} {what}")
     if p.stat().st_size == 0:
         raise ConfigError(f"eval dataset {s.name!r}: file {p} is empty")
     if p.suffix == ".parquet":
