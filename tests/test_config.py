@@ -5,7 +5,7 @@ from omegaconf import OmegaConf
 from qresearch.config import plan
 from qresearch.quant.spec import ConfigError
 
-from .conftest import DATA
+from .conftest import DATA, STORIES
 from .helpers import compose_cfg, group_options
 
 GROUPS = ["model", "method", "data", "eval", "logger"]
@@ -123,6 +123,7 @@ def test_a_knob_the_recipe_reads_passes(method, override):
 def test_hub_model_neither_cached_nor_reachable_is_refused_by_plan(monkeypatch):
     """model=llama offline: one line before loading (it was transformers' OSError traceback after the run started)."""
     from qresearch.data import text
+    from qresearch.models.load import ModelSpec, check_hub_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     text.hub_reachable.cache_clear()
@@ -134,6 +135,7 @@ def test_hub_model_neither_cached_nor_reachable_is_refused_by_plan(monkeypatch):
     msg = str(e.value)
     assert "'no-such-org/no-such-model' is not in the local HF cache and the HF Hub is unreachable" in msg
     assert "model.source=local" in msg and "\n" not in msg
+    check_hub_model(ModelSpec("llama", "hub", str(STORIES)))  # a local folder given as the id: from_pretrained reads it
 
 
 def test_missing_package_model_names_the_install():

@@ -55,7 +55,13 @@ def check_hub_model(spec: ModelSpec) -> None:
 
     from ..data.text import hub_reachable
 
-    if isinstance(try_to_load_from_cache(spec.path, "config.json"), str) or hub_reachable():
+    if Path(spec.path).is_dir():  # from_pretrained reads a local folder under any source
+        return
+    try:
+        cached = isinstance(try_to_load_from_cache(spec.path, "config.json"), str)
+    except ValueError:  # not a valid repo id (huggingface_hub's HFValidationError)
+        cached = False
+    if cached or hub_reachable():
         return  # cached (a partial cache is from_pretrained's to report) or downloadable
     raise ConfigError(f"model {spec.name}: {spec.path!r} is not in the local HF cache and the HF Hub is unreachable "
                       f"(offline); allowed: model.source=local model.path=<a local HF folder>, or a reachable Hub")
