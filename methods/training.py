@@ -71,10 +71,15 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+# part of every checkpoint key: bumped when the loop's arithmetic changes, so a rerun never resumes a checkpoint the
+# old loop wrote (2: KD's exact gradient, qresearch/calib/train.py _TokenKL)
+TRAIN_LOOP_VERSION = "2"
+
+
 def checkpoint_file(ctx: Context, step: str, settings: dict, model: nn.Module) -> tuple[Path | None, str]:
     """(<run dir>/../checkpoints/<step>-<key>.pt, key): shared by reruns of the same run tag, keyed by the step's
     settings, the calibration windows, the seed and the starting weights. None when the run has no directory."""
-    payload = json.dumps(settings, sort_keys=True, default=str) + str(ctx.seed)
+    payload = json.dumps(settings, sort_keys=True, default=str) + str(ctx.seed) + TRAIN_LOOP_VERSION
     calib = ctx.calib.cpu().numpy().tobytes() if ctx.calib is not None else b""
     key = hashlib.sha256(payload.encode() + calib + model_fingerprint(model).encode()).hexdigest()[:20]
     if ctx.out_dir is None:

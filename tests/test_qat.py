@@ -96,6 +96,32 @@ def test_regularize_reduces_what_it_targets_and_quantizes_nothing():
     assert abs(t["weight_shape_after"]["kurtosis"] - 1.8) < abs(t["weight_shape_before"]["kurtosis"] - 1.8)
 
 
+def test_kd_only_fine_tune_stays_at_its_teacher():
+    """The control (no regularizer, KD from the FP model) starts at its optimum: KD's gradient is exactly zero there,
+    so Adam leaves every weight as it was (autograd's ~1e-8 rounding, normalized by Adam, once moved them lr-sized)."""
+    model = tiny_model("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    t = Regularize(r2=None, kure_weight=0.0, steps=5, lr=1e-2, batch_size=2).quantize(model, _ctx(model)).info["train"]
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert t["first_loss"] == t["last_loss"] == 0.0, t
+
+
+def test_kd_gradient_equals_autograd_through_log_softmax():
+    import torch.nn.functional as F
+
+    from qresearch.calib.train import distill_kl
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 5, 40, generator=g).requires_grad_()
+    t = torch.randn(2, 5, 40, generator=g)
+    ref = F.kl_div(F.log_softmax(s, -1).flatten(0, 1), F.log_softmax(t, -1).flatten(0, 1), log_target=True,
+                   reduction="batchmean")
+    (g_ref,) = torch.autograd.grad(ref, s)
+    ours = distill_kl(s, t)
+    (g_ours,) = torch.autograd.grad(ours, s)
+    assert torch.allclose(ours, ref, rtol=1e-6) and torch.allclose(g_ours, g_ref, atol=1e-8, rtol=1e-5)
+
+
 def test_configs_tags_and_errors():
     p = plan(compose_cfg(["method=qat", "model=stories260k", "act_bits=8", "logger=none"]))
     assert p.tag == "qat-w4g128-a8t" and p.facts["act_bits"] == 8

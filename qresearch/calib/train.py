@@ -56,11 +56,29 @@ def batch_at(calib: torch.Tensor, step: int, batch_size: int, seed: int) -> torc
     return calib[idx]  # [b, seq]
 
 
+class _TokenKL(torch.autograd.Function):
+    """Mean over tokens of KL(t || softmax(z)), with the analytic gradient (softmax(z) - t) / tokens. That gradient
+    is exactly zero where the student's logits equal the teacher's; autograd through log_softmax and kl_div leaves
+    ~1e-8 of rounding there, which Adam (eps 1e-8) turns into lr-sized steps: a KD-only fine-tune drifted away from
+    its own teacher (loss 0 -> 0.007 in 100 steps, stories260K's wikitext2 ppl 146.6 -> 133.2)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:  # z, log_t: [tokens, vocab] fp32
+        log_s = F.log_softmax(z, dim=-1)
+        ctx.save_for_backward(log_s, log_t)
+        return (log_t.exp() * (log_t - log_s)).sum() / z.shape[0]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        log_s, log_t = ctx.saved_tensors
+        return grad * (log_s.exp() - log_t.exp()) / log_s.shape[0], None
+
+
 def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of KL(teacher || student) of the next-token distributions. logits: [b, seq, vocab]."""
-    s = F.log_softmax(student_logits.float(), dim=-1).flatten(0, -2)  # [tokens, vocab]
-    t = F.log_softmax(teacher_logits.float(), dim=-1).flatten(0, -2)
-    return F.kl_div(s, t, log_target=True, reduction="batchmean")
+    z = student_logits.float().flatten(0, -2)  # [tokens, vocab]
+    log_t = F.log_softmax(teacher_logits.float().detach(), dim=-1).flatten(0, -2)
+    return _TokenKL.apply(z, log_t)
 
 
 def lm_losses(model: nn.Module, teacher: nn.Module | None, ids: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
