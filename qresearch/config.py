@@ -337,10 +337,11 @@ def _show(v: Any) -> str:
     return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
 
-def check_knobs_read(cfg: DictConfig, overrides: typing.Sequence[str]) -> None:
+def check_knobs_read(cfg: DictConfig, overrides: typing.Sequence[str], steps: list[Method]) -> None:
     """A top-level weight knob set on the command line that no step of the recipe interpolates would change
-    nothing (method=llm_int8 bits=4 would run int8): refuse it, naming what the steps fix instead."""
-    if not cfg.method.get("order"):  # the unquantized baseline (method=fp16): sweeps cross it with any knob
+    nothing (method=llm_int8 bits=4 would run int8): refuse it, naming what the steps fix instead. A recipe that
+    quantizes no weights (fp16, regularize) takes any: sweeps and tables cross it with the knobs of the others."""
+    if not any(s.spec is not None for s in steps):
         return
     raw = OmegaConf.to_yaml(cfg.method)  # unresolved: a step that reads a knob holds ${knob}
     method = cfg.method.get("name", "?")
@@ -390,7 +391,6 @@ def plan(cfg: DictConfig, overrides: typing.Sequence[str] = ()) -> Plan:
     """Validate the composed config; every user error surfaces here as a one-line ConfigError. `overrides`: the
     command line's (Hydra's task overrides), for knobs it set that the recipe would ignore."""
     check_top_level(cfg)
-    check_knobs_read(cfg, overrides)
     check_logger(cfg.logger)
     _check_kernel_env()
     m = OmegaConf.to_container(cfg.model, resolve=True)
@@ -399,6 +399,7 @@ def plan(cfg: DictConfig, overrides: typing.Sequence[str] = ()) -> Plan:
     if spec.source == "hub":
         check_hub_model(spec)
     steps = build_steps(cfg.method)
+    check_knobs_read(cfg, overrides, steps)
     facts = run_facts(steps)
     _check_steps(cfg, steps, facts)
     ev = _eval_plan(cfg.eval)

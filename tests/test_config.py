@@ -112,10 +112,11 @@ def test_a_knob_the_recipe_ignores_is_refused(method, override, needle):
 
 
 @pytest.mark.parametrize("method,override", [("gptq", "bits=3"), ("smoothquant_gptq", "group_size=64"),
-                                             ("zeroquant", "bits=6"), ("fp16", "bits=3"), ("llm_int8", "seed=3")])
+                                             ("zeroquant", "bits=6"), ("fp16", "bits=3"), ("regularize", "bits=3"),
+                                             ("llm_int8", "seed=3")])
 def test_a_knob_the_recipe_reads_passes(method, override):
-    """Read by a step (smoothquant_gptq: GPTQ reads the group), the fp16 baseline (no steps: sweeps cross it with
-    bits), or a knob outside the steps (seed)."""
+    """Read by a step (smoothquant_gptq: GPTQ reads the group), a recipe that quantizes no weights (fp16, regularize:
+    sweeps and tables cross them with bits), or a knob outside the steps (seed)."""
     cfg = compose_cfg(["model=stories260k", f"data.root={DATA}", f"method={method}", override])
     plan(cfg, [f"method={method}", override])
 
