@@ -12,13 +12,13 @@ reference's version (a carried folder has no .git).
 from __future__ import annotations
 
 import hashlib
-import time
 from pathlib import Path
 
 import torch
 
 from . import lib
-from .common import Ctx, free_device_memory, sync
+from .common import Ctx, free_device_memory
+from .gptq_block import Stopwatch
 
 GPU_SHAPES = ("4096x4096", "11008x4096", "4096x11008")  # [out x in] of Llama-2-7B's q/k/v/o, gate/up, down
 QUICK_SHAPES = ("96x160", "160x96")  # quick mode: one and two groups of 128 plus a partial one
@@ -27,14 +27,6 @@ FIRST_CELL_S = 20.0  # budget asked for the first cell; later cells ask for 1.5x
 
 def fingerprint(folder: Path) -> dict[str, str]:
     return {f: hashlib.sha256((folder / f).read_bytes()).hexdigest()[:16] for f in ("gptq.py", "quant.py")}
-
-
-def _timed(device, fn):
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - t0
 
 
 def cell(ref, W, H, act_order: bool, repeat: int, device) -> dict:
@@ -46,9 +38,13 @@ def cell(ref, W, H, act_order: bool, repeat: int, device) -> dict:
     ours_fn(), ref_setup()()  # untimed
     t_ours, t_ref = [], []
     for _ in range(repeat):
-        (codes, scale, zero, deq), s = _timed(device, ours_fn)
-        t_ours.append(s)
-        t_ref.append(_timed(device, ref_setup())[1])
+        with Stopwatch(device) as sw:
+            codes, scale, zero, deq = ours_fn()
+        t_ours.append(sw.s)
+        solve = ref_setup()
+        with Stopwatch(device) as sw:
+            solve()
+        t_ref.append(sw.s)
     rdeq, rcodes, rscale, rzero = reference_codes(ref, W, H, 4, 128, False, act_order)
     same = {"codes": torch.equal(codes, rcodes.to(codes)), "scales": torch.equal(scale, rscale.to(scale)),
             "zeros": torch.equal(zero, rzero.to(zero)), "dequantized": torch.equal(deq, rdeq.to(deq))}
@@ -67,7 +63,6 @@ def run(ctx: Ctx, state: dict, repeat: int = 2) -> None:
     path = Path(ctx.reference)
     state.update(reference=str(ctx.reference), files_sha256=fingerprint(path), rows=[], repeat=repeat, skipped=[],
                  setting="w4 g128 asym, blocksize 128, percdamp 0.01; W ~ N(0, 0.02^2), H = M^T M + diag")
-    out = state
     ref = load_reference(path)
     need = FIRST_CELL_S if ctx.full else 2.0
     for shape in (GPU_SHAPES if ctx.full else QUICK_SHAPES):
@@ -76,12 +71,12 @@ def run(ctx: Ctx, state: dict, repeat: int = 2) -> None:
         for act_order in (False, True):
             why = ctx.skip_reason(need, f"{shape} act-order {'on' if act_order else 'off'}", reserve=False)
             if why:
-                out["skipped"].append(why)
+                state["skipped"].append(why)
                 continue
             if W is None:
                 W, H = (t.to(ctx.device) for t in problem(out_f, in_f))
             row = cell(ref, W, H, act_order, repeat, ctx.device)
-            out["rows"].append(row)
+            state["rows"].append(row)
             need = max(need, 1.5 * (row["ours_s"] + row["reference_s"]) * (repeat + 2))
             ctx.save()
         del W, H

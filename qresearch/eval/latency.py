@@ -30,8 +30,8 @@ class LatencyConfig:
     warmup: int = 2
 
 
-def check_latency(lat: dict) -> LatencyConfig:
-    """The eval.latency block -> LatencyConfig, or a one-line ConfigError (before any model loads)."""
+def check_latency(lat: dict) -> None:
+    """The eval.latency block as LatencyConfig takes it, or a one-line ConfigError (before any model loads)."""
     unknown = sorted(set(lat) - set(LatencyConfig.__dataclass_fields__))
     if unknown:
         raise ConfigError(f"eval.latency.{unknown[0]} is not an option; allowed: "
@@ -45,7 +45,6 @@ def check_latency(lat: dict) -> LatencyConfig:
         v = lat.get(key, getattr(LatencyConfig, key))
         if type(v) is not int or v < low:
             raise ConfigError(f"eval.latency.{key}={v!r} is invalid; allowed: an int >= {low}")
-    return LatencyConfig(**lat)
 
 
 def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int,
