@@ -34,7 +34,9 @@ SPECS = [(4, 128, False, False), (4, 64, True, False), (4, 32, False, True), (4,
          (4, -1, True, True), (8, -1, True, False), (8, -1, False, True), (8, 128, False, False),
          (3, 64, False, False), (2, 32, True, True), (5, 128, False, False), (6, -1, True, False),
          (7, 32, False, False)]
-SHAPES = [(40, 200), (48, 256)]  # 40 rows: not a multiple of 16; 200 columns: partial last groups, 200 % 16 != 0
+SHAPES = [(40, 200), (48, 256), (36, 224)]  # 40 rows: not a multiple of 16; 200 columns: partial last groups, 200 % 16
+# != 0 (c_lowbit copies the codes); 256 / 224 columns: c_lowbit reads 4- / 8-bit buffers in place, 224 with a short
+# last group at g64 / g128
 CPU = torch.device("cpu")
 
 
@@ -81,11 +83,12 @@ import torch
 from qresearch.kernels import cpu_lowbit, cpu_packed as cp, reference as ref
 from tests._qhelpers import packed_args, rel_err, rtn_layer
 assert cpu_lowbit.load()[0] is not None, cpu_lowbit.load()[1]
-for bits, group, sym, ao in [(4, 64, False, True), (8, -1, True, False), (5, 32, False, False)]:
-    meta, qw, s, qz, gi = packed_args(rtn_layer(40, 200, bits, group, sym, ao))
+for bits, group, sym, ao, k in [(4, 64, False, True, 200), (8, -1, True, False, 200), (5, 32, False, False, 200),
+                               (4, 128, False, False, 224), (8, 64, True, False, 224)]:  # 224: codes read in place
+    meta, qw, s, qz, gi = packed_args(rtn_layer(40, k, bits, group, sym, ao))
     bufs = {"qweight": qw, "scales": s, "qzeros": qz, "g_idx": gi, "bias": torch.randn(40)}
     for m in (1, 5, 40):  # 40: dequantized panels + the dense matmul
-        x = torch.randn(m, 200)
+        x = torch.randn(m, k)
         err = rel_err(cp.run("c_lowbit", x, meta, bufs), ref.wa16_ref(x, meta, qw, s, qz, gi, bufs["bias"]))
         assert err < 1e-5, (bits, group, m, err)
 print("portable ok", cpu_lowbit.flags()[-1])
@@ -104,7 +107,7 @@ def test_portable_c_path_without_avx512(tmp_path):
 @pytest.mark.skipif(not cpu_lowbit.has_many(),
                     reason="qr_lowbit_mm_many is built with AVX-512 only")
 @pytest.mark.parametrize("out_f,in_f,bits,group,ao", [(37, 200, 4, 64, True), (42, 6500, 3, 128, False),
-                                                      (21, 96, 8, -1, False)])
+                                                      (21, 96, 8, -1, False), (29, 224, 4, 128, False)])
 def test_many_row_loop_equals_fused_tiles_bit_for_bit(out_f, in_f, bits, group, ao, monkeypatch):
     """qr_lowbit_mm_many forms the fused tiles' weights (same fmsub) and sums in their order: equal outputs.
     37 / 42 / 21 rows: partial 4-row tiles and weight blocks; 6500 inputs: 12-row blocks (many_block_rows)."""
@@ -180,10 +183,30 @@ def test_prepared_layouts_hold_what_they_claim():
     w = cpu_lowbit.lowbit_dequant(p)  # [out, n_groups * gp] in the permuted column order
     perm = cp.act_order_perm(bufs["g_idx"], meta)[0]
     want = ref.dequant_weight(meta, *args)[:, perm]  # [out, in], groups contiguous
-    assert p.nibbles and p.gp == 64 and p.codes.shape == (40, 4, 32)
+    assert p.nib == 1 and p.gp == p.last == 64 and p.codes.shape == (40, 128)
     assert torch.equal(w[:, :200], want) and w.shape == (40, 256)  # exact dequant; columns 200+ meet zero x
     p4 = cp.prepare("aten_int4", meta, *args, torch.bfloat16)
     assert p4.op_group == 64 and p4.weight.shape == (48, 128) and p4.scale_zero.shape == (4, 48, 2)
+
+
+@pytest.mark.parametrize("bits,group,sym,ao,in_f,in_place", [
+    (4, 128, False, False, 224, True), (4, -1, True, False, 256, True), (8, 64, False, False, 224, True),
+    (8, -1, True, False, 96, True), (4, 32, False, True, 256, False), (4, 128, False, False, 200, False),
+    (5, 64, False, False, 256, False), (3, 32, False, False, 256, False), (2, 64, True, False, 256, False)])
+def test_c_lowbit_reads_4_and_8_bit_buffers_in_place(bits, group, sym, ao, in_f, in_place):
+    """4- / 8-bit layers whose groups and width are multiples of 32 are run from the stored words (no second copy
+    of the weight); act-order, other widths and groups copy the codes into the kernel's own layout."""
+    meta, bufs = _layer(24, in_f, bits, group, sym, ao, torch.float32)
+    args = [bufs[k] for k in ("qweight", "scales", "qzeros", "g_idx")]
+    p = cp.prepare("c_lowbit", meta, *args, torch.float32)
+    shares = p.codes.untyped_storage().data_ptr() == bufs["qweight"].untyped_storage().data_ptr()
+    assert shares == in_place  # act-order: the columns are permuted into a copy (stored_layout has no g_idx)
+    assert ao or (cpu_lowbit.stored_layout(meta, bufs["qweight"]) is not None) == in_place
+    perm = torch.arange(in_f) if p.perm is None else p.perm
+    w = cpu_lowbit.lowbit_dequant(p)  # [out, width]: kernel column j is input column perm[j]
+    assert torch.equal(w[:, :in_f], ref.dequant_weight(meta, *args)[:, perm])
+    if in_place:  # the stream's own order: no input permutation; 4 bits as stream nibbles
+        assert w.shape == (24, in_f) and p.perm is None and p.nib == (2 if bits == 4 else 0)
 
 
 def test_registry_order_and_reasons():

@@ -2,7 +2,9 @@
 
 The C source is built with the system C compiler once per machine (cached under $QRESEARCH_CACHE/kernels). No
 compiler, or a failed build, is a reason the kernel cannot run (reported by cpu_packed.select, never silent).
-prepare_lowbit lays out the codes once (nibbles for bits <= 4, bytes otherwise, groups padded to 32 columns);
+prepare_lowbit lays out the codes once (nibbles for bits <= 4, bytes otherwise, groups padded to 32 columns), or,
+where the stored words already are that layout up to an input-column order (4 / 8 bits, groups of a multiple of 32
+columns: prepare_lowbit_stored), reads the layer's own buffer;
 lowbit_linear runs the fused kernel for few rows and, on AVX-512 builds, a loop that dequantizes each weight block
 once for many (see MANY_M).
 
@@ -19,6 +21,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,9 +47,9 @@ PANEL_M = 16
 FLAGS = ("-O3", "-fopenmp", "-std=c11", "-shared", "-fPIC")  # + -march=$QRESEARCH_CPU_MARCH (native)
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 SIGNATURES = {  # name -> (restype, argtypes), as declared in lowbit_cpu.c
-    "qr_lowbit_mm": (_F, [_P, _I, _I, _P, _I, _I, _I, _F, _P, _P, _P, _P, _P, _F]),
-    "qr_lowbit_mm_many": (_F, [_P, _I, _I, _P, _I, _I, _I, _F, _P, _P, _P, _P, _I, _I, _F]),
-    "qr_lowbit_dequant": (None, [_P, _I, _I, _I, _F, _P, _P, _P, _F]),
+    "qr_lowbit_mm": (_F, [_P, _I, _I, _P, _I, _I, _I, _I, _F, _P, _P, _P, _P, _P, _F]),
+    "qr_lowbit_mm_many": (_F, [_P, _I, _I, _P, _I, _I, _I, _I, _F, _P, _P, _P, _P, _I, _I, _F]),
+    "qr_lowbit_dequant": (None, [_P, _I, _I, _I, _I, _F, _P, _P, _P, _F]),
     "qr_lowbit_has_many": (_F, []),
     "qr_stream_dequant": (None, [_P, _I, _I, _I, _F, _P, _P, _I, _I, _P, _P, _F, _F]),
 }
@@ -115,21 +118,30 @@ def load() -> tuple[ctypes.CDLL | None, str]:
 
 @dataclass(frozen=True)
 class LowbitPrepared:
-    codes: torch.Tensor  # uint8 [out, n_groups, gp / 2] (nibbles, bits <= 4) or [out, n_groups, gp]
+    codes: torch.Tensor  # uint8 [out, width / 2] (nib 1 / 2, bits <= 4) or [out, width] (nib 0)
     scale: torch.Tensor  # fp32 [out, n_groups]
     zero: torch.Tensor  # fp32 [out, n_groups]
     zero_scale: torch.Tensor  # fp32 [out, n_groups]: zero * scale, exact (integer zero x 16-bit scale)
     group: int  # our group length (columns of x per group before padding)
-    gp: int  # padded group length, a multiple of 32
-    nibbles: bool
-    perm: torch.Tensor | None
+    gp: int  # the kernel's group length, a multiple of 32 (>= group: zero-padded)
+    last: int  # the kernel's length of the last group, a multiple of 32 (<= gp)
+    nib: int  # the C kernel's code layout: 0 bytes, 1 split nibbles (ours), 2 the int32_k stream's nibbles
+    perm: torch.Tensor | None  # [in]: kernel column j reads input column perm[j]; None: the identity
+
+    @property
+    def n_groups(self) -> int:
+        return self.scale.shape[1]
+
+    @property
+    def width(self) -> int:
+        """Columns of the kernel's input (and of its dequantized weight): input columns plus padding."""
+        return (self.n_groups - 1) * self.gp + self.last
 
     @property
     def weight_args(self) -> tuple:
         """qr_lowbit_mm's weight arguments (pointers into the tensors this object holds)."""
-        n, ng = self.codes.shape[:2]
-        return (self.codes.data_ptr(), n, ng, self.gp, int(self.nibbles), self.scale.data_ptr(),
-                self.zero.data_ptr(), self.zero_scale.data_ptr())
+        return (self.codes.data_ptr(), self.codes.shape[0], self.n_groups, self.gp, self.last, self.nib,
+                self.scale.data_ptr(), self.zero.data_ptr(), self.zero_scale.data_ptr())
 
 
 def prepare_lowbit(meta: PackedMeta, codes, scales, zeros, perm, dtype: torch.dtype = torch.float32):
@@ -144,29 +156,51 @@ def prepare_lowbit(meta: PackedMeta, codes, scales, zeros, perm, dtype: torch.dt
         c = codes.view(n, ng, gp // 32, 2, 16)  # [out, n_groups, chunks, half, 16]
         codes = (c[:, :, :, 0] | (c[:, :, :, 1] << 4)).reshape(n, ng, gp // 2)  # [out, n_groups, gp / 2]
     s, z = scales.float().contiguous(), zeros.float().contiguous()
-    return LowbitPrepared(codes.contiguous(), s, z, z * s, gs, gp, nib, perm)
+    return LowbitPrepared(codes.reshape(n, -1).contiguous(), s, z, z * s, gs, gp, gp, int(nib), perm)
+
+
+def stored_layout(meta: PackedMeta, qweight: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """The layer's stored int32_k words read as the kernel's codes without a copy: (uint8 [out, in * bits / 8], the
+    kernel's nib: 2 for 4 bits (byte i of a 32-code chunk holds codes 2i and 2i + 1), 0 for 8), or None where the
+    stored stream is no such layout (other widths, a group or an input width that is no multiple of 32, a big-endian
+    machine)."""
+    k = meta.in_features
+    if meta.bits not in (4, 8) or min(meta.group, k) % 32 or k % 32 or sys.byteorder != "little":
+        return None
+    if not qweight.is_contiguous() or qweight.shape[1] * 32 != k * meta.bits:
+        return None
+    return qweight.view(torch.uint8), 2 if meta.bits == 4 else 0  # the buffer's own memory
+
+
+def prepare_lowbit_stored(meta: PackedMeta, qweight, scales, zeros) -> LowbitPrepared | None:
+    """LowbitPrepared over the stored codes themselves (stored_layout), so the layer's weight is held once: only the
+    fp32 scales / zeros are made. None where stored_layout is None (then prepare_lowbit copies the codes)."""
+    layout = stored_layout(meta, qweight)
+    if layout is None:
+        return None
+    k, gs = meta.in_features, min(meta.group, meta.in_features)
+    s, z = scales.float().contiguous(), zeros.float().contiguous()
+    return LowbitPrepared(layout[0], s, z, z * s, gs, gs, k - (meta.n_groups - 1) * gs, layout[1], None)
 
 
 def _lowbit_x(x: torch.Tensor, p: LowbitPrepared) -> torch.Tensor:
-    """x [M, in] -> fp32 [M, n_groups * gp]: each group's columns padded with zeros to gp."""
-    m, ng = x.shape[0], p.codes.shape[1]
-    x = x if p.perm is None else x[:, p.perm]
+    """x [M, in] -> fp32 [M, width]: columns in the kernel's order (p.perm), each group's padded with zeros to gp."""
+    m, ng = x.shape[0], p.n_groups
+    x = x if p.perm is None else x.index_select(1, p.perm)
     x = x.float()
-    if x.shape[1] == ng * p.gp:
+    if x.shape[1] == p.width:
         return x.contiguous()
     if p.gp == p.group:  # only the last group is short: pad the tail
-        return F.pad(x, (0, ng * p.gp - x.shape[1]))  # [M, n_groups * gp]
+        return F.pad(x, (0, p.width - x.shape[1]))  # [M, width]
     x = F.pad(x, (0, ng * p.group - x.shape[1])).view(m, ng, p.group)  # [M, n_groups, group]
     return F.pad(x, (0, p.gp - p.group)).reshape(m, ng * p.gp)  # [M, n_groups * gp]
 
 
 def lowbit_dequant(p: LowbitPrepared) -> torch.Tensor:
-    """The whole weight as fp32 [out, n_groups * gp] (padded columns are multiplied by zero activations)."""
+    """The whole weight as fp32 [out, width], columns in the kernel's order (padded ones meet zero activations)."""
     lib = load()[0]
-    n, ng = p.codes.shape[:2]
-    w = torch.empty(n, ng * p.gp, dtype=torch.float32)
-    lib.qr_lowbit_dequant(p.codes.data_ptr(), n, ng, p.gp, int(p.nibbles), p.scale.data_ptr(), p.zero.data_ptr(),
-                          w.data_ptr(), torch.get_num_threads())
+    w = torch.empty(p.codes.shape[0], p.width, dtype=torch.float32)
+    lib.qr_lowbit_dequant(*p.weight_args[:8], w.data_ptr(), torch.get_num_threads())  # ... scale, zero (no z * s)
     return w
 
 
@@ -178,7 +212,7 @@ def many_block_rows(k: int) -> int:
 
 def _many(lib, xin: torch.Tensor, p: LowbitPrepared, b: torch.Tensor | None, y: torch.Tensor) -> None:
     k = xin.shape[1]
-    failed = lib.qr_lowbit_mm_many(xin.data_ptr(), xin.shape[0], k, *p.weight_args[:5], p.scale.data_ptr(),
+    failed = lib.qr_lowbit_mm_many(xin.data_ptr(), xin.shape[0], k, *p.weight_args[:6], p.scale.data_ptr(),
                                    p.zero_scale.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
                                    many_block_rows(k), MANY_CHUNK, torch.get_num_threads())
     if failed == 1:

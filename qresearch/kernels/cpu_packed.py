@@ -12,6 +12,9 @@ The aten ops' fp32/fp16 paths are slower than a dense fp32 matmul (experiments/b
 bf16 only. `prepare(kind, ...)` unpacks the int32_k buffers once and hands the codes to that kernel's prepare_*;
 `LINEAR[kind](x, prepared, bias)` runs it; `run` keeps the prepared weights until the layer's buffers change,
 and sends calls with many rows where the dense matmul is faster (bf16 from 32 rows) to cpu_panels.py.
+Memory: the aten ops (and torch._int_mm's int8 weight) hold a second copy of the weight in their own layout beside
+the stored buffers (peak memory counts both; "stored bytes" counts the buffers); c_lowbit reads 4- and 8-bit stored
+words in place when groups and width are multiples of 32 (then only fp32 scales / zeros are made), else it copies.
 
 Act-order (g_idx): when every group holds exactly `group` input columns (as GPTQ act-order writes them),
 permuting the weight's columns once and the input's columns per call (x[:, perm]) makes the groups contiguous.
@@ -89,10 +92,15 @@ WHY_NOT = {"aten_int4": why_not_int4, "aten_int8": why_not_int8, "c_lowbit": why
 
 
 def prepare(kind: str, meta: PackedMeta, qweight, scales, qzeros, g_idx, dtype: torch.dtype):
-    """Unpack the int32_k buffers once (act-order columns made contiguous) into kernel `kind`'s layout."""
+    """Unpack the int32_k buffers once (act-order columns made contiguous) into kernel `kind`'s layout; c_lowbit
+    reads 4- and 8-bit buffers in place where their groups allow it (cpu_lowbit.prepare_lowbit_stored)."""
     perm, why = act_order_perm(g_idx, meta)
     if why:
         raise ValueError(f"{kind} cannot run this layer: {why} (GPTQ act-order does); set QRESEARCH_KERNELS=torch")
+    if kind == "c_lowbit" and perm is None:  # the stored words as they are, where they are the kernel's layout
+        stored = cpu_lowbit.prepare_lowbit_stored(meta, qweight, scales, weight_zeros(meta, qzeros))
+        if stored is not None:
+            return stored
     codes = unpack_rows(qweight, meta.bits, meta.in_features)  # [out, in] uint8
     codes = codes if perm is None else codes[:, perm.to(codes.device)]
     return PREPARE[kind](meta, codes, scales, weight_zeros(meta, qzeros).to(qweight.device), perm, dtype)

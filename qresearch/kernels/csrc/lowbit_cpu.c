@@ -1,19 +1,43 @@
 /* Fused dequant + matmul for packed low-bit weights on CPU (fp32 math), called through ctypes.
  *
- * Weight layout (built once by qresearch/kernels/cpu_packed.py): N rows x G groups x gp codes, gp a multiple
- * of 32 (a group padded with code 0 up to gp; the matching activations are 0). Codes are unsigned:
+ * Weight layout (built once by qresearch/kernels/cpu_packed.py, or a layer's stored words read in place): N rows
+ * x G groups, gp codes each but the last, which holds gl <= gp; gp and gl multiples of 32 (a group padded with code
+ * 0 up to gp; the matching activations are 0), K = (G - 1) * gp + gl codes per row. Codes are unsigned:
  *   nib = 1: each 32-code chunk is 16 bytes, byte i = code i (low nibble) | code 16 + i (high nibble);
+ *   nib = 2: each 32-code chunk is 16 bytes, byte i = code 2i (low nibble) | code 2i + 1 (high nibble): the packed
+ *            int32_k stream of 4-bit codes itself (little-endian; the matmuls run it as nib = 1, see split_x);
  *   nib = 0: one byte per code.
  * Per (row, group): scale s and zero point z (fp32); weight = (code - z) * s as in the torch reference.
  * y[m, n] = bias[n] + sum_g s[n, g] * sum_i x[m, g * gp + i] * (code - z[n, g]).
  */
 #include <stdint.h>
 #include <stdlib.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #define NB 4 /* weight rows per block: one activation load feeds NB FMAs */
 
+/* codes in group g: gp, gl for the last */
+static inline int64_t glen(int64_t g, int64_t G, int64_t gp, int64_t gl) { return g == G - 1 ? gl : gp; }
+
+/* bytes per weight row */
+static inline int64_t row_bytes(int64_t G, int64_t gp, int64_t gl, int nib) {
+    const int64_t k = (G - 1) * gp + gl;
+    return nib ? k / 2 : k;
+}
+
 static void dequant_group(const uint8_t *restrict w, int64_t gp, int nib, float z, float *restrict out) {
-    if (nib) {
+    if (nib == 2) {
+        for (int64_t c = 0; c < gp; c += 32) {
+            const uint8_t *b = w + c / 2;
+#pragma omp simd
+            for (int i = 0; i < 16; i++) {
+                out[c + 2 * i] = (float)(b[i] & 15) - z;
+                out[c + 2 * i + 1] = (float)(b[i] >> 4) - z;
+            }
+        }
+    } else if (nib) {
         for (int64_t c = 0; c < gp; c += 32) {
             const uint8_t *b = w + c / 2;
 #pragma omp simd
@@ -30,22 +54,23 @@ static void dequant_group(const uint8_t *restrict w, int64_t gp, int nib, float 
 
 /* rows [n0, n0 + nr) of y for all M activation rows; buf: NB * gp floats, acc: M * NB floats */
 static void row_block(const float *restrict x, int64_t M, int64_t ldx, const uint8_t *restrict w, int64_t n0,
-                      int64_t nr, int64_t G, int64_t gp, int nib, const float *restrict s, const float *restrict z,
-                      const float *restrict bias, float *restrict y, int64_t N, float *restrict buf,
-                      float *restrict acc) {
-    const int64_t gb = nib ? gp / 2 : gp, rowb = G * gb;
+                      int64_t nr, int64_t G, int64_t gp, int64_t gl, int nib, const float *restrict s,
+                      const float *restrict z, const float *restrict bias, float *restrict y, int64_t N,
+                      float *restrict buf, float *restrict acc) {
+    const int64_t gb = nib ? gp / 2 : gp, rowb = row_bytes(G, gp, gl, nib);
     for (int64_t i = 0; i < M * NB; i++) acc[i] = 0.0f;
     for (int64_t r = nr; r < NB; r++)  /* a short last block repeats no row: its buffers stay zero */
         for (int64_t i = 0; i < gp; i++) buf[r * gp + i] = 0.0f;
     for (int64_t g = 0; g < G; g++) {
+        const int64_t len = glen(g, G, gp, gl);
         for (int64_t r = 0; r < nr; r++)
-            dequant_group(w + (n0 + r) * rowb + g * gb, gp, nib, z[(n0 + r) * G + g], buf + r * gp);
+            dequant_group(w + (n0 + r) * rowb + g * gb, len, nib, z[(n0 + r) * G + g], buf + r * gp);
         const float *b0 = buf, *b1 = buf + gp, *b2 = buf + 2 * gp, *b3 = buf + 3 * gp;
         for (int64_t m = 0; m < M; m++) {
             const float *xm = x + m * ldx + g * gp;
             float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
 #pragma omp simd reduction(+ : d0, d1, d2, d3)
-            for (int64_t i = 0; i < gp; i++) {
+            for (int64_t i = 0; i < len; i++) {
                 float xv = xm[i];
                 d0 += xv * b0[i];
                 d1 += xv * b1[i];
@@ -60,14 +85,40 @@ static void row_block(const float *restrict x, int64_t M, int64_t ldx, const uin
         for (int64_t r = 0; r < nr; r++) y[m * N + n0 + r] = acc[m * NB + r] + (bias ? bias[n0 + r] : 0.0f);
 }
 
+/* nib = 2 (the stream's nibbles: byte i of a chunk holds codes 2i, 2i + 1) runs as nib = 1 (codes i, 16 + i) on a
+ * copy of x [M, K] with each 32-column chunk's even columns first, then its odd ones: the same codes meet the same
+ * activations, and the fused and many-row loops keep one summation order. NULL if it cannot be allocated. */
+static float *split_x(const float *x, int64_t M, int64_t ldx, int64_t K, int nthreads) {
+    float *xs = malloc(sizeof(float) * (M * K > 0 ? M * K : 1));
+    if (!xs) return NULL;
+#pragma omp parallel for num_threads(M * K >= (1 << 16) ? nthreads : 1) schedule(static)
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t c = 0; c < K; c += 32) {
+            const float *xc = x + m * ldx + c;
+            float *o = xs + m * K + c;
 #if defined(__AVX512F__)
-#include <immintrin.h>
+            const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+            const __m512 a = _mm512_loadu_ps(xc), b = _mm512_loadu_ps(xc + 16);
+            _mm512_storeu_ps(o, _mm512_permutex2var_ps(a, even, b));
+            _mm512_storeu_ps(o + 16, _mm512_permutex2var_ps(a, _mm512_add_epi32(even, _mm512_set1_epi32(1)), b));
+#else
+            for (int i = 0; i < 16; i++) {
+                o[i] = xc[2 * i];
+                o[16 + i] = xc[2 * i + 1];
+            }
+#endif
+        }
+    return xs;
+}
+
+#if defined(__AVX512F__)
 #define RT_MAX 8 /* weight rows per register tile (8 for one activation row, 4 for up to 4 rows) */
 
-/* 16 weights (code - z) * s of one row and group from its codes at b: bytes b[0..15] (nib = 0), or the low (h = 0) or
- * high (h = 1) nibbles of b[0..15] (nib = 1); formed with one fmsub, code * s - z * s (see tile512) */
+/* 16 weights (code - z) * s of one row and group from the 32-code chunk at b (its first byte): bytes b[16h..16h + 15]
+ * (nib = 0), or the low (h = 0) or high (h = 1) nibbles of b[0..15] (nib = 1); formed with one fmsub,
+ * code * s - z * s (see tile512) */
 static inline __attribute__((always_inline)) __m512 weights16(const uint8_t *b, int nib, int h, __m512 sv, __m512 zsv) {
-    __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)b));
+    __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(nib ? b : b + 16 * h)));
     if (nib) q = h ? _mm512_srli_epi32(q, 4) : _mm512_and_si512(q, _mm512_set1_epi32(15));
     return _mm512_fmsub_ps(_mm512_cvtepi32_ps(q), sv, zsv);
 }
@@ -76,9 +127,9 @@ static inline __attribute__((always_inline)) __m512 weights16(const uint8_t *b, 
  * (code * s - z * s: z * s is exact in fp32 for 16-bit scales, so the rounding gives (code - z) * s exactly). */
 static inline __attribute__((always_inline)) void tile512(const float *x, int64_t ldx, const int MT, const int RT,
                                                           const uint8_t *w, const int64_t *rows, int64_t G,
-                                                          int64_t gp, int nib, const float *s, const float *zs,
-                                                          float *out) {
-    const int64_t gb = nib ? gp / 2 : gp, rowb = G * gb;
+                                                          int64_t gp, int64_t gl, int nib, const float *s,
+                                                          const float *zs, float *out) {
+    const int64_t gb = nib ? gp / 2 : gp, rowb = row_bytes(G, gp, gl, nib);
     __m512 acc[4][RT_MAX];
     for (int m = 0; m < MT; m++)
         for (int r = 0; r < RT; r++) acc[m][r] = _mm512_setzero_ps();
@@ -88,11 +139,12 @@ static inline __attribute__((always_inline)) void tile512(const float *x, int64_
             sv[r] = _mm512_set1_ps(s[rows[r] * G + g]);
             zv[r] = _mm512_set1_ps(zs[rows[r] * G + g]);
         }
-        for (int64_t c = 0; c < gp; c += 32)
+        const int64_t len = glen(g, G, gp, gl);
+        for (int64_t c = 0; c < len; c += 32)
             for (int h = 0; h < 2; h++) { /* codes c + 16h .. c + 16h + 15 */
                 __m512 wv[RT_MAX];
                 for (int r = 0; r < RT; r++)
-                    wv[r] = weights16(w + rows[r] * rowb + g * gb + (nib ? c / 2 : c + 16 * h), nib, h, sv[r], zv[r]);
+                    wv[r] = weights16(w + rows[r] * rowb + g * gb + (nib ? c / 2 : c), nib, h, sv[r], zv[r]);
                 for (int m = 0; m < MT; m++) {
                     __m512 xv = _mm512_loadu_ps(x + m * ldx + g * gp + c + 16 * h);
                     for (int r = 0; r < RT; r++) acc[m][r] = _mm512_fmadd_ps(xv, wv[r], acc[m][r]);
@@ -105,7 +157,7 @@ static inline __attribute__((always_inline)) void tile512(const float *x, int64_
 
 /* rows [n0, n0 + RT) (clamped to N - 1 at the edge) x all M rows; zs: z * s precomputed [N, G] */
 static void block512(const float *x, int64_t M, int64_t ldx, const uint8_t *w, int64_t n0, int64_t N, int64_t G,
-                     int64_t gp, int nib, const float *s, const float *zs, const float *bias, float *y) {
+                     int64_t gp, int64_t gl, int nib, const float *s, const float *zs, const float *bias, float *y) {
     const int RT = M == 1 ? 8 : 4;
     int64_t rows[RT_MAX];
     float out[4 * RT_MAX];
@@ -114,11 +166,11 @@ static void block512(const float *x, int64_t M, int64_t ldx, const uint8_t *w, i
         const int mt = M - m0 < 4 ? (int)(M - m0) : 4;
         const float *xm = x + m0 * ldx;
         switch (M == 1 ? 0 : mt) { /* constant tile shapes: the compiler keeps the accumulators in registers */
-            case 0: tile512(xm, ldx, 1, 8, w, rows, G, gp, nib, s, zs, out); break;
-            case 1: tile512(xm, ldx, 1, 4, w, rows, G, gp, nib, s, zs, out); break;
-            case 2: tile512(xm, ldx, 2, 4, w, rows, G, gp, nib, s, zs, out); break;
-            case 3: tile512(xm, ldx, 3, 4, w, rows, G, gp, nib, s, zs, out); break;
-            default: tile512(xm, ldx, 4, 4, w, rows, G, gp, nib, s, zs, out); break;
+            case 0: tile512(xm, ldx, 1, 8, w, rows, G, gp, gl, nib, s, zs, out); break;
+            case 1: tile512(xm, ldx, 1, 4, w, rows, G, gp, gl, nib, s, zs, out); break;
+            case 2: tile512(xm, ldx, 2, 4, w, rows, G, gp, gl, nib, s, zs, out); break;
+            case 3: tile512(xm, ldx, 3, 4, w, rows, G, gp, gl, nib, s, zs, out); break;
+            default: tile512(xm, ldx, 4, 4, w, rows, G, gp, gl, nib, s, zs, out); break;
         }
         for (int m = 0; m < mt; m++)
             for (int r = 0; r < RT && n0 + r < N; r++)
@@ -132,19 +184,19 @@ static void block512(const float *x, int64_t M, int64_t ldx, const uint8_t *w, i
 #define LM_MT 6  /* activation rows per register tile */
 #define LM_RT 4  /* weight rows per register tile: 6 x 4 accumulators + 4 weights + 1 activation = 29 zmm */
 
-/* wb [RB, K] = (code - z) * s for rows n0 .. n0 + RB - 1 (clamped to N - 1 at the edge), K = G * gp */
-static void dequant_rows512(const uint8_t *w, int64_t n0, int64_t RB, int64_t N, int64_t G, int64_t gp, int nib,
-                            const float *s, const float *zs, float *wb) {
-    const int64_t gb = nib ? gp / 2 : gp, rowb = G * gb, K = G * gp;
+/* wb [RB, K] = (code - z) * s for rows n0 .. n0 + RB - 1 (clamped to N - 1 at the edge), K = (G - 1) * gp + gl */
+static void dequant_rows512(const uint8_t *w, int64_t n0, int64_t RB, int64_t N, int64_t G, int64_t gp, int64_t gl,
+                            int nib, const float *s, const float *zs, float *wb) {
+    const int64_t gb = nib ? gp / 2 : gp, rowb = row_bytes(G, gp, gl, nib), K = (G - 1) * gp + gl;
     for (int64_t r = 0; r < RB; r++) {
         const int64_t n = n0 + r < N ? n0 + r : N - 1;
         for (int64_t g = 0; g < G; g++) {
             const __m512 sv = _mm512_set1_ps(s[n * G + g]), zv = _mm512_set1_ps(zs[n * G + g]);
             const uint8_t *b = w + n * rowb + g * gb;
             float *o = wb + r * K + g * gp;
-            for (int64_t c = 0; c < gp; c += 32)
+            for (int64_t c = 0; c < glen(g, G, gp, gl); c += 32)
                 for (int h = 0; h < 2; h++)
-                    _mm512_storeu_ps(o + c + 16 * h, weights16(b + (nib ? c / 2 : c + 16 * h), nib, h, sv, zv));
+                    _mm512_storeu_ps(o + c + 16 * h, weights16(b + (nib ? c / 2 : c), nib, h, sv, zv));
         }
     }
 }
@@ -190,14 +242,21 @@ static void rows_many512(const float *x, int64_t M, int64_t ldx, const float *wb
     }
 }
 
-/* y [M, N] = x [M, G * gp] @ dequant(w)^T + bias for many rows: weight rows in blocks of RB (a multiple of LM_RT)
+/* y [M, N] = x [M, K] @ dequant(w)^T + bias for many rows: weight rows in blocks of RB (a multiple of LM_RT)
  * dequantized once per chunk of MC activation rows. Returns 0, or 1 if a buffer could not be allocated. */
 int qr_lowbit_mm_many(const float *x, int64_t M, int64_t ldx, const uint8_t *w, int64_t N, int64_t G, int64_t gp,
-                      int nib, const float *s, const float *zs, const float *bias, float *y, int64_t RB, int64_t MC,
-                      int nthreads) {
+                      int64_t gl, int nib, const float *s, const float *zs, const float *bias, float *y, int64_t RB,
+                      int64_t MC, int nthreads) {
     int failed = 0;
-    const int64_t K = G * gp, nblocks = (N + RB - 1) / RB;
+    const int64_t K = (G - 1) * gp + gl, nblocks = (N + RB - 1) / RB;
     if (ldx != K || RB % LM_RT) return 2;
+    if (nib == 2) {
+        float *xs = split_x(x, M, ldx, K, nthreads);
+        if (!xs) return 1;
+        failed = qr_lowbit_mm_many(xs, M, K, w, N, G, gp, gl, 1, s, zs, bias, y, RB, MC, nthreads);
+        free(xs);
+        return failed;
+    }
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
         float *wb = aligned_alloc(64, sizeof(float) * RB * K);
@@ -207,7 +266,7 @@ int qr_lowbit_mm_many(const float *x, int64_t M, int64_t ldx, const uint8_t *w, 
 #pragma omp for schedule(dynamic, 1)
             for (int64_t nb = 0; nb < nblocks; nb++) {
                 if (!wb) continue;
-                dequant_rows512(w, nb * RB, RB, N, G, gp, nib, s, zs, wb);
+                dequant_rows512(w, nb * RB, RB, N, G, gp, gl, nib, s, zs, wb);
                 rows_many512(x + c0 * ldx, mc, ldx, wb, nb * RB, RB, N, K, bias, y + c0 * N);
             }
         }
@@ -217,8 +276,8 @@ int qr_lowbit_mm_many(const float *x, int64_t M, int64_t ldx, const uint8_t *w, 
 }
 #else
 int qr_lowbit_mm_many(const float *x, int64_t M, int64_t ldx, const uint8_t *w, int64_t N, int64_t G, int64_t gp,
-                      int nib, const float *s, const float *zs, const float *bias, float *y, int64_t RB, int64_t MC,
-                      int nthreads) {
+                      int64_t gl, int nib, const float *s, const float *zs, const float *bias, float *y, int64_t RB,
+                      int64_t MC, int nthreads) {
     return 3; /* built without AVX-512: the caller dequantizes panels and runs the dense matmul */
 }
 #endif
@@ -232,25 +291,33 @@ int qr_lowbit_has_many(void) {
 #endif
 }
 
-/* y [M, N] = x [M, G * gp] (row stride ldx) @ dequant(w)^T + bias; zs = z * s (exact for 16-bit scales).
+/* y [M, N] = x [M, K] (row stride ldx) @ dequant(w)^T + bias; zs = z * s (exact for 16-bit scales).
  * Returns 0, or 1 if a row buffer could not be allocated. */
 int qr_lowbit_mm(const float *x, int64_t M, int64_t ldx, const uint8_t *w, int64_t N, int64_t G, int64_t gp,
-                 int nib, const float *s, const float *z, const float *zs, const float *bias, float *y,
+                 int64_t gl, int nib, const float *s, const float *z, const float *zs, const float *bias, float *y,
                  int nthreads) {
     int failed = 0;
+    if (nib == 2) {
+        const int64_t K = (G - 1) * gp + gl;
+        float *xs = split_x(x, M, ldx, K, nthreads);
+        if (!xs) return 1;
+        failed = qr_lowbit_mm(xs, M, K, w, N, G, gp, gl, 1, s, z, zs, bias, y, nthreads);
+        free(xs);
+        return failed;
+    }
     const int par = nthreads > 1 && N * G * gp * (M < 4 ? M : 4) >= (1 << 16);
 #if defined(__AVX512F__)
     (void)z;
     const int64_t rt = M == 1 ? 8 : 4;
     if (!par) {
         for (int64_t nb = 0; nb < (N + rt - 1) / rt; nb++)
-            block512(x, M, ldx, w, nb * rt, N, G, gp, nib, s, zs, bias, y);
+            block512(x, M, ldx, w, nb * rt, N, G, gp, gl, nib, s, zs, bias, y);
         return 0;
     }
     /* dynamic: on a shared machine a preempted thread's rows are taken over instead of awaited */
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 4)
     for (int64_t nb = 0; nb < (N + rt - 1) / rt; nb++)
-        block512(x, M, ldx, w, nb * rt, N, G, gp, nib, s, zs, bias, y);
+        block512(x, M, ldx, w, nb * rt, N, G, gp, gl, nib, s, zs, bias, y);
     return 0;
 #endif
     (void)zs;
@@ -264,7 +331,7 @@ int qr_lowbit_mm(const float *x, int64_t M, int64_t ldx, const uint8_t *w, int64
 #pragma omp for schedule(static)
             for (int64_t nb = 0; nb < nblocks; nb++) {
                 int64_t n0 = nb * NB, nr = N - n0 < NB ? N - n0 : NB;
-                row_block(x, M, ldx, w, n0, nr, G, gp, nib, s, z, bias, y, N, buf, buf + NB * gp);
+                row_block(x, M, ldx, w, n0, nr, G, gp, gl, nib, s, z, bias, y, N, buf, buf + NB * gp);
             }
             free(buf);
         }
@@ -272,18 +339,19 @@ int qr_lowbit_mm(const float *x, int64_t M, int64_t ldx, const uint8_t *w, int64
     return failed;
 }
 
-/* out [N, G * gp] = (code - z) * s, the whole weight in fp32 (for large M: dequantize once, then sgemm) */
-void qr_lowbit_dequant(const uint8_t *w, int64_t N, int64_t G, int64_t gp, int nib, const float *s,
+/* out [N, K] = (code - z) * s, the whole weight in fp32, K = (G - 1) * gp + gl */
+void qr_lowbit_dequant(const uint8_t *w, int64_t N, int64_t G, int64_t gp, int64_t gl, int nib, const float *s,
                        const float *z, float *out, int nthreads) {
-    const int64_t gb = nib ? gp / 2 : gp;
+    const int64_t gb = nib ? gp / 2 : gp, rowb = row_bytes(G, gp, gl, nib), K = (G - 1) * gp + gl;
 #pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
     for (int64_t n = 0; n < N; n++)
         for (int64_t g = 0; g < G; g++) {
-            float *o = out + (n * G + g) * gp;
+            const int64_t len = glen(g, G, gp, gl);
+            float *o = out + n * K + g * gp;
             const float sc = s[n * G + g];
-            dequant_group(w + (n * G + g) * gb, gp, nib, z[n * G + g], o);
+            dequant_group(w + n * rowb + g * gb, len, nib, z[n * G + g], o);
 #pragma omp simd
-            for (int64_t i = 0; i < gp; i++) o[i] *= sc;
+            for (int64_t i = 0; i < len; i++) o[i] *= sc;
         }
 }
 
