@@ -17,6 +17,7 @@ from .config import Plan, check_positions, plan
 from .data.tokens import calibration_ids, eval_streams
 from .errors import ConfigError
 from .eval.footprint import footprint, peak_memory, reset_peak_memory
+from .kernels.prepared import derived_bytes
 from .eval.kvcache import enable_kv_cache, kv_cache_report
 from .eval.outliers import start_watch
 from .eval.ppl import perplexity, sliding_perplexity
@@ -227,12 +228,14 @@ def execute(p: Plan, cfg_dict: dict, chash: str, out_dir: Path, logger) -> Metri
                        config_hash=chash, seed=p.seed, time=_now(), steps=records, commit=commit_label(prov),
                        eval_signature=eval_signature(ppl, lm_eval),
                        calib_samples=None if calib_prov is None else calib_prov["n_samples"])
-    metrics = Metrics(run=run_info, model=model_info, ppl=ppl, footprint=_footprint(p, model, result),
-                      memory=peak_memory(device), timing=Timing(t_load, t_quant, t_eval),
+    fp_info, memory = _footprint(p, model, result), peak_memory(device)  # peaks before the extras' own
+    extras = _extras(p, model, tok, kernels, device, out_dir, export_source(run_info))
+    memory["kernel_copies_bytes"] = derived_bytes(model)  # what packed kernels hold beside the stored buffers
+    metrics = Metrics(run=run_info, model=model_info, ppl=ppl, footprint=fp_info, memory=memory,
+                      timing=Timing(t_load, t_quant, t_eval),
                       kernels={k: sum(1 for v in kernels.values() if v == k) for k in sorted(set(kernels.values()))},
                       calibration=calib_prov, wandb=logger.status, lm_eval=lm_eval, wandb_run=logger.ref(),
-                      activations=activations,
-                      **_extras(p, model, tok, kernels, device, out_dir, export_source(run_info)),
+                      activations=activations, **extras,
                       kv_cache=kv_cache_report(kv, p.eval.kv_cache, p.eval.seqlen, limit))
     _write(out_dir, cfg_dict, metrics, result, prov, logger)
     return metrics

@@ -21,7 +21,7 @@ from qresearch.kernels import cpu_lowbit, cpu_panels
 from qresearch.kernels import cpu_packed as cp
 from qresearch.kernels import dispatch
 from qresearch.kernels import reference as ref
-from qresearch.kernels.prepared import is_cached
+from qresearch.kernels.prepared import derived_bytes, is_cached
 from qresearch.nn.packed import QuantLinear
 from qresearch.quant.packing import PackedMeta
 from tests._qhelpers import REPO, packed_args, rel_err, rtn_layer, shared_dir
@@ -282,6 +282,23 @@ def test_quantlinear_prepares_once_and_follows_its_buffers(monkeypatch):
     del mod, y1, y2
     gc.collect()
     assert gone() is None and len(calls) == 3  # the cache does not keep a layer's weights alive
+
+
+def test_derived_bytes_count_what_kernels_hold_beside_the_buffers():
+    """derived_bytes: a layer read in place holds only fp32 scales / zeros / zero * scale (3 x 4 bytes a group); an
+    act-order layer's copied codes count too; a layer read in place is freed with its module."""
+    model = nn.Sequential(QuantLinear.from_result(nn.Linear(96, 32), rtn_layer(32, 96, 4, 32, False)),
+                          nn.ReLU(), QuantLinear.from_result(nn.Linear(32, 96), rtn_layer(96, 32, 4, 32, False)))
+    assert derived_bytes(model) == 0  # nothing prepared yet
+    model(torch.randn(2, 96))
+    assert derived_bytes(model) == 12 * (32 * 3 + 96 * 1)
+    ao = nn.Sequential(QuantLinear.from_result(nn.Linear(96, 32), rtn_layer(32, 96, 4, 32, False, act_order=True)))
+    ao(torch.randn(2, 96))
+    assert derived_bytes(ao) >= 32 * 96 // 2 + 12 * 32 * 3  # the permuted nibbles, then the scales
+    gone = weakref.ref(model[0].qweight)
+    del model
+    gc.collect()
+    assert gone() is None
 
 
 def test_input_gradient_matches_reference(monkeypatch):

@@ -4,6 +4,7 @@ are unchanged: the cache holds each layer's qweight tensor weakly and stamps the
 next call rebuild it."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import weakref
 from typing import Callable
@@ -46,6 +47,35 @@ def cached(key, bufs: dict, make: Callable[[], object]):
 
 def is_cached(qweight: torch.Tensor) -> bool:
     return qweight in _PREPARED
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    """The tensors a prepared value holds (tensors, tuples / lists, dataclasses)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    if dataclasses.is_dataclass(value):
+        return [t for f in dataclasses.fields(value) for t in _tensors(getattr(value, f.name))]
+    return []
+
+
+def derived_bytes(model: torch.nn.Module) -> int:
+    """Bytes the kernels hold for `model`'s packed layers beside their buffers (their own layouts, permuted copies,
+    fp32 scales): storage shared with a layer's buffers is not counted, shared storage is counted once."""
+    seen, total = set(), 0
+    for m in model.modules():
+        qweight = getattr(m, "qweight", None)
+        if not isinstance(qweight, torch.Tensor) or qweight not in _PREPARED:
+            continue
+        own = {b.untyped_storage().data_ptr() for b in m.buffers(recurse=False)}
+        for _, value in _PREPARED[qweight].values():
+            for t in _tensors(value):
+                st = t.untyped_storage()
+                if st.data_ptr() not in own and st.data_ptr() not in seen:
+                    seen.add(st.data_ptr())
+                    total += st.nbytes()
+    return total
 
 
 def act_order_perm(g_idx: torch.Tensor | None, meta: PackedMeta) -> tuple[torch.Tensor | None, str | None]:

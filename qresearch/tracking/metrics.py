@@ -153,6 +153,7 @@ class Metrics:
                "bits_per_weight": fp.bits_per_weight, "weight_bytes": fp.weight_bytes,
                "quantize_seconds": self.timing.quantize_seconds,
                "peak_rss_bytes": self.memory.get("peak_rss_bytes"), "peak_cuda_bytes": self.memory.get("peak_cuda_bytes"),
+               "kernel_copies_bytes": self.memory.get("kernel_copies_bytes"),
                "weights_note": self.model.weights_note, "eval": self.eval_signature()}
         for ds, p in self.ppl.items():
             row[f"ppl_{ds}"] = p.ppl

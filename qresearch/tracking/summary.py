@@ -31,9 +31,11 @@ def summary_lines(m: Metrics, run_dir: Path) -> list[str]:
         kv, last = m.kv_cache, m.kv_cache["cache"][-1]
         lines.append(f"   kv cache: {kv['qformat']}{kv['bits']} per token and head ({last['bits_per_value']:.2f} bits/value); "
                      f"{last['bytes'] / 2**20:.2f} MiB at {last['context']} tokens (fp16 {last['fp16_bytes'] / 2**20:.2f})")
-    t = m.timing
+    t, copies = m.timing, m.memory.get("kernel_copies_bytes")
+    copies = f" (packed kernels' own copies {copies / 2**20:.1f} MiB)" if copies else ""
     lines.append(f"   time: load {t.load_seconds:.1f}s, quantize {t.quantize_seconds:.1f}s, "
-                 f"eval {t.eval_seconds:.1f}s; peak RSS {m.memory['peak_rss_bytes'] / 2**30:.2f} GiB; wandb: {m.wandb}")
+                 f"eval {t.eval_seconds:.1f}s; peak RSS {m.memory['peak_rss_bytes'] / 2**30:.2f} GiB{copies}; "
+                 f"wandb: {m.wandb}")
     return lines
 
 
