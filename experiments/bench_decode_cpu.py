@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from experiments.bench_kernels import cpu_name, _sh  # noqa: E402
 from methods.rtn import RTN  # noqa: E402
 from qresearch.eval.latency import LatencyConfig, measure_latency  # noqa: E402
+from qresearch.kernels.prepared import derived_bytes  # noqa: E402
 from qresearch.method import Context  # noqa: E402
 from qresearch.models.arch import arch_for  # noqa: E402
 from qresearch.models.load import ModelSpec, load_model  # noqa: E402
@@ -114,7 +115,8 @@ def row(label: str, model, kernels: dict, r: dict, threads: int, repeats: int) -
     return {"label": label, "threads": threads, "kernels": dict(Counter(kernels.values())),
             "tok_s": r["tokens_per_s"], "ms": r["ms_per_step"], "tokens": r["new_tokens"], "repeats": repeats,
             "prefill_ms": {int(k): v["ms"] for k, v in r["prefill"].items()},
-            "packed_mb": packed_weight_bytes(model) / 2**20 if kernels else None}
+            "packed_mb": packed_weight_bytes(model) / 2**20 if kernels else None,
+            "copies_mb": derived_bytes(model) / 2**20 if kernels else None}
 
 
 def write(rows: list[dict], args, load_start: str) -> Path:
@@ -137,12 +139,17 @@ def write(rows: list[dict], args, load_start: str) -> Path:
              f"- command: python experiments/bench_decode_cpu.py {' '.join(sys.argv[1:])}",
              f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}, commit {commit}{dirty}, "
              f"torch {torch.__version__}", "",
-             "| model | threads | kernels (layers) | packed MiB | decode steps x repeats | ms / step | tokens/s | "
-             "vs dense fp32 | vs dense bf16 |" + "".join(f" prefill {n} ms | vs dense fp32 |" for n in lengths),
-             "|---" * (9 + 2 * len(lengths)) + "|"]
+             "- packed MiB: the stored buffers of the packed linears; kernel copies MiB: what their kernels hold "
+             "beside them (a kernel's own weight layout, fp32 scales; qresearch.kernels.prepared.derived_bytes) "
+             "after the run", "",
+             "| model | threads | kernels (layers) | packed MiB | kernel copies MiB | decode steps x repeats | ms / step "
+             "| tokens/s | vs dense fp32 | vs dense bf16 |" + "".join(f" prefill {n} ms | vs dense fp32 |"
+                                                             for n in lengths),
+             "|---" * (10 + 2 * len(lengths)) + "|"]
     for r in sorted(rows, key=lambda r: r["threads"]):
         k = ", ".join(f"{n} ({c})" for n, c in r["kernels"].items()) or "dense"
-        mb = "" if r["packed_mb"] is None else f"{r['packed_mb']:.1f}"
+        mb = "" if r["packed_mb"] is None else f"{r['packed_mb']:.1f} | {r['copies_mb']:.1f}"
+        mb = mb or " | "
         fp32, bf16 = dense[("dense float32", r["threads"])], dense[("dense bfloat16", r["threads"])]
         pf = dense_pf[("dense float32", r["threads"])]
         cells = "".join(f" {r['prefill_ms'][n]:.1f} | {pf[n] / r['prefill_ms'][n]:.2f}x |" if n in r["prefill_ms"]
