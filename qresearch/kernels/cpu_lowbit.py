@@ -3,8 +3,8 @@
 The C source is built with the system C compiler once per machine (cached under $QRESEARCH_CACHE/kernels). No
 compiler, or a failed build, is a reason the kernel cannot run (reported by cpu_packed.select, never silent).
 prepare_lowbit lays out the codes once (nibbles for bits <= 4, bytes otherwise, groups padded to 32 columns), or,
-where the stored words already are that layout up to an input-column order (4 / 8 bits, groups of a multiple of 32
-columns: prepare_lowbit_stored), reads the layer's own buffer;
+for 4- / 8-bit layers whose groups and width are multiples of 32, prepare_lowbit_stored reads the layer's own
+stored words (the C side runs 4-bit stream nibbles on a column-split copy of x, split_x);
 lowbit_linear runs the fused kernel for few rows and, on AVX-512 builds, a loop that dequantizes each weight block
 once for many (see MANY_M).
 
