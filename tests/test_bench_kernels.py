@@ -24,3 +24,17 @@ def test_bench_script_writes_labelled_table(tmp_path):
     cold = text[text.index("## Cold weights"):].splitlines()
     assert sum(line.startswith("| w") for line in cold) == len(bench.COLD_VARIANTS) * 2  # x 2 activation dtypes
     assert abs(bench.memory_bound_limit(4, 128, 4096, True) - 16 / (4 + 16 / 128)) < 1e-12  # 3.88x
+
+
+def test_packed_memory_table_counts_what_kernels_hold(tmp_path):
+    """stories260K: the C kernel's in-place rows hold less than the same layers with their codes copied, and every
+    row holds its stored buffers plus something (fp32 scales at least)."""
+    spec = importlib.util.spec_from_file_location("bench_packed_memory", REPO / "experiments" / "bench_packed_memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    text = bench.main(["--model", "stories260k", "--out", str(tmp_path / "m.md")]).read_text()
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines() if line.startswith("| w")]
+    assert len(rows) == 8 and all(float(r[6].rstrip("x")) > 1 for r in rows)
+    for variant in ("w4_g128", "w8_perchannel"):
+        fp32 = {r[2]: float(r[5]) for r in rows if r[0] == variant and r[1] == "float32"}
+        assert fp32["dispatch"] < fp32["C kernel codes copied (in-place path off)"], fp32
