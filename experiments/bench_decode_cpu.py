@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.bench_kernels import cpu_name, _sh  # noqa: E402
+from experiments.bench_kernels import commit_label, cpu_name  # noqa: E402
 from methods.rtn import RTN  # noqa: E402
 from qresearch.eval.latency import LatencyConfig, measure_latency  # noqa: E402
 from qresearch.kernels.prepared import derived_bytes  # noqa: E402
@@ -123,8 +123,6 @@ def write(rows: list[dict], args, load_start: str) -> Path:
     dense = {(r["label"], r["threads"]): r["tok_s"] for r in rows if r["label"].startswith("dense")}
     dense_pf = {(r["label"], r["threads"]): r["prefill_ms"] for r in rows if r["label"].startswith("dense")}
     lengths = sorted({n for r in rows for n in r["prefill_ms"]})
-    commit = _sh(["git", "rev-parse", "--short", "HEAD"])
-    dirty = " +dirty" if _sh(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"]) else ""
     lines = [f"# Decode throughput on CPU: {args.model}, batch 1", "",
              "Goal: packed decode faster than the fp32 model. Linears of the decoder blocks are packed (RTN); "
              "embeddings, norms and the (tied) lm_head stay dense in the model dtype.", "",
@@ -137,7 +135,7 @@ def write(rows: list[dict], args, load_start: str) -> Path:
              "the KV cache (same repeats), its ratio = dense fp32 ms / ms",
              f"- model weights: {args.weights_note or 'as published (float)'}",
              f"- command: python experiments/bench_decode_cpu.py {' '.join(sys.argv[1:])}",
-             f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}, commit {commit}{dirty}, "
+             f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}, commit {commit_label()}, "
              f"torch {torch.__version__}", "",
              "- packed MiB: the stored buffers of the packed linears; kernel copies MiB: what their kernels hold "
              "beside them (a kernel's own weight layout, fp32 scales; qresearch.kernels.prepared.derived_bytes) "

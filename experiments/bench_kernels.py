@@ -342,6 +342,12 @@ def _sh(cmd: list[str]) -> str:
         return "?"
 
 
+def commit_label() -> str:
+    """Short HEAD commit, with ' +dirty' when tracked files outside results/ differ from it."""
+    dirty = _sh(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"])
+    return _sh(["git", "rev-parse", "--short", "HEAD"]) + (" +dirty" if dirty else "")
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -377,8 +383,7 @@ def write_markdown(rows: list[dict], device, dtype, copy_bw: float, args, cand_r
         lines += _cpu_lines(args)
     import triton  # noqa: F401  (version only)
 
-    lines += [f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}, commit {_sh(['git', 'rev-parse', '--short', 'HEAD'])}"
-              f"{' +dirty' if _sh(['git', 'status', '--porcelain', '--untracked-files=no', '--', '.', ':!results']) else ''}",
+    lines += [f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}, commit {commit_label()}",
               f"- torch {torch.__version__}, triton {sys.modules['triton'].__version__}, activations {dtype}",
               f"- timing: median of {args.repeats} after {args.warmup} warm-up "
               f"({'CUDA events' if device.type == 'cuda' else 'perf_counter'}); measured copy bandwidth "

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from experiments.bench_decode_cpu import QUANT, load  # noqa: E402
-from experiments.bench_kernels import _sh  # noqa: E402
+from experiments.bench_kernels import commit_label  # noqa: E402
 from methods.rtn import RTN  # noqa: E402
 from qresearch.kernels import cpu_lowbit  # noqa: E402
 from qresearch.kernels.prepared import derived_bytes  # noqa: E402
@@ -67,8 +67,6 @@ def main(argv=None) -> Path:
             if act == 16 and dtype == torch.float32:
                 rows.append({"variant": q, "dtype": "float32", "path": "C kernel codes copied (in-place path off)",
                              **measure(base, result, dtype, False)})
-    commit = _sh(["git", "rev-parse", "--short", "HEAD"])
-    dirty = " +dirty" if _sh(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"]) else ""
     lines = [f"# Packed weights held on CPU: {args.model}", "",
              "Stored MiB: the packed linears' buffers (codes, scales, zeros) as a checkpoint holds them. Kernel copies "
              "MiB: what their CPU kernels hold beside them after one forward (`derived_bytes`: a kernel's own weight "
@@ -77,7 +75,7 @@ def main(argv=None) -> Path:
              f"- model weights: {note or 'as published (float)'}",
              "- variants: RTN w4 g128 asym, w8 per-channel sym, W8A8 (w8 + per-token dynamic int8 activations)",
              f"- command: python experiments/bench_packed_memory.py {' '.join(sys.argv[1:])}",
-             f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}, commit {commit}{dirty}, "
+             f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}, commit {commit_label()}, "
              f"torch {torch.__version__}", "",
              "| variant | activations | path | kernels (layers) | stored MiB | kernel copies MiB | held / stored |",
              "|---|---|---|---|---|---|---|"]

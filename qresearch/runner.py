@@ -17,10 +17,10 @@ from .config import Plan, check_positions, plan
 from .data.tokens import calibration_ids, eval_streams
 from .errors import ConfigError
 from .eval.footprint import footprint, peak_memory, reset_peak_memory
-from .kernels.prepared import derived_bytes
 from .eval.kvcache import enable_kv_cache, kv_cache_report
 from .eval.outliers import start_watch
 from .eval.ppl import perplexity, sliding_perplexity
+from .kernels.prepared import derived_bytes
 from .method import Context
 from .models.arch import arch_for
 from .models.load import load_model, positions_of, resolve_dtype
