@@ -109,7 +109,7 @@ def test_quick_mode_writes_every_section_without_the_missing_packages(tmp_path):
     corr = secs["correctness"]
     assert corr["passed"] == corr["n_cases"] == len(corr["rows"]) and not corr["failed"]
     assert {r["family"] for r in corr["rows"]} == {"wq", "gemv2", "dequant", "small", "act_perm", "w8a8",
-                                                  "act_quant", "gptq_loop"}
+                                                  "act_quant", "gptq_loop", "rtn_device"}
     assert {r["path"] for r in corr["rows"] if r["family"] == "wq"} == {"gemv", "splitk", "prefill"}
     assert {r["bits"] for r in corr["rows"] if r["family"] == "wq"} == set(range(2, 9))
     assert all(r["kernel"].startswith("torch_ref_") for r in secs["kernels"]["rows"])

@@ -138,3 +138,29 @@ def test_spec_rejects_bad_values(kw, msg):
 def test_weight_spec_off_and_per_channel():
     assert weight_spec(16) is None
     assert weight_spec(4, -1).granularity == "channel"
+
+
+def test_scales_divide_truly_where_torch_would_multiply_by_a_reciprocal(monkeypatch):
+    """CUDA divides a tensor by a Python number as a multiplication by its reciprocal (one ulp off for 15, 7, 255):
+    emulated here on CPU, the int format's scales must still equal IEEE division's (what the CPU and reference GPTQ,
+    dividing by a device tensor, compute), so GPU runs get the CPU's qparams and codes."""
+    from qresearch.quant import quantize_tensor, weight_spec
+
+    true_div = torch.Tensor.__truediv__
+
+    def cuda_like(t, other):
+        if isinstance(other, (int, float)) and t.is_floating_point():
+            return t * (1.0 / torch.tensor(float(other), dtype=t.dtype))  # the reciprocal in t's precision
+        return true_div(t, other)
+
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(256, 512, generator=g) * torch.linspace(0.005, 0.05, 512)
+    specs = [weight_spec(4, 128, False), weight_spec(3, 128, True), weight_spec(8, -1, True),
+             weight_spec(4, 32, False, scale_bits=8)]
+    want = [quantize_tensor(W, s) for s in specs]
+    monkeypatch.setattr(torch.Tensor, "__truediv__", cuda_like)
+    assert not torch.equal(W / 15, true_div(W, 15))  # the emulation does differ from division
+    for s, w in zip(specs, want):
+        got = quantize_tensor(W, s)
+        for k in ("codes", "scale", "zero"):
+            assert torch.equal(getattr(got, k), getattr(w, k)), (s, k)

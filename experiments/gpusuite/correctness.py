@@ -203,16 +203,19 @@ def run(ctx: Ctx, state: dict) -> None:
     all_cases = cases(quick=not ctx.gpu)
     state.update(tolerances={str(k).removeprefix("torch."): v for k, v in TOL.items()}, tiles=tiles,
                  executor="Triton interpreter on CPU (TRITON_INTERPRET=1)" if not ctx.gpu else f"{ctx.device}",
-                 n_cases=len(all_cases) + 1, rows=[])
+                 n_cases=len(all_cases) + 2, rows=[])
     for i, case in enumerate(all_cases):
         state["rows"].append(run_case(case, ctx.device, tiles, seed=i))
         if i % 10 == 9:
             ctx.save()
-    try:  # GPTQ's column loop (the Triton kernel on CUDA) against the format path's torch ops
-        state["rows"].append(lib.gptq_loop_row(ctx.device))
-    except Exception as exc:  # noqa: BLE001 - recorded as a failed case
-        state["rows"].append({"case": "gptq column loop", "family": "gptq_loop", "path": "-", "tol": 0.0,
-                              "status": "ERROR", "note": f"{type(exc).__name__}: {exc}"[:300]})
+    # GPTQ's column loop (the Triton kernel on CUDA) against the format path's torch ops; RTN on the device vs CPU
+    for fn, name, family in ((lib.gptq_loop_row, "gptq column loop", "gptq_loop"),
+                             (lib.device_rtn_row, "RTN on the device vs CPU", "rtn_device")):
+        try:
+            state["rows"].append(fn(ctx.device))
+        except Exception as exc:  # noqa: BLE001 - recorded as a failed case
+            state["rows"].append({"case": name, "family": family, "path": "-", "tol": 0.0,
+                                  "status": "ERROR", "note": f"{type(exc).__name__}: {exc}"[:300]})
     rows = state["rows"]
     state["passed"] = sum(r["status"] == "PASS" for r in rows)
     state["failed"] = [r["case"] for r in rows if r["status"] != "PASS"]

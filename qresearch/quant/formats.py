@@ -13,6 +13,7 @@ from ..errors import ConfigError
 from .fitted import BinaryFormat, KMeansFormat, TernaryFormat
 from .format_base import LayerParams, NumericFormat, QParams
 from .grid import FP4Format, FP8Format, MXFP4Format, NF4Format, NVFP4Format
+from .scales import div_rn
 
 __all__ = ["FORMATS", "LayerParams", "NumericFormat", "QParams", "get_format"]
 
@@ -42,11 +43,11 @@ class IntFormat(NumericFormat):
         if spec.sym:
             absmax = torch.maximum(xmin.abs(), xmax.abs())
             half = 2 ** (spec.bits - 1)
-            scale = absmax / (half - 1) if spec.bits > 2 else absmax / half
+            scale = div_rn(absmax, half - 1) if spec.bits > 2 else absmax / half  # half: a power of 2
             scale = torch.where(scale > 0, scale, torch.ones_like(scale))
             return self.coded_scale(scale, spec, scale2), torch.full_like(scale, float(half))
         xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)  # the range holds 0, so 0.0 is exact
-        scale = (xmax - xmin) / qmax
+        scale = div_rn(xmax - xmin, qmax)
         scale = self.coded_scale(torch.where(scale > 0, scale, torch.ones_like(scale)), spec, scale2)
         return scale, torch.round(-xmin / scale).clamp(0, qmax)
 

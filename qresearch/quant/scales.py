@@ -53,6 +53,13 @@ class ScaleCoding:
         return f"-s{self.bits}{'ch' if self.level2 == 'channel' else 't'}"
 
 
+def div_rn(t: torch.Tensor, c: float) -> torch.Tensor:
+    """t / c rounded as IEEE division on every device. torch's CUDA division by a Python number multiplies by its
+    reciprocal (one ulp off for c = 15, 7, ...), so scales on a GPU would differ from the CPU's and from
+    reference implementations that divide by a device tensor; a one-element tensor on t's device divides truly."""
+    return t / torch.full((), c, dtype=t.dtype, device=t.device)
+
+
 def level2_of(raw: torch.Tensor, c: ScaleCoding) -> torch.Tensor | None:
     """Second-level scale from raw float group scales [rows, n_groups]: [rows, 1] (channel) or [1, 1] (tensor)."""
     if c.level2 is None:
@@ -60,7 +67,7 @@ def level2_of(raw: torch.Tensor, c: ScaleCoding) -> torch.Tensor | None:
     top = raw.float().amax(dim=-1, keepdim=True) if c.level2 == "channel" else raw.float().amax().reshape(1, 1)
     top = torch.where(top > 0, top, torch.ones_like(top))
     if c.kind == "uint":
-        return top / (2**c.bits - 1)
+        return div_rn(top, 2**c.bits - 1)
     if c.kind == "e4m3":
         return E4M3_MAX / top  # a divisor, as NVFP4's global scale (compressed-tensors: scale / global_scale)
     raise ConfigError(f"scale kind {c.kind} takes no second-level scale")
