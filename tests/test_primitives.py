@@ -142,7 +142,7 @@ def test_weight_spec_off_and_per_channel():
 
 def test_scales_divide_truly_where_torch_would_multiply_by_a_reciprocal(monkeypatch):
     """CUDA divides a tensor by a Python number as a multiplication by its reciprocal (one ulp off for 15, 7, 255):
-    emulated here on CPU, the int format's scales must still equal IEEE division's (what the CPU and reference GPTQ,
+    emulated here on CPU, int and fp8 scales must still equal IEEE division's (what the CPU and reference GPTQ,
     dividing by a device tensor, compute), so GPU runs get the CPU's qparams and codes."""
     from qresearch.quant import quantize_tensor, weight_spec
 
@@ -156,9 +156,14 @@ def test_scales_divide_truly_where_torch_would_multiply_by_a_reciprocal(monkeypa
     g = torch.Generator().manual_seed(3)
     W = torch.randn(256, 512, generator=g) * torch.linspace(0.005, 0.05, 512)
     specs = [weight_spec(4, 128, False), weight_spec(3, 128, True), weight_spec(8, -1, True),
-             weight_spec(4, 32, False, scale_bits=8)]
+             weight_spec(4, 32, False, scale_bits=8), weight_spec(8, 128, True, "fp8_e4m3")]
+    from qresearch.kernels.reference import act_quant_ref
+
     want = [quantize_tensor(W, s) for s in specs]
+    q_want, s_want = act_quant_ref(W[:64] * 40)  # W8A8's per-token activation scales (absmax / 127)
     monkeypatch.setattr(torch.Tensor, "__truediv__", cuda_like)
+    q_got, s_got = act_quant_ref(W[:64] * 40)
+    assert torch.equal(s_got, s_want) and torch.equal(q_got, q_want)
     assert not torch.equal(W / 15, true_div(W, 15))  # the emulation does differ from division
     for s, w in zip(specs, want):
         got = quantize_tensor(W, s)

@@ -263,24 +263,26 @@ def gptq_loop_ab(model, hs: dict[str, torch.Tensor], layers=LOOP_AB_LAYERS) -> l
     return rows
 
 
-DEVICE_RTN_SPECS = ((4, 128, False, None), (3, 128, True, None), (8, -1, True, None), (4, 32, False, 8))
+DEVICE_RTN_SPECS = ((4, 128, False, None, "int"), (3, 128, True, None, "int"), (8, -1, True, None, "int"),
+                    (4, 32, False, 8, "int"), (8, 128, True, None, "fp8_e4m3"))
 
 
 def device_rtn_row(device: torch.device) -> dict:
     """Correctness row: RTN qparams and codes of a random 512 x 1152 weight fitted on `device` equal those fitted
-    on the CPU, bit for bit (w4 g128 asym, w3 g128 sym, w8 per-channel, w4 g32 with 8-bit channel-level scales).
-    It fails where a scale is a tensor divided by a Python number: CUDA multiplies by the reciprocal."""
+    on the CPU, bit for bit (int w4 g128 asym, w3 g128 sym, w8 per-channel, w4 g32 with 8-bit channel-level
+    scales; fp8 e4m3 g128). It fails where a scale is a tensor divided by a Python number: CUDA multiplies by the
+    reciprocal."""
     g = torch.Generator().manual_seed(1)
     W = torch.randn(512, 1152, generator=g) * torch.linspace(0.005, 0.05, 1152)
     bad = []
-    for bits, group, sym, sbits in DEVICE_RTN_SPECS:
-        spec = weight_spec(bits, group, sym, scale_bits=sbits)
+    for bits, group, sym, sbits, fmt in DEVICE_RTN_SPECS:
+        spec = weight_spec(bits, group, sym, fmt, scale_bits=sbits)
         a, b = quantize_tensor(W, spec), quantize_tensor(W.to(device), spec)
-        bad += [f"w{bits} g{group} {'sym' if sym else 'asym'}{f' s{sbits}' if sbits else ''} {k}"
+        bad += [f"{fmt} w{bits} g{group} {'sym' if sym else 'asym'}{f' s{sbits}' if sbits else ''} {k}"
                 for k in ("codes", "scale", "zero") if not torch.equal(getattr(a, k), getattr(b, k).cpu())]
-    return {"case": "RTN qparams + codes on the device vs CPU (4 int specs)", "family": "rtn_device",
-            "path": "torch", "bits": 4, "group": 128, "max_abs": 0.0, "rel": float(len(bad)), "ref_rel": 0.0,
-            "tol": 0.0, "status": "FAIL" if bad else "PASS",
+    return {"case": f"RTN qparams + codes on the device vs CPU ({len(DEVICE_RTN_SPECS)} specs)",
+            "family": "rtn_device", "path": "torch", "bits": 4, "group": 128, "max_abs": 0.0, "rel": float(len(bad)),
+            "ref_rel": 0.0, "tol": 0.0, "status": "FAIL" if bad else "PASS",
             "note": f"differ: {', '.join(bad)}" if bad else "codes, scales, zeros bit-identical to the CPU's"}
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..quant.packing import PackedMeta, unpack_rows, unpack_zeros
 from ..quant.primitives import decode
-from ..quant.scales import decode_scales
+from ..quant.scales import decode_scales, div_rn
 
 
 def weight_zeros(meta: PackedMeta, qzeros: torch.Tensor | None) -> torch.Tensor:
@@ -64,7 +64,7 @@ def act_quant_ref(x: torch.Tensor, static_scale: torch.Tensor | None = None) -> 
     """
     xf = x.float()
     if static_scale is None:
-        s = xf.abs().amax(dim=1) / 127.0  # [M]
+        s = div_rn(xf.abs().amax(dim=1), 127.0)  # [M] IEEE division on every device (quant.scales.div_rn)
         s = torch.where(s > 0, s, torch.ones_like(s))
     else:
         s = static_scale.float().reshape(1).expand(x.shape[0]).to(x.device).contiguous()  # [M]

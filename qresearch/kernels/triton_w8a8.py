@@ -26,8 +26,9 @@ def _round_half_even(v):
 
 @triton.jit
 def _row_scale(amax):
-    """Per-token scale absmax / 127; 1.0 for an all-zero row."""
-    s = amax / 127.0
+    """Per-token scale absmax / 127 (IEEE division, as the int format's qparams on every device); 1.0 for an
+    all-zero row."""
+    s = tl.math.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32))
     return tl.where(s > 0, s, 1.0)
 
 

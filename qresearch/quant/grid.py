@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from .format_base import NumericFormat
-from .scales import ScaleCoding
+from .scales import ScaleCoding, div_rn
 
 # FP4 E2M1 magnitudes of codes 0..7 (bit 3 = sign), the OCP MX / NVFP4 / compressed-tensors code assignment
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -62,7 +62,7 @@ class GridFormat(NumericFormat):
 
     def qparams(self, xmin, xmax, spec, scale2=None):
         absmax = torch.maximum(xmin.abs(), xmax.abs()).float()
-        raw = torch.where(absmax > 0, absmax / self.max_level, torch.ones_like(absmax))
+        raw = torch.where(absmax > 0, div_rn(absmax, self.max_level), torch.ones_like(absmax))
         return self.coded_scale(raw, spec, scale2), torch.zeros_like(raw)
 
     def encode(self, x, scale, zero, spec):
