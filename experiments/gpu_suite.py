@@ -22,10 +22,13 @@ some sections on a warm machine: `--sections kernels e2e --budget-s 200 --tag re
 Sections, in order (each skips itself, with the reason recorded, when the budget left is too short):
   1 env          device, driver, CUDA, torch / triton / transformers, commit (+dirty), measured copy bandwidth
   2 correctness  every Triton kernel family vs float64 truth (gpusuite/correctness.py)
-  3 kernels      fp16 vs W4A16 g128 / W8A16 / W8A8 at Llama-2-7B shapes, M = 1, 16, 256, 2048; the small-M paths
+  3 kernels      (after 1 s of matmuls that bring the clocks up, and the host time per eager call at M = 1 by
+                 launch path: gpusuite/launch.py)
+                 fp16 vs W4A16 g128 / W8A16 / W8A8 at Llama-2-7B shapes, M = 1, 16, 256, 2048; the small-M paths
                  auto did not pick and the M = 1 GEMV with int-to-float code conversions (gemv-i2f: an A/B of
                  its default unpacking); act-order W4 permuted vs gathered (4096x11008); the W8A8 call in parts
-                 beside cuBLAS int8 (gpusuite/w8a8_parts.py); the streaming-read floor per shape (gpusuite/floor.py)
+                 beside cuBLAS int8, the activation quantizer by row block (gpusuite/w8a8_parts.py); the
+                 streaming-read floor per shape (gpusuite/floor.py)
   4 e2e          7B- and SmolLM2-shaped models: prefill / decode, fp16 vs packed W4 g128 vs W8A8
   5 gptq         GPTQ calibration time of one 7B-shaped block
   6 gptq_ref     with --reference DIR (the original GPTQ's gptq.py + quant.py, carried, never committed): its

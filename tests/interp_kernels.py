@@ -120,9 +120,23 @@ def test_w8a8_parts_row_splits_a_call():
 
     row = parts_row("40x200", 24, torch.device("cpu"), torch.float32, None, 1, 0, False)
     assert row["gemm_rel_err"] < 1e-6 and row["kernel"] == "triton_w8a8"
+    assert row["act_quant_blocks"] == []  # K = 200: no two-pass row block is narrower than the row
     assert all(row[f"{k}_us"] > 0 for k in ("fp16", "call", "act_quant", "gemm", "cublas_int8"))
     words = torch.tensor([[0x80FF7F00]], dtype=torch.int64).to(torch.int32)  # bytes 0x00 0x7F 0xFF 0x80 (little end)
     assert signed_weight(words, 4).tolist() == [[-128, -1, 127, 0]]
+
+
+def test_w8a8_parts_act_quant_blocks_give_the_default_bits():
+    """Two-pass row blocks narrower than a 2100-wide row (1024, 2048) are timed and give the one-pass default's
+    int8 codes and scales."""
+    from experiments.gpusuite.w8a8_parts import act_quant_blocks
+    from qresearch.kernels.triton_w8a8 import act_quant
+
+    x = torch.randn(3, 2100) * torch.linspace(0.1, 4.0, 2100)
+    xq, sx = act_quant(x)
+    rows = act_quant_blocks(x, xq, sx, lambda fn: (fn() and 1e-6, "eager"))
+    assert [(r["block"], r["identical"]) for r in rows] == [(1024, True), (2048, True)]
+    assert act_quant_blocks(x, xq.flip(1), sx, lambda fn: (1e-6, "eager"))[0]["identical"] is False
 
 
 def test_act_order_rows_time_both_paths():
@@ -136,3 +150,18 @@ def test_act_order_rows_time_both_paths():
     rows = act_order_rows("40x256", ctx, None, 1, 0)
     assert [(r["M"], r["variant"].split()[-1]) for r in rows] == list(ACT_ORDER_RUNS)
     assert all(r["ref_rel_err"] < 1e-5 and r["q_ms"] > 0 and r["kernel"] == "triton_w4a16" for r in rows), rows
+
+
+def test_launch_probe_rows_run_every_launch_path():
+    """The GPU suite's host-time probe (experiments/gpusuite/launch.py) under the interpreter: the GEMV's own launch
+    and the bare JIT call give the same bits; the compiled-kernel path, which the interpreter has no object for, is
+    recorded with its error rather than dropped; W8A8's two kernels are timed."""
+    from experiments import bench_kernels as bk
+    from experiments.gpusuite import launch
+
+    dev = torch.device("cpu")
+    w4, w8 = (bk.build(v, 64, 256, dev, torch.float32) for v in ("w4a16_g128", "w8a8"))
+    rows = {r["path"]: r for r in launch.triton_rows(w4, w8, torch.randn(1, 256), dev, 1, 1.0)}
+    assert rows["triton_gemv._launch (tile fixed)"]["identical"] and rows["JIT launch, buffers reused"]["identical"]
+    assert rows["compiled-kernel launch"]["us"] is None and "Error" in rows["compiled-kernel launch"]["error"]
+    assert rows["act_quant (W8A8)"]["us"] > 0 and rows["int8_gemm (W8A8)"]["us"] > 0

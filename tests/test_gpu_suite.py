@@ -264,7 +264,10 @@ def test_goals_table_met_missed_not_measured():
     state["sections"]["kernels"]["w8a8_parts"] = [part]
     assert "cuBLAS bound 1.48x" in goals(state)[2]["note"] and "cuBLAS" not in goals(state)[0]["note"]
     table = "\n".join(_kernels({"w8a8_parts": [part]}))
-    assert "| 4096x11008 | 2048 | 237.0 | 300.0 | 0.79x | 20.0 | 270.0 | 140.0 | 0.52x | 1.48x | 1.0e-04 |" in table
+    assert "| 4096x11008 | 2048 | 237.0 | 300.0 | 0.79x | 20.0 | - | 270.0 | 140.0 | 0.52x | 1.48x | 1.0e-04 |" in table
+    part["act_quant_blocks"] = [{"block": 1024, "us": 31.5, "identical": True},
+                                {"block": 2048, "us": 18.25, "identical": False}]
+    assert "| 20.0 | 1024: 31.5 / 2048: 18.2! | 270.0 |" in "\n".join(_kernels({"w8a8_parts": [part]}))
     failed = {**part, "cublas_int8_us": None, "gemm_vs_cublas": None, "cublas_bound": None, "gemm_rel_err": None,
               "cublas_error": "RuntimeError: layout"}
     state["sections"]["kernels"]["w8a8_parts"] = [failed]

@@ -82,6 +82,32 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def warm_clocks(device: torch.device, seconds: float = 1.0) -> dict:
+    """Keep the GPU busy with fp16 matmuls for `seconds` so its clocks are at their working level before timing or
+    autotuning starts (after the mostly-compiling correctness section an idle H100 sat at 345 MHz, and the first
+    shape's autotuned configs and timings were the run's outliers). Returns the SM clock before and after (MHz,
+    from torch.cuda.clock_rate where available). No-op on CPU."""
+    if device.type != "cuda":
+        return {}
+    clock = getattr(torch.cuda, "clock_rate", None)
+    read = (lambda: _safe(lambda: clock(device))) if clock else (lambda: None)
+    before = read()
+    a = torch.randn(4096, 4096, device=device, dtype=torch.float16)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(20):
+            a @ a
+        torch.cuda.synchronize(device)
+    return {"sm_mhz_before": before, "sm_mhz_after": read(), "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _safe(fn):
+    try:
+        return fn()
+    except Exception:  # noqa: BLE001 - a clock reading is informational (needs pynvml)
+        return None
+
+
 def errors(y: torch.Tensor, truth: torch.Tensor) -> dict:
     """max |y - truth|, relative Frobenius error (float64), and whether every element is finite."""
     y64, t64 = y.double(), truth.double()

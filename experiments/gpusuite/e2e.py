@@ -14,7 +14,7 @@ import torch
 from qresearch.eval.latency import LatencyConfig, measure_latency  # LIBRARY: latency protocol
 
 from . import lib
-from .common import Ctx, build_causal_lm, free_device_memory, module_bytes, sync
+from .common import Ctx, build_causal_lm, free_device_memory, module_bytes, sync, warm_clocks
 from .graph_decode import graph_decode
 
 LLAMA2_7B = dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
@@ -121,6 +121,7 @@ def run_variant(name: str, cfg: dict, variant: str, ctx: Ctx) -> dict:
 def run(ctx: Ctx, state: dict) -> None:
     models = MODELS if ctx.full else QUICK
     lc = latency_config(ctx.full)
+    state["warm_clocks"] = warm_clocks(ctx.device)  # a section run alone starts on an idle GPU
     state.update(variants={"fp16": "unquantized", **{k: v for k, v in lib.RTN_VARIANTS.items()}},
                  latency={"prompt_lengths": lc.prompt_lengths, "decode_tokens": lc.decode_tokens,
                           "batch_sizes": lc.batch_sizes, "repeats": lc.repeats, "warmup": lc.warmup},

@@ -15,8 +15,8 @@ import torch
 
 from experiments import bench_kernels as bk  # builds QuantLinear modules (its own library calls)
 
-from . import lib
-from .common import Ctx, free_device_memory
+from . import launch, lib
+from .common import Ctx, free_device_memory, warm_clocks
 from .floor import floor_row
 from .w8a8_parts import parts_row
 
@@ -114,6 +114,12 @@ def run(ctx: Ctx, state: dict) -> None:
     repeats, warmup = (30, 5) if ctx.full else (2, 1)
     need = GPU_SHAPE_S if ctx.full else QUICK_SHAPE_S
     flush = l2_flush(ctx.device)
+    state["warm_clocks"] = warm_clocks(ctx.device)  # before the first autotune and timing
+    try:  # host time per eager call at M = 1 (launch.py): a few seconds, first, so a cut budget still has it
+        state["host_overhead"] = launch.rows(ctx.device, ctx.dtype, quick=not ctx.full)
+    except Exception as exc:  # noqa: BLE001 - recorded; the benchmark goes on
+        state["host_overhead_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    ctx.save()
     state.update(shapes=shapes, ms=ms, repeats=repeats, warmup=warmup, dtype=str(ctx.dtype), copy_bw=ctx.copy_bw,
                  variants={v: dict(zip(("bits", "group", "sym", "int8_act"), p)) for v, p in bk.VARIANTS.items()},
                  timing=("CUDA events, median of repeats, L2 flushed before every call; CUDA-graph replays and "

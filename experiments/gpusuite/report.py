@@ -158,20 +158,40 @@ def _kernels(sec: dict) -> list[str]:
         lines += _table(["shape", "W4 g128 codes us", "GB/s", "fp16 weight us", "GB/s", "fp16 / W4"],
                         [[f["shape"], f"{f['w4_us']:.1f}", f"{f['w4_gbs']:.0f}", f"{f['fp16_us']:.1f}",
                           f"{f['fp16_gbs']:.0f}", f"{f['ratio']:.2f}x"] for f in sec["floor"]])
+    if sec.get("host_overhead") or sec.get("host_overhead_error"):
+        lines += ["", "Host time per eager call at M = 1 (experiments/gpusuite/launch.py): wall time of back-to-back "
+                  "calls on a small layer (GPU work of a few us), one synchronize at the end; identical = the "
+                  "launch path's output equals the JIT launch's bits.", ""]
+        lines += _table(["path", "us / call", "vs fp16 F.linear", "identical", "error"],
+                        [[h["path"], _f(h.get("us"), ".1f"), _x(h.get("vs_fp16")),
+                          {True: "yes", False: "NO"}.get(h.get("identical"), "-"), h.get("error", "")]
+                         for h in sec.get("host_overhead", [])])
+        if sec.get("host_overhead_error"):
+            lines += ["", f"host-time probe failed: {sec['host_overhead_error']}"]
     if sec.get("w8a8_parts"):
         lines += ["", "W8A8 call in parts (us; CUDA-graph replays, L2 flushed): the per-token activation quantizer, "
                   "our int8 GEMM with its rescale epilogue, and cuBLAS's int8 GEMM (torch._int_mm, int32 out, no "
-                  "epilogue) on the same int8 operands. cuBLAS bound = fp16 / (act quant + cuBLAS int8): the speedup "
+                  "epilogue) on the same int8 operands. Act quant by row block: the quantizer in two passes over "
+                  "x with that row block (the default reads rows up to 16384 wide once; ! = output not the "
+                  "default's bits). cuBLAS bound = fp16 / (act quant + cuBLAS int8): the speedup "
                   "with cuBLAS's GEMM and a free epilogue. GEMM rel err: our GEMM's output vs cuBLAS's integer sums "
                   "rescaled in float64.", ""]
-        lines += _table(["shape", "M", "fp16", "W8A8 call", "speedup", "act quant", "our GEMM", "cuBLAS int8",
-                         "cuBLAS / ours", "cuBLAS bound", "GEMM rel err"],
+        lines += _table(["shape", "M", "fp16", "W8A8 call", "speedup", "act quant", "act quant by row block",
+                         "our GEMM", "cuBLAS int8", "cuBLAS / ours", "cuBLAS bound", "GEMM rel err"],
                         [[p["shape"], p["M"], f"{p['fp16_us']:.1f}", f"{p['call_us']:.1f}", f"{p['speedup']:.2f}x",
-                          f"{p['act_quant_us']:.1f}", f"{p['gemm_us']:.1f}", _f(p["cublas_int8_us"], ".1f"),
+                          f"{p['act_quant_us']:.1f}", _blocks(p.get("act_quant_blocks")), f"{p['gemm_us']:.1f}",
+                          _f(p["cublas_int8_us"], ".1f"),
                           _x(p["gemm_vs_cublas"]), _x(p["cublas_bound"]),
                           _f(p["gemm_rel_err"], ".1e") if p["cublas_int8_us"] is not None else p["cublas_error"]]
                          for p in sec["w8a8_parts"]])
     return lines
+
+
+def _blocks(rows: list[dict] | None) -> str:
+    """'1024: 21.0 / 2048: 19.5' (us per two-pass row block; '!' marks output differing from the default's)."""
+    if not rows:
+        return "-"
+    return " / ".join(f"{r['block']}: {r['us']:.1f}{'' if r['identical'] else '!'}" for r in rows)
 
 
 E2E_HEADER = ["model", "variant", "layers x hidden dtype", "kernels", "prefill ms (tokens)", "decode tok/s",

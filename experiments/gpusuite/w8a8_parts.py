@@ -17,6 +17,22 @@ def signed_weight(qweight: torch.Tensor, in_features: int) -> torch.Tensor:
     return (qweight.view(torch.uint8)[:, :in_features] ^ 0x80).view(torch.int8).contiguous()
 
 
+ACT_QUANT_BLOCKS = (1024, 2048, 4096, 8192)  # two-pass row blocks tried beside the default (one pass up to 16384)
+
+
+def act_quant_blocks(x, xq, sx, us) -> list[dict]:
+    """The activation quantizer at each row block of ACT_QUANT_BLOCKS smaller than the row (two passes over x: max,
+    then quantize) beside the default's `xq`, `sx`: us and whether codes and scales are the default's bits."""
+    from qresearch.kernels.triton_w8a8 import act_quant  # LIBRARY: the W8A8 activation quantizer
+
+    out = []
+    for b in (b for b in ACT_QUANT_BLOCKS if b < x.shape[1]):
+        q, s = act_quant(x, b)
+        out.append({"block": b, "us": us(lambda b=b: act_quant(x, b))[0] * 1e6,
+                    "identical": bool(torch.equal(q, xq) and torch.equal(s, sx))})
+    return out
+
+
 @torch.no_grad()
 def parts_row(shape: str, m: int, device, dtype, flush, repeats: int, warmup: int, graphs: bool) -> dict:
     """Times (us, CUDA-graph replays where they captured, else eager) of one W8A8 call and its parts."""
@@ -39,6 +55,7 @@ def parts_row(shape: str, m: int, device, dtype, flush, repeats: int, warmup: in
     row = {"shape": shape, "M": m, **{f"{k}_us": s * 1e6 for k, (s, _) in times.items()},
            "timing": sorted({t for _, t in times.values()}), "repeats": repeats, "kernel": mod.kernel_name,
            "speedup": times["fp16"][0] / times["call"][0]}
+    row["act_quant_blocks"] = act_quant_blocks(x, xq, sx, us)
     try:  # cuBLAS int8 is the yardstick, not the code under test: its failure is recorded, the row kept
         acc = torch._int_mm(xq, wq_t)  # [M, N] int32
         row["cublas_int8_us"] = us(lambda: torch._int_mm(xq, wq_t))[0] * 1e6

@@ -1,0 +1,113 @@
+"""Host time per call: where an eager packed layer's time goes when the GPU work is small.
+
+Eager decode of the 7B-shaped model ran at 0.42x fp16 on an H100 (results/gpu_nvidia_h100_80gb_hbm3_e2e.md) while
+the CUDA-graph step ran at 1.47x: ~170 us more per packed linear than cuBLAS's call, all host time. This probe
+splits that time at M = 1 on a 1024 x 1024 layer (GPU work of a few us, so a loop of calls is bound by the host):
+wall time of `calls` back-to-back calls, one synchronize at the end, per call:
+
+  fp16 F.linear                       the baseline (cuBLAS through torch)
+  QuantLinear W4 / W8A8 forward       the whole eager path (dispatch, checks, allocations, launches)
+  triton_gemv._launch                 the GEMV's own launch with its tile fixed (torch.empty + the Triton JIT call)
+  JIT launch, buffers reused          the Triton JITFunction call alone (argument binding, cache lookup, launch)
+  compiled-kernel launch              the same kernel through the CompiledKernel the JIT call returned (no binding
+                                      or cache lookup: what a launch path that caches it per layer would pay)
+  act_quant / int8_gemm               W8A8's two kernels called alone
+
+Every launch path's output is compared with the JIT launch's (same kernel, same inputs: bit-identical or the row says
+so). A path whose API differs on this Triton version is recorded with its error, not skipped silently.
+CPU (quick mode): fp16 and the QuantLinear rows (the torch reference kernels); the Triton rows need CUDA.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+
+import torch
+import torch.nn.functional as F
+
+from experiments import bench_kernels as bk
+
+SHAPE, QUICK_SHAPE = (1024, 1024), (64, 128)  # (out, in)
+TILE = {"BLOCK_N": 64, "BLOCK_K_CODES": 128, "SPLIT_K": 1}  # no split: no workspace or counters in the timed call
+
+
+def per_call_us(fn, device, calls: int) -> float:
+    """Wall microseconds per call of `calls` back-to-back calls after 3 warm ones (one synchronize at the end)."""
+    for _ in range(3):
+        fn()
+    bk_sync(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    bk_sync(device)
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def bk_sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _row(name: str, fn, device, calls: int, base: float | None, out=None, want=None) -> dict:
+    try:
+        us = per_call_us(fn, device, calls)
+    except Exception as exc:  # noqa: BLE001 - a launch API this Triton version lacks is a result, recorded
+        return {"path": name, "us": None, "error": f"{type(exc).__name__}: {exc}"[:200]}
+    row = {"path": name, "us": us, "vs_fp16": None if base is None else us / base}
+    if out is not None and want is not None:
+        row["identical"] = bool(torch.equal(out(), want))
+    return row
+
+
+@torch.no_grad()
+def rows(device: torch.device, dtype: torch.dtype, quick: bool, calls: int = 300) -> list[dict]:
+    out_f, in_f = QUICK_SHAPE if quick else SHAPE
+    x = torch.randn(1, in_f, device=device, dtype=dtype)
+    w = (torch.randn(out_f, in_f, device=device) * 0.02).to(dtype)
+    w4, w8a8 = bk.build("w4a16_g128", out_f, in_f, device, dtype), bk.build("w8a8", out_f, in_f, device, dtype)
+    base = per_call_us(lambda: F.linear(x, w), device, calls)
+    out = [{"path": "fp16 F.linear", "us": base, "vs_fp16": 1.0},
+           _row(f"QuantLinear W4 g128 forward ({w4.kernel_name})", lambda: w4(x), device, calls, base),
+           _row(f"QuantLinear W8A8 forward ({w8a8.kernel_name})", lambda: w8a8(x), device, calls, base)]
+    if device.type != "cuda":
+        return out
+    out += triton_rows(w4, w8a8, x, device, calls, base)
+    return out
+
+
+def triton_rows(w4, w8a8, x, device, calls: int, base: float) -> list[dict]:
+    """The GEMV's launch three ways (its own _launch, the bare JIT call, the CompiledKernel runner) and W8A8's two
+    kernels alone."""
+    from qresearch.kernels import triton_gemv as tg  # LIBRARY: the M = 1 GEMV (launch internals)
+    from qresearch.kernels.triton_w8a8 import act_quant, int8_gemm  # LIBRARY: the W8A8 kernels
+
+    b, meta = w4._buffers, w4.meta
+    args = (x, meta, b["qweight"], b["scales"], b["qzeros"], None, TILE)
+    want = tg._launch(*args)
+    out = [_row("triton_gemv._launch (tile fixed)", lambda: tg._launch(*args), device, calls, base,
+                lambda: tg._launch(*args), want)]
+    n = meta.out_features
+    y = torch.empty(1, n, device=device, dtype=x.dtype)
+    grid = (-(-n // TILE["BLOCK_N"]), 1)
+    pos = (x, b["qweight"], b["scales"], b["qzeros"], b["scales"], y, y, y, n, meta.in_features,
+           b["qweight"].stride(0), b["scales"].stride(0), b["qzeros"].stride(0))
+    kw = dict(GROUP=meta.group, BITS=meta.bits, SYM=meta.sym, HAS_BIAS=False, BLOCK_N=TILE["BLOCK_N"],
+              BLOCK_KW=tg._block_kw(TILE["BLOCK_K_CODES"], meta.bits, meta.group, meta.in_features), SPLIT_K=1,
+              EVEN_K=meta.in_features % TILE["BLOCK_K_CODES"] == 0, MAGIC=tg._magic())
+    jit = lambda: tg.wq_gemv_kernel[grid](*pos, **kw, num_warps=4)  # noqa: E731
+    compiled = jit()
+    out.append(_row("JIT launch, buffers reused", jit, device, calls, base, lambda: (jit(), y.clone())[1], want))
+    try:
+        bound = inspect.signature(tg.wq_gemv_kernel.fn).bind(*pos, **kw)
+        bound.apply_defaults()
+        vals = tuple(bound.arguments.values())
+        runner = compiled[grid]
+        out.append(_row("compiled-kernel launch", lambda: runner(*vals), device, calls, base,
+                        lambda: (runner(*vals), y.clone())[1], want))
+    except Exception as exc:  # noqa: BLE001 - recorded: the API differs on this Triton version
+        out.append({"path": "compiled-kernel launch", "us": None, "error": f"{type(exc).__name__}: {exc}"[:200]})
+    xq, sx = act_quant(x)
+    out.append(_row("act_quant (W8A8)", lambda: act_quant(x), device, calls, base))
+    out.append(_row("int8_gemm (W8A8)", lambda: int8_gemm(xq, sx, w8a8.qweight, w8a8.scales, None, x.dtype), device,
+                    calls, base))
+    return out
