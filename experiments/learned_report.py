@@ -100,7 +100,7 @@ def _train_note(c: dict) -> str:
     for s in c["steps"]:
         t = s.get("train")
         if t:
-            shared = f", reused from a checkpoint of an identical cell" if t["resumed_from"] == t["steps"] else ""
+            shared = ", reused from a checkpoint of an identical cell" if t["resumed_from"] == t["steps"] else ""
             notes.append(f"{s['name']}: {t['steps']} steps, {t['seconds']:.0f} s ({t['s_per_step']:.2f} s/step), "
                          f"loss {t['first_loss']:.3g} -> {t['last_loss']:.3g}{shared}")
         elif s.get("seconds") is not None:

@@ -10,7 +10,6 @@ multiply x by the weight rounded to x's dtype.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
