@@ -11,6 +11,14 @@ from qresearch.quant.packing import PackedMeta, pack_rows, pack_zeros
 REPO = Path(__file__).resolve().parents[1]
 
 
+def cpu_w8a8_kernel() -> str:
+    """The kernel packed W8A8 layers get on this CPU: our VNNI product on the stored codes where the CPU has
+    AVX512-VNNI (and a compiler), else torch._int_mm."""
+    from qresearch.kernels import cpu_int8
+
+    return "c_vnni" if cpu_int8.load()[0] is not None else "torch_int_mm"
+
+
 def shared_dir() -> Path:
     return Path(os.environ.get("QRESEARCH_SHARED", REPO.parent / "shared"))
 

@@ -211,7 +211,7 @@ def test_c_lowbit_reads_4_and_8_bit_buffers_in_place(bits, group, sym, ao, in_f,
 
 def test_registry_order_and_reasons():
     """Each CPU kernel names why it refuses a layer; choose() takes the first that runs, in priority order."""
-    assert [(k.name, k.backend) for k in dispatch.KERNELS if k.backend == "cpu"] == [(k, "cpu") for k in cp.KERNELS]
+    assert [k.name for k in dispatch.KERNELS if k.backend == "cpu"] == [*cp.KERNELS, "c_vnni"]  # c_vnni: W8A8
     assert all(10 < k.priority < 100 for k in cp.CPU_KERNELS)
     meta, _ = _layer(16, 256, 5, 128, False, False, torch.bfloat16)
     assert "bits=5" in cp.why_not_int4(_key(meta, torch.bfloat16))
@@ -244,13 +244,20 @@ def test_unclean_act_order_is_refused_at_prepare():
         cp.run("c_lowbit", x, meta, bufs)
 
 
-def test_forced_cpu_backend_refuses_w8a8(monkeypatch):
+def test_forced_cpu_backend_takes_w8a8_only_through_vnni(monkeypatch):
+    """QRESEARCH_KERNELS=cpu: weight-only layers get c_lowbit; W8A8 layers our VNNI kernel where the CPU has it,
+    else an error naming the refusals (never torch._int_mm, another backend)."""
+    from qresearch.kernels import cpu_int8
+
     monkeypatch.setenv("QRESEARCH_KERNELS", "cpu")
     meta, _ = _layer(16, 64, 8, -1, True, False, torch.float32)
     kernel, _ = dispatch.choose(_key(meta, torch.float32))
     assert kernel.label(_key(meta, torch.float32)) == "c_lowbit_w8a16"
-    with pytest.raises(RuntimeError, match="QRESEARCH_KERNELS=cpu"):
-        dispatch.choose(_key(meta, torch.float32, "int8"))
+    if cpu_int8.load()[0] is not None:
+        assert dispatch.choose(_key(meta, torch.float32, "int8"))[0].name == "c_vnni"
+    else:
+        with pytest.raises(RuntimeError, match="QRESEARCH_KERNELS=cpu"):
+            dispatch.choose(_key(meta, torch.float32, "int8"))
 
 
 def _reference(mod, x, monkeypatch):

@@ -16,6 +16,7 @@ from qresearch.quant import QuantSpec, quantize_tensor
 from qresearch.records import ActQuant, LayerResult
 
 from .conftest import DATA
+from ._qhelpers import cpu_w8a8_kernel
 from .helpers import compose_cfg
 
 
@@ -50,7 +51,7 @@ def test_every_feature_an_outlier_is_the_float_matmul(kind):
 def test_no_outlier_is_the_pure_int8_emulation():
     lin, res, packed, fake = _layer(threshold=1e9)
     x = _x()
-    assert packed.kernel_name == "torch_int_mm_w8a8+dynamic_fp_outliers"
+    assert packed.kernel_name == f"{cpu_w8a8_kernel()}_w8a8+dynamic_fp_outliers"
     bufs = {k: getattr(packed, k) for k in ("qweight", "scales", "bias")}
     expect = ref.w8a8_ref(x, packed.meta, bufs["qweight"], bufs["scales"], bufs["bias"])  # float64 emulation
     assert torch.equal(packed(x), expect)
@@ -93,7 +94,7 @@ def test_w8a8_kernel_choice_and_backend_switch(monkeypatch):
     res.act = ActQuant(QuantSpec(bits=8, sym=True, granularity="token"))
     lin = torch.nn.Linear(40, 24)
     packed = QuantLinear.from_result(lin, res)
-    assert packed.kernel_name == "torch_int_mm_w8a8"
+    assert packed.kernel_name == f"{cpu_w8a8_kernel()}_w8a8"
     monkeypatch.setenv("QRESEARCH_KERNELS", "torch")
     ref_mod = QuantLinear.from_result(lin, res)
     assert ref_mod.kernel_name == "torch_ref_w8a8"

@@ -10,7 +10,7 @@ from qresearch.nn.fake import FakeQuantLinear
 from qresearch.nn.packed import QuantLinear, packed_weight_bytes
 from qresearch.nn.swap import swap_linears
 from qresearch.quant import QuantSpec, quantize_tensor, weight_spec
-from tests._qhelpers import fp16_exact, rel_err, rtn_layer, shared_dir
+from tests._qhelpers import cpu_w8a8_kernel, fp16_exact, rel_err, rtn_layer, shared_dir
 
 
 def _pair(res, bias=True, seed=0):
@@ -39,7 +39,7 @@ def test_w8a8_layer_close_to_fake(granularity, static):
     res.act = ActQuant(QuantSpec(bits=8, sym=True, granularity=granularity),
                        torch.tensor([[0.03]]) if static else None)
     packed, fake = _pair(res)
-    assert packed.kernel_name == "torch_int_mm_w8a8"  # CPU: torch._int_mm (exact, same math as torch_ref)
+    assert packed.kernel_name == f"{cpu_w8a8_kernel()}_w8a8"  # CPU: exact integer product, torch_ref's math
     x = torch.randn(5, 96)
     assert rel_err(packed(x), fake(x)) < 1e-5
 

@@ -12,9 +12,10 @@ The aten ops' fp32/fp16 paths are slower than a dense fp32 matmul (experiments/b
 bf16 only. `prepare(kind, ...)` unpacks the int32_k buffers once and hands the codes to that kernel's prepare_*;
 `LINEAR[kind](x, prepared, bias)` runs it; `run` keeps the prepared weights until the layer's buffers change,
 and sends calls with many rows where the dense matmul is faster (bf16 from 32 rows) to cpu_panels.py.
-Memory: the aten ops (and torch._int_mm's int8 weight) hold a second copy of the weight in their own layout beside
-the stored buffers (peak memory counts both; "stored bytes" counts the buffers); c_lowbit reads 4- and 8-bit stored
-words in place when groups and width are multiples of 32 (then only fp32 scales / zeros are made), else it copies.
+Memory: the aten ops (and torch._int_mm's int8 weight, where W8A8 layers cannot run cpu_int8's VNNI kernel on the
+stored codes) hold a second copy of the weight in their own layout beside the stored buffers (peak memory counts
+both; "stored bytes" counts the buffers); c_lowbit reads 4- and 8-bit stored words in place when groups and width
+are multiples of 32 (then only fp32 scales / zeros are made), else it copies.
 
 Act-order (g_idx): when every group holds exactly `group` input columns (as GPTQ act-order writes them),
 permuting the weight's columns once and the input's columns per call (x[:, perm]) makes the groups contiguous.

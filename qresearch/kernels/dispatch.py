@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from ..quant.packing import PackedMeta
+from ..quant.scales import div_rn
 from ..records import ActQuant
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16)  # fp32 would go through TF32 tensor cores: not our reference
@@ -116,7 +117,7 @@ def prepare_input(x: torch.Tensor, mode: ActMode, bufs: dict) -> torch.Tensor | 
     """The per-tensor activation scale of a call: static from the layer, or dynamic (absmax / 127) per call."""
     if mode.dynamic_tensor:  # one scale for the whole tensor, absmax / 127 as the int format computes it
         amax = x.detach().abs().amax().float()
-        return torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+        return torch.where(amax > 0, div_rn(amax, 127.0), torch.ones_like(amax))  # IEEE on every device
     return bufs.get("act_scale")
 
 
@@ -272,7 +273,21 @@ def _run_int_mm(x, meta, bufs, mode):
     return w8a8_int_mm(x, wq, bufs["scales"], bufs["bias"], prepare_input(x, mode, bufs))
 
 
+def _vnni_why_not(key: LayerKey) -> str | None:
+    from .cpu_int8 import why_not
+
+    return why_not(key.meta, key.device)
+
+
+def _run_vnni(x, meta, bufs, mode):
+    from .cpu_int8 import w8a8_linear
+
+    return w8a8_linear(x, meta, bufs, prepare_input(x, mode, bufs))
+
+
 register(Kernel("triton", "triton", 10, lambda k: k.mode.kind == "none", _triton_why_not, _run_triton_wq))
 register(Kernel("triton", "triton", 10, lambda k: k.mode.kind == "int8", _triton_why_not, _run_triton_w8a8))
+# our AVX512-VNNI product on the stored codes (cpu_int8.py: the weight held once), before torch._int_mm's copy
+register(Kernel("c_vnni", "cpu", 40, lambda k: k.mode.kind == "int8", _vnni_why_not, _run_vnni))
 register(Kernel("torch_int_mm", "torch_int", 50, lambda k: k.mode.kind == "int8", _int_mm_why_not, _run_int_mm))
 register(Kernel("torch_ref", "torch", 100, lambda k: True, lambda k: None, _run_reference))

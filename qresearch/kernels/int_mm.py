@@ -17,6 +17,8 @@ def int_mm_why_not(device: torch.device, m: int, k: int, n: int) -> str | None:
         return f"torch {torch.__version__} has no torch._int_mm"
     if device.type == "cuda" and (m <= 16 or k % 8 or n % 8):
         return f"CUDA torch._int_mm needs M > 16 and K, N multiples of 8 (got M={m}, K={k}, N={n})"
+    if device.type == "cpu" and k < 2:  # torch 2.13's CPU op returns unrelated values at K = 1 (tests/test_cpu_int8)
+        return f"CPU torch._int_mm gives wrong sums for K = {k} (K >= 2 is exact)"
     if device.type not in ("cpu", "cuda"):
         return f"device {device.type}"
     return None
@@ -54,7 +56,13 @@ def w8a8_int_mm(x: torch.Tensor, wq: torch.Tensor, scales: torch.Tensor, bias: t
 
     xq, sx = act_quant_ref(x, static_scale)  # [M, K] int8, [M]
     acc = torch._int_mm(xq, wq.t())  # [M, N] int32; the transposed view is the fast layout for the CPU op
+    return w8a8_epilogue(acc, sx, scales, bias, x.dtype)
+
+
+def w8a8_epilogue(acc: torch.Tensor, sx: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Integer sums acc [M, N] -> y [M, N] in `dtype`: acc * x scale [M] * weight scale [N] (+ bias), in fp32."""
     y = acc.float() * sx[:, None] * scales.float().reshape(1, -1)
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype)
+    return y.to(dtype)
