@@ -99,6 +99,7 @@ def test_refusals_name_the_limit():
     assert "device cuda" in cpu_int8.why_not(meta, torch.device("cuda"))
     wide = type(meta)(8, -1, cpu_int8.MAX_K + 1, 4, True)
     assert f"in_features={cpu_int8.MAX_K + 1}" in cpu_int8.why_not(wide, torch.device("cpu"))
+    assert "w4 asym" in cpu_int8.why_not(type(meta)(4, 128, 256, 4, False), torch.device("cpu"))
     key = dispatch.LayerKey(wide, dispatch.ActMode("int8", 8), torch.device("cpu"), torch.float32, False)
     kernel, why = dispatch.choose(key)
     assert kernel.name == "torch_int_mm" and "c_vnni_w8a8: in_features" in why

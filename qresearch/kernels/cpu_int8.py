@@ -56,6 +56,8 @@ def why_not(meta: PackedMeta, device: torch.device) -> str | None:
     """Why this kernel cannot run a W8A8 layer (None: it can)."""
     if device.type != "cpu":
         return f"device {device.type}"
+    if (meta.qformat, meta.bits, meta.sym, meta.layout) != ("int", 8, True, "int32_k"):
+        return f"{meta.qformat} w{meta.bits} {'sym' if meta.sym else 'asym'} {meta.layout} (it reads int32_k sym 8-bit)"
     if meta.in_features > MAX_K:
         return f"in_features={meta.in_features} > {MAX_K} (int32 lanes of the unsigned-byte sums)"
     if sys.byteorder != "little":
@@ -101,7 +103,7 @@ def w8a8_linear(x: torch.Tensor, meta: PackedMeta, bufs: dict, static_scale: tor
     from .int_mm import w8a8_epilogue
     from .reference import act_quant_ref
 
-    u, k = stored_bytes(meta, bufs["qweight"]), meta.in_features
+    u, k = stored_bytes(meta, bufs["qweight"].contiguous()), meta.in_features  # contiguous: the buffer itself
     xq, sx = act_quant_ref(x, static_scale)  # [M, K] int8, [M] fp32
     acc = u8s8_mm(xq, u, k) if xq.shape[0] < VNNI_MAX_M else panels_int_mm(xq, u, k)
     return w8a8_epilogue(acc, sx, bufs["scales"], bufs["bias"], x.dtype)
