@@ -82,9 +82,16 @@ def bench(shape: str, ms, repeats: int) -> list[dict]:
 def markdown(rows, meta) -> str:
     keys = ("torch_int_mm", "c_vnni C", "c_vnni panels", "dense fp32")
     lines = [f"# W8A8 packed layers on CPU: VNNI on the stored codes vs torch._int_mm ({meta['machine']})", "",
-             __doc__.split("\n\n")[2].replace("\n", " "), "",
+             "Per (shape, M): ms per call of one W8A8 QuantLinear (RTN w8 per-channel sym, dynamic per-token int8 "
+             "activations, fp32 activations) through each kernel path, beside the dense fp32 matmul:", "",
+             "- torch_int_mm: torch._int_mm on an int8 copy of the weight made at the first call and kept",
+             "- c_vnni C: ours, AVX512-VNNI vpdpbusd on the stored unsigned codes (csrc/int8_cpu.c), nothing kept",
+             "- c_vnni panels: ours for long calls, 4 MiB of weight rows at a time made signed in a reused buffer, "
+             "each through torch._int_mm", "",
+             "One module serves every path (outputs compared bit for bit: identical); the paths alternate within "
+             "each repeat, so load drifts hit all alike.", "",
              f"- machine: {meta['machine']}, {meta['threads']} torch threads; load average at start "
-             f"{meta['load_start']}, at end {meta['load_end']}; {meta['repeats']} repeats, median",
+             f"{meta['load_start']:.2f}, at end {meta['load_end']:.2f}; {meta['repeats']} repeats, median",
              f"- command: `{meta['command']}`", f"- date: {meta['date']}, commit {meta['commit']}, "
              f"torch {torch.__version__}",
              f"- held beside the stored codes: torch_int_mm keeps out x in bytes (the int8 copy); c_vnni nothing "
