@@ -97,7 +97,7 @@ int qr_int8_u8s8_mm(const int8_t *x, int64_t ldx, int64_t M, const uint8_t *w, i
 #if HAVE_VNNI
     if (M == 1) { /* one activation row: 8 weight rows a tile, more loads in flight for the memory-bound case */
         const int64_t t8 = (N + 7) / 8;
-#pragma omp parallel for num_threads(N * K >= (1 << 20) ? nthreads : 1) schedule(static)
+#pragma omp parallel for num_threads(N * K >= (1 << 16) ? nthreads : 1) schedule(static)
         for (int64_t t = 0; t < t8; t++) {
             const int64_t n0 = t * 8;
             if (N - n0 >= 8) tile(x, ldx, w + n0 * ldw, ldw, K, xsum, out + n0, N, 1, 8, 0);
@@ -107,7 +107,7 @@ int qr_int8_u8s8_mm(const int8_t *x, int64_t ldx, int64_t M, const uint8_t *w, i
     }
     /* weight row blocks of NBLK rows (L2) visited by chunks of MBLK activation rows */
     const int64_t NBLK = 64, MBLK = 16, nblocks = (N + NBLK - 1) / NBLK;
-#pragma omp parallel for num_threads(M * N * K >= (1 << 20) ? nthreads : 1) schedule(static)
+#pragma omp parallel for num_threads(M * N * K >= (1 << 16) ? nthreads : 1) schedule(static)
     for (int64_t b = 0; b < nblocks; b++) {
         const int64_t n0 = b * NBLK, n1 = n0 + NBLK < N ? n0 + NBLK : N;
         for (int64_t m0 = 0; m0 < M; m0 += MBLK)
