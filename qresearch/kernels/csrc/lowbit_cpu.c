@@ -89,7 +89,10 @@ static void row_block(const float *restrict x, int64_t M, int64_t ldx, const uin
  * copy of x [M, K] with each 32-column chunk's even columns first, then its odd ones: the same codes meet the same
  * activations, and the fused and many-row loops keep one summation order. NULL if it cannot be allocated. */
 static float *split_x(const float *x, int64_t M, int64_t ldx, int64_t K, int nthreads) {
-    float *xs = malloc(sizeof(float) * (M * K > 0 ? M * K : 1));
+    /* 64-byte aligned, as torch's tensors are: malloc's 16-byte alignment split the many-row loop's 64-byte loads
+     * across cache lines (4096x4096 w4, 512 rows: 1.5x slower than on a torch tensor) */
+    const size_t bytes = (sizeof(float) * (size_t)(M * K > 0 ? M * K : 1) + 63) / 64 * 64;
+    float *xs = aligned_alloc(64, bytes);
     if (!xs) return NULL;
 #pragma omp parallel for num_threads(M * K >= (1 << 16) ? nthreads : 1) schedule(static)
     for (int64_t m = 0; m < M; m++)
