@@ -84,7 +84,7 @@ def sync(device: torch.device) -> None:
 
 def warm_clocks(device: torch.device, seconds: float = 1.0) -> dict:
     """Keep the GPU busy with fp16 matmuls for `seconds` so its clocks are at their working level before timing or
-    autotuning starts (after the mostly-compiling correctness section an idle H100 sat at 345 MHz, and the first
+    autotuning starts (an idle H100 read 345 MHz, and after the mostly-compiling correctness section the first
     shape's autotuned configs and timings were the run's outliers). Returns the SM clock before and after (MHz,
     from torch.cuda.clock_rate where available). No-op on CPU."""
     if device.type != "cuda":

@@ -15,7 +15,8 @@ wall time of `calls` back-to-back calls, one synchronize at the end, per call:
 
 Every launch path's output is compared with the JIT launch's (same kernel, same inputs: bit-identical or the row says
 so). A path whose API differs on this Triton version is recorded with its error, not skipped silently.
-CPU (quick mode): fp16 and the QuantLinear rows (the torch reference kernels); the Triton rows need CUDA.
+CPU (quick mode): fp16 and the QuantLinear rows (the torch reference kernels the quick suite runs); the Triton
+rows need CUDA.
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ import torch.nn.functional as F
 
 from experiments import bench_kernels as bk
 
+from .common import sync
+
 SHAPE, QUICK_SHAPE = (1024, 1024), (64, 128)  # (out, in)
 TILE = {"BLOCK_N": 64, "BLOCK_K_CODES": 128, "SPLIT_K": 1}  # no split: no workspace or counters in the timed call
 
@@ -35,17 +38,12 @@ def per_call_us(fn, device, calls: int) -> float:
     """Wall microseconds per call of `calls` back-to-back calls after 3 warm ones (one synchronize at the end)."""
     for _ in range(3):
         fn()
-    bk_sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(calls):
         fn()
-    bk_sync(device)
+    sync(device)
     return (time.perf_counter() - t0) / calls * 1e6
-
-
-def bk_sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _row(name: str, fn, device, calls: int, base: float | None, out=None, want=None) -> dict:
