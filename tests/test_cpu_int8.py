@@ -37,6 +37,28 @@ def test_u8s8_product_is_torch_int_mm_exactly(m, n, k):
     assert torch.equal(cpu_int8.signed_copy(u, k), (u[:, :k].to(torch.int16) - 128).to(torch.int8))
 
 
+@needs_vnni
+@pytest.mark.parametrize("m,k", [(1, 576), (3, 200), (5, 17), (4, 4096), (2, 1)])
+@pytest.mark.parametrize("static", [None, torch.tensor([[0.03]])])
+def test_c_activation_quantizer_is_the_reference_bit_for_bit(m, k, static):
+    """One C pass gives act_quant_ref's int8 codes and fp32 scales exactly (IEEE division, ties to even, a zero row's
+    scale 1, K tails of the 16-lane steps) and the codes' row sums; NaN rows are handed back to torch (None)."""
+    from qresearch.kernels.reference import act_quant_ref
+
+    g = torch.Generator().manual_seed(m * 100 + k)
+    x = torch.randn(m, k, generator=g) * torch.logspace(-3, 2, k)[None]
+    x[0, : min(3, k)] = 0.0
+    if m > 1:
+        x[1] = 0.0
+    q, s, xsum = cpu_int8.act_quant(x, static)
+    want_q, want_s = act_quant_ref(x, static)
+    assert torch.equal(q, want_q) and torch.equal(s, want_s) and torch.equal(xsum, want_q.sum(1, dtype=torch.int32))
+    ties = torch.tensor([[0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 127.0, 200.0, -300.0]])
+    assert cpu_int8.act_quant(ties, torch.ones(1, 1))[0].tolist() == [[0, 2, 2, 0, -2, -2, 127, 127, -128]]
+    x[0, 0] = float("nan")
+    assert cpu_int8.act_quant(x, None) is None
+
+
 def _w8a8(out_f, in_f, granularity="token", static=None, bias=True):
     res = rtn_layer(out_f, in_f, 8, -1, True, seed=out_f)
     res.act = ActQuant(QuantSpec(bits=8, sym=True, granularity=granularity), static)

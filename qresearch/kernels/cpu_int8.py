@@ -7,8 +7,9 @@ bytes, so x @ (u - 128)^T = x @ u^T - 128 rowsum(x) runs on the stored buffer it
 The integer sums equal torch._int_mm's exactly; the rescale epilogue is int_mm.w8a8_epilogue, so outputs are the
 torch_int_mm kernel's bit for bit.
 
-Calls of fewer than VNNI_MAX_M rows run the C kernel (4 x 4 register tiles, K in 2 KiB chunks so a tile's rows
-stay in L1; one row: 8 weight rows a tile). On a 2-core AMD EPYC at Llama-7B shapes it is on par with
+Calls of fewer than VNNI_MAX_M rows quantize x in one C pass (act_quant_ref's codes and scales bit for bit, with
+the row sums) and run the C kernel (4 x 4 register tiles, K in 2 KiB chunks so a tile's rows stay in L1; one row: 8
+weight rows a tile). On a 2-core AMD EPYC at Llama-7B shapes it is on par with
 torch._int_mm at M = 1 and 1.1-3.5x faster at M = 4-32, where oneDNN's int8 GEMM is weak. Longer calls make 4 MiB
 of weight rows signed at a time in one reused per-thread buffer and run torch._int_mm on each panel (0.8-0.9x the
 kept copy's time: the xor pass). results/bench_int8_cpu.md has the side-by-side table
@@ -29,7 +30,8 @@ from .cpu_panels import _buffer
 
 SRC = Path(__file__).with_name("csrc") / "int8_cpu.c"
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-SIGNATURES = {"qr_int8_has_vnni": (_F, []), "qr_int8_u8s8_mm": (_F, [_P, _I, _I, _P, _I, _I, _I, _P, _P, _F])}
+SIGNATURES = {"qr_int8_has_vnni": (_F, []), "qr_int8_u8s8_mm": (_F, [_P, _I, _I, _P, _I, _I, _I, _P, _P, _F]),
+              "qr_int8_act_quant": (_F, [_P, _I, _I, _I, ctypes.c_float, _F, _P, _P, _P, _F])}
 VNNI_MAX_M = 80  # rows from which torch._int_mm on signed panels is faster (between 64 and 96 at 7B shapes)
 PANEL_BYTES = 4 << 20  # weight rows made signed at a time for torch._int_mm
 MAX_K = (2**31 - 1) // (128 * 255)  # |sum_k x * u| < 2^31 in the int32 lanes (65793)
@@ -65,11 +67,30 @@ def why_not(meta: PackedMeta, device: torch.device) -> str | None:
     return load()[1] or None
 
 
-def u8s8_mm(xq: torch.Tensor, u: torch.Tensor, k: int) -> torch.Tensor:
-    """xq [M, k] int8, u [N, >= k] uint8 codes (rows of stride u.stride(0)) -> int32 [M, N] = xq @ (u - 128)^T."""
+def act_quant(x: torch.Tensor, static_scale: torch.Tensor | None):
+    """(q int8 [M, K], scale fp32 [M], row sums of q int32 [M]) of x [M, K], reference.act_quant_ref's q and scale
+    bit for bit, in one C pass over x; None where x holds NaN or the static scale is no single value (then the
+    caller uses act_quant_ref)."""
+    if static_scale is not None and static_scale.numel() != 1:
+        return None
+    xf = x.float()
+    xf = xf if xf.stride(-1) == 1 else xf.contiguous()
+    m, k = xf.shape
+    q, s = torch.empty(m, k, dtype=torch.int8), torch.empty(m, dtype=torch.float32)
+    xsum = torch.empty(m, dtype=torch.int32)
+    st = 0.0 if static_scale is None else float(static_scale.float())
+    if load()[0].qr_int8_act_quant(xf.data_ptr(), xf.stride(0), m, k, st, int(static_scale is not None),
+                                   q.data_ptr(), s.data_ptr(), xsum.data_ptr(), torch.get_num_threads()):
+        return None
+    return q, s, xsum
+
+
+def u8s8_mm(xq: torch.Tensor, u: torch.Tensor, k: int, xsum: torch.Tensor | None = None) -> torch.Tensor:
+    """xq [M, k] int8, u [N, >= k] uint8 codes (rows of stride u.stride(0)) -> int32 [M, N] = xq @ (u - 128)^T;
+    xsum: the row sums of xq when the caller has them."""
     xq = xq.contiguous()
     m, n = xq.shape[0], u.shape[0]
-    xsum = xq.sum(dim=1, dtype=torch.int32)  # [M]
+    xsum = xq.sum(dim=1, dtype=torch.int32) if xsum is None else xsum  # [M]
     out = torch.empty(m, n, dtype=torch.int32)
     rc = load()[0].qr_int8_u8s8_mm(xq.data_ptr(), xq.stride(0), m, u.data_ptr(), u.stride(0), n, k,
                                    xsum.data_ptr(), out.data_ptr(), torch.get_num_threads())
@@ -104,6 +125,10 @@ def w8a8_linear(x: torch.Tensor, meta: PackedMeta, bufs: dict, static_scale: tor
     from .reference import act_quant_ref
 
     u, k = stored_bytes(meta, bufs["qweight"].contiguous()), meta.in_features  # contiguous: the buffer itself
-    xq, sx = act_quant_ref(x, static_scale)  # [M, K] int8, [M] fp32
-    acc = u8s8_mm(xq, u, k) if xq.shape[0] < VNNI_MAX_M else panels_int_mm(xq, u, k)
+    if x.shape[0] < VNNI_MAX_M and (quant := act_quant(x, static_scale)) is not None:
+        xq, sx, xsum = quant  # one C pass instead of act_quant_ref's seven torch ops (decode: ~40% of a call)
+        acc = u8s8_mm(xq, u, k, xsum)
+    else:
+        xq, sx = act_quant_ref(x, static_scale)  # [M, K] int8, [M] fp32
+        acc = u8s8_mm(xq, u, k) if xq.shape[0] < VNNI_MAX_M else panels_int_mm(xq, u, k)
     return w8a8_epilogue(acc, sx, bufs["scales"], bufs["bias"], x.dtype)

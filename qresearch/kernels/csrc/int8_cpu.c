@@ -90,6 +90,63 @@ static void block(const int8_t *x, int64_t ldx, int64_t m0, int64_t m1, const ui
 }
 #endif
 
+/* Per-token int8 activations as kernels/reference.act_quant_ref makes them, bit for bit: s = absmax / 127 (IEEE
+ * division; 1 where that is not > 0) or the given static scale, q = clamp(round_half_even(x / s), -128, 127), plus
+ * the row sums of q. x [M, K] fp32 (rows ldx apart). Returns 0, or 1 if a row holds NaN (nothing is promised
+ * then: the caller quantizes with torch). */
+int qr_int8_act_quant(const float *x, int64_t ldx, int64_t M, int64_t K, float static_s, int use_static,
+                      int8_t *q, float *s, int32_t *xsum, int nthreads) {
+#if HAVE_VNNI
+    int bad = 0;
+#pragma omp parallel for num_threads(M * K >= (1 << 16) ? nthreads : 1) schedule(static) reduction(| : bad)
+    for (int64_t m = 0; m < M; m++) {
+        const float *xr = x + m * ldx;
+        int8_t *qr = q + m * K;
+        float sc = static_s;
+        if (!use_static) {
+            __m512 mx = _mm512_setzero_ps();
+            __mmask16 nan = 0;
+            int64_t k = 0;
+            for (; k + 16 <= K; k += 16) {
+                const __m512 v = _mm512_loadu_ps(xr + k);
+                nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+                mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+            }
+            if (k < K) {
+                const __mmask16 t = (__mmask16)((1u << (K - k)) - 1);
+                const __m512 v = _mm512_maskz_loadu_ps(t, xr + k);
+                nan |= _mm512_mask_cmp_ps_mask(t, v, v, _CMP_UNORD_Q);
+                mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+            }
+            if (nan) {
+                bad = 1;
+                continue;
+            }
+            sc = _mm512_reduce_max_ps(mx) / 127.0f;
+            if (!(sc > 0.0f)) sc = 1.0f;
+        }
+        s[m] = sc;
+        const __m512 sv = _mm512_set1_ps(sc), lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
+        __m512i acc = _mm512_setzero_si512();
+        for (int64_t k = 0; k < K; k += 16) {
+            const __mmask16 t = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+            const __m512 v = _mm512_maskz_loadu_ps(t, xr + k);
+            __m512 r = _mm512_roundscale_ps(_mm512_div_ps(v, sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
+            const __m512i qi = _mm512_maskz_cvtps_epi32(t, r);
+            acc = _mm512_add_epi32(acc, qi);
+            _mm_mask_storeu_epi8(qr + k, t, _mm512_cvtsepi32_epi8(qi));
+        }
+        xsum[m] = _mm512_reduce_add_epi32(acc);
+    }
+    return bad;
+#else
+    (void)x; (void)ldx; (void)M; (void)K; (void)static_s; (void)use_static; (void)q; (void)s; (void)xsum;
+    (void)nthreads;
+    return 1;
+#endif
+}
+
 /* out [M, N] int32 = x [M, K] int8 @ (u [N, K] uint8 - 128)^T; xsum [M] = row sums of x. Returns 0, or -1 where
  * this build has no AVX512-VNNI (nothing written). */
 int qr_int8_u8s8_mm(const int8_t *x, int64_t ldx, int64_t M, const uint8_t *w, int64_t ldw, int64_t N, int64_t K,
