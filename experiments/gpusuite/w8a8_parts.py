@@ -14,7 +14,9 @@ from experiments import bench_kernels as bk
 
 def signed_weight(qweight: torch.Tensor, in_features: int) -> torch.Tensor:
     """The signed int8 weight [N, K] of a sym 8-bit layer's int32_k words (code - 128 = code ^ 0x80 as int8)."""
-    return (qweight.view(torch.uint8)[:, :in_features] ^ 0x80).view(torch.int8).contiguous()
+    from qresearch.kernels.reference import int8_from_codes  # LIBRARY: code - 128 as int8
+
+    return int8_from_codes(qweight.view(torch.uint8)[:, :in_features]).contiguous()
 
 
 ACT_QUANT_BLOCKS = (1024, 2048, 4096, 8192)  # two-pass row blocks tried beside the default (one pass up to 16384)

@@ -27,6 +27,7 @@ import torch
 from ..quant.packing import PackedMeta
 from .cpu_lowbit import load_library
 from .cpu_panels import _buffer
+from .reference import int8_from_codes
 
 SRC = Path(__file__).with_name("csrc") / "int8_cpu.c"
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -100,9 +101,8 @@ def u8s8_mm(xq: torch.Tensor, u: torch.Tensor, k: int, xsum: torch.Tensor | None
 
 
 def signed_copy(u: torch.Tensor, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """int8 [N, k] = u - 128 (u ^ 0x80 read as int8), into `out` (uint8 [N, k]) when given."""
-    res = torch.bitwise_xor(u[:, :k], 0x80, out=out) if out is not None else torch.bitwise_xor(u[:, :k], 0x80)
-    return res.view(torch.int8)
+    """int8 [N, k] = u[:, :k] - 128 (reference.int8_from_codes), into `out` (uint8 [N, k]) when given."""
+    return int8_from_codes(u[:, :k], out)
 
 
 def panels_int_mm(xq: torch.Tensor, u: torch.Tensor, k: int) -> torch.Tensor:

@@ -72,9 +72,10 @@ def act_quant_ref(x: torch.Tensor, static_scale: torch.Tensor | None = None) -> 
     return q, s
 
 
-def int8_from_codes(codes: torch.Tensor) -> torch.Tensor:
-    """Unsigned 8-bit symmetric codes [out, in] -> signed int8 (code - 128)."""
-    return (codes.to(torch.int16) - 128).to(torch.int8)
+def int8_from_codes(codes: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Unsigned 8-bit symmetric codes [out, in] (uint8, any strides) -> signed int8 code - 128, i.e. code ^ 0x80
+    read as int8: one pass, into `out` (uint8, codes' shape) when given."""
+    return torch.bitwise_xor(codes, 0x80, out=out).view(torch.int8)
 
 
 def int8_weight(meta: PackedMeta, qweight: torch.Tensor) -> torch.Tensor:
