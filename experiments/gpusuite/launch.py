@@ -11,7 +11,11 @@ wall time of `calls` back-to-back calls, one synchronize at the end, per call:
   JIT launch, buffers reused          the Triton JITFunction call alone (argument binding, cache lookup, launch)
   compiled-kernel launch              the same kernel through the CompiledKernel the JIT call returned (no binding
                                       or cache lookup: what a launch path that caches it per layer would pay)
-  act_quant / int8_gemm               W8A8's two kernels called alone
+  act_quant / int8_gemm               W8A8's two kernels called alone (int8_gemm as called: the autotuner's choice
+                                      through kernels/launcher.py; and through the autotuner on every call)
+  wq_gemv / _launch (tuned tile)      the GEMV as QuantLinear calls it, and its launch with the tuned tile
+
+`profile(...)` adds cProfile's top functions (own time) of the W4 and W8A8 forwards: where the host time goes.
 
 Every launch path's output is compared with the JIT launch's (same kernel, same inputs: bit-identical or the row says
 so). A path whose API differs on this Triton version is recorded with its error, not skipped silently.
@@ -99,13 +103,51 @@ def triton_rows(w4, w8a8, x, device, calls: int, base: float) -> list[dict]:
         bound = inspect.signature(tg.wq_gemv_kernel.fn).bind(*pos, **kw)
         bound.apply_defaults()
         vals = tuple(bound.arguments.values())
-        runner = compiled[grid]
+        runner = compiled[grid + (1,) * (3 - len(grid))]  # the CompiledKernel runner indexes grid[2]
         out.append(_row("compiled-kernel launch", lambda: runner(*vals), device, calls, base,
                         lambda: (runner(*vals), y.clone())[1], want))
     except Exception as exc:  # noqa: BLE001 - recorded: the API differs on this Triton version
         out.append({"path": "compiled-kernel launch", "us": None, "error": f"{type(exc).__name__}: {exc}"[:200]})
+    if device.type == "cuda":  # the tuned tile QuantLinear runs (tuning times tiles: needs a GPU)
+        cfg, warps = tg._tune(x, meta, b["qweight"], b["scales"], b["qzeros"], None)
+        tuned = f"BLOCK_N={cfg['BLOCK_N']} K_CODES={cfg['BLOCK_K_CODES']} SPLIT_K={cfg['SPLIT_K']} warps={warps}"
+        out.append(_row("triton_gemv.wq_gemv (tuned)", lambda: tg.wq_gemv(x, meta, b["qweight"], b["scales"],
+                        b["qzeros"], None), device, calls, base))
+        out.append(_row(f"triton_gemv._launch ({tuned})", lambda: tg._launch(*args[:-1], cfg, warps), device, calls,
+                        base))
     xq, sx = act_quant(x)
     out.append(_row("act_quant (W8A8)", lambda: act_quant(x), device, calls, base))
-    out.append(_row("int8_gemm (W8A8)", lambda: int8_gemm(xq, sx, w8a8.qweight, w8a8.scales, None, x.dtype), device,
-                    calls, base))
+    gemm = lambda: int8_gemm(xq, sx, w8a8.qweight, w8a8.scales, None, x.dtype)  # noqa: E731
+    want = gemm()
+    out.append(_row("int8_gemm (W8A8)", gemm, device, calls, base, gemm, want))
+    if device.type == "cuda":  # the autotuner's own launch each call (how int8_gemm launched before launcher.py)
+        from qresearch.kernels import triton_w8a8 as tw  # LIBRARY: its chosen-config cache
+
+        out.append(_row("int8_gemm through the autotuner each call", lambda: (tw._BEST.clear(), gemm())[1], device,
+                        calls, base, lambda: (tw._BEST.clear(), gemm())[1], want))
     return out
+
+
+def profile(device: torch.device, dtype: torch.dtype, quick: bool, calls: int = 500, top: int = 12) -> dict:
+    """{variant: [(function, own us per call, calls per call), ...]}: cProfile of `calls` eager M = 1 forwards."""
+    import cProfile
+    import pstats
+
+    out_f, in_f = QUICK_SHAPE if quick else SHAPE
+    x = torch.randn(1, in_f, device=device, dtype=dtype)
+    res = {}
+    for variant in ("w4a16_g128", "w8a8"):
+        layer = bk.build(variant, out_f, in_f, device, dtype)
+        with torch.no_grad():
+            per_call_us(lambda: layer(x), device, 3)
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(calls):
+                layer(x)
+            sync(device)
+            prof.disable()
+        stats = pstats.Stats(prof).stats  # {(file, line, fn): (cc, nc, tottime, cumtime, callers)}
+        rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+        res[variant] = [(f"{k[0].rsplit('/', 2)[-1]}:{k[1]}({k[2]})", v[2] / calls * 1e6, v[1] / calls)
+                        for k, v in rows]
+    return res

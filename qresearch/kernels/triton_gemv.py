@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launcher import Launcher
 from .triton_small import F32_MAGIC, _column
 from .triton_splitk import cdiv, counters, finish_tile, workspace
 from .triton_wq import _codes
@@ -111,6 +112,9 @@ def wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, N,
                 HAS_BIAS)
 
 
+_LAUNCH = Launcher(wq_gemv_kernel)
+
+
 def _cfg(bn, bkw_codes, sk, warps):
     """bkw_codes: BLOCK_K in codes (BLOCK_KW = codes / PER is set per bit width at launch)."""
     return triton.Config({"BLOCK_N": bn, "BLOCK_K_CODES": bkw_codes, "SPLIT_K": sk}, num_warps=warps, num_stages=3)
@@ -151,12 +155,11 @@ def _launch(x, meta, qweight, scales, qzeros, bias, cfg: dict, warps: int = 4) -
     y = torch.empty(1, n, device=x.device, dtype=x.dtype)
     p, cnt = (workspace(split, 1, n, x.device), counters(x.device, grid[0])) if split > 1 else (y, y)
     z = qzeros if qzeros is not None else qweight
-    wq_gemv_kernel[grid](x, qweight, scales, z, bias if bias is not None else scales, y, p, cnt, n,
-                         meta.in_features, qweight.stride(0), scales.stride(0), z.stride(0), GROUP=meta.group,
-                         BITS=meta.bits, SYM=meta.sym or qzeros is None, HAS_BIAS=bias is not None,
-                         BLOCK_N=cfg["BLOCK_N"], BLOCK_KW=bkw, SPLIT_K=split,
-                         EVEN_K=meta.in_features % cfg["BLOCK_K_CODES"] == 0, MAGIC=cfg.get("MAGIC", _magic()),
-                         num_warps=warps)
+    _LAUNCH(grid, x, qweight, scales, z, bias if bias is not None else scales, y, p, cnt, n, meta.in_features,
+            qweight.stride(0), scales.stride(0), z.stride(0), GROUP=meta.group, BITS=meta.bits,
+            SYM=meta.sym or qzeros is None, HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_KW=bkw,
+            SPLIT_K=split, EVEN_K=meta.in_features % cfg["BLOCK_K_CODES"] == 0,
+            MAGIC=cfg["MAGIC"] if "MAGIC" in cfg else _magic(), num_warps=warps)
     return y
 
 

@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launcher import Launcher
 from .triton_splitk import cdiv, counters, finish_tile, workspace
 from .triton_wq import _codes
 
@@ -300,16 +301,17 @@ def permute_x(x: torch.Tensor, bits: int, dtype: torch.dtype | None = None) -> t
     return out.copy_(x.reshape(m, k // per, per).permute(2, 0, 1))
 
 
+_WIDE, _DOT = Launcher(gemv_wide_kernel), Launcher(skinny_dot_kernel)
+
+
 def _launch_wide(x, meta, qweight, scales, qzeros, bias, y, p, cnt, cfg: tuple) -> None:
     a = _wide_args(meta, cfg)
     grid = (cdiv(meta.out_features, a["BLOCK_N"]), a["SPLIT_K"])
     z = qzeros if qzeros is not None else qweight
     xk = permute_x(x, meta.bits, torch.float32)[:, 0] if a["XPERM"] else x  # fp32 [PER, K / PER]
-    gemv_wide_kernel[grid](xk, qweight, scales, z, bias if bias is not None else scales, y, p, cnt, meta.out_features,
-                           meta.in_features, xk.stride(0), qweight.stride(0), scales.stride(0), z.stride(0),
-                           GROUP=meta.group,
-                           BITS=meta.bits, SYM=meta.sym or qzeros is None, HAS_BIAS=bias is not None, **a,
-                           num_warps=cfg[3])
+    _WIDE(grid, xk, qweight, scales, z, bias if bias is not None else scales, y, p, cnt, meta.out_features,
+          meta.in_features, xk.stride(0), qweight.stride(0), scales.stride(0), z.stride(0), GROUP=meta.group,
+          BITS=meta.bits, SYM=meta.sym or qzeros is None, HAS_BIAS=bias is not None, **a, num_warps=cfg[3])
 
 
 def _launch_dot(x, meta, qweight, scales, qzeros, bias, y, p, cnt, cfg: tuple) -> None:
@@ -318,11 +320,10 @@ def _launch_dot(x, meta, qweight, scales, qzeros, bias, y, p, cnt, cfg: tuple) -
     z = qzeros if qzeros is not None else qweight
     xk, sxi, sxm = (x, 0, x.stride(0)) if a["XPERM"] != 1 else (lambda p: (p, p.stride(0), p.stride(1)))(
         permute_x(x, meta.bits))
-    skinny_dot_kernel[grid](xk, qweight, scales, z, bias if bias is not None else scales, y, p, cnt, x.shape[0],
-                            meta.out_features, meta.in_features, sxi, sxm, qweight.stride(0), scales.stride(0),
-                            z.stride(0), y.stride(0), GROUP=meta.group, BITS=meta.bits,
-                            SYM=meta.sym or qzeros is None, HAS_BIAS=bias is not None, **a, num_warps=cfg[2],
-                            num_stages=cfg[3])
+    _DOT(grid, xk, qweight, scales, z, bias if bias is not None else scales, y, p, cnt, x.shape[0], meta.out_features,
+         meta.in_features, sxi, sxm, qweight.stride(0), scales.stride(0), z.stride(0), y.stride(0), GROUP=meta.group,
+         BITS=meta.bits, SYM=meta.sym or qzeros is None, HAS_BIAS=bias is not None, **a, num_warps=cfg[2],
+         num_stages=cfg[3])
 
 
 def label(cfg: tuple, kernel: str) -> str:
