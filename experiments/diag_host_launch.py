@@ -3,12 +3,15 @@ of the W4 and W8A8 forwards, the cached launch path (kernels/launcher.py) agains
 host time per forward) and, with --decode, eager decode of a 7B-shaped model both ways. Printed and written as JSON.
 
     python experiments/diag_host_launch.py --out results/ --decode   # CUDA; on CPU: quick shapes, no Triton rows
+    python experiments/diag_host_launch.py --render results/host_launch_<device>.json   # its markdown table again
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -25,7 +28,12 @@ def main() -> None:
     ap.add_argument("--decode", action="store_true", help="eager decode A/B of a 7B-shaped model (CUDA)")
     ap.add_argument("--decode-layers", type=int, default=32)
     ap.add_argument("--triton-cache", default=None, help="folder with a carried cache.tar.gz (gpusuite/tcache.py)")
+    ap.add_argument("--render", default=None, help="write the .md of an existing JSON (no measurement)")
     a = ap.parse_args()
+    if a.render:
+        path = Path(a.render)
+        path.with_suffix(".md").write_text(render(json.loads(path.read_text())))
+        return
     if a.triton_cache:
         from experiments.gpusuite import tcache
 
@@ -54,9 +62,51 @@ def main() -> None:
     if a.out:
         name = torch.cuda.get_device_name().lower().replace(" ", "_") if cuda else "cpu"
         path = Path(a.out) / f"host_launch_{name}.json"
-        path.write_text(json.dumps({"device": name, "rows": rows, "profile": prof, "cached_vs_jit": ab,
+        commit = os.environ.get("QRESEARCH_COMMIT") or git_commit()
+        path.write_text(json.dumps({"device": name, "commit": commit, "rows": rows, "profile": prof, "cached_vs_jit": ab,
                                     "eager_decode": decode}, indent=1))
-        print("wrote", path)
+        path.with_suffix(".md").write_text(render(json.loads(path.read_text())))
+        print("wrote", path, "and .md")
+
+
+def git_commit() -> str:
+    """Short HEAD (+dirty), or 'unknown' outside a git checkout (the device machine gets QRESEARCH_COMMIT)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def render(d: dict) -> str:
+    """Markdown of one diagnosis: the launch probe, the cached-vs-JIT A/B and the eager decode A/B."""
+    lines = [f"# Host time of eager packed layers on {d['device']}", "",
+             f"- commit: {d.get('commit', 'not recorded')}; command: `python experiments/diag_host_launch.py "
+             "--out results/ --decode` (1000 calls per row)", "- M = 1 calls on a 1024 x 1024 layer (GPU work of a "
+             "few us: back-to-back calls are bound by the host); wall us per call, one synchronize at the end.", "",
+             "| path | us / call | vs fp16 F.linear | identical |", "|---|---|---|---|"]
+    for r in d["rows"]:
+        us = "-" if r.get("us") is None else f"{r['us']:.1f}"
+        vs = "-" if r.get("vs_fp16") is None else f"{r['vs_fp16']:.2f}x"
+        lines.append(f"| {r['path']} | {us} | {vs} | {r.get('identical', r.get('error', '-'))} |")
+    lines += ["", "QuantLinear forward with cached launches (kernels/launcher.py) vs JIT launches (`jit_only()`: "
+              "Triton's JIT call and the autotuner on every call, as before): identical = the same bits.", "",
+              "| variant | M | kernel | identical | cached us | JIT us | JIT / cached |", "|---|---|---|---|---|---|---|"]
+    for r in d["cached_vs_jit"]:
+        lines.append(f"| {r['variant']} | {r['m']} | {r['kernel']} | {'yes' if r['identical'] else 'NO'} | "
+                     f"{r['cached_us']:.1f} | {r['jit_us']:.1f} | {r['jit_us'] / r['cached_us']:.2f}x |")
+    if d.get("eager_decode"):
+        fp16 = {r["batch"]: r["tok_s"] for r in d["eager_decode"] if r["variant"] == "fp16"}
+        lines += ["", "Eager HF decode of a 7B-shaped model (32 layers, random fp16 weights, RTN-packed; 16 new tokens "
+                  "after a 16-token prompt, median of 3): the same model with cached and with JIT launches.", "",
+                  "| variant | batch | launch | ms / step | tok/s | vs fp16 |", "|---|---|---|---|---|---|"]
+        for r in d["eager_decode"]:
+            lines.append(f"| {r['variant']} | {r['batch']} | {r['launch']} | {r['ms_per_step']:.2f} | "
+                         f"{r['tok_s']:.1f} | {r['tok_s'] / fp16[r['batch']]:.2f}x |")
+    return "\n".join(lines) + "\n"
 
 
 @torch.no_grad()
