@@ -23,14 +23,20 @@ from torch import nn  # noqa: E402
 
 
 class LaunchCounter:
-    """Stands in for a @triton.jit kernel: `kernel[grid](...)` counts and returns."""
+    """Stands in for a @triton.jit kernel behind kernels/launcher.py: the JIT call `kernel[grid](...)` counts and
+    returns a stand-in CompiledKernel (`packed_metadata`, `compiled[grid](*args)`) whose launches count too, so
+    the timed calls take the launcher's cached path as on a GPU (Triton's C launcher itself excluded)."""
+
+    packed_metadata = None
 
     def __init__(self):
         self.launches = 0
+        self.fn = None  # set to the real kernel's Python function: the launcher reads its parameters
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.launches += 1
+            return self
         return launch
 
 
@@ -68,15 +74,17 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from qresearch.kernels import triton_gemv
+    from qresearch.kernels.launcher import Launcher
     from qresearch.tracking.provenance import commit_label, provenance
 
     stub = LaunchCounter()
-    triton_gemv.wq_gemv_kernel = stub
+    stub.fn = triton_gemv.wq_gemv_kernel.fn
+    triton_gemv._LAUNCH = Launcher(stub)
     out_f, in_f = map(int, args.shape.split("x"))
     layer = packed_layer(out_f, in_f)
     with torch.no_grad():
         us = time_calls(layer, torch.randn(1, in_f), args.calls, args.repeats)
-    row = {"shape": args.shape, "M": 1, "path": "triton_gemv (launch stubbed)", "us_per_call_median": statistics.median(us),
+    row = {"shape": args.shape, "M": 1, "path": "triton_gemv (launch stubbed, cached by kernels/launcher.py)", "us_per_call_median": statistics.median(us),
            "us_per_call_all": us, "launches": stub.launches, "commit": commit_label(provenance(torch.device("cpu"), 0)),
            "torch": torch.__version__, "threads": torch.get_num_threads(), "load": os.getloadavg()}
     assert stub.launches == 20 + args.calls * args.repeats, "every call must reach the (stubbed) kernel launch"

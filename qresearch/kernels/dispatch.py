@@ -11,6 +11,7 @@ only under TRITON_INTERPRET=1, which is how the tests run the Triton kernels).
 """
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -81,18 +82,21 @@ class Kernel:
 KERNELS: list[Kernel] = []
 
 
+_BACKENDS = ["auto"]  # QRESEARCH_KERNELS values: auto + the registered kernels' backends (kept by register)
+
+
 def register(kernel: Kernel) -> Kernel:
     """Add a kernel to the registry (kept sorted by priority; equal priorities keep registration order)."""
     KERNELS.append(kernel)
     KERNELS.sort(key=lambda k: k.priority)
+    _BACKENDS[1:] = sorted({k.backend for k in KERNELS})
     return kernel
 
 
 def backend() -> str:
     b = os.environ.get("QRESEARCH_KERNELS", "auto")
-    allowed = ("auto", *sorted({k.backend for k in KERNELS}))
-    if b not in allowed:
-        raise ValueError(f"QRESEARCH_KERNELS={b!r} is unknown; allowed: {', '.join(allowed)}")
+    if b not in _BACKENDS:
+        raise ValueError(f"QRESEARCH_KERNELS={b!r} is unknown; allowed: {', '.join(_BACKENDS)}")
     return b
 
 
@@ -125,6 +129,17 @@ def prepare_input(x: torch.Tensor, mode: ActMode, bufs: dict) -> torch.Tensor | 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+_MODULES: dict[str, object] = {}
+
+
+def _triton(name: str):
+    """The Triton kernel module `name` (imported at its first call: dispatch loads without Triton installed)."""
+    mod = _MODULES.get(name)
+    if mod is None:
+        mod = _MODULES[name] = importlib.import_module(f"{__package__}.{name}")
+    return mod
 
 
 def _triton_why_not(key: LayerKey) -> str | None:
@@ -204,8 +219,6 @@ def check_env() -> None:
 
 
 def _run_triton_wq(x, meta, bufs, mode):
-    from .triton_wq import wq_linear
-
     if bufs["g_idx"] is not None and act_order_path() == "permute" and not _dequant_call(x.shape[0]):
         from .prepared import permuted_act_order
 
@@ -215,22 +228,15 @@ def _run_triton_wq(x, meta, bufs, mode):
             x, bufs = x.index_select(1, perm), {**bufs, "qweight": qweight, "g_idx": None}
     has_gidx = bufs["g_idx"] is not None
     for name in _small_m_order(small_m_path(), x.shape[0]):
-        if name == "gemv":
-            from .triton_gemv import supports, wq_gemv
-
-            if supports(meta, has_gidx, 1) is None:
-                return wq_gemv(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["bias"])
-        else:
-            from .triton_small import small_m_linear
-            from .triton_small import supports as small_supports
-
-            if small_supports(meta, has_gidx, x.shape[0]) is None:
-                return small_m_linear(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["bias"])
+        mod = _triton("triton_gemv" if name == "gemv" else "triton_small")
+        if mod.supports(meta, has_gidx, x.shape[0]) is None:
+            run = mod.wq_gemv if name == "gemv" else mod.small_m_linear
+            return run(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["bias"])
     if _dequant_call(x.shape[0]):  # QRESEARCH_PREFILL: dequantize-then-GEMM for long calls
-        from .triton_dequant import dequant_linear
-
-        return dequant_linear(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["g_idx"], bufs["bias"])
-    return wq_linear(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["g_idx"], bufs["bias"])
+        return _triton("triton_dequant").dequant_linear(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"],
+                                                        bufs["g_idx"], bufs["bias"])
+    return _triton("triton_wq").wq_linear(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["g_idx"],
+                                          bufs["bias"])
 
 
 def _dequant_call(m: int) -> bool:
@@ -243,9 +249,8 @@ def _dequant_call(m: int) -> bool:
 
 
 def _run_triton_w8a8(x, meta, bufs, mode):
-    from .triton_w8a8 import w8a8_linear
-
-    return w8a8_linear(x, meta, bufs["qweight"], bufs["scales"], bufs["bias"], prepare_input(x, mode, bufs))
+    return _triton("triton_w8a8").w8a8_linear(x, meta, bufs["qweight"], bufs["scales"], bufs["bias"],
+                                              prepare_input(x, mode, bufs))
 
 
 def _run_reference(x, meta, bufs, mode):

@@ -7,7 +7,8 @@ A Triton JIT call (`kernel[grid](*args, **constexprs)`) binds its arguments, com
 decode was host-bound (0.67x fp16 for a 7B-shaped model while its CUDA-graph step ran 1.49x).
 
 `Launcher(kernel)(grid, *args, num_warps=, **constexprs)` keys each call on what can change the compiled kernel:
-every tensor argument's dtype, device and 16-byte alignment, every other argument's exact value (finer than
+every tensor argument's dtype and 16-byte alignment, the device of the first, every other argument's exact value
+and type (finer than
 Triton's own integer specialization, so never coarser), the constexprs and launch options. The first call of a key
 goes through the JIT (compiling if needed) and keeps the CompiledKernel it returns; later calls launch it directly,
 with the same arguments in the kernel's parameter order. Under TRITON_INTERPRET=1 the JIT call returns no
@@ -17,9 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 
 import torch
 
+# Triton reads TRITON_INTERPRET when it decorates a kernel, i.e. when the kernel modules (which import this one) load:
+# read once here, the kernel modules' per-call "am I interpreted" check costs nothing
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _STATE = {"cached": True}  # False inside jit_only(): every launch a JIT call (an A/B of the launch path)
 
 
@@ -40,13 +45,6 @@ def jit_only():
         _STATE["cached"] = before
 
 
-def _spec(a):
-    """What of one positional argument can select a different compiled kernel."""
-    if isinstance(a, torch.Tensor):
-        return a.dtype, a.device.index, a.data_ptr() % 16 == 0
-    return type(a), a
-
-
 class Launcher:
     """One @triton.jit kernel's launches, cached per specialization key (see the module docstring)."""
 
@@ -58,13 +56,14 @@ class Launcher:
         self.cache: dict[tuple, tuple] = {}  # key -> (CompiledKernel, constexpr values in parameter order)
 
     def __call__(self, grid: tuple, *args, num_warps: int = 4, num_stages: int | None = None, **constexprs):
-        opts = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
-        key = (tuple(map(_spec, args)), tuple(constexprs.items()), num_warps, num_stages)
+        key = (tuple([(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else (a.__class__, a)
+                      for a in args]), args[0].device.index, tuple(constexprs.items()), num_warps, num_stages)
         hit = self.cache.get(key) if _STATE["cached"] else None
         if hit is not None:
             compiled, tail = hit
             compiled[grid + (1,) * (3 - len(grid))](*args, *tail)
             return
+        opts = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
         compiled = self.kernel[grid](*args, **constexprs, **opts)
         if hasattr(compiled, "packed_metadata"):  # a CompiledKernel (not under the interpreter)
             tail = tuple(constexprs[n] if n in constexprs else self.defaults[n] for n in self.params[len(args):])

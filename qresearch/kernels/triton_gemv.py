@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launcher import Launcher
+from .launcher import INTERPRETED, Launcher
 from .triton_small import F32_MAGIC, _column
 from .triton_splitk import cdiv, counters, finish_tile, workspace
 from .triton_wq import _codes
@@ -198,7 +198,7 @@ def wq_gemv(x, meta, qweight, scales, qzeros, bias, block: dict | None = None) -
     """
     assert x.shape == (1, meta.in_features), f"x {tuple(x.shape)}: the GEMV takes [1, {meta.in_features}]"
     x = x.contiguous()
-    if block is None and os.environ.get("TRITON_INTERPRET") == "1":
+    if block is None and INTERPRETED:
         block = {"BLOCK_N": 32, "BLOCK_K_CODES": 64, "SPLIT_K": 2}
     cfg, warps = (block, 4) if block is not None else _tune(x, meta, qweight, scales, qzeros, bias)
     if _block_kw(cfg["BLOCK_K_CODES"], meta.bits, meta.group, meta.in_features) is None:

@@ -32,13 +32,12 @@ triton_gemv at M = 1 (1.21-1.54x vs 1.33-1.56x), so dispatch's `auto` keeps trit
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .launcher import Launcher
+from .launcher import INTERPRETED, Launcher
 from .triton_splitk import cdiv, counters, finish_tile, workspace
 from .triton_wq import _codes
 
@@ -383,6 +382,6 @@ def small_m_linear(x, meta, qweight, scales, qzeros, bias, block: tuple | None =
         launch(x, meta, qweight, scales, qzeros, bias, y, p, cnt, cfg)
         return y
 
-    if block is None and os.environ.get("TRITON_INTERPRET") == "1":
+    if block is None and INTERPRETED:
         block = _interp_block(kernel)
     return run(block if block is not None else _tune(kernel, x, meta, run))

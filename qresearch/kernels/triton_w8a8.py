@@ -6,13 +6,12 @@ order, and code ^ 0x80 reinterpreted as int8 is code - 128 (the signed value).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .launcher import Launcher, cached
+from .launcher import INTERPRETED, Launcher, cached
 from .triton_splitk import cdiv
 
 
@@ -187,7 +186,7 @@ def int8_gemm(xq, sx, qweight, scales, bias, out_dtype: torch.dtype, block: dict
     y = torch.empty(M, N, dtype=out_dtype, device=xq.device)
     args = (xq, wb, sx, sw, bias if bias is not None else sw, y, M, N, K, xq.stride(0), wb.stride(0), y.stride(0),
             min(triton.next_power_of_2(M), 4096))
-    if block is None and os.environ.get("TRITON_INTERPRET") == "1":  # no autotuning without a GPU driver
+    if block is None and INTERPRETED:  # no autotuning without a GPU driver
         block = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
     if block is not None:
         grid = (cdiv(M, block["BLOCK_M"]), cdiv(N, block["BLOCK_N"]))

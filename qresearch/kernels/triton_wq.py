@@ -14,12 +14,12 @@ Import only when a kernel is needed: importing triton is slow and CUDA-specific.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .launcher import INTERPRETED
 from .triton_splitk import cdiv, counters, finish_tile, workspace
 
 
@@ -200,7 +200,7 @@ def wq_linear(x, meta, qweight, scales, qzeros, g_idx, bias, block: dict | None 
     x = x.contiguous()
     if block is not None and block["BLOCK_K"] % 32:
         raise ValueError(f"BLOCK_K={block['BLOCK_K']} must be a multiple of 32 (32 codes fill whole words)")
-    if block is None and os.environ.get("TRITON_INTERPRET") == "1":  # no autotuning without a GPU driver
+    if block is None and INTERPRETED:  # no autotuning without a GPU driver
         block = dict(BLOCK_M=1 if M == 1 else 16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2 if M <= 16 else 1)
     decode = M <= 16 if block is None else block.get("SPLIT_K", 1) > 1 or block.get("BLOCK_M") == 1
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
