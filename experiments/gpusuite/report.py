@@ -60,13 +60,19 @@ def goals(state: dict) -> list[dict]:
                 f"W4 {w4['decode_ms_per_step']['1']:.1f} ms/step vs weight-read floor {w4['step_floor_ms']:.2f}; "
                 f"kernels {', '.join(w4['kernels'])}")
     gpu_kernels = bool(w4 and all(k.startswith("triton_") for k in w4["kernels"]))
-    out.append(_goal(DECODE_GOAL[0], DECODE_GOAL[1], value, gpu_kernels, note, _why_missing(state, "e2e", quick)))
     gfp, gw4 = ((r or {}).get("graph_decode", {}).get("1", {}) for r in (fp, w4))
+    if value is not None and "ms_per_step" in gfp:  # how much of fp16's own eager step is host time
+        note = (f"{note}; fp16 eager {fp['decode_ms_per_step']['1']:.1f} ms/step vs its CUDA-graph step "
+                f"{gfp['ms_per_step']:.2f}: eager decode is host-bound for fp16 too")
+    out.append(_goal(DECODE_GOAL[0], DECODE_GOAL[1], value, gpu_kernels, note, _why_missing(state, "e2e", quick)))
     value, note, why = None, "", _why_missing(state, "e2e", quick)
     if "ms_per_step" in gfp and "ms_per_step" in gw4 and gw4.get("graph") and not quick:
         value = gfp["ms_per_step"] / gw4["ms_per_step"]
+        rest = gfp["ms_per_step"] - fp["step_floor_ms"]  # fp16 step time beyond reading its weights once
         note = (f"{gw4['tokens_per_s']:.1f} vs {gfp['tokens_per_s']:.1f} tok/s; W4 {gw4['ms_per_step']:.2f} ms/step "
-                f"vs weight-read floor {w4['step_floor_ms']:.2f}")
+                f"vs weight-read floor {w4['step_floor_ms']:.2f}; fp16 {gfp['ms_per_step']:.2f} ms/step, "
+                f"{rest:.2f} of it beyond its weight-read floor: if that stays, W4 at its floor gives at most "
+                f"{gfp['ms_per_step'] / (rest + w4['step_floor_ms']):.2f}x")
     elif gfp.get("error") or gw4.get("error"):
         why = f"graph decode failed: {gfp.get('error') or gw4.get('error')}"
     out.append(_goal(GRAPH_GOAL[0], GRAPH_GOAL[1], value, gpu_kernels, note, why))
