@@ -81,7 +81,7 @@ def test_wq_matmul_detects_wrong_layout():
 
 @pytest.mark.parametrize("block", [128, None])
 def test_act_quant_kernel_exact(block):
-    """Two passes over 128-wide blocks, and one pass with the whole row in a block (the default up to 16384)."""
+    """Two passes over 128-wide blocks, and one pass with the whole row in a block (the default up to 8192)."""
     x = torch.randn(6, 300)
     x[1] = 0.0
     x[3, :4] = torch.tensor([127.0, 0.5, 1.5, -2.5])  # scale 1.0: ties to even, as torch.round
@@ -89,6 +89,17 @@ def test_act_quant_kernel_exact(block):
     q_ref, s_ref = ref.act_quant_ref(x)
     assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
     assert q[3, 1:4].tolist() == [0, 2, -2]
+
+
+def test_act_quant_default_takes_two_passes_over_wide_rows():
+    """Rows wider than ONE_PASS_MAX: the default's two passes over TWO_PASS_BLOCK-wide blocks (a partial last one)
+    give the reference's bits; the largest |x| in the last block."""
+    k = W8.ONE_PASS_MAX + 3 * 8 + 5
+    x = torch.randn(3, k)
+    x[0, -1] = 40.0
+    q, s = W8.act_quant(x)
+    q_ref, s_ref = ref.act_quant_ref(x)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref) and q[0, -1] == 127
 
 
 @pytest.mark.parametrize("w_as_a", [False, True])

@@ -178,7 +178,7 @@ def _kernels(sec: dict) -> list[str]:
         lines += ["", "W8A8 call in parts (us; CUDA-graph replays, L2 flushed): the per-token activation quantizer, "
                   "our int8 GEMM with its rescale epilogue, and cuBLAS's int8 GEMM (torch._int_mm, int32 out, no "
                   "epilogue) on the same int8 operands. Act quant by row block: the quantizer in two passes over "
-                  "x with that row block (the default reads rows up to 16384 wide once; ! = output not the "
+                  "x with that row block (the default reads rows up to 8192 wide once, wider ones in two passes over 4096-wide blocks; ! = output not the "
                   "default's bits). cuBLAS bound = fp16 / (act quant + cuBLAS int8): the speedup "
                   "with cuBLAS's GEMM and a free epilogue. GEMM rel err: our GEMM's output vs cuBLAS's integer sums "
                   "rescaled in float64.", ""]

@@ -19,7 +19,7 @@ def signed_weight(qweight: torch.Tensor, in_features: int) -> torch.Tensor:
     return int8_from_codes(qweight.view(torch.uint8)[:, :in_features]).contiguous()
 
 
-ACT_QUANT_BLOCKS = (1024, 2048, 4096, 8192)  # two-pass row blocks tried beside the default (one pass up to 16384)
+ACT_QUANT_BLOCKS = (1024, 2048, 4096, 8192)  # two-pass row blocks tried beside the default (one pass up to ONE_PASS_MAX)
 
 
 def act_quant_blocks(x, xq, sx, us) -> list[dict]:

@@ -121,7 +121,8 @@ def w8a8_jobs() -> list[Job]:
                         c.num_stages))
     sig = {"x_ptr": "*fp16", "q_ptr": "*i8", "s_ptr": "*fp32", "K": "i32", "stride_xm": "i32", "stride_qm": "i32",
            "BLOCK": "constexpr"}
-    jobs.append(Job("act_quant", "per-token int8", k.act_quant_kernel, sig, {"BLOCK": 1024}, 4, 1))
+    jobs.append(Job("act_quant", "per-token int8, two passes", k.act_quant_kernel, sig, {"BLOCK": k.TWO_PASS_BLOCK},
+                    8, 1))
     jobs.append(Job("act_quant", "per-token int8, one pass", k.act_quant_kernel, sig, {"BLOCK": k.ONE_PASS_MAX}, 8, 1))
     return jobs
 

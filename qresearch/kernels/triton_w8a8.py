@@ -147,18 +147,23 @@ _BEST: dict[tuple, triton.Config] = {}  # (M_BUCKET, N, K, out dtype) -> the con
 
 
 _ACT_QUANT, _GEMM = Launcher(act_quant_kernel), Launcher(int8_matmul_kernel)
-ONE_PASS_MAX = 16384  # rows up to this many features are read once (64 fp32 registers per thread at 8 warps)
+# rows up to ONE_PASS_MAX features are read once (the row in registers); wider ones in two passes over TWO_PASS_BLOCK
+# wide blocks. H100, 4096x11008's x (results/gpu_nvidia_h100_80gb_hbm3.md, W8A8 parts at 2803757): one pass over
+# K = 11008 (a 16384 block) took 92.8 us at M = 2048 and 18.3 at M = 256, two passes over 4096-wide blocks 54.0 and
+# 16.5 (1024: 60.6 and 17.9; 8192: 76.4 and 22.0); at K = 4096 one pass was the fastest (21.0 vs 23.5 us at M = 2048)
+ONE_PASS_MAX, TWO_PASS_BLOCK = 8192, 4096
 
 
 def act_quant(x: torch.Tensor, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (int8 [M, K], fp32 scales [M]); matches reference.act_quant_ref. `block` None: the whole row
-    in one block (one read of x) up to ONE_PASS_MAX features, else 1024-wide blocks in two passes."""
+    """x [M, K] -> (int8 [M, K], fp32 scales [M]); matches reference.act_quant_ref (any block: the same bits).
+    `block` None: the whole row in one block (one read of x) up to ONE_PASS_MAX features, else TWO_PASS_BLOCK-wide
+    blocks in two passes."""
     M, K = x.shape
     x = x.contiguous()
     q = torch.empty(M, K, dtype=torch.int8, device=x.device)
     s = torch.empty(M, dtype=torch.float32, device=x.device)
     if block is None:
-        block = triton.next_power_of_2(K) if K <= ONE_PASS_MAX else 1024
+        block = triton.next_power_of_2(K) if K <= ONE_PASS_MAX else TWO_PASS_BLOCK
     block = min(block, triton.next_power_of_2(K))
     _ACT_QUANT((M,), x, q, s, K, x.stride(0), q.stride(0), BLOCK=block, num_warps=8 if block >= 4096 else 4)
     return q, s
