@@ -45,16 +45,17 @@ def kv_tag(kv: Any) -> str:
     return f"-kv{kv['bits']}{'-sym' if kv.get('sym') and fmt == 'int' else ''}{'' if fmt == 'int' else '-' + fmt}"
 
 
-def full_tag(recipe: str, steps: list[Method], modules: str, kv: Any = None) -> str:
-    """The run tag: what the steps do, plus -packed / -integer for those modules (fake is the default), plus the KV
-    cache."""
-    return run_tag(recipe, steps) + ("" if modules == "fake" else f"-{modules}") + kv_tag(kv)
+def full_tag(recipe: str, steps: list[Method], modules: str, kv: Any = None, fuse: bool = False) -> str:
+    """The run tag: what the steps do, plus -packed / -integer for those modules (fake is the default), -fused for
+    fused sibling projections, plus the KV cache."""
+    return run_tag(recipe, steps) + ("" if modules == "fake" else f"-{modules}") + ("-fused" if fuse else "") + \
+        kv_tag(kv)
 
 
-def tag_of(method: DictConfig, modules: str, kv: Any = None) -> str:
+def tag_of(method: DictConfig, modules: str, kv: Any = None, fuse: bool = False) -> str:
     """Run tag of a method node (for the run dir, resolved by Hydra before run(); errors surface in plan())."""
     try:
-        return full_tag(method.name, build_steps(method), modules, kv)
+        return full_tag(method.name, build_steps(method), modules, kv, fuse)
     except Exception:  # noqa: BLE001 - plan() reports the error properly; the dir is then discarded
         return f"{method.get('name', 'method')}-invalid"
 
@@ -185,6 +186,7 @@ class Plan:
     seed: int
     modules: str  # fake | packed
     export: str | None = None
+    fuse: bool = False  # modules=packed: sibling projections fused (nn/fused.py)
 
     @property
     def needs_calibration(self) -> bool:
@@ -193,13 +195,13 @@ class Plan:
 
 TOP_LEVEL = {"bits": int, "group_size": int, "sym": bool, "qformat": str, "act_bits": int, "seed": int,
              "modules": str, "device": str, "export": str | None, "skip_done": bool, "scale_bits": int | None,
-             "scale_level2": str, "bits_map": str | None}
+             "scale_level2": str, "bits_map": str | None, "fuse": bool}
 
 
 def check_top_level(cfg: DictConfig) -> None:
     """Types and ranges of the top-level knobs (before anything interpolates them into a step)."""
     for key, hint in TOP_LEVEL.items():
-        check_value(key, cfg.get(key), hint)
+        check_value(key, cfg.get(key, False) if key == "fuse" else cfg.get(key), hint)
     if cfg.qformat not in FORMATS:
         raise ConfigError(f"qformat={cfg.qformat!r} is unknown; allowed: {', '.join(FORMATS)}")
     low = min(FORMATS[cfg.qformat].bits_allowed)
@@ -220,6 +222,11 @@ def check_top_level(cfg: DictConfig) -> None:
     if cfg.export is not None and cfg.modules != "packed":
         raise ConfigError(f"export={cfg.export} writes packed weights; run it with modules=packed "
                           f"(got modules={cfg.modules})")
+    if cfg.get("fuse", False) and cfg.modules != "packed":
+        raise ConfigError(f"fuse=true fuses packed layers; run it with modules=packed (got modules={cfg.modules})")
+    if cfg.get("fuse", False) and cfg.export is not None:
+        raise ConfigError(f"fuse=true with export={cfg.export}: exports write one packed layer per linear; "
+                          f"export without fuse (fusing is a runtime choice of the loaded model)")
 
 
 def check_logger(lg: DictConfig) -> None:
@@ -409,5 +416,6 @@ def plan(cfg: DictConfig, overrides: typing.Sequence[str] = ()) -> Plan:
     check_positions(spec.name, max_positions(spec), seqlens)
     if cfg.export is not None:
         _check_export(cfg.export, spec, steps, facts)
-    return Plan(spec, steps, cfg.method.name, full_tag(cfg.method.name, steps, cfg.modules, ev.kv_cache), facts, ev, calib,
-                _device(cfg.device), cfg.seed, cfg.modules, cfg.export)
+    fuse = bool(cfg.get("fuse", False))
+    return Plan(spec, steps, cfg.method.name, full_tag(cfg.method.name, steps, cfg.modules, ev.kv_cache, fuse), facts,
+                ev, calib, _device(cfg.device), cfg.seed, cfg.modules, cfg.export, fuse)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .config import ROOT
 from .tracking.metrics import Metrics
-from .tracking.store import HASH_EXCLUDE, config_hash, read_index, read_metrics
+from .tracking.store import HASH_EXCLUDE, config_hash, hashed, read_index, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def _run_config(run_dir: Path) -> dict | None:
 
 def setting_hash(cfg: dict) -> str:
     """What a run computes apart from its seed: runs of one setting at several seeds share it."""
-    return config_hash({k: v for k, v in cfg.items() if k not in HASH_EXCLUDE + ("seed",)})
+    return config_hash(hashed(cfg, HASH_EXCLUDE + ("seed",)))
 
 
 def mean_sd(xs: list[float]) -> tuple[float, float]:

@@ -28,7 +28,7 @@ from .nn.swap import swap_linears
 from .records import QuantResult
 from .tracking.metrics import Footprint, Metrics, ModelInfo, PplResult, RunInfo, Timing, eval_signature
 from .tracking.provenance import commit_label, provenance
-from .tracking.store import (HASH_EXCLUDE, append_index, atomic_write_json, completed_run, config_hash, read_metrics,
+from .tracking.store import (append_index, atomic_write_json, completed_run, config_hash, hashed, read_metrics,
                              write_csv)
 from .tracking.summary import print_summary
 from .tracking.wandb_logger import make_logger
@@ -85,7 +85,7 @@ def run(cfg: DictConfig) -> dict:
         _discard(out_dir)
         raise
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
-    chash = config_hash({k: v for k, v in cfg_dict.items() if k not in HASH_EXCLUDE})
+    chash = config_hash(hashed(cfg_dict))
     results_root = Path(cfg_dict["paths"]["results"])
     done = completed_run(results_root / "runs" / "index.jsonl", chash) if cfg.skip_done else None
     if done is not None:
@@ -220,6 +220,8 @@ def execute(p: Plan, cfg_dict: dict, chash: str, out_dir: Path, logger) -> Metri
     if watch:
         watch.after_steps(model, folded=any(getattr(s, "folds_scales", False) for s in p.steps))
     kernels = swap_linears(model, result, p.modules)
+    if p.fuse:
+        kernels.update(_fuse(model, arch))
     kv = enable_kv_cache(model, p.eval.kv_cache)
     ppl, lm_eval, t_eval = _evaluate(p, model, tok, streams, fp, device)
     activations = watch.finish(model, out_dir, logger) if watch else None
@@ -239,6 +241,20 @@ def execute(p: Plan, cfg_dict: dict, chash: str, out_dir: Path, logger) -> Metri
                       kv_cache=kv_cache_report(kv, p.eval.kv_cache, p.eval.seqlen, limit))
     _write(out_dir, cfg_dict, metrics, result, prov, logger)
     return metrics
+
+
+def _fuse(model, arch) -> dict[str, str]:
+    """fuse=true: sibling projections as one packed layer each; {member: kernel}; groups left unfused are printed
+    with the reason."""
+    from .nn.fused import fuse_siblings
+
+    used = fuse_siblings(model, arch)
+    left = {k: v for k, v in used.items() if v.startswith("not fused")}
+    for label, why in sorted(left.items())[:3]:
+        print(f"fuse: {label} {why}", flush=True)
+    if len(left) > 3:
+        print(f"fuse: {len(left) - 3} more groups not fused", flush=True)
+    return {k: v for k, v in used.items() if k not in left}
 
 
 def _write(out_dir: Path, cfg_dict: dict, metrics: Metrics, result: QuantResult, prov: dict, logger) -> None:

@@ -20,6 +20,13 @@ SOURCE_KEY = "qresearch_source"  # config.json: the run that wrote an export (ru
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
+    """The packed layers to write, by module name; a model with fused siblings (nn/fused.py) is refused: its
+    packed layers are the fused ones, under the first member's name."""
+    from ..nn.fused import is_fused
+
+    if is_fused(model):
+        raise ValueError("the model's sibling projections are fused (fuse_siblings): exports write one packed layer "
+                         "per linear; export the model before fusing it, or run without fuse_siblings")
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 

@@ -57,6 +57,14 @@ HASH_EXCLUDE = ("out_dir", "paths", "logger", "skip_done", "bits", "group_size",
                 "scale_bits", "scale_level2", "bits_map")
 
 
+HASH_DEFAULTS = {"fuse": False}  # keys added later: left out of the hash at their default (earlier runs keep theirs)
+
+
+def hashed(cfg: dict, exclude: tuple[str, ...] = HASH_EXCLUDE) -> dict:
+    """The settings a run's config hash covers."""
+    return {k: v for k, v in cfg.items() if k not in exclude and not (k in HASH_DEFAULTS and v == HASH_DEFAULTS[k])}
+
+
 def config_hash(cfg: dict) -> str:
     """Hash of the settings that define a run (not where it writes)."""
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
