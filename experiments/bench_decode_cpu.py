@@ -7,7 +7,8 @@ qresearch/eval/latency.py.
 One process, one model load; every variant gets the same seeded prompt and protocol (measure_latency: batch 1,
 a 16-token prompt, then `--tokens` greedy steps with the KV cache, median of `--repeats` after `--warmup`):
   dense fp32, packed RTN w4 g128 (asym), w8 per-channel (sym) and W8A8 (w8 + per-token int8 activations) in fp32 (dispatch's CPU kernel), the same four
-  in bf16, and the packed w4 g128 fp32 model on the torch reference (QRESEARCH_KERNELS=torch: the path packed CPU
+  in bf16, the fp32 packed ones again with q/k/v and gate/up fused (fuse=true; --no-fuse leaves them out), and
+  the packed w4 g128 fp32 model on the torch reference (QRESEARCH_KERNELS=torch: the path packed CPU
   inference took before the CPU kernels) with `--ref-tokens` steps. `--prefill L` also times one forward of an
   L-token prompt without the cache (median of the same repeats; not for the reference row). Writes
   results/decode_cpu_<model>.md.
@@ -35,6 +36,7 @@ from qresearch.kernels.prepared import derived_bytes  # noqa: E402
 from qresearch.method import Context  # noqa: E402
 from qresearch.models.arch import arch_for  # noqa: E402
 from qresearch.models.load import ModelSpec, load_model  # noqa: E402
+from qresearch.nn.fused import fuse_siblings  # noqa: E402
 from qresearch.nn.packed import QuantLinear, packed_weight_bytes  # noqa: E402
 from qresearch.nn.swap import swap_linears  # noqa: E402
 
@@ -60,15 +62,20 @@ def decode(model, cfg: LatencyConfig) -> dict:
     return {**res["decode"]["1"], "prefill": res["prefill"]}
 
 
-def variants(base, results: dict):
-    """(label, build) in measurement order; build() -> (model, {layer: kernel}) made on demand (one in memory)."""
+def variants(base, results: dict, fuse: bool):
+    """(label, build) in measurement order; build() -> (model, {layer: kernel}) made on demand (one in memory).
+    fuse: each packed fp32 variant again with q/k/v and gate/up fused (nn/fused.py, the run's fuse=true)."""
     for dtype in (torch.float32, torch.bfloat16):
         yield f"dense {str(dtype)[6:]}", lambda d=dtype: (copy.deepcopy(base).to(d), {})
         for q in QUANT:
-            def build(d=dtype, q=q):
-                m = copy.deepcopy(base).to(d)
-                return m, swap_linears(m, results[q], "packed")
-            yield f"packed {q} {str(dtype)[6:]}", build
+            for fused in (False, True) if fuse and dtype == torch.float32 else (False,):
+                def build(d=dtype, q=q, fused=fused):
+                    m = copy.deepcopy(base).to(d)
+                    kernels = swap_linears(m, results[q], "packed")
+                    if fused:
+                        kernels.update(fuse_siblings(m, arch_for(m)))
+                    return m, kernels
+                yield f"packed {q} {str(dtype)[6:]}{' fused' if fused else ''}", build
 
 
 def main(argv=None) -> Path:
@@ -81,6 +88,8 @@ def main(argv=None) -> Path:
     ap.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()],
                     help="torch thread counts; every variant is measured at each")
     ap.add_argument("--prefill", type=int, nargs="*", default=[512], help="prompt lengths of the prefill column(s)")
+    ap.add_argument("--no-fuse", dest="fuse", action="store_false",
+                    help="leave out the fused-projection rows (fp32 packed variants with fuse=true)")
     ap.add_argument("--load-note", default="other processes may share the cores")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -93,7 +102,7 @@ def main(argv=None) -> Path:
     ref_cfg = LatencyConfig(enabled=True, prompt_lengths=[], decode_tokens=args.ref_tokens, batch_sizes=[1],
                             repeats=1, warmup=1)
     rows = []
-    for label, build in variants(base, results):  # each model built once, measured at every thread count
+    for label, build in variants(base, results, args.fuse):  # each model built once, measured at every thread count
         model, kernels = build()
         for n in args.threads:
             torch.set_num_threads(n)
