@@ -8,6 +8,7 @@ import tarfile
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests._qhelpers import REPO
@@ -250,6 +251,15 @@ def test_goals_table_met_missed_not_measured():
     assert goals(state)[4]["status"] == "NOT MEASURED" and "capture" in goals(state)[4]["note"]
     e2e[1]["graph_decode"] = {"1": {"ms_per_step": 1.25, "tokens_per_s": 800.0, "graph": True}}
     assert goals(state)[4]["status"] == "MET" and goals(state)[4]["reached"] == "3.20x"
+    # fuse=true rows: the faster of fused / unfused W4 counts, and the note says which
+    e2e[1]["fused"] = {"decode": {"1": 54.0}, "graph_decode": {"1": {"ms_per_step": 1.0, "tokens_per_s": 1e3,
+                                                                          "graph": True}}}
+    g3, g4 = goals(state)[3:5]
+    assert g3["reached"] == "2.70x" and g3["note"].startswith("fused (fuse=true)")
+    assert g4["reached"] == "4.00x" and g4["note"].startswith("fused (fuse=true)") and "unfused W4 1.25" in g4["note"]
+    e2e[1]["fused"]["graph_decode"]["1"]["ms_per_step"] = 2.0  # slower than unfused: unfused stands
+    assert goals(state)[4]["reached"] == "3.20x" and "fused" not in goals(state)[4]["note"]
+    del e2e[1]["fused"]
     state["sections"]["kernels"]["floor"] = [{"shape": "4096x11008", "w4_us": 16.0, "w4_gbs": 1400.0,
                                               "fp16_us": 46.2, "fp16_gbs": 1950.0, "ratio": 2.89}]
     notes = [g["note"] for g in goals(state)]
@@ -357,3 +367,21 @@ def test_gptq_section_runs_the_method_on_the_format_path_when_the_int_loop_fails
     assert state["method_total_s"] > 0 and "loop_ab" not in state
     assert "format path's torch ops: the int loop failed (RuntimeError: PTX assembly failed)" in "\n".join(
         report._gptq(state))
+
+
+def test_step_split_puts_the_block_linears_at_the_w4_read_floor():
+    """The CUDA-graph goal's bound: fp16 step = its block linears (M = 1 kernel times x Llama counts) + the rest;
+    with every block linear at the W4 read floor the step would be rest + floor."""
+    from experiments.gpusuite.report import step_split
+
+    fp16 = {"4096x4096": 0.02, "11008x4096": 0.05, "4096x11008": 0.05}  # ms
+    floor = {"4096x4096": 10.0, "11008x4096": 20.0, "4096x11008": 20.0}  # us
+    rows = [{"shape": s, "M": 1, "variant": "w4a16_g128", "fp16_ms": v} for s, v in fp16.items()]
+    state = {"sections": {"kernels": {"rows": rows, "floor": [{"shape": s, "w4_us": v} for s, v in floor.items()]}}}
+    got = step_split(state, 8.0, 32)
+    lin = 32 * (4 * 0.02 + 2 * 0.05 + 0.05)  # 7.36 ms
+    w4 = 32 * (4 * 10 + 2 * 20 + 20) / 1e3  # 3.2 ms
+    assert got["fp16_linears_ms"] == pytest.approx(lin) and got["w4_floor_ms"] == pytest.approx(w4)
+    assert got["bound"] == pytest.approx(8.0 / (8.0 - lin + w4))
+    state["sections"]["kernels"]["floor"].pop()
+    assert step_split(state, 8.0, 32) is None

@@ -12,6 +12,8 @@ import time
 import torch
 
 from qresearch.eval.latency import LatencyConfig, measure_latency  # LIBRARY: latency protocol
+from qresearch.models.arch import arch_for  # LIBRARY: sibling groups of the architecture table
+from qresearch.nn.fused import fuse_siblings  # LIBRARY: fuse=true
 
 from . import lib
 from .common import Ctx, build_causal_lm, free_device_memory, module_bytes, sync, warm_clocks
@@ -32,7 +34,7 @@ QUICK = {"llama2_7b": dict(LLAMA2_7B, vocab_size=128, hidden_size=64, intermedia
 MODELS = {"llama2_7b": LLAMA2_7B, "smollm2_135m": SMOLLM2_135M}
 VARIANTS = ("fp16", "w4_g128", "w8a8")
 # rough seconds per (model, variant) on an H100 incl. build, quantization, autotuning, measurement (skip threshold)
-GPU_COST = {"llama2_7b": 40.0, "smollm2_135m": 35.0}
+GPU_COST = {"llama2_7b": 45.0, "smollm2_135m": 40.0}
 LOGITS_WARN = 0.05  # rel. logits difference kernel vs torch reference above which a row is flagged
 
 
@@ -81,6 +83,25 @@ def graph_rows(model, ctx: Ctx, vocab: int) -> dict:
     return out
 
 
+@torch.no_grad()
+def fused_rows(model, ctx: Ctx, vocab: int, lc: LatencyConfig) -> dict:
+    """The same packed model with q/k/v and gate/up fused (nn/fused.py, fuse=true), in place: its logits against
+    the unfused model's (one 128-token forward), eager decode (no prefill rows) and the CUDA-graph step."""
+    ids = torch.randint(0, vocab, (1, 128), generator=torch.Generator().manual_seed(1)).to(ctx.device)
+    y0 = model(input_ids=ids, use_cache=False).logits.double()
+    used = fuse_siblings(model, arch_for(model))
+    y1 = model(input_ids=ids, use_cache=False).logits.double()
+    lat = measure_latency(model, ctx.device, LatencyConfig(True, prompt_lengths=[], decode_tokens=lc.decode_tokens,
+                                                           batch_sizes=lc.batch_sizes, repeats=lc.repeats,
+                                                           warmup=lc.warmup))
+    return {"kernels": lib.kernel_counts(model), "groups_fused": sum(v.endswith("+fused") for v in used.values()),
+            "not_fused": sorted({v for v in used.values() if v.startswith("not fused")}),
+            "logits_rel_vs_unfused": float((y1 - y0).norm() / y0.norm().clamp_min(1e-30)),
+            "decode": {k: v["tokens_per_s"] for k, v in lat["decode"].items()},
+            "decode_ms_per_step": {k: v["ms_per_step"] for k, v in lat["decode"].items()},
+            "graph_decode": graph_rows(model, ctx, vocab)}
+
+
 def run_variant(name: str, cfg: dict, variant: str, ctx: Ctx) -> dict:
     t0 = time.perf_counter()
     model = build_causal_lm(cfg, ctx.dtype, ctx.device)
@@ -110,9 +131,11 @@ def run_variant(name: str, cfg: dict, variant: str, ctx: Ctx) -> dict:
                peak_cuda_bytes=lat["peak_memory"].get("peak_cuda_bytes"), protocol={
                    k: lat[k] for k in ("timer", "repeats", "warmup", "dtype", "max_positions")})
     row["graph_decode"] = graph_rows(model, ctx, cfg["vocab_size"])
-    if variant == "w4_g128" and ctx.gpu:  # the same model with M <= 16 calls on the split-K tiles
-        with lib.small_m_path("splitk"):
-            row["graph_decode_splitk"] = graph_rows(model, ctx, cfg["vocab_size"])
+    if variant != "fp16":
+        try:
+            row["fused"] = fused_rows(model, ctx, cfg["vocab_size"], lc=latency_config(ctx.full))
+        except Exception as exc:  # noqa: BLE001 - recorded; the unfused numbers stand
+            row["fused"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     del model
     free_device_memory(ctx.device)
     return row

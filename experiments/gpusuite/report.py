@@ -59,6 +59,10 @@ def goals(state: dict) -> list[dict]:
         note = (f"{w4['decode']['1']:.1f} vs {fp['decode']['1']:.1f} tok/s, {w4['layers']} layers, eager HF decode; "
                 f"W4 {w4['decode_ms_per_step']['1']:.1f} ms/step vs weight-read floor {w4['step_floor_ms']:.2f}; "
                 f"kernels {', '.join(w4['kernels'])}")
+        fused = w4.get("fused", {}).get("decode", {})
+        if "1" in fused and fused["1"] / fp["decode"]["1"] > value:  # fuse=true is a packed W4 model too
+            value = fused["1"] / fp["decode"]["1"]
+            note = f"fused (fuse=true) {fused['1']:.1f} tok/s; unfused: {note}"
     gpu_kernels = bool(w4 and all(k.startswith("triton_") for k in w4["kernels"]))
     gfp, gw4 = ((r or {}).get("graph_decode", {}).get("1", {}) for r in (fp, w4))
     if value is not None and "ms_per_step" in gfp:  # how much of fp16's own eager step is host time
@@ -66,18 +70,44 @@ def goals(state: dict) -> list[dict]:
                 f"{gfp['ms_per_step']:.2f}: eager decode is host-bound for fp16 too")
     out.append(_goal(DECODE_GOAL[0], DECODE_GOAL[1], value, gpu_kernels, note, _why_missing(state, "e2e", quick)))
     value, note, why = None, "", _why_missing(state, "e2e", quick)
+    gw4f = (w4 or {}).get("fused", {}).get("graph_decode", {}).get("1", {})
+    fused_best = "ms_per_step" in gw4f and "ms_per_step" in gw4 and gw4f["ms_per_step"] < gw4["ms_per_step"]
     if "ms_per_step" in gfp and "ms_per_step" in gw4 and gw4.get("graph") and not quick:
+        unfused = f"; unfused W4 {gw4['ms_per_step']:.2f} ms/step" if fused_best else ""
+        gw4 = gw4f if fused_best else gw4
         value = gfp["ms_per_step"] / gw4["ms_per_step"]
-        rest = gfp["ms_per_step"] - fp["step_floor_ms"]  # fp16 step time beyond reading its weights once
         note = (f"{gw4['tokens_per_s']:.1f} vs {gfp['tokens_per_s']:.1f} tok/s; W4 {gw4['ms_per_step']:.2f} ms/step "
-                f"vs weight-read floor {w4['step_floor_ms']:.2f}; fp16 {gfp['ms_per_step']:.2f} ms/step, "
-                f"{rest:.2f} of it beyond its weight-read floor: if that stays, W4 at its floor gives at most "
-                f"{gfp['ms_per_step'] / (rest + w4['step_floor_ms']):.2f}x")
+                f"vs weight-read floor {w4['step_floor_ms']:.2f}")
+        split = step_split(state, gfp["ms_per_step"], w4["layers"])
+        if split:
+            note = (f"{note}; fp16 step {gfp['ms_per_step']:.2f} ms = {split['fp16_linears_ms']:.2f} in its block "
+                    f"linears (kernel section, M = 1) + {split['other_ms']:.2f} else; block linears at the W4 read "
+                    f"floor ({split['w4_floor_ms']:.2f} ms) would give {split['bound']:.2f}x")
+        note = ("fused (fuse=true); " if fused_best else "") + note + unfused
     elif gfp.get("error") or gw4.get("error"):
         why = f"graph decode failed: {gfp.get('error') or gw4.get('error')}"
     out.append(_goal(GRAPH_GOAL[0], GRAPH_GOAL[1], value, gpu_kernels, note, why))
     out.append(gptq_ref_goal(state))
     return out
+
+
+LLAMA_LAYER = {"4096x4096": 4, "11008x4096": 2, "4096x11008": 1}  # Llama-2-7B block linears per shape (out x in)
+
+
+def step_split(state: dict, fp16_step_ms: float, layers: int) -> dict | None:
+    """The fp16 CUDA-graph decode step split into its block linears (the kernel section's fp16 M = 1 times, one
+    kernel each, L2 flushed) and the rest; and the step with every block linear at the W4 read floor (floor
+    section: one read of the codes, no qparams). None without those rows."""
+    k = state["sections"].get("kernels", {})
+    fp16 = {r["shape"]: r["fp16_ms"] for r in k.get("rows", []) if r.get("M") == 1 and r.get("variant") == "w4a16_g128"
+            and r.get("fp16_ms") is not None}
+    floor = {f["shape"]: f["w4_us"] for f in k.get("floor", [])}
+    if not all(s in fp16 and s in floor for s in LLAMA_LAYER):
+        return None
+    lin = layers * sum(n * fp16[s] for s, n in LLAMA_LAYER.items())
+    w4 = layers * sum(n * floor[s] for s, n in LLAMA_LAYER.items()) / 1e3
+    other = fp16_step_ms - lin
+    return {"fp16_linears_ms": lin, "other_ms": other, "w4_floor_ms": w4, "bound": fp16_step_ms / (other + w4)}
 
 
 def gptq_ref_goal(state: dict) -> dict:
@@ -230,15 +260,41 @@ def _e2e(sec: dict) -> list[str]:
     lines += [f"- note: {n}" for n in sec.get("notes", [])] + [""]
     fp = {r["model"]: r for r in rows if r["variant"] == "fp16"}
     return lines + _table(E2E_HEADER, [_e2e_row(r, fp.get(r["model"])) for r in sec.get("rows", [])]) + \
-        _graph_table(rows, fp)
+        _fused_table(rows, fp) + _graph_table(rows, fp)
+
+
+def _fused_table(rows: list[dict], fp: dict) -> list[str]:
+    """Eager decode of the packed models with q/k/v and gate/up fused (fuse=true) vs unfused and fp16."""
+    body = []
+    for r in rows:
+        f = r.get("fused")
+        if f is None:
+            continue
+        if "error" in f:
+            body.append([r["model"], r["variant"], "-", "-", "-", "-", "-", f"ERROR {f['error']}"])
+            continue
+        base = fp.get(r["model"], {}).get("decode", {})
+        body.append([r["model"], r["variant"], ", ".join(f"{k} x{v}" for k, v in f["kernels"].items()),
+                     " / ".join(f"b{k}: {v:.1f}" for k, v in f["decode"].items()),
+                     " / ".join(f"b{k}: {v / r['decode'][k]:.2f}x" for k, v in f["decode"].items() if k in r["decode"]),
+                     " / ".join(f"b{k}: {v / base[k]:.2f}x" for k, v in f["decode"].items() if k in base),
+                     f"{f['logits_rel_vs_unfused']:.1e}", "; ".join(f["not_fused"])])
+    if not body:
+        return []
+    return ["", "Fused sibling projections (fuse=true: q/k/v and gate/up as one packed layer each), the same model, "
+            "eager decode after the same prompt; logits rel = fused vs unfused packed model, one 128-token forward:",
+            ""] + _table(["model", "variant", "kernels", "decode tok/s", "vs unfused", "vs fp16", "logits rel",
+                          "not fused"], body)
 
 
 def _graph_table(rows: list[dict], fp: dict) -> list[str]:
     """Static-cache decode with one CUDA graph per step (eager on CPU): tok/s and ratio to fp16 per batch."""
     body = []
-    for r, key, label in [(r, k, r["variant"] + (" splitk" if k.endswith("splitk") else "")) for r in rows
-                          for k in ("graph_decode", "graph_decode_splitk") if k in r]:
-        for b, g in r[key].items():
+    runs = [(r, r["graph_decode"], r["variant"]) for r in rows if "graph_decode" in r]
+    runs += [(r, r["fused"]["graph_decode"], r["variant"] + " fused") for r in rows
+             if "graph_decode" in r.get("fused", {})]
+    for r, graph, label in sorted(runs, key=lambda t: (rows.index(t[0]), t[2])):
+        for b, g in graph.items():
             if "error" in g:
                 body.append([r["model"], label, b, "-", "-", "-", f"ERROR {g['error']}"])
                 continue
