@@ -83,29 +83,28 @@ def git_commit() -> str:
 
 def render(d: dict) -> str:
     """Markdown of one diagnosis: the launch probe, the cached-vs-JIT A/B and the eager decode A/B."""
+    from experiments.gpusuite.report import _table
+
+    probe = [[r["path"], "-" if r.get("us") is None else f"{r['us']:.1f}",
+              "-" if r.get("vs_fp16") is None else f"{r['vs_fp16']:.2f}x", r.get("identical", r.get("error", "-"))]
+             for r in d["rows"]]
+    ab = [[r["variant"], r["m"], r["kernel"], "yes" if r["identical"] else "NO", f"{r['cached_us']:.1f}",
+           f"{r['jit_us']:.1f}", f"{r['jit_us'] / r['cached_us']:.2f}x"] for r in d["cached_vs_jit"]]
     lines = [f"# Host time of eager packed layers on {d['device']}", "",
              f"- commit: {d.get('commit', 'not recorded')}; command: `python experiments/diag_host_launch.py "
              "--out results/ --decode` (1000 calls per row)", "- M = 1 calls on a 1024 x 1024 layer (GPU work of a "
              "few us: back-to-back calls are bound by the host); wall us per call, one synchronize at the end.", "",
-             "| path | us / call | vs fp16 F.linear | identical |", "|---|---|---|---|"]
-    for r in d["rows"]:
-        us = "-" if r.get("us") is None else f"{r['us']:.1f}"
-        vs = "-" if r.get("vs_fp16") is None else f"{r['vs_fp16']:.2f}x"
-        lines.append(f"| {r['path']} | {us} | {vs} | {r.get('identical', r.get('error', '-'))} |")
-    lines += ["", "QuantLinear forward with cached launches (kernels/launcher.py) vs JIT launches (`jit_only()`: "
-              "Triton's JIT call and the autotuner on every call, as before): identical = the same bits.", "",
-              "| variant | M | kernel | identical | cached us | JIT us | JIT / cached |", "|---|---|---|---|---|---|---|"]
-    for r in d["cached_vs_jit"]:
-        lines.append(f"| {r['variant']} | {r['m']} | {r['kernel']} | {'yes' if r['identical'] else 'NO'} | "
-                     f"{r['cached_us']:.1f} | {r['jit_us']:.1f} | {r['jit_us'] / r['cached_us']:.2f}x |")
+             *_table(["path", "us / call", "vs fp16 F.linear", "identical"], probe), "",
+             "QuantLinear forward with cached launches (kernels/launcher.py) vs JIT launches (`jit_only()`: Triton's "
+             "JIT call and the autotuner on every call, as before): identical = the same bits.", "",
+             *_table(["variant", "M", "kernel", "identical", "cached us", "JIT us", "JIT / cached"], ab)]
     if d.get("eager_decode"):
         fp16 = {r["batch"]: r["tok_s"] for r in d["eager_decode"] if r["variant"] == "fp16"}
+        dec = [[r["variant"], r["batch"], r["launch"], f"{r['ms_per_step']:.2f}", f"{r['tok_s']:.1f}",
+                f"{r['tok_s'] / fp16[r['batch']]:.2f}x"] for r in d["eager_decode"]]
         lines += ["", "Eager HF decode of a 7B-shaped model (32 layers, random fp16 weights, RTN-packed; 16 new tokens "
                   "after a 16-token prompt, median of 3): the same model with cached and with JIT launches.", "",
-                  "| variant | batch | launch | ms / step | tok/s | vs fp16 |", "|---|---|---|---|---|---|"]
-        for r in d["eager_decode"]:
-            lines.append(f"| {r['variant']} | {r['batch']} | {r['launch']} | {r['ms_per_step']:.2f} | "
-                         f"{r['tok_s']:.1f} | {r['tok_s'] / fp16[r['batch']]:.2f}x |")
+                  *_table(["variant", "batch", "launch", "ms / step", "tok/s", "vs fp16"], dec)]
     return "\n".join(lines) + "\n"
 
 

@@ -385,3 +385,15 @@ def test_step_split_puts_the_block_linears_at_the_w4_read_floor():
     assert got["bound"] == pytest.approx(8.0 / (8.0 - lin + w4))
     state["sections"]["kernels"]["floor"].pop()
     assert step_split(state, 8.0, 32) is None
+
+
+def test_host_launch_diagnosis_runs_on_cpu(tmp_path):
+    """experiments/diag_host_launch.py (run on a GPU machine) in its CPU form: probe rows, profile, cached-vs-JIT
+    identity and the eager decode A/B written as JSON and markdown."""
+    proc = subprocess.run([sys.executable, "experiments/diag_host_launch.py", "--calls", "5", "--decode", "--out",
+                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    d = json.loads((tmp_path / "host_launch_cpu.json").read_text())
+    assert d["commit"] and all(r["identical"] for r in d["cached_vs_jit"])
+    assert {r["variant"] for r in d["eager_decode"]} == {"fp16", "w4_g128", "w8a8"}
+    assert "| w8a8 | 1 | jit |" in (tmp_path / "host_launch_cpu.md").read_text()
