@@ -141,3 +141,16 @@ def test_fused_run_matches_the_packed_run(results_dir):
     assert fused["kernels"] == {"c_lowbit_w4a16": 10, "c_lowbit_w4a16+fused": 25}, fused["kernels"]
     p0, p1 = plain["ppl"]["wikitext2"]["ppl"], fused["ppl"]["wikitext2"]["ppl"]
     assert abs(p1 - p0) / p0 < 1e-6, (p0, p1)
+
+
+@pytest.mark.parametrize("kind,fused", [("qwen2", 10), ("opt", 6), ("gpt_neox", 0)])
+def test_other_architectures_fuse_their_sibling_groups(kind, fused):
+    """Qwen2 (q/k/v with biases), OPT (q/k/v with biases, fc1/fc2 not siblings), GPT-NeoX (q/k/v already one
+    linear): what the table's groups allow is fused, logits unchanged."""
+    model = packed(tiny_model(kind), bits=4, group_size=32, sym=False)
+    with torch.no_grad():
+        want = model(IDS).logits
+        used = fuse_siblings(model, arch_for(model))
+        got = model(IDS).logits
+    assert sum(v.endswith("+fused") for v in used.values()) == fused
+    assert ((got - want).norm() / want.norm()).item() < 1e-6

@@ -7,11 +7,11 @@ A Triton JIT call (`kernel[grid](*args, **constexprs)`) binds its arguments, com
 decode was host-bound (0.67x fp16 for a 7B-shaped model while its CUDA-graph step ran 1.49x).
 
 `Launcher(kernel)(grid, *args, num_warps=, **constexprs)` keys each call on what can change the compiled kernel:
-every tensor argument's dtype and 16-byte alignment, the device of the first, every other argument's exact value
-and type (finer than
-Triton's own integer specialization, so never coarser), the constexprs and launch options. The first call of a key
-goes through the JIT (compiling if needed) and keeps the CompiledKernel it returns; later calls launch it directly,
-with the same arguments in the kernel's parameter order. Under TRITON_INTERPRET=1 the JIT call returns no
+every tensor argument's dtype and 16-byte alignment, the device of the first argument (a tensor in every kernel
+here), every other argument's exact value and type (finer than Triton's own integer specialization, so never
+coarser: one entry per distinct value, e.g. per token count M), the constexprs and launch options. The first call of
+a key goes through the JIT (compiling if needed) and keeps the CompiledKernel it returns; later calls launch it
+directly, with the same arguments in the kernel's parameter order. Under TRITON_INTERPRET=1 the JIT call returns no
 compiled kernel and every call stays a JIT call; so does every call inside `jit_only()`.
 """
 from __future__ import annotations

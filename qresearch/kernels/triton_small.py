@@ -32,7 +32,6 @@ triton_gemv at M = 1 (1.21-1.54x vs 1.33-1.56x), so dispatch's `auto` keeps trit
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl

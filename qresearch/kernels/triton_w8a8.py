@@ -6,7 +6,6 @@ order, and code ^ 0x80 reinterpreted as int8 is code - 128 (the signed value).
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
