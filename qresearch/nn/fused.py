@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models.arch import ArchInfo, blocks_of, get_module
 from ..quant.packing import PackedMeta, pack_zeros, unpack_zeros
 from .packed import QuantLinear
 from .swap import set_module
@@ -133,20 +132,29 @@ class FusedSlice(nn.Module):
         return f"out={self.out_features}, slice {self.index} of {len(self.fused.sizes)}"
 
 
-def fuse_siblings(model: nn.Module, arch: ArchInfo) -> dict[str, str]:
-    """Fuse every sequential group of packed siblings in `model`'s blocks, in place. Returns {member name: kernel}
+def _member(block: nn.Module, path: str) -> nn.Module | None:
+    """The module at a dotted path inside a block, or None when the block has none there."""
+    m = block
+    for part in path.split("."):
+        m = getattr(m, part, None)
+        if m is None:
+            return None
+    return m
+
+
+def fuse_siblings(model: nn.Module, arch) -> dict[str, str]:
+    """Fuse every sequential group of packed siblings in `model`'s blocks, in place (`arch`: the model's entry of
+    the architecture table, models/arch.py: `blocks` path and `sequential` groups). Returns {member name: kernel}
     for the fused members and {'<block>.<group>': 'not fused: why'} for groups left as they were."""
     out = {}
-    prefix = arch.blocks
-    for i, block in enumerate(blocks_of(model, arch)):
+    for i, block in enumerate(model.get_submodule(arch.blocks)):
         for group in arch.sequential:
-            members = [(name, get_module(block, name)) for name in group]
-            members = [(n, m) for n, m in members if m is not None]
+            members = [(n, m) for n in group if (m := _member(block, n)) is not None]
             if len(members) < 2:
                 continue
             layers = [m for _, m in members]
             why = why_not_fusable(layers)
-            label = f"{prefix}.{i}.{'+'.join(n for n, _ in members)}"
+            label = f"{arch.blocks}.{i}.{'+'.join(n for n, _ in members)}"
             if why is not None:
                 out[label] = f"not fused: {why}"
                 continue
@@ -154,7 +162,7 @@ def fuse_siblings(model: nn.Module, arch: ArchInfo) -> dict[str, str]:
             for j, (name, _) in enumerate(members):
                 member = FusedSlice(product, j, owner=j == 0)
                 set_module(block, name, member)
-                out[f"{prefix}.{i}.{name}"] = member.kernel_name
+                out[f"{arch.blocks}.{i}.{name}"] = member.kernel_name
     return out
 
 
