@@ -81,3 +81,23 @@ def test_act_order_permuted_or_gathered(path, lead, monkeypatch):
     mod = _module(uneven)
     y, want = _both(mod, x, monkeypatch)
     assert rel_err(y, want) < 1e-5
+
+
+def test_decode_plan_is_kept_and_rebuilt_when_buffers_change(monkeypatch):
+    """One-token calls on the GEMV go through the layer's kept plan (dispatch.plan_key); new buffers (a reloaded
+    or moved layer) build a new plan, so the output follows the weights the layer holds now."""
+    monkeypatch.setenv("QRESEARCH_KERNELS", "triton")
+    a = _module(rtn_layer(24, 128, 4, 64, False, seed=0))  # group 64: the GEMV's (a multiple of 64)
+    b = _module(rtn_layer(24, 128, 4, 64, False, seed=1))
+    x = torch.randn(1, 1, 128)
+    y1 = a(x)
+    plans = [p for p in a._plans.values() if p is not None]
+    assert len(plans) == 1 and torch.equal(a(x), y1) and [p for p in a._plans.values() if p] == plans  # kept
+    for name in ("qweight", "scales", "qzeros", "bias"):
+        setattr(a, name, getattr(b, name).clone())  # register_buffer assignment: new tensors
+    y2 = a(x)
+    assert torch.equal(y2, b(x)) and not torch.equal(y2, y1)
+    a.to(torch.float64).to(torch.float32)  # moved / cast: the plans holding the old buffers are dropped
+    assert not a._plans and torch.equal(a(x), y2)
+    monkeypatch.setenv("QRESEARCH_KERNELS", "torch")  # the reference: no plan, the generic path
+    assert rel_err(y2, a(x)) < 1e-5 and a._plans[next(k for k in a._plans if k[3] == "torch")] is None

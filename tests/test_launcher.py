@@ -36,8 +36,8 @@ def test_second_call_launches_the_compiled_kernel_with_args_in_parameter_order()
     jit = FakeJit()
     launch = Launcher(jit)
     x, y = torch.zeros(8), torch.zeros(8)
-    launch((2,), x, y, 8, 1, BLOCK=4, num_warps=2)
-    launch((2,), x, y, 8, 1, BLOCK=4, num_warps=2)
+    first = launch((2,), x, y, 8, 1, BLOCK=4, num_warps=2)
+    assert launch((2,), x, y, 8, 1, BLOCK=4, num_warps=2) is first and first[1] == (4, True)  # the entry used
     assert [e[0] for e in jit.log] == ["jit", "compiled"]
     assert jit.log[0][3] == {"BLOCK": 4, "num_warps": 2}
     _, grid, args = jit.log[1]
@@ -67,7 +67,7 @@ def test_under_the_interpreter_every_call_is_a_jit_call():
     jit = FakeJit(interpreted=True)
     launch = Launcher(jit)
     for _ in range(3):
-        launch((1,), torch.zeros(4), torch.zeros(4), 4, 1, BLOCK=4)
+        assert launch((1,), torch.zeros(4), torch.zeros(4), 4, 1, BLOCK=4) is None
     assert [e[0] for e in jit.log] == ["jit"] * 3 and not launch.cache
 
 
@@ -77,6 +77,6 @@ def test_jit_only_bypasses_the_cache_and_restores_it():
     args = (torch.zeros(4), torch.zeros(4), 4, 1)
     launch((1,), *args, BLOCK=4)
     with jit_only():
-        launch((1,), *args, BLOCK=4)
+        assert launch((1,), *args, BLOCK=4) is None  # no entry handed out for a caller to launch itself
     launch((1,), *args, BLOCK=4)
     assert [e[0] for e in jit.log] == ["jit", "jit", "compiled"]

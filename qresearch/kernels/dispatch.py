@@ -66,6 +66,10 @@ class LayerKey:
 RunFn = Callable[[torch.Tensor, PackedMeta, dict, ActMode], torch.Tensor]
 
 
+# plan(x [M, K], meta, buffers, mode) -> a function of x alone for this layer's calls like x, or None (use run)
+PlanFn = Callable[[torch.Tensor, PackedMeta, dict, ActMode], Callable[[torch.Tensor], torch.Tensor] | None]
+
+
 @dataclass(frozen=True)
 class Kernel:
     name: str  # recorded as f"{name}_{family}", e.g. triton_w4a16
@@ -74,6 +78,7 @@ class Kernel:
     accepts: Callable[[LayerKey], bool]  # the layers this kernel implements at all
     why_not: Callable[[LayerKey], str | None]  # None = can run here; else the reason
     run: RunFn
+    plan: PlanFn | None = None  # decode calls bound once per layer (QuantLinear keeps them; see plan_key)
 
     def label(self, key: LayerKey) -> str:
         return f"{self.name}_{key.family}"
@@ -239,6 +244,25 @@ def _run_triton_wq(x, meta, bufs, mode):
                                           bufs["bias"])
 
 
+PLAN_MAX_M = 16  # plans serve decode-sized calls; longer ones take run()
+
+
+def plan_key(x: torch.Tensor) -> tuple:
+    """What a layer's kept plan for x [M, K] depends on besides its buffers: M, device, dtype and the switches that
+    pick the kernel and its code path (read per call, as run() reads them)."""
+    return (x.shape[0], x.device, x.dtype, backend(), small_m_path(), os.environ.get("QRESEARCH_GEMV_MAGIC"))
+
+
+def _plan_triton_wq(x, meta, bufs, mode):
+    """One token on the GEMV (eager decode's call): its launch bound to the layer; other calls take run()."""
+    if x.shape[0] != 1 or bufs["g_idx"] is not None or _small_m_order(small_m_path(), 1)[:1] != ("gemv",):
+        return None
+    mod = _triton("triton_gemv")
+    if mod.supports(meta, False, 1) is not None:
+        return None
+    return mod.plan(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["bias"])
+
+
 def _dequant_call(m: int) -> bool:
     """Whether a call of m tokens goes to dequantize-then-GEMM (triton_dequant; QRESEARCH_PREFILL)."""
     if m <= 16:
@@ -290,7 +314,8 @@ def _run_vnni(x, meta, bufs, mode):
     return w8a8_linear(x, meta, bufs, prepare_input(x, mode, bufs))
 
 
-register(Kernel("triton", "triton", 10, lambda k: k.mode.kind == "none", _triton_why_not, _run_triton_wq))
+register(Kernel("triton", "triton", 10, lambda k: k.mode.kind == "none", _triton_why_not, _run_triton_wq,
+                _plan_triton_wq))
 register(Kernel("triton", "triton", 10, lambda k: k.mode.kind == "int8", _triton_why_not, _run_triton_w8a8))
 # our AVX512-VNNI product on the stored codes (cpu_int8.py: the weight held once), before torch._int_mm's copy
 register(Kernel("c_vnni", "cpu", 40, lambda k: k.mode.kind == "int8", _vnni_why_not, _run_vnni))

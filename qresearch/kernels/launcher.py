@@ -56,15 +56,20 @@ class Launcher:
         self.cache: dict[tuple, tuple] = {}  # key -> (CompiledKernel, constexpr values in parameter order)
 
     def __call__(self, grid: tuple, *args, num_warps: int = 4, num_stages: int | None = None, **constexprs):
+        """Launch; returns the (CompiledKernel, constexpr values) entry of this key, None when there is none (the
+        interpreter, jit_only()). A caller whose later calls differ only in tensors of the same dtype and alignment
+        may launch that entry itself: `entry[0][grid3](*args, *entry[1])` (triton_gemv's bound calls do)."""
         key = (tuple([(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else (a.__class__, a)
                       for a in args]), args[0].device.index, tuple(constexprs.items()), num_warps, num_stages)
         hit = self.cache.get(key) if _STATE["cached"] else None
         if hit is not None:
             compiled, tail = hit
             compiled[grid + (1,) * (3 - len(grid))](*args, *tail)
-            return
+            return hit
         opts = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
         compiled = self.kernel[grid](*args, **constexprs, **opts)
-        if hasattr(compiled, "packed_metadata"):  # a CompiledKernel (not under the interpreter)
-            tail = tuple(constexprs[n] if n in constexprs else self.defaults[n] for n in self.params[len(args):])
-            self.cache[key] = (compiled, tail)
+        if not hasattr(compiled, "packed_metadata"):  # the interpreter: no CompiledKernel
+            return None
+        tail = tuple(constexprs[n] if n in constexprs else self.defaults[n] for n in self.params[len(args):])
+        self.cache[key] = (compiled, tail)
+        return self.cache[key] if _STATE["cached"] else None

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launcher import INTERPRETED, Launcher
+from .launcher import INTERPRETED, Launcher, cached
 from .triton_small import F32_MAGIC, _column
 from .triton_splitk import cdiv, counters, finish_tile, workspace
 from .triton_wq import _codes
@@ -147,20 +147,38 @@ def _block_kw(block_k: int, bits: int, group: int, k: int) -> int | None:
     return block_k * bits // 32
 
 
-def _launch(x, meta, qweight, scales, qzeros, bias, cfg: dict, warps: int = 4) -> torch.Tensor:
-    """One call: y [1, N] in x's dtype, written by the kernel alone (no memset or cast kernels)."""
+def _bind(meta, qweight, scales, qzeros, bias, cfg: dict, warps: int, device, dtype):
+    """The GEMV of one layer and tile with everything but x fixed: x [1, K] -> y [1, N] in `dtype`, written by the
+    kernel alone (no memset or cast kernels)."""
     bkw = _block_kw(cfg["BLOCK_K_CODES"], meta.bits, meta.group, meta.in_features)
-    n, split = meta.out_features, cfg["SPLIT_K"]
+    n, k, split = meta.out_features, meta.in_features, cfg["SPLIT_K"]
     grid = (cdiv(n, cfg["BLOCK_N"]), split)
-    y = torch.empty(1, n, device=x.device, dtype=x.dtype)
-    p, cnt = (workspace(split, 1, n, x.device), counters(x.device, grid[0])) if split > 1 else (y, y)
     z = qzeros if qzeros is not None else qweight
-    _LAUNCH(grid, x, qweight, scales, z, bias if bias is not None else scales, y, p, cnt, n, meta.in_features,
-            qweight.stride(0), scales.stride(0), z.stride(0), GROUP=meta.group, BITS=meta.bits,
-            SYM=meta.sym or qzeros is None, HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_KW=bkw,
-            SPLIT_K=split, EVEN_K=meta.in_features % cfg["BLOCK_K_CODES"] == 0,
-            MAGIC=cfg["MAGIC"] if "MAGIC" in cfg else _magic(), num_warps=warps)
-    return y
+    head = (qweight, scales, z, bias if bias is not None else scales)
+    tail = (n, k, qweight.stride(0), scales.stride(0), z.stride(0))
+    kw = dict(GROUP=meta.group, BITS=meta.bits, SYM=meta.sym or qzeros is None, HAS_BIAS=bias is not None,
+              BLOCK_N=cfg["BLOCK_N"], BLOCK_KW=bkw, SPLIT_K=split, EVEN_K=k % cfg["BLOCK_K_CODES"] == 0,
+              MAGIC=cfg["MAGIC"] if "MAGIC" in cfg else _magic(), num_warps=warps)
+
+    grid3, entries = grid + (1,), {}  # x's 16-byte alignment -> the launcher's entry for these arguments
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        y = torch.empty(1, n, device=device, dtype=dtype)  # fresh allocations (and the counters): 16-byte aligned
+        p, cnt = (workspace(split, 1, n, device), counters(device, grid[0])) if split > 1 else (y, y)
+        entry = entries.get(x.data_ptr() % 16 == 0) if cached() else None
+        if entry is not None:  # every other argument's key part is fixed by this binding
+            entry[0][grid3](x, *head, y, p, cnt, *tail, *entry[1])
+        else:
+            entry = _LAUNCH(grid, x, *head, y, p, cnt, *tail, **kw)
+            if entry is not None:
+                entries[x.data_ptr() % 16 == 0] = entry
+        return y
+    return run
+
+
+def _launch(x, meta, qweight, scales, qzeros, bias, cfg: dict, warps: int = 4) -> torch.Tensor:
+    """One call with this tile: y [1, N] in x's dtype."""
+    return _bind(meta, qweight, scales, qzeros, bias, cfg, warps, x.device, x.dtype)(x)
 
 
 def _magic() -> bool:
@@ -198,9 +216,15 @@ def wq_gemv(x, meta, qweight, scales, qzeros, bias, block: dict | None = None) -
     """
     assert x.shape == (1, meta.in_features), f"x {tuple(x.shape)}: the GEMV takes [1, {meta.in_features}]"
     x = x.contiguous()
+    return plan(x, meta, qweight, scales, qzeros, bias, block)(x)
+
+
+def plan(x, meta, qweight, scales, qzeros, bias, block: dict | None = None):
+    """wq_gemv for calls like x (one token, its device and dtype) with the tile chosen once: a function of x alone
+    (QuantLinear keeps it per layer for decode: kernels/dispatch.py plans)."""
     if block is None and INTERPRETED:
         block = {"BLOCK_N": 32, "BLOCK_K_CODES": 64, "SPLIT_K": 2}
     cfg, warps = (block, 4) if block is not None else _tune(x, meta, qweight, scales, qzeros, bias)
     if _block_kw(cfg["BLOCK_K_CODES"], meta.bits, meta.group, meta.in_features) is None:
         raise ValueError(f"BLOCK_K_CODES={cfg['BLOCK_K_CODES']} straddles group={meta.group}")
-    return _launch(x, meta, qweight, scales, qzeros, bias, cfg, warps)
+    return _bind(meta, qweight, scales, qzeros, bias, cfg, warps, x.device, x.dtype)

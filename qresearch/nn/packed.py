@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 WEIGHT_BUFFERS = ("qweight", "scales", "scale2", "qzeros", "lut", "g_idx", "fp_cols")  # stored weight bytes
 KERNEL_BUFFERS = ("qweight", "scales", "scale2", "qzeros", "lut", "g_idx", "bias", "act_scale")
 _REPORTED: set[tuple[str, str]] = set()  # (kernel, reason) pairs already logged
+_UNSET = object()
 
 
 class QuantLinear(nn.Module):
@@ -54,6 +55,9 @@ class QuantLinear(nn.Module):
         t = None if act is None else act.outlier_threshold
         self.outlier_counter = None if t is None else OutlierCounter(meta.in_features)  # LLM.int8(), per call
         self._chosen: dict[tuple, tuple[dispatch.Kernel, str]] = {}  # (device, dtype, backend) -> kernel, reason
+        # decode calls: dispatch.plan_key -> (plan, the buffers it bound) or None (the kernel has no plan for them)
+        self._plans: dict[tuple, tuple | None] = {}
+        self._plannable = n_outliers == 0 and self.outlier_counter is None and self.mode.kind != "fake"
 
     @classmethod
     def from_result(cls, lin: nn.Linear, res: LayerResult) -> "QuantLinear":
@@ -116,9 +120,31 @@ class QuantLinear(nn.Module):
         return label + ("+fp_outliers" if self.outliers is not None else "") + \
             ("+dynamic_fp_outliers" if self.outlier_counter is not None else "")
 
+    def _apply(self, fn, *args, **kwargs):
+        """.to() / .cuda() / .half() replace the buffers: drop the plans that bound the old ones (and hold them)."""
+        self._plans.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _planned(self, x2: torch.Tensor) -> torch.Tensor | None:
+        """y [M, out] through the kernel's plan for calls like x2 (built at the first, kept while the layer's
+        buffers are the ones it bound), or None when the kernel has none."""
+        key = dispatch.plan_key(x2)
+        b = self._buffers
+        hit = self._plans.get(key, _UNSET)
+        if hit is _UNSET or (hit is not None and not (hit[1] is b["qweight"] and hit[2] is b["scales"]
+                                                      and hit[3] is b["qzeros"] and hit[4] is b["bias"])):
+            kernel, _ = self._kernel(x2.device, x2.dtype)
+            fn = None if kernel.plan is None else kernel.plan(x2, self.meta, b, self.mode)
+            hit = self._plans[key] = None if fn is None else (fn, b["qweight"], b["scales"], b["qzeros"], b["bias"])
+        return None if hit is None else hit[0](x2.contiguous())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [M, in]
+        if self._plannable and x2.shape[0] <= dispatch.PLAN_MAX_M:
+            y = self._planned(x2)
+            if y is not None:
+                return y.reshape(*lead, self.out_features)
         b = self._buffers  # all registered buffers (None where absent); skips nn.Module.__getattr__ per name
         regular = x2 if b["outliers"] is None else x2.masked_fill(b["outliers"], 0)
         dyn = None
