@@ -101,3 +101,23 @@ def test_decode_plan_is_kept_and_rebuilt_when_buffers_change(monkeypatch):
     assert not a._plans and torch.equal(a(x), y2)
     monkeypatch.setenv("QRESEARCH_KERNELS", "torch")  # the reference: no plan, the generic path
     assert rel_err(y2, a(x)) < 1e-5 and a._plans[next(k for k in a._plans if k[3] == "torch")] is None
+
+
+@pytest.mark.parametrize("bits,group,act", [(4, 128, False), (8, -1, True)])
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_decode_plans_give_the_dispatch_path_bits(bits, group, act, m, monkeypatch):
+    """W4 (GEMV at one token, small-M kernels at 2..16) and per-token W8A8 (act quant + GEMM): the layer's kept plan
+    gives the same bits as the dispatch path (plans are off inside launcher.jit_only())."""
+    from qresearch.kernels.launcher import jit_only
+
+    monkeypatch.setenv("QRESEARCH_KERNELS", "triton")
+    res = rtn_layer(40, 256, bits, group, act)
+    if act:
+        res.act = ActQuant(QuantSpec(bits=8, sym=True, granularity="token"))
+    mod = _module(res)
+    x = torch.randn(m, 256)
+    y = mod(x)
+    assert [p for p in mod._plans.values() if p is not None], "no plan was built"
+    with jit_only():
+        want = mod(x)
+    assert torch.equal(y, want)

@@ -254,13 +254,23 @@ def plan_key(x: torch.Tensor) -> tuple:
 
 
 def _plan_triton_wq(x, meta, bufs, mode):
-    """One token on the GEMV (eager decode's call): its launch bound to the layer; other calls take run()."""
-    if x.shape[0] != 1 or bufs["g_idx"] is not None or _small_m_order(small_m_path(), 1)[:1] != ("gemv",):
+    """Decode-sized calls on the GEMV or the small-M kernels (the first of QRESEARCH_SMALL_M's order that takes
+    the layer, as run() picks): the call bound to the layer; act-order layers and other calls take run()."""
+    if bufs["g_idx"] is not None:
         return None
-    mod = _triton("triton_gemv")
-    if mod.supports(meta, False, 1) is not None:
+    for name in _small_m_order(small_m_path(), x.shape[0]):
+        mod = _triton("triton_gemv" if name == "gemv" else "triton_small")
+        if mod.supports(meta, False, x.shape[0]) is None:
+            return mod.plan(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["bias"])
+    return None
+
+
+def _plan_triton_w8a8(x, meta, bufs, mode):
+    """Per-token dynamic W8A8 (decode's calls): act quant + GEMM bound to the layer; static or per-tensor
+    activation scales take run()."""
+    if mode.dynamic_tensor or bufs.get("act_scale") is not None:
         return None
-    return mod.plan(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["bias"])
+    return _triton("triton_w8a8").plan(x, meta, bufs["qweight"], bufs["scales"], bufs["bias"])
 
 
 def _dequant_call(m: int) -> bool:
@@ -316,7 +326,8 @@ def _run_vnni(x, meta, bufs, mode):
 
 register(Kernel("triton", "triton", 10, lambda k: k.mode.kind == "none", _triton_why_not, _run_triton_wq,
                 _plan_triton_wq))
-register(Kernel("triton", "triton", 10, lambda k: k.mode.kind == "int8", _triton_why_not, _run_triton_w8a8))
+register(Kernel("triton", "triton", 10, lambda k: k.mode.kind == "int8", _triton_why_not, _run_triton_w8a8,
+                _plan_triton_w8a8))
 # our AVX512-VNNI product on the stored codes (cpu_int8.py: the weight held once), before torch._int_mm's copy
 register(Kernel("c_vnni", "cpu", 40, lambda k: k.mode.kind == "int8", _vnni_why_not, _run_vnni))
 register(Kernel("torch_int_mm", "torch_int", 50, lambda k: k.mode.kind == "int8", _int_mm_why_not, _run_int_mm))

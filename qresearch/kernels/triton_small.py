@@ -365,22 +365,36 @@ def small_m_linear(x, meta, qweight, scales, qzeros, bias, block: tuple | None =
     """
     m, k = x.shape
     assert k == meta.in_features, f"x has {k} features, layer expects {meta.in_features}"
+    x = x.contiguous()
+    return plan(x, meta, qweight, scales, qzeros, bias, block)(x)
+
+
+def plan(x, meta, qweight, scales, qzeros, bias, block: tuple | None = None):
+    """small_m_linear for calls like x (its M, device and dtype) with the tile chosen once: a function of x alone
+    (QuantLinear keeps it per layer for decode: kernels/dispatch.py plans)."""
+    m = x.shape[0]
     why = supports(meta, False, m)
     if why is not None:
         raise ValueError(f"small-M kernel cannot take this layer: {why}")
     kernel = "wide" if m == 1 else "dot"
-    x = x.contiguous()
-    launch = _launch_wide if kernel == "wide" else _launch_dot
-
-    def run(cfg) -> torch.Tensor:
-        """One call, one kernel: y in x's dtype (split-K partials in a workspace, reduced by the last slice)."""
-        split, n = (cfg[2] if kernel == "wide" else cfg[1]), meta.out_features
-        y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-        p, cnt = (workspace(split, m, n, x.device), counters(x.device, cdiv(n, cfg[0]))) if split > 1 \
-            else (y, y)
-        launch(x, meta, qweight, scales, qzeros, bias, y, p, cnt, cfg)
-        return y
-
     if block is None and INTERPRETED:
         block = _interp_block(kernel)
-    return run(block if block is not None else _tune(kernel, x, meta, run))
+    if block is None:
+        block = _tune(kernel, x, meta, lambda cfg: _bind(kernel, meta, qweight, scales, qzeros, bias, cfg, m,
+                                                          x.device, x.dtype)(x))
+    return _bind(kernel, meta, qweight, scales, qzeros, bias, block, m, x.device, x.dtype)
+
+
+def _bind(kernel: str, meta, qweight, scales, qzeros, bias, cfg: tuple, m: int, device, dtype):
+    """One call of `kernel` with tile `cfg` for x [m, K]: y in `dtype` (split-K partials in a workspace, reduced by
+    the last slice)."""
+    launch = _launch_wide if kernel == "wide" else _launch_dot
+    split, n = (cfg[2] if kernel == "wide" else cfg[1]), meta.out_features
+    tiles = cdiv(n, cfg[0])
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        y = torch.empty(m, n, device=device, dtype=dtype)
+        p, cnt = (workspace(split, m, n, device), counters(device, tiles)) if split > 1 else (y, y)
+        launch(x, meta, qweight, scales, qzeros, bias, y, p, cnt, cfg)
+        return y
+    return run

@@ -161,11 +161,48 @@ def act_quant(x: torch.Tensor, block: int | None = None) -> tuple[torch.Tensor, 
     x = x.contiguous()
     q = torch.empty(M, K, dtype=torch.int8, device=x.device)
     s = torch.empty(M, dtype=torch.float32, device=x.device)
-    if block is None:
-        block = triton.next_power_of_2(K) if K <= ONE_PASS_MAX else TWO_PASS_BLOCK
-    block = min(block, triton.next_power_of_2(K))
-    _ACT_QUANT((M,), x, q, s, K, x.stride(0), q.stride(0), BLOCK=block, num_warps=8 if block >= 4096 else 4)
+    block, warps = _act_block(K, block)
+    _ACT_QUANT((M,), x, q, s, K, x.stride(0), q.stride(0), BLOCK=block, num_warps=warps)
     return q, s
+
+
+def _act_block(k: int, block: int | None = None) -> tuple[int, int]:
+    """(row block, warps) of the activation quantizer for rows of k features (`block` None: the default)."""
+    if block is None:
+        block = triton.next_power_of_2(k) if k <= ONE_PASS_MAX else TWO_PASS_BLOCK
+    block = min(block, triton.next_power_of_2(k))
+    return block, 8 if block >= 4096 else 4
+
+
+def plan(x, meta, qweight, scales, bias):
+    """w8a8_linear with per-token dynamic activations for calls like x [M, K], the GEMM's config chosen once (the
+    autotuner runs on this x when it has not seen the shape): a function of x alone (QuantLinear keeps it per
+    layer for decode: kernels/dispatch.py plans)."""
+    M, K = x.shape
+    N, dev, dtype = qweight.shape[0], x.device, x.dtype
+    wb, sw = qweight.view(torch.uint8), scales.reshape(-1)  # [N, 4 * words] bytes, [N]
+    bucket = min(triton.next_power_of_2(M), 4096)
+    if INTERPRETED:
+        kw, warps, stages = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, W_AS_A=False), 4, None
+    else:
+        if (bucket, N, K, dtype) not in _BEST:
+            int8_gemm(*act_quant(x), qweight, scales, bias, dtype)  # the autotuner's first call of this shape
+        cfg = _BEST[(bucket, N, K, dtype)]
+        kw, warps, stages = cfg.kwargs, cfg.num_warps, cfg.num_stages
+    grid = (cdiv(M, kw["BLOCK_M"]), cdiv(N, kw["BLOCK_N"]))
+    a_block, a_warps = _act_block(K)
+    gemm_kw = dict(HAS_BIAS=bias is not None, EVEN_K=K % kw["BLOCK_K"] == 0, **kw, num_warps=warps,
+                   num_stages=stages)
+    b = bias if bias is not None else sw
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        q = torch.empty(M, K, dtype=torch.int8, device=dev)
+        s = torch.empty(M, dtype=torch.float32, device=dev)
+        _ACT_QUANT((M,), x, q, s, K, K, K, BLOCK=a_block, num_warps=a_warps)
+        y = torch.empty(M, N, dtype=dtype, device=dev)
+        _GEMM(grid, q, wb, s, sw, b, y, M, N, K, K, wb.stride(0), N, bucket, **gemm_kw)
+        return y
+    return run
 
 
 def w8a8_linear(x, meta, qweight, scales, bias, static_scale=None, block: dict | None = None):

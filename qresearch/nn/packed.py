@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import NumericalError
-from ..kernels import dispatch
+from ..kernels import dispatch, launcher
 from ..quant.packing import PackedMeta, pack_rows, pack_zeros, packed_words, scale_dtype_for
 from ..quant.scales import encode_scales
 from ..quant.spec import QuantSpec
@@ -141,7 +141,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [M, in]
-        if self._plannable and x2.shape[0] <= dispatch.PLAN_MAX_M:
+        if self._plannable and x2.shape[0] <= dispatch.PLAN_MAX_M and launcher.cached():  # jit_only(): none
             y = self._planned(x2)
             if y is not None:
                 return y.reshape(*lead, self.out_features)
