@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..errors import ConfigError
+from ..nn.swap import get_module  # noqa: F401 - the table's lookups (re-exported: callers import it from here)
 
 
 @dataclass(frozen=True)
@@ -99,16 +100,6 @@ def arch_for(model: nn.Module) -> ArchInfo:
         raise ConfigError(f"architecture {type(model).__name__} (model_type={mt!r}) is not in the table; "
                           f"supported: {', '.join(sorted(ARCHS))} (extend qresearch/models/arch.py ARCHS)")
     return ARCHS[mt]
-
-
-def get_module(root: nn.Module, path: str) -> nn.Module | None:
-    """Module at a dotted path, or None if any part is missing (e.g. OPT's optional project_in)."""
-    m = root
-    for part in path.split("."):
-        m = getattr(m, part, None)
-        if m is None:
-            return None
-    return m
 
 
 def blocks_of(model: nn.Module, arch: ArchInfo) -> nn.ModuleList:

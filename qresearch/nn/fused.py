@@ -19,7 +19,7 @@ from torch import nn
 
 from ..quant.packing import PackedMeta, pack_zeros, unpack_zeros
 from .packed import QuantLinear
-from .swap import set_module
+from .swap import get_module, set_module
 
 
 def why_not_fusable(layers: list[QuantLinear]) -> str | None:
@@ -132,16 +132,6 @@ class FusedSlice(nn.Module):
         return f"out={self.out_features}, slice {self.index} of {len(self.fused.sizes)}"
 
 
-def _member(block: nn.Module, path: str) -> nn.Module | None:
-    """The module at a dotted path inside a block, or None when the block has none there."""
-    m = block
-    for part in path.split("."):
-        m = getattr(m, part, None)
-        if m is None:
-            return None
-    return m
-
-
 def fuse_siblings(model: nn.Module, arch) -> dict[str, str]:
     """Fuse every sequential group of packed siblings in `model`'s blocks, in place (`arch`: the model's entry of
     the architecture table, models/arch.py: `blocks` path and `sequential` groups). Returns {member name: kernel}
@@ -149,7 +139,7 @@ def fuse_siblings(model: nn.Module, arch) -> dict[str, str]:
     out = {}
     for i, block in enumerate(model.get_submodule(arch.blocks)):
         for group in arch.sequential:
-            members = [(n, m) for n in group if (m := _member(block, n)) is not None]
+            members = [(n, m) for n in group if (m := get_module(block, n)) is not None]
             if len(members) < 2:
                 continue
             layers = [m for _, m in members]

@@ -17,6 +17,16 @@ BUILDERS: dict[str, Callable[[nn.Linear, LayerResult], nn.Module]] = {"fake": bu
 MODULES = tuple(BUILDERS)
 
 
+def get_module(root: nn.Module, path: str) -> nn.Module | None:
+    """Module at a dotted path, or None if any part is missing (e.g. OPT's optional project_in)."""
+    m = root
+    for part in path.split("."):
+        m = getattr(m, part, None)
+        if m is None:
+            return None
+    return m
+
+
 def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
