@@ -95,15 +95,19 @@ def render(d: dict) -> str:
              "--out results/ --decode` (1000 calls per row)", "- M = 1 calls on a 1024 x 1024 layer (GPU work of a "
              "few us: back-to-back calls are bound by the host); wall us per call, one synchronize at the end.", "",
              *_table(["path", "us / call", "vs fp16 F.linear", "identical"], probe), "",
-             "QuantLinear forward with cached launches (kernels/launcher.py) vs JIT launches (`jit_only()`: Triton's "
-             "JIT call and the autotuner on every call, as before): identical = the same bits.", "",
+             "QuantLinear forward on the default launch path of the commit measured (cached launches, "
+             "kernels/launcher.py; decode plans from 581ddd0) vs `jit_only()` (Triton's JIT call and the autotuner "
+             "on every call, no plans): identical = the same bits.", "",
              *_table(["variant", "M", "kernel", "identical", "cached us", "JIT us", "JIT / cached"], ab)]
     if d.get("eager_decode"):
         fp16 = {r["batch"]: r["tok_s"] for r in d["eager_decode"] if r["variant"] == "fp16"}
         dec = [[r["variant"], r["batch"], r["launch"], f"{r['ms_per_step']:.2f}", f"{r['tok_s']:.1f}",
                 f"{r['tok_s'] / fp16[r['batch']]:.2f}x"] for r in d["eager_decode"]]
         lines += ["", "Eager HF decode of a 7B-shaped model (32 layers, random fp16 weights, RTN-packed; 16 new tokens "
-                  "after a 16-token prompt, median of 3): the same model with cached and with JIT launches.", "",
+                  "after a 16-token prompt, median of 3): the same model with the default launch path of the commit "
+                  "measured (cached; decode plans from 581ddd0), with `jit_only()` (Triton's JIT and autotuner on "
+                  "every call, no plans: the path before kernels/launcher.py), and fused (fuse=true, default path).",
+                  "",
                   *_table(["variant", "batch", "launch", "ms / step", "tok/s", "vs fp16"], dec)]
     return "\n".join(lines) + "\n"
 
@@ -133,10 +137,13 @@ def cached_vs_jit(device, dtype, launch, calls: int) -> list[dict]:
 
 def eager_decode(device, dtype, layers: int) -> list[dict]:
     """HF eager decode (qresearch.eval.latency, 16 new tokens after a 16-token prompt) of a 7B-shaped random model:
-    fp16, and packed W4 g128 / W8A8 with cached launches and with JIT launches."""
+    fp16, and packed W4 g128 / W8A8 with cached launches and plans, with JIT launches (jit_only: as before
+    kernels/launcher.py), and fused (fuse=true, cached)."""
     from experiments.gpusuite import e2e, lib
     from experiments.gpusuite.common import build_causal_lm, free_device_memory
     from qresearch.eval.latency import LatencyConfig, measure_latency
+    from qresearch.models.arch import arch_for
+    from qresearch.nn.fused import fuse_siblings
 
     cfg = dict(e2e.LLAMA2_7B, num_hidden_layers=layers) if device.type == "cuda" else e2e.QUICK["llama2_7b"]
     lc = LatencyConfig(True, prompt_lengths=[16], decode_tokens=16, batch_sizes=[1, 16], repeats=3, warmup=1)
@@ -145,7 +152,9 @@ def eager_decode(device, dtype, layers: int) -> list[dict]:
         model = build_causal_lm(cfg, dtype, device)
         if variant != "fp16":
             lib.rtn_packed(model, variant, device)
-        for mode in (("cached", "jit") if variant != "fp16" else ("-",)):
+        for mode in (("cached", "jit", "fused") if variant != "fp16" else ("-",)):
+            if mode == "fused":  # the same model with q/k/v and gate/up fused (fuse=true), cached launches
+                fuse_siblings(model, arch_for(model))
             with jit_only() if mode == "jit" else contextlib.nullcontext():
                 lat = measure_latency(model, device, lc)
             for b, d in lat["decode"].items():
