@@ -106,8 +106,9 @@ def render(d: dict) -> str:
         lines += ["", "Eager HF decode of a 7B-shaped model (32 layers, random fp16 weights, RTN-packed; 16 new tokens "
                   "after a 16-token prompt, median of 3): the same model with the default launch path of the commit "
                   "measured (cached; decode plans from 581ddd0), with `jit_only()` (Triton's JIT and autotuner on "
-                  "every call, no plans: the path before kernels/launcher.py), and fused (fuse=true, default path).",
-                  "",
+                  "every call, no plans: the path before kernels/launcher.py)"
+                  + (", and fused (fuse=true, default path)." if any(r["launch"] == "fused" for r in d["eager_decode"])
+                     else "."), "",
                   *_table(["variant", "batch", "launch", "ms / step", "tok/s", "vs fp16"], dec)]
     return "\n".join(lines) + "\n"
 
