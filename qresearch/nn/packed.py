@@ -55,8 +55,8 @@ class QuantLinear(nn.Module):
         t = None if act is None else act.outlier_threshold
         self.outlier_counter = None if t is None else OutlierCounter(meta.in_features)  # LLM.int8(), per call
         self._chosen: dict[tuple, tuple[dispatch.Kernel, str]] = {}  # (device, dtype, backend) -> kernel, reason
-        # decode calls: dispatch.plan_key -> (plan, the buffers it bound) or None (the kernel has no plan for them)
-        self._plans: dict[tuple, tuple | None] = {}
+        # decode calls: dispatch.plan_key -> (plan or None (the kernel has none for them), the buffers seen)
+        self._plans: dict[tuple, tuple] = {}
         self._plannable = n_outliers == 0 and self.outlier_counter is None and self.mode.kind != "fake"
 
     @classmethod
@@ -130,13 +130,13 @@ class QuantLinear(nn.Module):
         buffers are the ones it bound), or None when the kernel has none."""
         key = dispatch.plan_key(x2)
         b = self._buffers
+        bound = [b[k] for k in KERNEL_BUFFERS]  # the tensors a plan may have bound (or decided on: g_idx, act_scale)
         hit = self._plans.get(key, _UNSET)
-        if hit is _UNSET or (hit is not None and not (hit[1] is b["qweight"] and hit[2] is b["scales"]
-                                                      and hit[3] is b["qzeros"] and hit[4] is b["bias"])):
+        if hit is _UNSET or any(t is not u for t, u in zip(hit[1], bound)):
             kernel, _ = self._kernel(x2.device, x2.dtype)
             fn = None if kernel.plan is None else kernel.plan(x2, self.meta, b, self.mode)
-            hit = self._plans[key] = None if fn is None else (fn, b["qweight"], b["scales"], b["qzeros"], b["bias"])
-        return None if hit is None else hit[0](x2.contiguous())
+            hit = self._plans[key] = (fn, bound)
+        return None if hit[0] is None else hit[0](x2.contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
