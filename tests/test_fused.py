@@ -154,3 +154,12 @@ def test_other_architectures_fuse_their_sibling_groups(kind, fused):
         got = model(IDS).logits
     assert sum(v.endswith("+fused") for v in used.values()) == fused
     assert ((got - want).norm() / want.norm()).item() < 1e-6
+
+
+def test_a_group_with_an_unquantized_member_stays_unfused():
+    """A member left as a float nn.Linear (a bits map keeping it at 16 bits): the group is reported, not fused."""
+    model = packed(tiny_model("llama"), bits=4, group_size=32, sym=False)
+    model.model.layers[0].mlp.up_proj = torch.nn.Linear(64, 96, bias=False)
+    used = fuse_siblings(model, arch_for(model))
+    assert used["model.layers.0.mlp.gate_proj+mlp.up_proj"] == "not fused: Linear is not a packed layer"
+    assert isinstance(model.model.layers[1].mlp.up_proj, FusedSlice)

@@ -25,11 +25,12 @@ from .swap import get_module, set_module
 def why_not_fusable(layers: list[QuantLinear]) -> str | None:
     """None when these packed layers can run as one (same input features, format, qparam layout, activation
     quantization and dtype; no outlier columns); else why not."""
-    first = layers[0]
-    m0 = first.meta
     for q in layers:
         if not isinstance(q, QuantLinear):
             return f"{type(q).__name__} is not a packed layer"
+    first = layers[0]
+    m0 = first.meta
+    for q in layers:
         m = q.meta
         if (m.bits, m.group, m.in_features, m.sym, m.layout, m.qformat, m.scale_bits, m.scale_level2) != \
                 (m0.bits, m0.group, m0.in_features, m0.sym, m0.layout, m0.qformat, m0.scale_bits, m0.scale_level2):
