@@ -231,12 +231,10 @@ def _run_triton_wq(x, meta, bufs, mode):
         if permuted is not None:
             perm, qweight = permuted
             x, bufs = x.index_select(1, perm), {**bufs, "qweight": qweight, "g_idx": None}
-    has_gidx = bufs["g_idx"] is not None
-    for name in _small_m_order(small_m_path(), x.shape[0]):
-        mod = _triton("triton_gemv" if name == "gemv" else "triton_small")
-        if mod.supports(meta, has_gidx, x.shape[0]) is None:
-            run = mod.wq_gemv if name == "gemv" else mod.small_m_linear
-            return run(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["bias"])
+    name, small = _small_m_module(meta, bufs["g_idx"] is not None, x.shape[0])
+    if small is not None:
+        run = small.wq_gemv if name == "gemv" else small.small_m_linear
+        return run(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["bias"])
     if _dequant_call(x.shape[0]):  # QRESEARCH_PREFILL: dequantize-then-GEMM for long calls
         return _triton("triton_dequant").dequant_linear(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"],
                                                         bufs["g_idx"], bufs["bias"])
@@ -256,13 +254,19 @@ def plan_key(x: torch.Tensor) -> tuple:
 def _plan_triton_wq(x, meta, bufs, mode):
     """Decode-sized calls on the GEMV or the small-M kernels (the first of QRESEARCH_SMALL_M's order that takes
     the layer, as run() picks): the call bound to the layer; act-order layers and other calls take run()."""
-    if bufs["g_idx"] is not None:
-        return None
-    for name in _small_m_order(small_m_path(), x.shape[0]):
+    _, small = (None, None) if bufs["g_idx"] is not None else _small_m_module(meta, False, x.shape[0])
+    return None if small is None else small.plan(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"],
+                                                 bufs["bias"])
+
+
+def _small_m_module(meta, has_gidx: bool, m: int) -> tuple[str | None, object | None]:
+    """(name, module) of the first kernel of QRESEARCH_SMALL_M's order for m tokens that takes this layer ('gemv':
+    triton_gemv, 'small': triton_small), or (None, None): the split-K / prefill paths."""
+    for name in _small_m_order(small_m_path(), m):
         mod = _triton("triton_gemv" if name == "gemv" else "triton_small")
-        if mod.supports(meta, False, x.shape[0]) is None:
-            return mod.plan(x, meta, bufs["qweight"], bufs["scales"], bufs["qzeros"], bufs["bias"])
-    return None
+        if mod.supports(meta, has_gidx, m) is None:
+            return name, mod
+    return None, None
 
 
 def _plan_triton_w8a8(x, meta, bufs, mode):

@@ -143,6 +143,7 @@ CONFIGS = [_cfg(128, 128, 128, 8, 3), _cfg(128, 256, 128, 8, 3), _cfg(64, 128, 1
 CONFIGS += [_cfg(128, 128, 128, 8, 3, True), _cfg(128, 256, 128, 8, 3, True), _cfg(256, 128, 128, 8, 3, True)]
 _TUNED = {}
 _BEST: dict[tuple, triton.Config] = {}  # (M_BUCKET, N, K, out dtype) -> the config the autotuner chose
+INTERP_BLOCK = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)  # the GEMM's tile under the interpreter (no autotuning)
 
 
 _ACT_QUANT, _GEMM = Launcher(act_quant_kernel), Launcher(int8_matmul_kernel)
@@ -183,16 +184,13 @@ def plan(x, meta, qweight, scales, bias):
     wb, sw = qweight.view(torch.uint8), scales.reshape(-1)  # [N, 4 * words] bytes, [N]
     bucket = min(triton.next_power_of_2(M), 4096)
     if INTERPRETED:
-        kw, warps, stages = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, W_AS_A=False), 4, None
+        grid, gemm_kw = _gemm_launch(M, N, K, INTERP_BLOCK, bias is not None)
     else:
         if (bucket, N, K, dtype) not in _BEST:
             int8_gemm(*act_quant(x), qweight, scales, bias, dtype)  # the autotuner's first call of this shape
         cfg = _BEST[(bucket, N, K, dtype)]
-        kw, warps, stages = cfg.kwargs, cfg.num_warps, cfg.num_stages
-    grid = (cdiv(M, kw["BLOCK_M"]), cdiv(N, kw["BLOCK_N"]))
+        grid, gemm_kw = _gemm_launch(M, N, K, cfg.kwargs, bias is not None, cfg.num_warps, cfg.num_stages)
     a_block, a_warps = _act_block(K)
-    gemm_kw = dict(HAS_BIAS=bias is not None, EVEN_K=K % kw["BLOCK_K"] == 0, **kw, num_warps=warps,
-                   num_stages=stages)
     b = bias if bias is not None else sw
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -228,10 +226,10 @@ def int8_gemm(xq, sx, qweight, scales, bias, out_dtype: torch.dtype, block: dict
     args = (xq, wb, sx, sw, bias if bias is not None else sw, y, M, N, K, xq.stride(0), wb.stride(0), y.stride(0),
             min(triton.next_power_of_2(M), 4096))
     if block is None and INTERPRETED:  # no autotuning without a GPU driver
-        block = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
+        block = INTERP_BLOCK
     if block is not None:
-        grid = (cdiv(M, block["BLOCK_M"]), cdiv(N, block["BLOCK_N"]))
-        _GEMM(grid, *args, HAS_BIAS=bias is not None, EVEN_K=K % block["BLOCK_K"] == 0, **{"W_AS_A": False, **block})
+        grid, kw = _gemm_launch(M, N, K, block, bias is not None)
+        _GEMM(grid, *args, **kw)
         return y
     key = (args[-1], N, K, out_dtype)  # the autotuner's key (M_BUCKET, N, K) and the output dtype
     cfg = _BEST.get(key) if cached() else None
@@ -242,7 +240,15 @@ def int8_gemm(xq, sx, qweight, scales, bias, out_dtype: torch.dtype, block: dict
         _TUNED["gemm"][lambda a: (cdiv(M, a["BLOCK_M"]), cdiv(N, a["BLOCK_N"]))](*args, HAS_BIAS=bias is not None)
         _BEST[key] = _TUNED["gemm"].best_config
         return y
-    kw = cfg.kwargs  # later calls: the chosen config launched directly (the autotuner's per-call host time skipped)
-    _GEMM((cdiv(M, kw["BLOCK_M"]), cdiv(N, kw["BLOCK_N"])), *args, HAS_BIAS=bias is not None,
-          EVEN_K=K % kw["BLOCK_K"] == 0, **kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    # later calls: the chosen config launched directly (the autotuner's per-call host time skipped)
+    grid, kw = _gemm_launch(M, N, K, cfg.kwargs, bias is not None, cfg.num_warps, cfg.num_stages)
+    _GEMM(grid, *args, **kw)
     return y
+
+
+def _gemm_launch(M: int, N: int, K: int, block: dict, has_bias: bool, warps: int = 4,
+                 stages: int | None = None) -> tuple[tuple, dict]:
+    """(grid, constexprs and launch options) of int8_matmul_kernel with tile `block` (W_AS_A default False)."""
+    kw = {"W_AS_A": False, **block}
+    return (cdiv(M, kw["BLOCK_M"]), cdiv(N, kw["BLOCK_N"])), dict(
+        HAS_BIAS=has_bias, EVEN_K=K % kw["BLOCK_K"] == 0, **kw, num_warps=warps, num_stages=stages)
