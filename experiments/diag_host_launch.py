@@ -92,8 +92,9 @@ def render(d: dict) -> str:
            f"{r['jit_us']:.1f}", f"{r['jit_us'] / r['cached_us']:.2f}x"] for r in d["cached_vs_jit"]]
     lines = [f"# Host time of eager packed layers on {d['device']}", "",
              f"- commit: {d.get('commit', 'not recorded')}; command: `python experiments/diag_host_launch.py "
-             "--out results/ --decode` (1000 calls per row)", "- M = 1 calls on a 1024 x 1024 layer (GPU work of a "
-             "few us: back-to-back calls are bound by the host); wall us per call, one synchronize at the end.", "",
+             "--out results/ --decode` (1000 calls per row)", "- M = 1 calls (and the prefill rows' M) on a 1024 x 1024 "
+             "layer (GPU work of a few us: back-to-back calls are bound by the host); wall us per call, one "
+             "synchronize at the end; 'vs fp16' against F.linear at the same M.", "",
              *_table(["path", "us / call", "vs fp16 F.linear", "identical"], probe), "",
              "QuantLinear forward on the default launch path of the commit measured (cached launches, "
              "kernels/launcher.py; decode plans from 581ddd0) vs `jit_only()` (Triton's JIT call and the autotuner "
@@ -101,15 +102,21 @@ def render(d: dict) -> str:
              *_table(["variant", "M", "kernel", "identical", "cached us", "JIT us", "JIT / cached"], ab)]
     if d.get("eager_decode"):
         fp16 = {r["batch"]: r["tok_s"] for r in d["eager_decode"] if r["variant"] == "fp16"}
+        pre = f"prefill_{PREFILL}_ms"
+        fp16_pre = next((r[pre] for r in d["eager_decode"] if r["variant"] == "fp16" and pre in r), None)
         dec = [[r["variant"], r["batch"], r["launch"], f"{r['ms_per_step']:.2f}", f"{r['tok_s']:.1f}",
-                f"{r['tok_s'] / fp16[r['batch']]:.2f}x"] for r in d["eager_decode"]]
+                f"{r['tok_s'] / fp16[r['batch']]:.2f}x",
+                "-" if pre not in r or r["batch"] != 1 else f"{r[pre]:.1f}",
+                "-" if pre not in r or r["batch"] != 1 or not fp16_pre else f"{fp16_pre / r[pre]:.2f}x"]
+               for r in d["eager_decode"]]
         lines += ["", "Eager HF decode of a 7B-shaped model (32 layers, random fp16 weights, RTN-packed; 16 new tokens "
                   "after a 16-token prompt, median of 3): the same model with the default launch path of the commit "
                   "measured (cached; decode plans from 581ddd0), with `jit_only()` (Triton's JIT and autotuner on "
                   "every call, no plans: the path before kernels/launcher.py)"
                   + (", and fused (fuse=true, default path)." if any(r["launch"] == "fused" for r in d["eager_decode"])
                      else "."), "",
-                  *_table(["variant", "batch", "launch", "ms / step", "tok/s", "vs fp16"], dec)]
+                  *_table(["variant", "batch", "launch", "ms / step", "tok/s", "vs fp16", f"prefill {PREFILL} ms",
+                           "prefill vs fp16"], dec)]
     return "\n".join(lines) + "\n"
 
 
@@ -121,7 +128,7 @@ def cached_vs_jit(device, dtype, launch, calls: int) -> list[dict]:
 
     out_f, in_f = launch.QUICK_SHAPE if device.type != "cuda" else launch.SHAPE
     res = []
-    for variant, ms in (("w4a16_g128", (1, 4, 16)), ("w8a8", (1, 4, 64))):
+    for variant, ms in (("w4a16_g128", (1, 4, 16, 64, 256)), ("w8a8", (1, 4, 64))):
         layer = bk.build(variant, out_f, in_f, device, dtype)
         for m in ms:
             x = torch.randn(m, in_f, device=device, dtype=dtype)
@@ -136,10 +143,13 @@ def cached_vs_jit(device, dtype, launch, calls: int) -> list[dict]:
     return res
 
 
+PREFILL = 128  # prompt tokens of the eager prefill column (one forward without the cache, batch 1)
+
+
 def eager_decode(device, dtype, layers: int) -> list[dict]:
     """HF eager decode (qresearch.eval.latency, 16 new tokens after a 16-token prompt) of a 7B-shaped random model:
     fp16, and packed W4 g128 / W8A8 with cached launches and plans, with JIT launches (jit_only: as before
-    kernels/launcher.py), and fused (fuse=true, cached)."""
+    kernels/launcher.py), and fused (fuse=true, cached); and one PREFILL-token forward of each (eager prefill)."""
     from experiments.gpusuite import e2e, lib
     from experiments.gpusuite.common import build_causal_lm, free_device_memory
     from qresearch.eval.latency import LatencyConfig, measure_latency
@@ -147,7 +157,7 @@ def eager_decode(device, dtype, layers: int) -> list[dict]:
     from qresearch.nn.fused import fuse_siblings
 
     cfg = dict(e2e.LLAMA2_7B, num_hidden_layers=layers) if device.type == "cuda" else e2e.QUICK["llama2_7b"]
-    lc = LatencyConfig(True, prompt_lengths=[16], decode_tokens=16, batch_sizes=[1, 16], repeats=3, warmup=1)
+    lc = LatencyConfig(True, prompt_lengths=[PREFILL], decode_tokens=16, batch_sizes=[1, 16], repeats=3, warmup=1)
     res = []
     for variant in ("fp16", "w4_g128", "w8a8"):
         model = build_causal_lm(cfg, dtype, device)
@@ -160,7 +170,7 @@ def eager_decode(device, dtype, layers: int) -> list[dict]:
                 lat = measure_latency(model, device, lc)
             for b, d in lat["decode"].items():
                 res.append({"variant": variant, "batch": int(b), "launch": mode, "ms_per_step": d["ms_per_step"],
-                            "tok_s": d["tokens_per_s"]})
+                            "tok_s": d["tokens_per_s"], f"prefill_{PREFILL}_ms": lat["prefill"][str(PREFILL)]["ms"]})
         del model
         free_device_memory(device)
     return res

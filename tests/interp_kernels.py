@@ -176,3 +176,39 @@ def test_launch_probe_rows_run_every_launch_path():
     assert rows["triton_gemv._launch (tile fixed)"]["identical"] and rows["JIT launch, buffers reused"]["identical"]
     assert rows["compiled-kernel launch"]["us"] is None and "Error" in rows["compiled-kernel launch"]["error"]
     assert rows["act_quant (W8A8)"]["us"] > 0 and rows["int8_gemm (W8A8)"]["identical"]
+
+
+class _StandInTuner:
+    """Plays triton.autotune's part under the interpreter (no GPU to time configs): launches `cfg` as the pick."""
+
+    def __init__(self, cfg):
+        self.best_config, self.calls = cfg, 0
+
+    def __getitem__(self, grid):
+        def run(*args, **flags):
+            self.calls += 1
+            tile = self.best_config.kwargs
+            WQ.wq_matmul_kernel[grid(tile)](*args, **flags, **tile, num_warps=self.best_config.num_warps)
+        return run
+
+
+@pytest.mark.parametrize("m,cfg", [(33, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1)),
+                                   (5, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=3))])
+def test_wq_autotuned_path_launches_the_pick_directly_after_the_first_call(m, cfg, monkeypatch):
+    """The first call of a key goes through the autotuner; later calls launch its pick (_BEST) through the Launcher,
+    with the same output bits as the tile launched as a fixed block; a new key (another M bucket) tunes again."""
+    import triton
+
+    res = rtn_layer(37, 200, 4, 64, False, seed=3)
+    meta, qw, s, qz, gi = packed_args(res)
+    x, b = torch.randn(m, 200), torch.randn(37)
+    tuner = _StandInTuner(triton.Config(cfg, num_warps=4))
+    monkeypatch.setattr(WQ, "INTERPRETED", False)  # take the autotuned branch
+    monkeypatch.setattr(WQ, "_tuned", lambda kind: tuner)
+    monkeypatch.setattr(WQ, "_BEST", {})
+    first, second = WQ.wq_linear(x, meta, qw, s, qz, gi, b), WQ.wq_linear(x, meta, qw, s, qz, gi, b)
+    assert tuner.calls == 1 and len(WQ._BEST) == 1
+    want = WQ.wq_linear(x, meta, qw, s, qz, gi, b, cfg)
+    assert torch.equal(first, want) and torch.equal(second, want)
+    WQ.wq_linear(torch.randn(2 * m, 200), meta, qw, s, qz, gi, b)  # another M bucket: another key
+    assert tuner.calls == 2 and len(WQ._BEST) == 2

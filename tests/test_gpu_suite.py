@@ -153,6 +153,7 @@ def _reference_kernel(transform):
 
 
 def test_correctness_check_passes_the_reference_and_fails_wrong_outputs():
+    from experiments.gpusuite import lib
     from experiments.gpusuite.correctness import QUICK_TILES, run_case
 
     cpu = torch.device("cpu")
@@ -172,6 +173,15 @@ def test_correctness_check_passes_the_reference_and_fails_wrong_outputs():
     def boom(*_):
         raise RuntimeError("kernel crashed")
     assert run_case(_wq_case(), cpu, QUICK_TILES, kernel=boom)["status"] == "ERROR"
+
+    calls = []
+
+    def drifts(case, tile, meta, bufs, x, bias, static):  # right at the first call, one ulp off at the second
+        calls.append(1)
+        y = lib.wa16_reference(x, meta, bufs, bias)
+        return y if len(calls) == 1 else torch.nextafter(y, y + 1)
+    row = run_case(_wq_case(), cpu, QUICK_TILES, kernel=drifts)
+    assert row["status"] == "FAIL" and "second call" in row["note"] and len(calls) == 2
 
 
 def test_act_quant_check_wants_bit_identical_codes():

@@ -14,6 +14,11 @@ wall time of `calls` back-to-back calls, one synchronize at the end, per call:
   act_quant / int8_gemm               W8A8's two kernels called alone (int8_gemm as called: the autotuner's choice
                                       through kernels/launcher.py; and through the autotuner on every call)
   wq_gemv / _launch (tuned tile)      the GEMV as QuantLinear calls it, and its launch with the tuned tile
+  ... M=64 / M=128                    prefill-sized calls against fp16 F.linear at the same M (on CUDA: the fused
+                                      GEMM below 128 tokens, dequantize-then-GEMM from 128, with its two halves
+                                      alone): eager prefill of the 7B-shaped model ran at 0.38x fp16 at 128 tokens
+                                      (69.0 vs 26.4 ms, results/gpu_nvidia_h100_80gb_hbm3.md at 2803757) while its
+                                      GPU work is about 20 ms
 
 `profile(...)` adds cProfile's top functions (own time) of the W4 and W8A8 forwards: where the host time goes.
 
@@ -35,6 +40,7 @@ from experiments import bench_kernels as bk
 from .common import sync
 
 SHAPE, QUICK_SHAPE = (1024, 1024), (64, 128)  # (out, in)
+PREFILL_M = (64, 128)  # prefill-sized calls: the fused GEMM (M < 128) and dequantize-then-GEMM (M >= 128) on CUDA
 TILE = {"BLOCK_N": 64, "BLOCK_K_CODES": 128, "SPLIT_K": 1}  # no split: no workspace or counters in the timed call
 
 
@@ -71,9 +77,31 @@ def rows(device: torch.device, dtype: torch.dtype, quick: bool, calls: int = 300
     out = [{"path": "fp16 F.linear", "us": base, "vs_fp16": 1.0},
            _row(f"QuantLinear W4 g128 forward ({w4.kernel_name})", lambda: w4(x), device, calls, base),
            _row(f"QuantLinear W8A8 forward ({w8a8.kernel_name})", lambda: w8a8(x), device, calls, base)]
+    out += prefill_rows(w, w4, device, dtype, calls)
     if device.type != "cuda":
         return out
     out += triton_rows(w4, w8a8, x, device, calls, base)
+    return out
+
+
+def prefill_rows(w, w4, device, dtype, calls: int) -> list[dict]:
+    """Prefill-sized calls (M = PREFILL_M, 64: the fused GEMM; 128: dequantize-then-GEMM on CUDA), each against
+    fp16 F.linear at the same M: host time per call where the GPU work is a few us. On CUDA also the dequantize
+    kernel alone and the dense matmul alone (the two halves of the dequant call)."""
+    out = []
+    for m in PREFILL_M:
+        x = torch.randn(m, w.shape[1], device=device, dtype=dtype)
+        base = per_call_us(lambda: F.linear(x, w), device, calls)
+        out += [{"path": f"fp16 F.linear M={m}", "us": base, "vs_fp16": 1.0},
+                _row(f"QuantLinear W4 g128 forward M={m} ({w4.kernel_name})", lambda: w4(x), device, calls, base)]
+        if device.type == "cuda" and m >= 128:
+            from qresearch.kernels import triton_dequant as td  # LIBRARY: the halves of the dequant call
+
+            b = w4._buffers
+            deq = lambda: td.dequantize(w4.meta, b["qweight"], b["scales"], b["qzeros"], None, dtype)  # noqa: E731
+            wt = deq()
+            out += [_row(f"  triton_dequant.dequantize alone M={m}", deq, device, calls, base),
+                    _row(f"  x @ w (dequantized [K, N]) alone M={m}", lambda: x @ wt, device, calls, base)]
     return out
 
 
@@ -129,15 +157,16 @@ def triton_rows(w4, w8a8, x, device, calls: int, base: float) -> list[dict]:
 
 
 def profile(device: torch.device, dtype: torch.dtype, quick: bool, calls: int = 500, top: int = 12) -> dict:
-    """{variant: [(function, own us per call, calls per call), ...]}: cProfile of `calls` eager M = 1 forwards."""
+    """{variant: [(function, own us per call, calls per call), ...]}: cProfile of `calls` eager M = 1 forwards (and
+    M = 128 for W4: the prefill path)."""
     import cProfile
     import pstats
 
     out_f, in_f = QUICK_SHAPE if quick else SHAPE
-    x = torch.randn(1, in_f, device=device, dtype=dtype)
     res = {}
-    for variant in ("w4a16_g128", "w8a8"):
+    for variant, m in (("w4a16_g128", 1), ("w8a8", 1), ("w4a16_g128", 128)):
         layer = bk.build(variant, out_f, in_f, device, dtype)
+        x = torch.randn(m, in_f, device=device, dtype=dtype)
         with torch.no_grad():
             per_call_us(lambda: layer(x), device, 3)
             prof = cProfile.Profile()
@@ -148,6 +177,6 @@ def profile(device: torch.device, dtype: torch.dtype, quick: bool, calls: int = 
             prof.disable()
         stats = pstats.Stats(prof).stats  # {(file, line, fn): (cc, nc, tottime, cumtime, callers)}
         rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
-        res[variant] = [(f"{k[0].rsplit('/', 2)[-1]}:{k[1]}({k[2]})", v[2] / calls * 1e6, v[1] / calls)
-                        for k, v in rows]
+        res[variant if m == 1 else f"{variant} M={m}"] = [
+            (f"{k[0].rsplit('/', 2)[-1]}:{k[1]}({k[2]})", v[2] / calls * 1e6, v[1] / calls) for k, v in rows]
     return res

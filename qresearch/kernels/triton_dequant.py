@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import prefill_path
+from .launcher import Launcher
 from .triton_splitk import cdiv
 from .triton_wq import _weight_tile
 
@@ -45,11 +46,13 @@ def dequantize(meta, qweight, scales, qzeros, g_idx, dtype: torch.dtype, block_k
     w = torch.empty(k, n, device=qweight.device, dtype=dtype)
     z = qzeros if qzeros is not None else qweight  # dummy pointer when SYM
     grid = (cdiv(k, block_k), cdiv(n, block_n))
-    dequant_kernel[grid](qweight, scales, z, g_idx if g_idx is not None else qweight, w, n, k, qweight.stride(0),
-                         scales.stride(0), z.stride(0), w.stride(0), GROUP=meta.group, BITS=meta.bits,
-                         SYM=meta.sym or qzeros is None, HAS_GIDX=g_idx is not None, BLOCK_K=block_k,
-                         BLOCK_N=block_n, num_warps=4)
+    _LAUNCH(grid, qweight, scales, z, g_idx if g_idx is not None else qweight, w, n, k, qweight.stride(0),
+            scales.stride(0), z.stride(0), w.stride(0), GROUP=meta.group, BITS=meta.bits,
+            SYM=meta.sym or qzeros is None, HAS_GIDX=g_idx is not None, BLOCK_K=block_k, BLOCK_N=block_n)
     return w
+
+
+_LAUNCH = Launcher(dequant_kernel)  # the compiled kernel per specialization key (kernels/launcher.py)
 
 
 def dequant_linear(x, meta, qweight, scales, qzeros, g_idx, bias) -> torch.Tensor:
