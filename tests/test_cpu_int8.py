@@ -143,3 +143,28 @@ def test_build_without_vnni_falls_back_to_torch_int_mm_by_name(tmp_path):
     r = subprocess.run([sys.executable, "-c", NO_VNNI_CHECK], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and "fallback named" in r.stdout, r.stderr[-2000:]
+
+
+@needs_vnni
+@pytest.mark.parametrize("granularity,static", [("token", None), ("tensor", None), ("tensor", torch.tensor([[0.03]]))])
+@pytest.mark.parametrize("m", [1, 5])
+def test_decode_plan_gives_the_dispatch_path_bits_and_follows_the_buffers(granularity, static, m):
+    """Decode-sized calls go through the layer's kept plan (weight bytes, fp32 scales and bias bound once): the
+    dispatch path's bits (plans are off inside launcher.jit_only()), also after the weight, its scales or the bias
+    are written in place."""
+    from qresearch.kernels.launcher import jit_only
+
+    mod = _w8a8(37, 200, granularity, static)
+    x = torch.randn(m, 200)
+    with torch.no_grad():
+        y = mod(x)
+        assert [p for p in mod._plans.values() if p[0] is not None], "no plan"
+        with jit_only():
+            assert torch.equal(y, mod(x))
+        for write in (lambda: mod.qweight.copy_(torch.roll(mod.qweight, 1, dims=0)), lambda: mod.scales.mul_(2),
+                      lambda: mod.bias.add_(1)):
+            before = mod(x)
+            write()
+            with jit_only():
+                want = mod(x)
+            assert torch.equal(mod(x), want) and not torch.equal(want, before)

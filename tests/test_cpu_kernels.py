@@ -353,3 +353,38 @@ def test_stories260k_packed_matches_reference_and_fake(dtype, bits, group, kerne
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the kernels keep fp32 weights, the reference bf16
     assert abs(p_kernel - p_ref) / p_ref < tol and abs(p_kernel - p_fake) / p_fake < tol, (p_fake, p_kernel, p_ref)
     assert rel_err(l_kernel, l_ref) < 3 * tol and rel_err(l_kernel, l_fake) < 3 * tol
+
+
+@pytest.mark.parametrize("dtype,bits,group,kernel", [(torch.float32, 4, 32, "c_lowbit_w4a16"),
+                                                     (torch.float32, 3, 64, "c_lowbit_w3a16"),
+                                                     (torch.float16, 4, 32, "c_lowbit_w4a16"),
+                                                     (torch.bfloat16, 4, 32, "aten_int4_w4a16"),
+                                                     (torch.bfloat16, 8, -1, "aten_int8_w8a16")])
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_cpu_decode_plans_give_the_dispatch_path_bits_and_follow_the_buffers(dtype, bits, group, kernel, m):
+    """Decode-sized calls on the CPU kernels go through the layer's kept plan: the dispatch path's bits (plans are
+    off inside launcher.jit_only()); weights written in place (load_state_dict) or replaced rebind it; an fp16
+    layer's bias (copied to fp32 by c_lowbit's bound call) is watched too."""
+    from qresearch.kernels.launcher import jit_only
+
+    mod = QuantLinear.from_result(nn.Linear(96, 32), rtn_layer(32, 96, bits, group, False, seed=1)).to(dtype)
+    x = torch.randn(m, 96).to(dtype)
+    with torch.no_grad():
+        y = mod(x)
+        chosen, _ = mod._kernel(CPU, dtype)  # the kernel of this call's dtype
+        assert chosen.label(mod._key(CPU, dtype)) == kernel
+        assert [p for p in mod._plans.values() if p[0] is not None], "no plan"
+        with jit_only():
+            assert torch.equal(y, mod(x))
+        other = QuantLinear.from_result(nn.Linear(96, 32), rtn_layer(32, 96, bits, group, False, seed=2)).to(dtype)
+        mod.load_state_dict(other.state_dict())  # in place: the same tensors, new versions
+        y2 = mod(x)
+        assert torch.equal(y2, other(x)) and not torch.equal(y2, y)
+        mod.bias.add_(1.0)  # the bias alone, in place
+        with jit_only():
+            want = mod(x)
+        assert torch.equal(mod(x), want) and not torch.equal(want, y2)
+        mod.scales = mod.scales * 2  # replaced: a new plan
+        with jit_only():
+            want = mod(x)
+        assert torch.equal(mod(x), want)

@@ -4,8 +4,8 @@ torch._int_mm (the `torch_int_mm` kernel) needs a signed int8 copy of every laye
 unsigned codes (2.0x the stored bytes held, results/packed_memory_cpu.md). The codes u = w + 128 of a symmetric
 8-bit layer are already bytes in row order inside the int32_k words, and vpdpbusd multiplies unsigned by signed
 bytes, so x @ (u - 128)^T = x @ u^T - 128 rowsum(x) runs on the stored buffer itself: the weight is held once.
-The integer sums equal torch._int_mm's exactly; the rescale epilogue is int_mm.w8a8_epilogue, so outputs are the
-torch_int_mm kernel's bit for bit.
+The integer sums equal torch._int_mm's exactly; the rescale epilogue is int_mm.w8a8_epilogue's math in one C pass
+(qr_int8_rescale: the same fp32 roundings in the same order), so outputs are the torch_int_mm kernel's bit for bit.
 
 Calls of fewer than VNNI_MAX_M rows quantize x in one C pass (act_quant_ref's codes and scales bit for bit, with
 the row sums) and run the C kernel (4 x 4 register tiles, K in 2 KiB chunks so a tile's rows stay in L1; one row: 8
@@ -32,7 +32,9 @@ from .reference import int8_from_codes
 SRC = Path(__file__).with_name("csrc") / "int8_cpu.c"
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 SIGNATURES = {"qr_int8_has_vnni": (_F, []), "qr_int8_u8s8_mm": (_F, [_P, _I, _I, _P, _I, _I, _I, _P, _P, _F]),
-              "qr_int8_act_quant": (_F, [_P, _I, _I, _I, ctypes.c_float, _F, _P, _P, _P, _F])}
+              "qr_int8_act_quant": (_F, [_P, _I, _I, _I, ctypes.c_float, _F, _P, _P, _P, _F]),
+              "qr_int8_rescale": (None, [_P, _I, _I, _P, _P, _P, _P, _F])}
+EXTRA_FLAGS = ("-ffp-contract=off",)  # the rescale rounds each product as torch's separate ops do
 VNNI_MAX_M = 80  # rows from which torch._int_mm on signed panels is faster (between 64 and 96 at 7B shapes)
 PANEL_BYTES = 4 << 20  # weight rows made signed at a time for torch._int_mm
 MAX_K = (2**31 - 1) // (128 * 255)  # |sum_k x * u| < 2^31 in the int32 lanes (65793)
@@ -41,7 +43,7 @@ MAX_K = (2**31 - 1) // (128 * 255)  # |sum_k x * u| < 2^31 in the int32 lanes (6
 @functools.lru_cache(maxsize=None)
 def load() -> tuple[ctypes.CDLL | None, str]:
     """(library, '') or (None, why it cannot run here: no compiler, failed build, no AVX512-VNNI)."""
-    lib, why = load_library(SRC, SIGNATURES)
+    lib, why = load_library(SRC, SIGNATURES, EXTRA_FLAGS)
     if lib is not None and not lib.qr_int8_has_vnni():
         return None, "this CPU / build has no AVX512-VNNI (the kernel's vpdpbusd)"
     return lib, why
@@ -119,16 +121,40 @@ def panels_int_mm(xq: torch.Tensor, u: torch.Tensor, k: int) -> torch.Tensor:
     return out
 
 
+def rescale(acc: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
+            dtype: torch.dtype) -> torch.Tensor:
+    """int_mm.w8a8_epilogue in one C pass, bit for bit: acc int32 [M, N], sx fp32 [M], sw / bias fp32 [N] -> y
+    [M, N] in `dtype` (rounded from fp32 by torch)."""
+    m, n = acc.shape
+    y = torch.empty(m, n, dtype=torch.float32)
+    load()[0].qr_int8_rescale(acc.data_ptr(), m, n, sx.data_ptr(), sw.data_ptr(),
+                              None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
+    return y if dtype == torch.float32 else y.to(dtype)
+
+
 def w8a8_linear(x: torch.Tensor, meta: PackedMeta, bufs: dict, static_scale: torch.Tensor | None) -> torch.Tensor:
     """y [M, out] of a W8A8 layer from its stored codes (the torch_int_mm kernel's math and bits)."""
-    from .int_mm import w8a8_epilogue
+    bias = bufs["bias"]
+    return bind_linear(meta, bufs["qweight"], bufs["scales"], None if bias is None else bias, x.shape[0],
+                       x.dtype)(x, static_scale)
+
+
+def bind_linear(meta: PackedMeta, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, m: int,
+                dtype: torch.dtype):
+    """w8a8_linear for calls of m rows in `dtype` with the weight, its fp32 scales and bias fixed: a function of
+    (x, static scale) (dispatch's c_vnni plan keeps it per layer)."""
     from .reference import act_quant_ref
 
-    u, k = stored_bytes(meta, bufs["qweight"].contiguous()), meta.in_features  # contiguous: the buffer itself
-    if x.shape[0] < VNNI_MAX_M and (quant := act_quant(x, static_scale)) is not None:
-        xq, sx, xsum = quant  # one C pass instead of act_quant_ref's seven torch ops (decode: ~40% of a call)
-        acc = u8s8_mm(xq, u, k, xsum)
-    else:
-        xq, sx = act_quant_ref(x, static_scale)  # [M, K] int8, [M] fp32
-        acc = u8s8_mm(xq, u, k) if xq.shape[0] < VNNI_MAX_M else panels_int_mm(xq, u, k)
-    return w8a8_epilogue(acc, sx, bufs["scales"], bufs["bias"], x.dtype)
+    u, k = stored_bytes(meta, qweight.contiguous()), meta.in_features  # contiguous: the buffer itself
+    sw = scales.float().reshape(-1).contiguous()  # [N]
+    b = None if bias is None else bias.float().contiguous()
+
+    def run(x: torch.Tensor, static_scale: torch.Tensor | None) -> torch.Tensor:
+        if m < VNNI_MAX_M and (quant := act_quant(x, static_scale)) is not None:
+            xq, sx, xsum = quant  # one C pass instead of act_quant_ref's seven torch ops (decode: ~40% of a call)
+            acc = u8s8_mm(xq, u, k, xsum)
+        else:
+            xq, sx = act_quant_ref(x, static_scale)  # [M, K] int8, [M] fp32
+            acc = u8s8_mm(xq, u, k) if m < VNNI_MAX_M else panels_int_mm(xq, u, k)
+        return rescale(acc, sx.float().contiguous(), sw, b, dtype)
+    return run

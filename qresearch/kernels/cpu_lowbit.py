@@ -237,15 +237,26 @@ def kernel_loop(m: int) -> str:
 
 
 def lowbit_linear(x: torch.Tensor, p: LowbitPrepared, bias: torch.Tensor | None) -> torch.Tensor:
+    """y [M, out] in x's dtype (fp32 math)."""
+    return bind_linear(p, bias, x.shape[0], x.dtype)(x)
+
+
+def bind_linear(p: LowbitPrepared, bias: torch.Tensor | None, m: int, dtype: torch.dtype):
+    """lowbit_linear for calls of m rows in `dtype` with the weight and bias fixed: a function of x alone (the
+    bias's fp32 copy, the weight's arguments and the loop chosen once; cpu_packed.plan keeps it per layer)."""
     lib, why = load()
     if lib is None:
         raise RuntimeError(f"c_lowbit kernel unavailable: {why}")
-    xin = _lowbit_x(x, p)  # [M, n_groups * gp] fp32
     b = None if bias is None else bias.float().contiguous()
-    y = torch.empty(xin.shape[0], p.codes.shape[0], dtype=torch.float32)  # [M, out]
-    if kernel_loop(xin.shape[0]) == "many":
-        _many(lib, xin, p, b, y)
-    elif lib.qr_lowbit_mm(xin.data_ptr(), xin.shape[0], xin.shape[1], *p.weight_args,
-                          None if b is None else b.data_ptr(), y.data_ptr(), torch.get_num_threads()):
-        raise MemoryError("c_lowbit kernel could not allocate its row buffers")
-    return y.to(x.dtype)
+    b_ptr, n, args = None if b is None else b.data_ptr(), p.codes.shape[0], p.weight_args
+    many = kernel_loop(m) == "many"
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        xin = _lowbit_x(x, p)  # [M, n_groups * gp] fp32
+        y = torch.empty(m, n, dtype=torch.float32)  # [M, out]
+        if many:
+            _many(lib, xin, p, b, y)
+        elif lib.qr_lowbit_mm(xin.data_ptr(), m, xin.shape[1], *args, b_ptr, y.data_ptr(), torch.get_num_threads()):
+            raise MemoryError("c_lowbit kernel could not allocate its row buffers")
+        return y if dtype == torch.float32 else y.to(dtype)
+    return run

@@ -34,7 +34,7 @@ from . import reference as ref
 from .cpu_aten import INT4_GROUPS, int4_op_group
 from .dispatch import Kernel, LayerKey, register
 from .int_mm import prepare_int8_weight
-from .prepared import STAMPED, act_order_perm, cached
+from .prepared import STAMPED, act_order_perm, cached, rebinding
 from .reference import weight_zeros
 
 FAST_ATEN_DTYPES = (torch.bfloat16,)
@@ -132,6 +132,36 @@ def run(kind: str, x: torch.Tensor, meta: PackedMeta, bufs: dict, mode=None) -> 
     return LINEAR[kind](x, prepared, bufs.get("bias"))
 
 
+WATCHED = (*STAMPED, "bias")  # the buffers a plan's bound call was made from
+
+
+def plan(kind: str, x: torch.Tensor, meta: PackedMeta, bufs: dict, mode=None):
+    """run() for calls like x (its rows and dtype) with the layer's prepared weights, bias and loop bound once: a
+    function of x alone (QuantLinear keeps it per layer: dispatch plans), rebound when a WATCHED buffer changes in
+    place (QuantLinear makes a new plan when one is replaced); calls that need an input gradient take run(). None
+    where run() sends such calls to the panels."""
+    m, dtype = x.shape[0], x.dtype
+    if cpu_panels.use_panels(kind, m, dtype):
+        return None
+    bound = rebinding(bufs, WATCHED, lambda: BIND[kind](prepared_for(kind, meta, bufs, dtype), bufs.get("bias"), m,
+                                                        dtype))
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            return run(kind, x, meta, bufs, mode)
+        return bound(x)
+    return call
+
+
+def _bind(linear):
+    """BIND entry of a kernel whose linear(x, prepared, bias) has nothing more to fix per call."""
+    return lambda prepared, bias, m, dtype: partial(linear, p=prepared, bias=bias)
+
+
+BIND = {"aten_int4": _bind(cpu_aten.int4_linear), "aten_int8": _bind(cpu_aten.int8_linear),
+        "c_lowbit": cpu_lowbit.bind_linear}  # (prepared, bias, rows, dtype) -> a function of x
+
+
 class _WithInputGrad(torch.autograd.Function):
     """Kernel forward; backward dy @ W with W dequantized by the reference (weights are buffers: no grad)."""
 
@@ -149,6 +179,7 @@ def _weight_only(key: LayerKey) -> bool:
     return key.mode.kind != "int8"  # A16, or fake-quantized activations (the layer quantizes x before the call)
 
 
-CPU_KERNELS = tuple(Kernel(k, "cpu", PRIORITY[k], _weight_only, WHY_NOT[k], partial(run, k)) for k in KERNELS)
+CPU_KERNELS = tuple(Kernel(k, "cpu", PRIORITY[k], _weight_only, WHY_NOT[k], partial(run, k), partial(plan, k))
+                    for k in KERNELS)
 for _k in CPU_KERNELS:
     register(_k)

@@ -21,6 +21,7 @@ import torch
 from ..quant.packing import PackedMeta
 from ..quant.scales import div_rn
 from ..records import ActQuant
+from .launcher import INTERPRETED
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16)  # fp32 would go through TF32 tensor cores: not our reference
 
@@ -247,8 +248,11 @@ PLAN_MAX_M = 16  # plans serve decode-sized calls; longer ones take run()
 
 def plan_key(x: torch.Tensor) -> tuple:
     """What a layer's kept plan for x [M, K] depends on besides its buffers: M, device, dtype and the switches that
-    pick the kernel and its code path (read per call, as run() reads them)."""
-    return (x.shape[0], x.device, x.dtype, backend(), small_m_path(), os.environ.get("QRESEARCH_GEMV_MAGIC"))
+    pick the kernel and its code path (read per call, as run() reads them; the Triton-only ones only where Triton
+    can run x: CUDA, or the interpreter)."""
+    if x.is_cuda or INTERPRETED:
+        return (x.shape[0], x.device, x.dtype, backend(), small_m_path(), os.environ.get("QRESEARCH_GEMV_MAGIC"))
+    return x.shape[0], x.device, x.dtype, backend()
 
 
 def _plan_triton_wq(x, meta, bufs, mode):
@@ -328,11 +332,23 @@ def _run_vnni(x, meta, bufs, mode):
     return w8a8_linear(x, meta, bufs, prepare_input(x, mode, bufs))
 
 
+def _plan_vnni(x, meta, bufs, mode):
+    """Decode-sized calls on the VNNI kernel: the stored bytes, fp32 weight scales and bias bound once (again when
+    one is written in place); the activation scale is the call's (prepare_input), as run() takes it."""
+    from .cpu_int8 import bind_linear
+    from .prepared import rebinding
+
+    m, dtype = x.shape[0], x.dtype
+    bound = rebinding(bufs, ("qweight", "scales", "bias"),
+                      lambda: bind_linear(meta, bufs["qweight"], bufs["scales"], bufs.get("bias"), m, dtype))
+    return lambda x: bound(x, prepare_input(x, mode, bufs))
+
+
 register(Kernel("triton", "triton", 10, lambda k: k.mode.kind == "none", _triton_why_not, _run_triton_wq,
                 _plan_triton_wq))
 register(Kernel("triton", "triton", 10, lambda k: k.mode.kind == "int8", _triton_why_not, _run_triton_w8a8,
                 _plan_triton_w8a8))
 # our AVX512-VNNI product on the stored codes (cpu_int8.py: the weight held once), before torch._int_mm's copy
-register(Kernel("c_vnni", "cpu", 40, lambda k: k.mode.kind == "int8", _vnni_why_not, _run_vnni))
+register(Kernel("c_vnni", "cpu", 40, lambda k: k.mode.kind == "int8", _vnni_why_not, _run_vnni, _plan_vnni))
 register(Kernel("torch_int_mm", "torch_int", 50, lambda k: k.mode.kind == "int8", _int_mm_why_not, _run_int_mm))
 register(Kernel("torch_ref", "torch", 100, lambda k: True, lambda k: None, _run_reference))

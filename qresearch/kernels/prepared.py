@@ -19,15 +19,20 @@ STAMPED = ("qweight", "scales", "qzeros", "g_idx")  # the buffers a prepared val
 _PREPARED = WeakIdKeyDictionary()  # qweight tensor -> {key: (buffer stamps, value)}
 
 
+def version(t: torch.Tensor | None) -> int | None:
+    """A buffer's in-place version (None for no buffer; -1 for an inference-mode tensor, which keeps no counter
+    and cannot be written outside inference mode)."""
+    if t is None:
+        return None
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
 def _stamp(t: torch.Tensor | None) -> tuple:
     """(weakref, in-place version) of a buffer."""
-    if t is None:
-        return None, None
-    try:
-        version = t._version
-    except RuntimeError:  # inference-mode tensors keep no version counter (and cannot be written outside it)
-        version = -1
-    return weakref.ref(t), version
+    return (None, None) if t is None else (weakref.ref(t), version(t))
 
 
 def _fresh(stamps: tuple, bufs: dict) -> bool:
@@ -43,6 +48,19 @@ def cached(key, bufs: dict, make: Callable[[], object]):
         hit = (tuple(_stamp(bufs[k]) for k in STAMPED), make())
         cache[key] = hit
     return hit[1]
+
+
+def rebinding(bufs: dict, names: tuple[str, ...], bind: Callable[[], Callable]) -> Callable:
+    """A call of bind()'s function, bound again whenever a buffer in `names` was written in place since (a plan's
+    bound state follows load_state_dict; a replaced buffer is the plan owner's to notice: QuantLinear's plans)."""
+    state = [None, None]  # [versions of the named buffers, bound function]
+
+    def call(*args):
+        versions = tuple([version(bufs.get(k)) for k in names])
+        if versions != state[0]:
+            state[:] = versions, bind()
+        return state[1](*args)
+    return call
 
 
 def is_cached(qweight: torch.Tensor) -> bool:

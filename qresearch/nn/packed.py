@@ -141,9 +141,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [M, in]
-        # plans are the Triton kernels' (CUDA, or the interpreter in tests); none inside launcher.jit_only()
-        if self._plannable and x2.shape[0] <= dispatch.PLAN_MAX_M and (x2.is_cuda or launcher.INTERPRETED) \
-                and launcher.cached():
+        # decode-sized calls through the kernel's plan where it has one (none inside launcher.jit_only())
+        if self._plannable and x2.shape[0] <= dispatch.PLAN_MAX_M and launcher.cached():
             y = self._planned(x2)
             if y is not None:
                 return y.reshape(*lead, self.out_features)

@@ -176,3 +176,20 @@ int qr_int8_u8s8_mm(const int8_t *x, int64_t ldx, int64_t M, const uint8_t *w, i
     return -1;
 #endif
 }
+
+/* The W8A8 rescale of int_mm.w8a8_epilogue, bit for bit: y[m, n] = (float)acc[m, n] * sx[m] * sw[n] (+ bias[n]),
+ * each product and the sum rounded to fp32 in that order, as torch's separate ops round them (built with
+ * -ffp-contract=off: no fused multiply-add). acc and y [M, N] (rows N apart); bias may be NULL. */
+void qr_int8_rescale(const int32_t *acc, int64_t M, int64_t N, const float *sx, const float *sw, const float *bias,
+                     float *y, int nthreads) {
+#pragma omp parallel for num_threads(M * N >= (1 << 16) ? nthreads : 1) schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        const int32_t *a = acc + m * N;
+        float *out = y + m * N;
+        const float s = sx[m];
+        if (bias)
+            for (int64_t n = 0; n < N; n++) out[n] = (float)a[n] * s * sw[n] + bias[n];
+        else
+            for (int64_t n = 0; n < N; n++) out[n] = (float)a[n] * s * sw[n];
+    }
+}
