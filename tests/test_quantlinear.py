@@ -172,3 +172,26 @@ def test_scale_overflowing_its_16_bit_storage_is_refused_with_the_layer_named():
             with pytest.raises(NumericalError, match=r"^0: packed 16x256 linear: a group scale of 6\.\d+e\+04 "
                                                      r"overflows torch\.float16"):
                 swap_linears(model, res, "packed")
+
+
+@pytest.mark.parametrize("act", [False, True])
+def test_copies_and_pickles_of_a_planned_layer_compute_with_their_own_buffers(act, tmp_path):
+    """After a decode call (the layer keeps a plan: a closure over its buffers), a deep copy written in place gives
+    its own weights' output, not the original's; torch.save of the whole module works and the loaded one gives the
+    same output."""
+    import copy
+
+    res = rtn_layer(32, 96, 8, -1, True) if act else rtn_layer(32, 96, 4, 32, False)
+    if act:
+        res.act = ActQuant(QuantSpec(bits=8, sym=True, granularity="token"))
+    mod, _ = _pair(res)
+    x = torch.randn(1, 96)
+    with torch.no_grad():
+        y = mod(x)
+        assert [p for p in mod._plans.values() if p[0] is not None], "no plan: the case tests nothing"
+        twin = copy.deepcopy(mod)
+        twin.scales.mul_(2)
+        assert torch.equal(mod(x), y) and rel_err(twin(x), 2 * (y - mod.bias) + mod.bias) < 1e-5
+        torch.save(mod, tmp_path / "m.pt")
+        back = torch.load(tmp_path / "m.pt", weights_only=False)
+        assert torch.equal(back(x), y)

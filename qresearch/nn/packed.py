@@ -125,6 +125,14 @@ class QuantLinear(nn.Module):
         self._plans.clear()
         return super()._apply(fn, *args, **kwargs)
 
+    def __getstate__(self) -> dict:
+        """Deep copies and pickles (torch.save of a module) carry the layer without its kernel choices and plans:
+        a plan is a closure over this layer's buffers (a copy keeping it would compute with the original's weights)
+        and neither pickles; the copy chooses and plans again at its first call."""
+        state = self.__dict__.copy()
+        state["_plans"], state["_chosen"] = {}, {}
+        return state
+
     def _planned(self, x2: torch.Tensor) -> torch.Tensor | None:
         """y [M, out] through the kernel's plan for calls like x2 (built at the first, kept while the layer's
         buffers are the ones it bound), or None when the kernel has none."""
