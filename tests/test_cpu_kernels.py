@@ -388,3 +388,19 @@ def test_cpu_decode_plans_give_the_dispatch_path_bits_and_follow_the_buffers(dty
         with jit_only():
             want = mod(x)
         assert torch.equal(mod(x), want)
+
+
+def test_layers_made_in_inference_mode_run_and_read_as_unversioned(monkeypatch):
+    """Buffers created under torch.inference_mode keep no version counter (asking raises): the prepared-weight cache
+    and the plans read them as version -1 (identity only) and the layer gives the reference's output."""
+    from qresearch.kernels.prepared import version
+
+    with torch.inference_mode():
+        mod = QuantLinear.from_result(nn.Linear(96, 32), rtn_layer(32, 96, 4, 32, False))
+        assert mod.qweight.is_inference() and version(mod.qweight) == -1
+        x = torch.randn(1, 96)
+        y1, y3 = mod(x), mod(torch.cat([x, x, x]))
+        want = _reference(mod, x, monkeypatch)
+    assert version(torch.zeros(2)) == 0 and version(None) is None
+    assert [p for p in mod._plans.values() if p[0] is not None], "no plan"
+    assert torch.equal(y1, y3[:1]) and rel_err(y1, want) < 1e-5

@@ -24,10 +24,7 @@ def version(t: torch.Tensor | None) -> int | None:
     and cannot be written outside inference mode)."""
     if t is None:
         return None
-    try:
-        return t._version
-    except RuntimeError:
-        return -1
+    return -1 if t.is_inference() else t._version  # (asking an inference tensor raises: ~25 us of C++ error)
 
 
 def _stamp(t: torch.Tensor | None) -> tuple:

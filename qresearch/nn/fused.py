@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..kernels.prepared import version
 from ..quant.packing import PackedMeta, pack_zeros, unpack_zeros
 from .packed import QuantLinear
 from .swap import get_module, set_module
@@ -82,21 +83,22 @@ def concat_packed(layers: list[QuantLinear]) -> QuantLinear:
 
 class FusedProduct(nn.Module):
     """The fused layer and its last call: `outputs(x)` runs it once per input tensor (same object, unmodified
-    since) and returns each member's slice of the output (views)."""
+    since) and returns each member's slice of the output (views). An inference-mode tensor keeps no version
+    counter, so there "unmodified" is not checked: the siblings of a model's forward read their input unchanged."""
 
     def __init__(self, layer: QuantLinear, sizes: list[int]):
         super().__init__()
         self.layer, self.sizes = layer, sizes
-        self._last: list | None = None  # [x, x._version, slices, members served] of the last call
+        self._last: list | None = None  # [x, its version, slices, members served] of the last call
 
     def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         last = self._last
-        if last is not None and last[0] is x and last[1] == x._version:
+        if last is not None and last[0] is x and last[1] == version(x):
             last[3] += 1
             ys = last[2]
         else:
             ys = self.layer(x).split(self.sizes, dim=-1)  # [..., n_i] views of one [..., sum n_i]
-            last = self._last = [x, x._version, ys, 1]
+            last = self._last = [x, version(x), ys, 1]
         if last[3] == len(self.sizes):  # every member served: hold no tensors between calls
             self._last = None
         return ys
