@@ -195,9 +195,10 @@ def _kernels(sec: dict) -> list[str]:
                         [[f["shape"], f"{f['w4_us']:.1f}", f"{f['w4_gbs']:.0f}", f"{f['fp16_us']:.1f}",
                           f"{f['fp16_gbs']:.0f}", f"{f['ratio']:.2f}x"] for f in sec["floor"]])
     if sec.get("host_overhead") or sec.get("host_overhead_error"):
-        lines += ["", "Host time per eager call at M = 1 (experiments/gpusuite/launch.py): wall time of back-to-back "
-                  "calls on a small layer (GPU work of a few us), one synchronize at the end; identical = the "
-                  "launch path's output equals the JIT launch's bits.", ""]
+        lines += ["", "Host time per eager call at M = 1, and at the M of the M= rows (experiments/gpusuite/launch.py): "
+                  "wall time of back-to-back calls on a small layer (GPU work of a few us), one synchronize at the "
+                  "end; 'vs fp16' against F.linear at the same M; identical = the launch path's output equals the "
+                  "JIT launch's bits.", ""]
         lines += _table(["path", "us / call", "vs fp16 F.linear", "identical", "error"],
                         [[h["path"], _f(h.get("us"), ".1f"), _x(h.get("vs_fp16")),
                           {True: "yes", False: "NO"}.get(h.get("identical"), "-"), h.get("error", "")]

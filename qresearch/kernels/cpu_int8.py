@@ -134,9 +134,7 @@ def rescale(acc: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, bias: torch.T
 
 def w8a8_linear(x: torch.Tensor, meta: PackedMeta, bufs: dict, static_scale: torch.Tensor | None) -> torch.Tensor:
     """y [M, out] of a W8A8 layer from its stored codes (the torch_int_mm kernel's math and bits)."""
-    bias = bufs["bias"]
-    return bind_linear(meta, bufs["qweight"], bufs["scales"], None if bias is None else bias, x.shape[0],
-                       x.dtype)(x, static_scale)
+    return bind_linear(meta, bufs["qweight"], bufs["scales"], bufs["bias"], x.shape[0], x.dtype)(x, static_scale)
 
 
 def bind_linear(meta: PackedMeta, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, m: int,
