@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.bench_kernels import commit_label, cpu_name  # noqa: E402
+from experiments.bench_kernels import commit_label, cpu_detail  # noqa: E402
 from methods.rtn import RTN  # noqa: E402
 from qresearch.eval.latency import LatencyConfig, measure_latency  # noqa: E402
 from qresearch.kernels.prepared import derived_bytes  # noqa: E402
@@ -135,7 +135,7 @@ def write(rows: list[dict], args, load_start: str) -> Path:
     lines = [f"# Decode throughput on CPU: {args.model}, batch 1", "",
              "Goal: packed decode faster than the fp32 model. Linears of the decoder blocks are packed (RTN); "
              "embeddings, norms and the (tied) lm_head stay dense in the model dtype.", "",
-             f"- machine: {os.cpu_count()} CPU cores ({cpu_name()}), torch threads {args.threads} (column); "
+             f"- machine: {os.cpu_count()} CPU cores ({cpu_detail()}), torch threads {args.threads} (column); "
              f"load average before the run (1/5/15 min) {load_start}, after "
              f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])}; {args.load_note}",
              "- protocol: qresearch.eval.latency.measure_latency, batch 1, 16-token prompt, greedy decode with KV "

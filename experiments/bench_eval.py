@@ -11,7 +11,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from experiments.bench_kernels import cpu_detail  # noqa: E402
 from methods.rtn import RTN  # noqa: E402
 from qresearch.data.tokens import eval_tokens  # noqa: E402
 from qresearch.eval.ppl import perplexity  # noqa: E402
@@ -128,8 +128,7 @@ def main() -> None:
     ap.add_argument("--md", default="results/bench_eval.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-               platform.machine())
+    cpu = cpu_detail()
     commit = git_commit()
     load = lambda: " ".join(f"{x:.1f}" for x in os.getloadavg())  # noqa: E731
     meta = {"machine": {"cpu": cpu, "cores": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,

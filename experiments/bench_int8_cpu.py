@@ -28,7 +28,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.bench_kernels import build, commit_label, cpu_name  # noqa: E402
+from experiments.bench_kernels import build, commit_label, cpu_detail  # noqa: E402
 from qresearch.kernels import cpu_int8  # noqa: E402
 
 SHAPES = ("4096x4096", "11008x4096", "4096x11008")
@@ -116,7 +116,7 @@ def main(argv=None) -> Path:
     args = ap.parse_args(argv)
     if cpu_int8.load()[0] is None:
         raise SystemExit(f"c_vnni cannot run here: {cpu_int8.load()[1]}")
-    meta = {"machine": cpu_name(), "threads": torch.get_num_threads(), "load_start": os.getloadavg()[0],
+    meta = {"machine": cpu_detail(), "threads": torch.get_num_threads(), "load_start": os.getloadavg()[0],
             "repeats": args.repeats, "command": "python experiments/bench_int8_cpu.py " + " ".join(argv or sys.argv[1:]),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit_label()}
     rows = [r for s in args.shapes for r in bench(s, args.m, args.repeats)]

@@ -358,6 +358,23 @@ def cpu_name() -> str:
     return platform.machine()
 
 
+def cpu_detail() -> str:
+    """cpu_name() with what tells such CPUs apart when the model name is generic ('AMD EPYC' on a VM): family and
+    model numbers and the vector extensions the kernels use (tables from different sessions may come from
+    different CPUs under one name)."""
+    info: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, val = line.partition(":")
+            info.setdefault(key.strip(), val.strip())
+    except OSError:
+        return cpu_name()
+    flags = set(info.get("flags", "").split())
+    ext = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
+    ident = ", ".join(f"{k} {info[k]}" for k in ("cpu family", "model") if k in info)
+    return f"{cpu_name()} ({'; '.join(x for x in (ident, ' '.join(ext)) if x)})"
+
+
 def _cpu_lines(args) -> list[str]:
     """What a CPU number depends on: cores, threads, load, the kernels' own build."""
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "?"
@@ -365,7 +382,7 @@ def _cpu_lines(args) -> list[str]:
             "row), not the Triton kernels. The GPU goals (W4A16 g128 >= 3x fp16 at M=1 and >= 2.5x at M=16 on "
             "4096x11008, W8A8 >= 1.5x at M=2048) were NOT measured here: no GPU.** The CPU goal is packed W4 g128 at "
             "M=1 on 4096x4096 at least as fast as the dense fp32 matmul.", "",
-            f"- machine: {os.cpu_count()} CPU cores ({cpu_name()}), torch threads {torch.get_num_threads()}; "
+            f"- machine: {os.cpu_count()} CPU cores ({cpu_detail()}), torch threads {torch.get_num_threads()}; "
             f"load average at start (1/5/15 min) {load}; {args.load_note}",
             f"- command: python experiments/bench_kernels.py {' '.join(sys.argv[1:])}",
             f"- C kernel: {cpu_packed.cpu_lowbit.SRC.name} built with {os.environ.get('CC', 'cc')} "
