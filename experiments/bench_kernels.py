@@ -379,7 +379,7 @@ def _cpu_lines(args) -> list[str]:
     """What a CPU number depends on: cores, threads, load, the kernels' own build."""
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "?"
     return ["**CPU run: the packed layers run the CPU low-bit kernels of qresearch/kernels/cpu_packed.py (named per "
-            "row), not the Triton kernels. The GPU goals (W4A16 g128 >= 3x fp16 at M=1 and >= 2.5x at M=16 on "
+            "row), not the Triton kernels. The GPU goals (W4A16 g128 >= 3.5x fp16 at M=1 and >= 2.5x at M=16 on "
             "4096x11008, W8A8 >= 1.5x at M=2048) were NOT measured here: no GPU.** The CPU goal is packed W4 g128 at "
             "M=1 on 4096x4096 at least as fast as the dense fp32 matmul.", "",
             f"- machine: {os.cpu_count()} CPU cores ({cpu_detail()}), torch threads {torch.get_num_threads()}; "
