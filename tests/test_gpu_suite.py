@@ -407,3 +407,27 @@ def test_host_launch_diagnosis_runs_on_cpu(tmp_path):
     assert d["commit"] and all(r["identical"] for r in d["cached_vs_jit"])
     assert {r["variant"] for r in d["eager_decode"]} == {"fp16", "w4_g128", "w8a8"}
     assert "| w8a8 | 1 | jit |" in (tmp_path / "host_launch_cpu.md").read_text()
+
+
+def test_tuned_tiles_record_each_tuners_pick_and_render(monkeypatch):
+    """The kernel section lists the tile each tuner chose per layer key (what a GPU run's numbers came from), JSON-
+    serializable, and the report shows them."""
+    import triton
+
+    from experiments.gpusuite.kernels import tuned_tiles
+    from experiments.gpusuite.report import markdown
+    from qresearch.kernels import triton_gemv, triton_small, triton_w8a8, triton_wq
+
+    monkeypatch.setattr(triton_gemv, "_BEST", {(4096, 11008, 128, 4, False, torch.float16):
+                                               ({"BLOCK_N": 64, "BLOCK_K_CODES": 128, "SPLIT_K": 8}, 4)})
+    monkeypatch.setattr(triton_small, "TUNED", {("dot", 4096, 11008): {"best": (64, 8, 4, 2, 2), "ms": {}}})
+    monkeypatch.setattr(triton_wq, "_BEST", {("prefill", 64, 4096): triton.Config({"BLOCK_M": 64}, num_warps=4,
+                                                                                    num_stages=4)})
+    monkeypatch.setattr(triton_w8a8, "_BEST", {})
+    tiles = tuned_tiles()
+    assert [t["kernel"] for t in tiles] == ["triton_gemv", "triton_small", "triton_wq"]
+    assert tiles[0]["tile"]["SPLIT_K"] == 8 and tiles[2]["tile"] == {"BLOCK_M": 64, "num_warps": 4, "num_stages": 4}
+    json.dumps(tiles)
+    state = {"meta": {"quick": True, "gpu": False, "command": "x", "budget_s": 1, "used_s": 1, "finished": True},
+             "sections": {"kernels": {"status": "done", "rows": [], "tuned": tiles}}}
+    assert "Tiles the tuned kernels chose" in markdown(state) and "'SPLIT_K': 8" in markdown(state)

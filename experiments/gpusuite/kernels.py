@@ -109,6 +109,28 @@ def alt_path_rows(shape: str, ctx: Ctx, flush, repeats: int, warmup: int) -> lis
     return rows
 
 
+def tuned_tiles() -> list[dict]:
+    """The tile each tuned Triton kernel of this process chose, per layer key: so a GPU run says which configs
+    its numbers came from (their SASS can then be read offline: experiments/compile_kernels.py)."""
+    import sys
+
+    def mod(name):
+        return sys.modules.get(f"qresearch.kernels.{name}")
+
+    out = []
+    if (g := mod("triton_gemv")) is not None:
+        out += [{"kernel": "triton_gemv", "key": str(k), "tile": {**cfg, "num_warps": warps}}
+                for k, (cfg, warps) in g._BEST.items()]
+    if (s := mod("triton_small")) is not None:
+        out += [{"kernel": "triton_small", "key": str(k), "tile": str(v["best"])} for k, v in s.TUNED.items()]
+    for name in ("triton_wq", "triton_w8a8"):
+        if (m := mod(name)) is not None:
+            out += [{"kernel": name, "key": str(k), "tile": {**c.kwargs, "num_warps": c.num_warps,
+                                                             "num_stages": c.num_stages}}
+                    for k, c in m._BEST.items()]
+    return out
+
+
 def run(ctx: Ctx, state: dict) -> None:
     shapes, ms = (GPU_SHAPES, GPU_MS) if ctx.full else (QUICK_SHAPES, QUICK_MS)
     repeats, warmup = (30, 5) if ctx.full else (2, 1)
@@ -147,5 +169,6 @@ def run(ctx: Ctx, state: dict) -> None:
                 for m in W8A8_PARTS_MS)
         free_device_memory(ctx.device)
         ctx.save()
+    state["tuned"] = tuned_tiles()
     bad = [r for r in state["rows"] if not r.get("ref_rel_err", 0.0) <= REF_TOL[ctx.dtype]]
     state["ref_check"] = "PASS" if not bad else f"FAIL: {len(bad)} rows above {REF_TOL[ctx.dtype]:g}"

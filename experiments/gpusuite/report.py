@@ -194,6 +194,10 @@ def _kernels(sec: dict) -> list[str]:
         lines += _table(["shape", "W4 g128 codes us", "GB/s", "fp16 weight us", "GB/s", "fp16 / W4"],
                         [[f["shape"], f"{f['w4_us']:.1f}", f"{f['w4_gbs']:.0f}", f"{f['fp16_us']:.1f}",
                           f"{f['fp16_gbs']:.0f}", f"{f['ratio']:.2f}x"] for f in sec["floor"]])
+    if sec.get("tuned"):
+        lines += ["", "Tiles the tuned kernels chose (per layer key; `experiments/compile_kernels.py` shows what each "
+                  "compiles to):", ""]
+        lines += _table(["kernel", "key", "tile"], [[t["kernel"], t["key"], str(t["tile"])] for t in sec["tuned"]])
     if sec.get("host_overhead") or sec.get("host_overhead_error"):
         lines += ["", "Host time per eager call at M = 1, and at the M of the M= rows (experiments/gpusuite/launch.py): "
                   "wall time of back-to-back calls on a small layer (GPU work of a few us), one synchronize at the "
