@@ -190,6 +190,11 @@ def _tuned(kind: str):
     return _TUNED[kind]
 
 
+def _grid(M: int, N: int, tile: dict) -> tuple[int, int, int]:
+    """wq_matmul_kernel's grid for a tile {BLOCK_M, BLOCK_N, SPLIT_K, ...}: (M blocks, N blocks, K slices)."""
+    return cdiv(M, tile["BLOCK_M"]), cdiv(N, tile["BLOCK_N"]), tile["SPLIT_K"]
+
+
 def wq_linear(x, meta, qweight, scales, qzeros, g_idx, bias, block: dict | None = None):
     """Launch: x [M, K] fp16/bf16 (fp32 under the interpreter) -> y [M, N] in x's dtype.
 
@@ -218,7 +223,7 @@ def wq_linear(x, meta, qweight, scales, qzeros, g_idx, bias, block: dict | None 
                  HAS_BIAS=bias is not None)
     if block is not None:
         tile = {"SPLIT_K": 1, **block}
-        _LAUNCH((cdiv(M, tile["BLOCK_M"]), cdiv(N, tile["BLOCK_N"]), tile["SPLIT_K"]), *args, **flags, **tile)
+        _LAUNCH(_grid(M, N, tile), *args, **flags, **tile)
         return y
     kind = "decode" if decode else "prefill"
     # the autotuner's key: its key arguments and the dtype of every tensor argument
@@ -226,11 +231,11 @@ def wq_linear(x, meta, qweight, scales, qzeros, g_idx, bias, block: dict | None 
     cfg = _BEST.get(key) if cached() else None
     if cfg is None:  # first call of this key (or jit_only()): the autotuner times the configs and launches the best
         kern = _tuned(kind)
-        kern[lambda a: (cdiv(M, a["BLOCK_M"]), cdiv(N, a["BLOCK_N"]), a["SPLIT_K"])](*args, **flags)
+        kern[lambda a: _grid(M, N, a)](*args, **flags)
         _BEST[key] = kern.best_config
         return y
     # later calls: the chosen config launched directly (the autotuner's per-call host time skipped)
     tile = cfg.kwargs
-    _LAUNCH((cdiv(M, tile["BLOCK_M"]), cdiv(N, tile["BLOCK_N"]), tile["SPLIT_K"]), *args, **flags, **tile,
+    _LAUNCH(_grid(M, N, tile), *args, **flags, **tile,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
