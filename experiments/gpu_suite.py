@@ -27,9 +27,11 @@ Sections, in order (each skips itself, with the reason recorded, when the budget
                  fp16 vs W4A16 g128 / W8A16 / W8A8 at Llama-2-7B shapes, M = 1, 16, 256, 2048; the small-M paths
                  auto did not pick and the M = 1 GEMV with int-to-float code conversions (gemv-i2f: an A/B of
                  its default unpacking); act-order W4 permuted vs gathered (4096x11008); the W8A8 call in parts
-                 beside cuBLAS int8, the activation quantizer by row block (gpusuite/w8a8_parts.py); the
-                 streaming-read floor per shape (gpusuite/floor.py)
-  4 e2e          7B- and SmolLM2-shaped models: prefill / decode, fp16 vs packed W4 g128 vs W8A8
+                 beside cuBLAS int8 and cuBLAS fp8, the activation quantizer by row block (gpusuite/w8a8_parts.py);
+                 the streaming-read floor per shape (gpusuite/floor.py); torch's int4 GEMM (tinygemm, bf16) at
+                 M = 1 / 16 beside bf16 matmul and, at 4096x11008, our W4 in bf16 (gpusuite/peer.py)
+  4 e2e          7B- and SmolLM2-shaped models: prefill / decode, fp16 vs packed W4 g128 vs W8A8 (every prefill
+                 repeat kept: a slow first one shows a warm-up left in the timing)
   5 gptq         GPTQ calibration time of one 7B-shaped block
   6 gptq_ref     with --reference DIR (the original GPTQ's gptq.py + quant.py, carried, never committed): its
                  solver vs ours on the same W and H at Llama-2-7B layer shapes, act-order off / on, output identity

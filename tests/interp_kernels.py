@@ -132,7 +132,9 @@ def test_w8a8_parts_row_splits_a_call():
     row = parts_row("40x200", 24, torch.device("cpu"), torch.float32, None, 1, 0, False)
     assert row["gemm_rel_err"] < 1e-6 and row["kernel"] == "triton_w8a8"
     assert row["act_quant_blocks"] == []  # K = 200: no two-pass row block is narrower than the row
-    assert all(row[f"{k}_us"] > 0 for k in ("fp16", "call", "act_quant", "gemm", "cublas_int8"))
+    assert all(row[f"{k}_us"] > 0 for k in ("fp16", "call", "act_quant", "gemm", "cublas_int8", "fp8"))
+    assert row["fp8_rel_err"] < 1e-2  # bf16 output of exact fp8 products vs float64 on the same e4m3 operands
+    assert row["fp8_bound"] == row["fp16_us"] / (row["act_quant_us"] + row["fp8_us"])
     words = torch.tensor([[0x80FF7F00]], dtype=torch.int64).to(torch.int32)  # bytes 0x00 0x7F 0xFF 0x80 (little end)
     assert signed_weight(words, 4).tolist() == [[-128, -1, 127, 0]]
 

@@ -293,6 +293,10 @@ def test_goals_table_met_missed_not_measured():
     state["sections"]["kernels"]["w8a8_parts"] = [failed]
     assert "cuBLAS" not in goals(state)[2]["note"]
     assert "| 270.0 | - | - | - | RuntimeError: layout |" in "\n".join(_kernels({"w8a8_parts": [failed]}))
+    fp8 = {**part, "fp8_us": 120.0, "fp8_bound": 237.0 / 140.0, "fp8_rel_err": 2e-3}
+    assert "| 1.0e-04 | 120.0 | 1.69x |" in "\n".join(_kernels({"w8a8_parts": [fp8]}))
+    fp8 = {**part, "fp8_us": None, "fp8_bound": None, "fp8_error": "RuntimeError: no fp8"}
+    assert "| 1.0e-04 | RuntimeError: no fp8 | - |" in "\n".join(_kernels({"w8a8_parts": [fp8]}))
 
 
 def _ref_row(shape, act_order, ours, theirs, identical=True):
@@ -431,3 +435,34 @@ def test_tuned_tiles_record_each_tuners_pick_and_render(monkeypatch):
     state = {"meta": {"quick": True, "gpu": False, "command": "x", "budget_s": 1, "used_s": 1, "finished": True},
              "sections": {"kernels": {"status": "done", "rows": [], "tuned": tiles}}}
     assert "Tiles the tuned kernels chose" in markdown(state) and "'SPLIT_K': 8" in markdown(state)
+
+
+def test_e2e_prefill_cell_lists_repeats_only_where_they_spread():
+    """A slow first repeat (warm-up left in the timing) must be visible in the report, steady repeats stay terse."""
+    from experiments.gpusuite.report import _e2e_row
+
+    row = {"model": "m", "variant": "w4_g128", "layers": 2, "hidden": 64, "dtype": "float16", "kernels": {"k": 14},
+           "prefill": {"128": 69.0, "2048": 69.9}, "prefill_all_ms": {"128": [140.2, 69.0, 68.7],
+                                                                      "2048": [70.1, 69.9, 69.5]},
+           "decode": {"1": 25.8}, "decode_ms_per_step": {"1": 38.7}, "step_floor_ms": 1.3, "weight_bytes": 2**30}
+    cell = _e2e_row(row, None)[4]
+    assert cell == "128: 69.0 (140.2, 69.0, 68.7) / 2048: 69.9"
+    del row["prefill_all_ms"]  # rows of runs before the repeats were recorded
+    assert _e2e_row(row, None)[4] == "128: 69.0 / 2048: 69.9"
+
+
+def test_peer_rows_check_torch_int4_against_float64(monkeypatch):
+    """The peer rows (torch's int4 GEMM; the CPU op stands in here) are timed only when the op's output matches
+    float64 on the same codes and qparams; a wrong output (e.g. the other nibble order) is a FAIL row, untimed."""
+    from experiments.gpusuite import peer
+    from experiments.gpusuite.report import _peer
+
+    rows = peer.peer_rows("48x256", torch.device("cpu"), None, 1, 0, False)
+    assert [(r["M"], r["status"]) for r in rows] == [(1, "PASS"), (16, "PASS")]
+    assert all(r["rel_err"] < peer.TOL and r["q_ms"] > 0 for r in rows)
+    monkeypatch.setattr(peer, "int4_mm", lambda x, p, sz: torch.ones(x.shape[0], 48, dtype=x.dtype))
+    bad = peer.peer_rows("48x256", torch.device("cpu"), None, 1, 0, False, ms=(1,))
+    assert bad[0]["status"] == "FAIL" and "q_ms" not in bad[0] and bad[0]["rel_err_by_order"]["high_first"] > 0.5
+    table = "\n".join(_peer({"peer": rows + bad, "peer_errors": ["64x384: RuntimeError: x"]}))
+    assert "| 48x256 | 1 | aten._weight_int4pack_mm_for_cpu (stand-in) |" in table and "| FAIL |" in table
+    assert "- peer error: 64x384: RuntimeError: x" in table

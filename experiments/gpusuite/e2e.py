@@ -125,6 +125,7 @@ def run_variant(name: str, cfg: dict, variant: str, ctx: Ctx) -> dict:
     row["step_floor_ms"] = row["weight_bytes"] / ctx.copy_bw * 1e3  # every weight byte read once per decode step
     lat = measure_latency(model, ctx.device, latency_config(ctx.full))
     row.update(prefill={k: v["ms"] for k, v in lat["prefill"].items()},
+               prefill_all_ms={k: v["all_ms"] for k, v in lat["prefill"].items()},  # every repeat, in order
                decode={k: v["tokens_per_s"] for k, v in lat["decode"].items()},
                decode_ms_per_step={k: v["ms_per_step"] for k, v in lat["decode"].items()},
                decode_prompt_tokens=next(iter(lat["decode"].values()))["prompt_tokens"],

@@ -15,7 +15,7 @@ import torch
 
 from experiments import bench_kernels as bk  # builds QuantLinear modules (its own library calls)
 
-from . import launch, lib
+from . import launch, lib, peer
 from .common import Ctx, free_device_memory, warm_clocks
 from .floor import floor_row
 from .w8a8_parts import parts_row
@@ -131,6 +131,25 @@ def tuned_tiles() -> list[dict]:
     return out
 
 
+PEER_OURS_SHAPE, PEER_OURS_S = "4096x11008", 30.0  # our bf16 W4 beside the peer: the goal shape (a compile + tune)
+
+
+def peer_section(shape: str, ctx: Ctx, state: dict, flush, repeats: int, warmup: int) -> None:
+    """torch's int4 GEMM (peer.py) at this shape and, at the goal shape on a GPU, our W4 in bf16 beside it; an
+    error is recorded per shape and the benchmark goes on."""
+    try:
+        state.setdefault("peer", []).extend(peer.peer_rows(shape, ctx.device, flush, repeats, warmup, ctx.gpu))
+        if ctx.gpu and shape == PEER_OURS_SHAPE:
+            why = ctx.skip_reason(PEER_OURS_S, "our bf16 W4 beside the peer")
+            if why:
+                state["skipped"].append(why)
+            else:
+                state.setdefault("peer_ours_bf16", []).extend(
+                    peer.ours_bf16_rows(shape, ctx.device, flush, repeats, warmup, ctx.gpu))
+    except Exception as exc:  # noqa: BLE001 - recorded; the benchmark goes on
+        state.setdefault("peer_errors", []).append(f"{shape}: {type(exc).__name__}: {exc}"[:300])
+
+
 def run(ctx: Ctx, state: dict) -> None:
     shapes, ms = (GPU_SHAPES, GPU_MS) if ctx.full else (QUICK_SHAPES, QUICK_MS)
     repeats, warmup = (30, 5) if ctx.full else (2, 1)
@@ -167,6 +186,7 @@ def run(ctx: Ctx, state: dict) -> None:
             state.setdefault("w8a8_parts", []).extend(
                 parts_row(shape, m, ctx.device, ctx.dtype, flush, max(5, repeats // 3), warmup, True)
                 for m in W8A8_PARTS_MS)
+        peer_section(shape, ctx, state, flush, max(5, repeats // 3) if ctx.full else repeats, warmup)
         free_device_memory(ctx.device)
         ctx.save()
     state["tuned"] = tuned_tiles()

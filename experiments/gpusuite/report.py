@@ -174,6 +174,31 @@ def _correctness(sec: dict) -> list[str]:
     return lines + _table(["case", "path", "max abs", "rel", "ref rel", "tol", "status", "note"], body)
 
 
+def _peer(sec: dict) -> list[str]:
+    """torch's int4 GEMM (experiments/gpusuite/peer.py) and our W4 in bf16, each vs bf16 torch.matmul."""
+    if not (sec.get("peer") or sec.get("peer_errors")):
+        return []
+    ours = {(r["shape"], r["M"]): r for r in sec.get("peer_ours_bf16", [])}
+    lines = ["", "Peer: torch's int4 weight-only GEMM (tinygemm, `aten._weight_int4pack_mm`, W4 g128, bf16 "
+             "activations) vs bf16 torch.matmul on the same weight, timed as the rows above; 'ours' = our packed W4 "
+             "g128 in bf16 vs bf16 matmul (goal shape only). rel err: vs float64 on the same codes and qparams "
+             "(matmul's own in brackets); nibble order: which code of a pair the op reads from the high bits.", ""]
+    body = []
+    for r in sec.get("peer", []):
+        o = ours.get((r["shape"], r["M"]))
+        if r["status"] == "FAIL" and "q_ms" not in r:
+            body.append([r["shape"], r["M"], r["kernel"], "-", "-", "-", "-", "-",
+                         f"FAIL {r.get('rel_err_by_order')}", "-", r["status"]])
+            continue
+        body.append([r["shape"], r["M"], r["kernel"], f"{r['fp16_ms'] * 1e3:.1f}", f"{r['q_ms'] * 1e3:.1f}",
+                     f"{r['speedup']:.2f}x", f"{r['eager_speedup']:.2f}x",
+                     "-" if o is None else f"{o['q_ms'] * 1e3:.1f} us, {o['speedup']:.2f}x ({o['kernel']})",
+                     f"{r['rel_err']:.1e} [{r['matmul_rel_err']:.1e}]", r["nibble_order"], r["status"]])
+    lines += _table(["shape", "M", "kernel", "bf16 matmul us", "int4 us", "speedup", "eager speedup", "ours",
+                     "rel err", "nibble order", "status"], body)
+    return lines + [f"- peer error: {e}" for e in sec.get("peer_errors", [])]
+
+
 def _kernels(sec: dict) -> list[str]:
     lines = [f"Activations {sec.get('dtype')}; {sec.get('timing')}; {sec.get('repeats')} repeats after "
              f"{sec.get('warmup')} warm-up calls (the warm-up compiles and autotunes). ms and speedup: CUDA-graph "
@@ -194,6 +219,7 @@ def _kernels(sec: dict) -> list[str]:
         lines += _table(["shape", "W4 g128 codes us", "GB/s", "fp16 weight us", "GB/s", "fp16 / W4"],
                         [[f["shape"], f"{f['w4_us']:.1f}", f"{f['w4_gbs']:.0f}", f"{f['fp16_us']:.1f}",
                           f"{f['fp16_gbs']:.0f}", f"{f['ratio']:.2f}x"] for f in sec["floor"]])
+    lines += _peer(sec)
     if sec.get("tuned"):
         lines += ["", "Tiles the tuned kernels chose (per layer key; `experiments/compile_kernels.py` shows what each "
                   "compiles to):", ""]
@@ -216,14 +242,18 @@ def _kernels(sec: dict) -> list[str]:
                   "x with that row block (the default reads rows up to 8192 wide once, wider ones in two passes over 4096-wide blocks; ! = output not the "
                   "default's bits). cuBLAS bound = fp16 / (act quant + cuBLAS int8): the speedup "
                   "with cuBLAS's GEMM and a free epilogue. GEMM rel err: our GEMM's output vs cuBLAS's integer sums "
-                  "rescaled in float64.", ""]
+                  "rescaled in float64. cuBLAS fp8: torch._scaled_mm on e4m3 operands with row-wise scales (bf16 "
+                  "out) at the same shape; fp8 bound = fp16 / (act quant + cuBLAS fp8).", ""]
         lines += _table(["shape", "M", "fp16", "W8A8 call", "speedup", "act quant", "act quant by row block",
-                         "our GEMM", "cuBLAS int8", "cuBLAS / ours", "cuBLAS bound", "GEMM rel err"],
+                         "our GEMM", "cuBLAS int8", "cuBLAS / ours", "cuBLAS bound", "GEMM rel err", "cuBLAS fp8",
+                         "fp8 bound"],
                         [[p["shape"], p["M"], f"{p['fp16_us']:.1f}", f"{p['call_us']:.1f}", f"{p['speedup']:.2f}x",
                           f"{p['act_quant_us']:.1f}", _blocks(p.get("act_quant_blocks")), f"{p['gemm_us']:.1f}",
                           _f(p["cublas_int8_us"], ".1f"),
                           _x(p["gemm_vs_cublas"]), _x(p["cublas_bound"]),
-                          _f(p["gemm_rel_err"], ".1e") if p["cublas_int8_us"] is not None else p["cublas_error"]]
+                          _f(p["gemm_rel_err"], ".1e") if p["cublas_int8_us"] is not None else p["cublas_error"],
+                          _f(p.get("fp8_us"), ".1f") if p.get("fp8_us") is not None else p.get("fp8_error", "-"),
+                          _x(p.get("fp8_bound"))]
                          for p in sec["w8a8_parts"]])
     return lines
 
@@ -233,6 +263,14 @@ def _blocks(rows: list[dict] | None) -> str:
     if not rows:
         return "-"
     return " / ".join(f"{r['block']}: {r['us']:.1f}{'' if r['identical'] else '!'}" for r in rows)
+
+
+def _repeats(ms: list[float] | None) -> str:
+    """' (70.1, 69.0, 68.7)': every timed repeat in order, where they spread by more than 10% (a warm-up effect
+    shows as a slow first repeat); '' otherwise."""
+    if not ms or max(ms) <= 1.1 * min(ms):
+        return ""
+    return " (" + ", ".join(f"{v:.1f}" for v in ms) + ")"
 
 
 E2E_HEADER = ["model", "variant", "layers x hidden dtype", "kernels", "prefill ms (tokens)", "decode tok/s",
@@ -249,7 +287,7 @@ def _e2e_row(r: dict, base: dict | None) -> list:
     logits = _f(r.get("logits_rel_vs_ref"), ".1e") + (f" {r['logits_flag']}" if "logits_flag" in r else "")
     return [r["model"], r["variant"], f"{r['layers']} x {r['hidden']} {r['dtype']}",
             ", ".join(f"{k} x{v}" for k, v in r["kernels"].items()),
-            " / ".join(f"{k}: {v:.1f}" for k, v in r["prefill"].items()),
+            " / ".join(f"{k}: {v:.1f}{_repeats(r.get('prefill_all_ms', {}).get(k))}" for k, v in r["prefill"].items()),
             " / ".join(f"b{k}: {v:.1f}" for k, v in dec.items()), ratio,
             " / ".join(f"b{k}: {v:.2f}" for k, v in r["decode_ms_per_step"].items()), f"{r['step_floor_ms']:.2f}",
             f"{r['weight_bytes'] / 2**30:.2f}", _f(peak), logits, ""]
@@ -261,7 +299,8 @@ def _e2e(sec: dict) -> list[str]:
     lines = [f"Weights: {sec.get('weights')}. Latency protocol: {sec.get('latency', {})}. Decode tok/s = batch x "
              f"new tokens / time (after a {prompt}-token prompt); floor = all weight bytes / copy bandwidth (one "
              "read per decode step); peak = CUDA allocator peak during the measurement; logits rel = packed "
-             "kernels vs torch reference, one 128-token forward."]
+             "kernels vs torch reference, one 128-token forward. Prefill ms: median of the repeats; in parentheses every "
+             "repeat in order where they spread by more than 10%."]
     lines += [f"- note: {n}" for n in sec.get("notes", [])] + [""]
     fp = {r["model"]: r for r in rows if r["variant"] == "fp16"}
     return lines + _table(E2E_HEADER, [_e2e_row(r, fp.get(r["model"])) for r in sec.get("rows", [])]) + \

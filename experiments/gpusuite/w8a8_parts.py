@@ -35,6 +35,33 @@ def act_quant_blocks(x, xq, sx, us) -> list[dict]:
     return out
 
 
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def fp8_operands(x: torch.Tensor, w: torch.Tensor):
+    """e4m3 x [M, K], w [N, K] with fp32 row scales absmax / 448 (sa [M, 1], sb [1, N]): a row-wise scaled GEMM's
+    operands, as per-token x per-channel W8A8 would hold them in fp8."""
+    sa = (x.float().abs().amax(1, keepdim=True) / FP8_MAX).clamp_min(1e-12)  # [M, 1]
+    sb = (w.float().abs().amax(1, keepdim=True) / FP8_MAX).clamp_min(1e-12)  # [N, 1]
+    e4m3 = torch.float8_e4m3fn
+    return (x.float() / sa).to(e4m3), sa, (w.float() / sb).to(e4m3), sb.t().contiguous()
+
+
+def fp8_parts(x, w, us, fp16_us: float, act_quant_us: float) -> dict:
+    """cuBLAS's fp8 GEMM (torch._scaled_mm, e4m3, row-wise scales, bf16 out) on the same shapes: a second yardstick
+    for the W8A8 goal (Hopper runs fp8 and int8 MMAs at the same peak rate). fp8 bound = fp16 / (our int8 act
+    quant + fp8 GEMM): the act quant stands in for an fp8 quantizer, one pass over x either way."""
+    try:
+        xf, sa, wf, sb = fp8_operands(x, w)
+        gemm = lambda: torch._scaled_mm(xf, wf.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)  # noqa: E731
+        y = gemm()  # [M, N]
+        want = (xf.double() * sa.double()) @ (wf.double() * sb.double().t()).t()
+        t = us(gemm)[0] * 1e6
+    except (RuntimeError, TypeError) as exc:  # a yardstick: its failure is recorded, the row kept
+        return {"fp8_us": None, "fp8_bound": None, "fp8_rel_err": None, "fp8_error": f"{type(exc).__name__}: {exc}"[:200]}
+    return {"fp8_us": t, "fp8_bound": fp16_us / (act_quant_us + t), "fp8_rel_err": bk.rel_err(y, want)}
+
+
 @torch.no_grad()
 def parts_row(shape: str, m: int, device, dtype, flush, repeats: int, warmup: int, graphs: bool) -> dict:
     """Times (us, CUDA-graph replays where they captured, else eager) of one W8A8 call and its parts."""
@@ -58,6 +85,7 @@ def parts_row(shape: str, m: int, device, dtype, flush, repeats: int, warmup: in
            "timing": sorted({t for _, t in times.values()}), "repeats": repeats, "kernel": mod.kernel_name,
            "speedup": times["fp16"][0] / times["call"][0]}
     row["act_quant_blocks"] = act_quant_blocks(x, xq, sx, us)
+    row.update(fp8_parts(x, w, us, row["fp16_us"], row["act_quant_us"]))
     try:  # cuBLAS int8 is the yardstick, not the code under test: its failure is recorded, the row kept
         acc = torch._int_mm(xq, wq_t)  # [M, N] int32
         row["cublas_int8_us"] = us(lambda: torch._int_mm(xq, wq_t))[0] * 1e6
