@@ -35,7 +35,9 @@ static inline __attribute__((always_inline)) void tile(const int8_t *x, int64_t 
         __m512i wv[8];
         for (int j = 0; j < NT; j++) wv[j] = _mm512_loadu_si512((const void *)(w + j * ldw + k));
         for (int i = 0; i < MT; i++) {
-            const __m512i xv = _mm512_loadu_si512((const void *)(x + i * ldx + k));
+            __m512i xv = _mm512_loadu_si512((const void *)(x + i * ldx + k));
+            /* xv in a register: GCC otherwise folds this load into each of the NT vpdpbusd (NT loads, not one) */
+            __asm__("" : "+v"(xv));
             for (int j = 0; j < NT; j++) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], wv[j], xv);
         }
     }
