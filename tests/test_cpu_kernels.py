@@ -113,7 +113,7 @@ def test_many_row_loop_equals_fused_tiles_bit_for_bit(out_f, in_f, bits, group, 
     37 / 42 / 21 rows: partial 4-row tiles and weight blocks; 6500 inputs: 12-row blocks (many_block_rows)."""
     meta, bufs = _layer(out_f, in_f, bits, group, False, ao, torch.float32)
     assert cpu_lowbit.many_block_rows(-(-in_f // 128) * 128) == (12 if in_f > 6144 else 16)
-    for m in (24, 31, 263):  # tails of the 6-row tile; 263: a 7-row second chunk
+    for m in (cpu_lowbit.MANY_M, 24, 31, 263):  # the first many-row M; tails of the 6-row tile; 263: 7-row 2nd chunk
         x = torch.randn(m, in_f)
         with monkeypatch.context() as mp:
             mp.setattr(cpu_lowbit, "kernel_loop", lambda m: "fused")

@@ -38,11 +38,13 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # activations it takes 
 # - M < MANY_M: the fused tiles (qr_lowbit_mm), which dequantize each weight vector once per 4 activation rows;
 # - AVX-512 build, M >= MANY_M: qr_lowbit_mm_many, weight rows dequantized once per chunk of MANY_CHUNK rows into
 #   a per-thread block of at most MANY_BLOCK_BYTES (L2) and reused by every row (M = 256: 25 vs 33 fused vs 43
-#   dense; M = 2048 on 4096x11008: 650 vs 1608 vs 896; M = 16: 1.8 vs 2.3, M = 8: 2.4 vs 2.2);
+#   dense; M = 2048 on 4096x11008: 650 vs 1608 vs 896; M = 16: 1.8 vs 2.3, M = 8: 2.4 vs 2.2). Since both loops
+#   keep x in registers (5f8e4d5) the two tie at M = 16 and the many-row loop is 6-20% faster from 17 rows (576x576,
+#   1536x576, 576x1536, 4096x4096; 1 and 2 threads), where the fused tiles leave a partial 4-row tile;
 # - other builds, M >= PANEL_M: cpu_panels.py (weight rows dequantized a panel at a time into one reused buffer,
 #   then the dense matmul; x86-64-v3 build, M = 64: fused 27 vs dense 18 ms; dequantizing the whole weight into
 #   a fresh tensor cost 16 ms of page faults alone).
-MANY_M, MANY_CHUNK, MANY_BLOCK_BYTES = 24, 256, 384 << 10
+MANY_M, MANY_CHUNK, MANY_BLOCK_BYTES = 17, 256, 384 << 10
 PANEL_M = 16
 FLAGS = ("-O3", "-fopenmp", "-std=c11", "-shared", "-fPIC")  # + -march=$QRESEARCH_CPU_MARCH (native)
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
