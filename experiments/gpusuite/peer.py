@@ -70,7 +70,7 @@ def peer_rows(shape: str, device: torch.device, flush, repeats: int, warmup: int
         row = {"shape": shape, "M": m, "kernel": "aten._weight_int4pack_mm" if device.type == "cuda"
                else "aten._weight_int4pack_mm_for_cpu (stand-in)", "group": GROUP}
         if packed is None:  # the first M settles the nibble order (the CPU op takes unpacked codes)
-            for o in NIBBLE_ORDERS if device.type == "cuda" else NIBBLE_ORDERS[:1]:
+            for o in NIBBLE_ORDERS if device.type == "cuda" else ("- (unpacked codes)",):
                 p = pack(codes, device, o)
                 errs[o] = bk.rel_err(int4_mm(x, p, sz).cpu(), truth)
                 if errs[o] <= TOL:
