@@ -9,10 +9,10 @@ The integer sums equal torch._int_mm's exactly; the rescale epilogue is int_mm.w
 
 Calls of fewer than VNNI_MAX_M rows quantize x in one C pass (act_quant_ref's codes and scales bit for bit, with
 the row sums) and run the C kernel (4 x 4 register tiles, K in 2 KiB chunks so a tile's rows stay in L1; one row: 8
-weight rows a tile). On a 2-core AMD EPYC at Llama-7B shapes it is on par with
-torch._int_mm at M = 1 and 1.1-3.5x faster at M = 4-32, where oneDNN's int8 GEMM is weak. Longer calls make 4 MiB
-of weight rows signed at a time in one reused per-thread buffer and run torch._int_mm on each panel (0.8-0.9x the
-kept copy's time: the xor pass). results/bench_int8_cpu.md has the side-by-side table
+weight rows a tile). On a 2-core AMD EPYC (Zen 4) at Llama-7B shapes it is 1.2-1.5x faster than
+torch._int_mm at M = 1, 1.1-4x at M = 4-32, where oneDNN's int8 GEMM is weak, and 0.9x (4096x11008) to 1.6x at 64-256
+rows. Longer calls make 4 MiB of weight rows signed at a time in one reused per-thread buffer and run torch._int_mm
+on each panel (0.8-1.15x the kept copy's time: the xor pass). results/bench_int8_cpu.md has the side-by-side table
 (experiments/bench_int8_cpu.py).
 """
 from __future__ import annotations
@@ -35,7 +35,10 @@ SIGNATURES = {"qr_int8_has_vnni": (_F, []), "qr_int8_u8s8_mm": (_F, [_P, _I, _I,
               "qr_int8_act_quant": (_F, [_P, _I, _I, _I, ctypes.c_float, _F, _P, _P, _P, _F]),
               "qr_int8_rescale": (None, [_P, _I, _I, _P, _P, _P, _P, _F])}
 EXTRA_FLAGS = ("-ffp-contract=off",)  # the rescale rounds each product as torch's separate ops do
-VNNI_MAX_M = 80  # rows from which torch._int_mm on signed panels is faster (between 64 and 96 at 7B shapes)
+# rows from which torch._int_mm on signed panels takes over: since the C tile keeps x in registers (5f8e4d5) the C
+# path is 5-25% faster than the panels at 128 and 256 rows on the three 7B shapes and ties at 512
+# (experiments/bench_int8_cpu.py; results/bench_int8_cpu.md); it was 80 before
+VNNI_MAX_M = 512
 PANEL_BYTES = 4 << 20  # weight rows made signed at a time for torch._int_mm
 MAX_K = (2**31 - 1) // (128 * 255)  # |sum_k x * u| < 2^31 in the int32 lanes (65793)
 
