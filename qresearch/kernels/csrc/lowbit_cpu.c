@@ -126,9 +126,10 @@ static inline __attribute__((always_inline)) __m512 weights16(const uint8_t *b, 
     return _mm512_fmsub_ps(_mm512_cvtepi32_ps(q), sv, zsv);
 }
 
-/* out[0..3] = the horizontal sums of a, b, c, d, four at a time, each paired as _mm512_reduce_add_ps pairs (GCC's
- * and clang's tree: lane i + lane i + 8, then j + j + 4, then 0 + 2 and 1 + 3, then those two), so a sum is the
- * same bits whichever of the two forms a kernel uses; ~14 instructions for four sums instead of ~32 */
+/* out[0..3] = the horizontal sums of a, b, c, d, four at a time, each paired as GCC's _mm512_reduce_add_ps pairs
+ * (lane i + lane i + 8, then j + j + 4, then 0 + 2 and 1 + 3, then those two: the bits of the earlier builds, which
+ * called it per vector); every tile sums through here, so the fused tiles and the many-row loop agree whatever the
+ * compiler. ~14 instructions for four sums instead of ~32 */
 static inline __attribute__((always_inline)) void hsum4x(__m512 a, __m512 b, __m512 c, __m512 d, float *out) {
     /* [a.T3 | b.T3], [c.T3 | d.T3]: T3[i] = v[i] + v[i + 8] */
     const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
