@@ -126,6 +126,21 @@ static inline __attribute__((always_inline)) __m512 weights16(const uint8_t *b, 
     return _mm512_fmsub_ps(_mm512_cvtepi32_ps(q), sv, zsv);
 }
 
+/* the 16 weights (q - z) * s a code q < 16 can stand for in one row and group, by the same fmsub as weights16 (q is
+ * exact in fp32): a 4-bit code's weight is then one permute instead of a conversion and an fmsub */
+static inline __attribute__((always_inline)) __m512 lut16(__m512 sv, __m512 zsv) {
+    const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    return _mm512_fmsub_ps(iota, sv, zsv);
+}
+
+/* weights16 for nibble codes (nib = 1) through the row-group's table: the low (h = 0) or high (h = 1) nibbles of
+ * b[0..15]; vpermps reads only the low 4 bits of each index lane, so the low nibble needs no mask */
+static inline __attribute__((always_inline)) __m512 weights16_lut(const uint8_t *b, int h, __m512 lut) {
+    __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)b));
+    if (h) q = _mm512_srli_epi32(q, 4);
+    return _mm512_permutexvar_ps(q, lut);
+}
+
 /* out[0..3] = the horizontal sums of a, b, c, d, four at a time, each paired as GCC's _mm512_reduce_add_ps pairs
  * (lane i + lane i + 8, then j + j + 4, then 0 + 2 and 1 + 3, then those two: the bits of the earlier builds, which
  * called it per vector); every tile sums through here, so the fused tiles and the many-row loop agree whatever the
@@ -160,13 +175,15 @@ static inline __attribute__((always_inline)) void tile512(const float *x, int64_
         for (int r = 0; r < RT; r++) {
             sv[r] = _mm512_set1_ps(s[rows[r] * G + g]);
             zv[r] = _mm512_set1_ps(zs[rows[r] * G + g]);
+            if (nib) sv[r] = lut16(sv[r], zv[r]); /* sv[r]: the row-group's table */
         }
         const int64_t len = glen(g, G, gp, gl);
         for (int64_t c = 0; c < len; c += 32)
             for (int h = 0; h < 2; h++) { /* codes c + 16h .. c + 16h + 15 */
                 __m512 wv[RT_MAX];
                 for (int r = 0; r < RT; r++)
-                    wv[r] = weights16(w + rows[r] * rowb + g * gb + (nib ? c / 2 : c), nib, h, sv[r], zv[r]);
+                    wv[r] = nib ? weights16_lut(w + rows[r] * rowb + g * gb + c / 2, h, sv[r])
+                                : weights16(w + rows[r] * rowb + g * gb + c, 0, h, sv[r], zv[r]);
                 for (int m = 0; m < MT; m++) {
                     __m512 xv = _mm512_loadu_ps(x + m * ldx + g * gp + c + 16 * h);
                     __asm__("" : "+v"(xv)); /* one load, not one per FMA (see dot_tile512) */
