@@ -161,7 +161,9 @@ static inline __attribute__((always_inline)) void hsum4x(__m512 a, __m512 b, __m
 }
 
 /* out[m * RT + r] = sum over all groups of x[m] . w[rows[r]], w = (code - z) * s formed exactly with one fmsub
- * (code * s - z * s: z * s is exact in fp32 for 16-bit scales, so the rounding gives (code - z) * s exactly). */
+ * (code * s - z * s: z * s is exact in fp32 for 16-bit scales, so the rounding gives (code - z) * s exactly); for
+ * nibble codes that fmsub runs once per row and group on q = 0..15 (lut16, held in sv[r]) and each code picks its
+ * value from there, so the weights are the same floats either way. */
 static inline __attribute__((always_inline)) void tile512(const float *x, int64_t ldx, const int MT, const int RT,
                                                           const uint8_t *w, const int64_t *rows, int64_t G,
                                                           int64_t gp, int64_t gl, int nib, const float *s,
